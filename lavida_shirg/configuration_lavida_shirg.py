@@ -1,0 +1,186 @@
+"""Configuration of LaViDa-LLaDA with SHIRG token selection.
+
+`ShirgConfig` = SigLIP vision config + LLaDA-style text config + the projector, the "anyres" image layout,
+the special tokens of the LLaDA tokenizer and the masked-diffusion training options.
+Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes) and `"tiny"` (a few MB, tests and demo).
+"""
+
+from transformers import PreTrainedConfig, SiglipVisionConfig
+
+LOSS_WEIGHTINGS = ("mean", "inverse_probability")
+
+
+class LladaTextConfig(PreTrainedConfig):
+    """The LLaDA masked-diffusion language model: a bidirectional Llama-style decoder (RMSNorm, RoPE, SwiGLU)."""
+
+    model_type = "lavida_shirg_text"
+    base_config_key = "text_config"
+
+    vocab_size: int = 126464
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 4096
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"text_config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"text_config.hidden_size ({self.hidden_size}) must be divisible by "
+                f"text_config.num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"text_config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"text_config.num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"the attention head dimension must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"text_config.hidden_act must be 'silu' (LLaDA's SwiGLU), got {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class ShirgConfig(PreTrainedConfig):
+    """LaViDa = SigLIP (without its last layer, head and post-norm) -> 2-layer GELU MLP -> LLaDA.
+
+    Image layout ("anyres"): each image is resized and padded to the best of `image_grid_pinpoints`
+    ((height, width) pairs, multiples of the vision image size), cut into vision-size crops and preceded by a
+    global view; every view's projected features are bilinearly pooled to `pooled_view_size` x `pooled_view_size`.
+
+    Special tokens: `image_token_id` marks image positions in `input_ids`; it lies outside the LM vocabulary
+    (default: text vocab_size) because those positions are filled with image features, never embedded.
+    """
+
+    model_type = "lavida_shirg"
+    sub_configs = {"vision_config": SiglipVisionConfig, "text_config": LladaTextConfig}
+
+    vision_config: dict | SiglipVisionConfig | None = None
+    text_config: dict | LladaTextConfig | None = None
+    projector_hidden_act: str = "gelu"
+    image_grid_pinpoints: list | None = None
+    pooled_view_size: int = 14
+    image_token_id: int | None = None
+    mask_token_id: int = 126336
+    bos_token_id: int = 126080
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    start_header_token_id: int = 126346
+    end_header_token_id: int = 126347
+    eot_token_id: int = 126348
+    min_mask_probability: float = 1e-3
+    loss_weighting: str = "mean"
+    prefix_lm_training: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None:
+            self.vision_config = SiglipVisionConfig(**REAL_VISION)
+        elif isinstance(self.vision_config, dict):
+            self.vision_config = SiglipVisionConfig(**{k: v for k, v in self.vision_config.items() if k != "model_type"})
+        if self.text_config is None:
+            self.text_config = LladaTextConfig()
+        elif isinstance(self.text_config, dict):
+            self.text_config = LladaTextConfig(**{k: v for k, v in self.text_config.items() if k != "model_type"})
+        if self.image_grid_pinpoints is None:
+            size = self.vision_config.image_size
+            self.image_grid_pinpoints = [[h * size, w * size] for h, w in PINPOINT_GRIDS]
+        self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
+        if self.image_token_id is None:
+            self.image_token_id = self.text_config.vocab_size
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self):
+        vision = self.vision_config
+        if not 0 < self.pooled_view_size <= self.patches_per_side:
+            raise ValueError(
+                f"pooled_view_size must be in [1, {self.patches_per_side}] (the patches per side of a view), "
+                f"got {self.pooled_view_size}"
+            )
+        if not self.image_grid_pinpoints:
+            raise ValueError("image_grid_pinpoints must list at least one (height, width) pair")
+        for pair in self.image_grid_pinpoints:
+            if len(pair) != 2 or any(d <= 0 or d % vision.image_size for d in pair):
+                raise ValueError(
+                    f"image_grid_pinpoints entries must be (height, width) multiples of vision_config.image_size "
+                    f"({vision.image_size}), got {pair}"
+                )
+        vocab = self.text_config.vocab_size
+        for name in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "start_header_token_id",
+                     "end_header_token_id", "eot_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < vocab:
+                raise ValueError(f"{name} ({value}) must be a token of the LM vocabulary [0, {vocab})")
+        if 0 <= self.image_token_id < vocab:
+            raise ValueError(
+                f"image_token_id ({self.image_token_id}) must lie outside the LM vocabulary [0, {vocab}): image "
+                "positions are filled with image features and the LM never predicts them"
+            )
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if not 0.0 < self.min_mask_probability < 1.0:
+            raise ValueError(f"min_mask_probability must be in (0, 1), got {self.min_mask_probability}")
+        if self.projector_hidden_act != "gelu":
+            raise ValueError(f"projector_hidden_act must be 'gelu' (LaViDa's mlp2x_gelu), got {self.projector_hidden_act!r}")
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patches per side of one native-size view: floor(image_size / patch_size) (27 for so400m at 384px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ShirgConfig":
+        """Build a named preset ("lavida-llada": the real sizes, "tiny": tests and the offline demo)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# Crop grids (rows, cols) of LaViDa's pinpoints, in its order: (w, h) = (384, 768), (768, 384), (768, 768), (1152, 384),
+# (384, 1152). The order breaks ties in select_best_resolution (a 300x200 image takes the first, 2 rows x 1 col).
+PINPOINT_GRIDS = [[2, 1], [1, 2], [2, 2], [1, 3], [3, 1]]
+
+# google/siglip-so400m-patch14-384 with the last of its 27 encoder layers removed (LaViDa uses 26).
+REAL_VISION = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+    image_size=384, patch_size=14, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+    vision_use_head=False,
+)
+
+TINY_TEXT_VOCAB = 512  # the size of the byte-level BPE tokenizer built by `lavida_shirg.tiny_tokenizer`
+
+PRESETS = {
+    "lavida-llada": dict(vision_config=REAL_VISION, text_config={}),
+    "tiny": dict(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=4, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        ),
+        text_config=dict(
+            vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        ),
+        pooled_view_size=4,
+        # ids of the special tokens in the tiny tokenizer (see lavida_shirg.tiny_tokenizer.SPECIAL_TOKENS)
+        eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2,
+        start_header_token_id=3, end_header_token_id=4, eot_token_id=5,
+    ),
+}

@@ -1,0 +1,74 @@
+"""Geometry of LaViDa's "anyres" image layout, in plain Python (shared by the processor and the model).
+
+All sizes are (height, width) pairs of integers. The arithmetic mirrors LLaVA-NeXT's `select_best_resolution`,
+`resize_and_pad_image` and `unpad_image` operation for operation (same float expressions, same integer floors),
+because a one-pixel difference changes the number of image tokens.
+"""
+
+import math
+
+
+def select_best_resolution(image_size, pinpoints):
+    """Pick the pinpoint that keeps the most image pixels after an aspect-preserving resize, then wastes the least.
+
+    effective = min(floor(w s) * floor(h s), w h) with s = min(W / w, H / h); wasted = W H - effective.
+    Ties keep the earlier pinpoint, so the order of `pinpoints` matters.
+    """
+    height, width = image_size
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for target_h, target_w in pinpoints:
+        scale = min(target_w / width, target_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = target_w * target_h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (target_h, target_w), effective, wasted
+    return best
+
+
+def resized_size_in_canvas(image_size, canvas_size):
+    """Size of the image after an aspect-preserving resize that fills `canvas_size` along one side.
+
+    The other side is ceil(side * scale), capped at the canvas (LLaVA's resize_and_pad_image).
+    """
+    height, width = image_size
+    canvas_h, canvas_w = canvas_size
+    scale_w, scale_h = canvas_w / width, canvas_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), canvas_h), canvas_w
+    return canvas_h, min(math.ceil(width * scale_h), canvas_w)
+
+
+def anyres_grid(image_size, pinpoints, view_size):
+    """(rows, cols) of view-size crops that cover the best pinpoint for this image."""
+    canvas_h, canvas_w = select_best_resolution(image_size, pinpoints)
+    return canvas_h // view_size, canvas_w // view_size
+
+
+def unpad_bounds(map_size, image_size):
+    """Rows [top, bottom) and columns [left, right) of a stitched feature map that show the image, not padding.
+
+    With s = map_w / w (padding above and below) the kept height is floor(h s) and the border (map_h - kept) // 2
+    is cut on both sides, so an odd border keeps one extra row (LLaVA's unpad_image); symmetrically for width.
+    """
+    map_h, map_w = map_size
+    height, width = image_size
+    if width / height > map_w / map_h:
+        kept = int(height * (map_w / width))
+        border = (map_h - kept) // 2
+        return border, map_h - border, 0, map_w
+    kept = int(width * (map_h / height))
+    border = (map_w - kept) // 2
+    return 0, map_h, border, map_w - border
+
+
+def pooled_layout(image_size, pinpoints, view_size, pooled_size):
+    """Layout of one image in LaViDa's pooled path: (rows, cols) crop grid and the unpadded bounds of its map."""
+    rows, cols = anyres_grid(image_size, pinpoints, view_size)
+    bounds = unpad_bounds((rows * pooled_size, cols * pooled_size), image_size)
+    return (rows, cols), bounds
+
+
+def pooled_image_token_count(image_size, pinpoints, view_size, pooled_size):
+    """Image tokens of LaViDa's pooled path: pooled^2 (global view) + kept_rows * (kept_cols + 1) (newlines)."""
+    _, (top, bottom, left, right) = pooled_layout(image_size, pinpoints, view_size, pooled_size)
+    return pooled_size * pooled_size + (bottom - top) * (right - left + 1)
