@@ -184,3 +184,6 @@ PRESETS = {
         start_header_token_id=3, end_header_token_id=4, eot_token_id=5,
     ),
 }
+
+
+ShirgConfig.register_for_auto_class()

@@ -1,0 +1,97 @@
+"""Masked-diffusion pieces of LaViDa/LLaDA: the training forward process and the sampler's per-step rules.
+
+Pure tensor functions, batched over samples; the model composes them in `forward(labels=...)` and
+`diffusion_generate`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+REMASKING_STRATEGIES = ("low_confidence", "random")
+SCHEDULES = ("uniform", "shift")
+
+
+def sample_complementary_masks(target_mask, min_mask_probability, generator=None):
+    """Mask each target token with probability p = (1 - eps) t + eps, t ~ U(0, 1) per sample, and its complement.
+
+    masked = target & (u <= max(p, min_{target} u)) with u ~ U(0, 1) per position, so at least one target of every
+    sample with targets is masked; complement = target & ~masked, so every target is masked in exactly one copy.
+
+    target_mask: (B, T) bool. Returns masked (B, T), complement (B, T) and p (B,).
+    """
+    batch, length = target_mask.shape
+    t = torch.rand(batch, device=target_mask.device, generator=generator)
+    p = (1.0 - min_mask_probability) * t + min_mask_probability  # (B,)
+    u = torch.rand(batch, length, device=target_mask.device, generator=generator)  # (B, T)
+    smallest_target_u = u.masked_fill(~target_mask, 2.0).amin(dim=1)  # (B,)
+    cutoff = torch.maximum(p, smallest_target_u)[:, None]  # (B, 1)
+    masked = target_mask & (u <= cutoff)
+    return masked, target_mask & ~masked, p
+
+
+def transfer_counts(block_length, steps, schedule="uniform", shift=1.0 / 3.0):
+    """Number of tokens committed at each of `steps` steps of a block of `block_length` masked tokens.
+
+    uniform: floor(L / S) per step, the remainder L mod S spread one each over the first steps (LLaDA).
+    shift:   c_i = floor(L f(i / S)) with f(t) = a t / (1 + (a - 1) t) (LaViDa's timestep shift, a = `shift`);
+             per-step counts c_{i+1} - c_i raised to at least 1, the excess taken back one token at a time from the
+             first steps that hold more than one, then the order reversed.
+    Returns a list of S Python ints that sums to L.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not 1 <= steps <= block_length:
+        raise ValueError(f"steps per block must be in [1, block_length={block_length}], got {steps}")
+    if schedule == "uniform":
+        base, remainder = divmod(block_length, steps)
+        return [base + (i < remainder) for i in range(steps)]
+    if not shift > 0:
+        raise ValueError(f"schedule_shift must be > 0, got {shift}")
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
+    cumulative = (shift * t / (1 + (shift - 1) * t) * block_length).to(torch.int64).tolist()
+    counts = [max(b - a, 1) for a, b in zip(cumulative[:-1], cumulative[1:])]
+    excess, j = sum(counts) - block_length, 0
+    while excess > 0:
+        if counts[j % steps] > 1:
+            counts[j % steps] -= 1
+            excess -= 1
+        j += 1
+    return counts[::-1]
+
+
+def sample_tokens(logits, temperature, generator=None):
+    """x0 = argmax(log softmax(l) + T g), g ~ Gumbel(0, 1), computed in float64 (T = 0: plain argmax).
+
+    Equivalent to LLaDA's argmax(exp(l) / (-log u)^T); the log form avoids overflowing exp.
+    logits: (B, G, V). Returns (B, G) int64.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def token_confidence(logits, tokens, remasking, generator=None):
+    """Confidence used to choose which predictions to commit.
+
+    low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1).
+    logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
+    """
+    if remasking == "low_confidence":
+        probabilities = F.softmax(logits.to(torch.float64), dim=-1)
+        return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
+    if remasking == "random":
+        return torch.rand(tokens.shape, dtype=torch.float64, device=tokens.device, generator=generator)
+    raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+
+
+def commit_most_confident(canvas, predictions, confidence, eligible, count):
+    """Write the `count` most confident eligible predictions into the canvas; committed tokens are never remasked.
+
+    canvas, predictions: (B, G) int64; confidence: (B, G); eligible: (B, G) bool (masked and inside the current block,
+    at least `count` per row). Returns the new canvas (B, G).
+    """
+    confidence = confidence.masked_fill(~eligible, float("-inf"))
+    chosen = confidence.topk(count, dim=-1).indices  # (B, count)
+    return canvas.scatter(1, chosen, predictions.gather(1, chosen))

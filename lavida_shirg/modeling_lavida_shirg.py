@@ -1,0 +1,534 @@
+"""LaViDa-LLaDA, HF-native: SigLIP vision tower -> 2-layer MLP projector -> bidirectional LLaDA masked-diffusion LM.
+
+Data flow (shapes for the real checkpoint):
+    pixel_values (V, 3, 384, 384) -> SigLIP, 26 layers, no post-norm -> (V, 729, 1152)
+    -> projector -> (V, 729, 4096) -> bilinear pool 27x27 -> 14x14 -> (V, 196, 4096)
+    -> anyres layout (global view, then stitched crops, unpadded, with a newline token per row)
+    -> written into the image positions of the token embeddings -> LLaDA -> logits over the vocabulary.
+Token selection (SHIRG) plugs in between the vision features and the projector's output.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, SiglipVisionModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
+from .image_layout import pooled_layout
+from .masked_diffusion import (
+    commit_most_confident,
+    sample_complementary_masks,
+    sample_tokens,
+    token_confidence,
+    transfer_counts,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaDA language model
+
+
+class LladaRMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LladaRotaryEmbedding(nn.Module):
+    """cos/sin of RoPE in float32: angle(p, i) = p / theta^(2i / d), duplicated over both halves (rotate_half)."""
+
+    def __init__(self, config: LladaTextConfig):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids):
+        angles = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, d/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, d)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x' = x cos + rotate_half(x) sin, in float32 then cast back. x: (B, H, T, d); cos, sin: (B, T, d)."""
+    x32 = x.float()
+    rotated = x32 * cos[:, None] + rotate_half(x32) * sin[:, None]
+    return rotated.to(x.dtype)
+
+
+class LladaAttention(nn.Module):
+    """Bidirectional multi-head attention; keys/values of a cached prefix are prepended when given."""
+
+    is_causal = False
+
+    def __init__(self, config: LladaTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
+        batch, length, _ = hidden_states.shape
+        cos, sin = rotary
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        present = (key, value)
+        if prefix_key_value is not None:
+            key = torch.cat((prefix_key_value[0].to(key.dtype), key), dim=2)  # (B, Hkv, P + T, d)
+            value = torch.cat((prefix_key_value[1].to(value.dtype), value), dim=2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, _ = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling, is_causal=False,
+        )
+        return self.o_proj(output.reshape(batch, length, -1)), present
+
+
+class LladaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LladaTextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LladaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
+
+    def __init__(self, config: LladaTextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LladaAttention(config, layer_idx)
+        self.post_attention_layernorm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LladaMLP(config)
+
+    def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
+        attended, present = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, prefix_key_value)
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, present
+
+
+def attention_bias(key_padding_mask, query_length, dtype, attn_implementation, prefix_lengths=None):
+    """Attention mask in the form the attention implementation expects.
+
+    visible(b, q, k) = key_padding_mask[b, k] and (prefix_lengths is None or k < P_b or q >= P_b),
+    with queries aligned to the last `query_length` keys. Flash kernels take the (B, K) padding mask itself;
+    eager/sdpa take an additive (B, 1, Q, K) bias (0 where visible, the dtype's minimum elsewhere), or None when
+    every key is visible.
+    """
+    if attn_implementation.startswith("flash"):
+        if prefix_lengths is not None:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} cannot express the Prefix-DLM mask (prefix queries "
+                "blind to the answer); use 'sdpa' or 'eager' with prefix_lm_training or prefix_lm_mask"
+            )
+        return key_padding_mask.to(torch.int32)
+    visible = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, K)
+    if prefix_lengths is not None:
+        key_length = key_padding_mask.shape[1]
+        device = key_padding_mask.device
+        key_index = torch.arange(key_length, device=device)  # (K,)
+        query_index = torch.arange(key_length - query_length, key_length, device=device)  # (Q,)
+        lengths = prefix_lengths[:, None, None, None]  # (B, 1, 1, 1)
+        visible = visible & ((key_index < lengths) | (query_index[:, None] >= lengths))  # (B, 1, Q, K)
+    elif bool(visible.all()):
+        return None
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill(~visible, torch.finfo(dtype).min).expand(-1, -1, query_length, -1)
+
+
+class LladaPreTrainedModel(PreTrainedModel):
+    config_class = LladaTextConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LladaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LladaRotaryEmbedding):
+            dim = self.config.head_dim
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            init.copy_(module.inv_freq, inv_freq)
+
+
+class LladaModel(LladaPreTrainedModel):
+    """LLaDA backbone: token embedding, bidirectional decoder layers, final RMSNorm."""
+
+    def __init__(self, config: LladaTextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LladaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = LladaRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def attention_bias(self, key_padding_mask, query_length, dtype, prefix_lengths=None):
+        """The mask for this model's attention implementation (see `attention_bias`)."""
+        return attention_bias(key_padding_mask, query_length, dtype, self.config._attn_implementation, prefix_lengths)
+
+    def forward(self, inputs_embeds, bias, position_ids, prefix_key_values=None):
+        """Run the layers on `inputs_embeds` (B, T, E).
+
+        bias: from `attention_bias` over the keys [cached prefix, inputs]; position_ids: (B, T).
+        prefix_key_values: per layer (key, value) of a cached prefix, each (B, Hkv, P, d), or None.
+        Returns hidden states (B, T, E) and the per-layer (key, value) of the inputs.
+        """
+        rotary = self.rotary_emb(position_ids)
+        hidden_states, presents = inputs_embeds, []
+        for index, layer in enumerate(self.layers):
+            prefix = None if prefix_key_values is None else prefix_key_values[index]
+            hidden_states, present = layer(hidden_states, rotary, bias, prefix)
+            presents.append(present)
+        return self.norm(hidden_states), tuple(presents)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision side
+
+
+class LavidaMultiModalProjector(nn.Module):
+    """LaViDa's mlp2x_gelu: y = W2 gelu(W1 x + b1) + b2 (exact erf GELU)."""
+
+    def __init__(self, config: ShirgConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, features):
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def pool_view_features(features, pooled_size):
+    """Bilinear resize (align_corners=False) of each view's s x s token map to pooled_size x pooled_size.
+
+    features: (V, s*s, E) -> (V, pooled_size^2, E).
+    """
+    views, tokens, dim = features.shape
+    side = int(round(tokens**0.5))
+    grid = features.transpose(1, 2).reshape(views, dim, side, side)  # (V, E, s, s)
+    pooled = F.interpolate(grid, size=(pooled_size, pooled_size), mode="bilinear", align_corners=False)
+    return pooled.flatten(2).transpose(1, 2)  # (V, p*p, E)
+
+
+@dataclass
+class MaskedDiffusionOutput(ModelOutput):
+    """loss: the diffusion loss (when labels are given); logits: (B, T, V) (when no labels are given)."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class LavidaShirgPreTrainedModel(PreTrainedModel):
+    config_class = ShirgConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LladaDecoderLayer", "SiglipEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LavidaShirgForMaskedDiffusion):
+            init.normal_(module.image_newline, mean=0.0, std=module.config.text_config.hidden_size**-0.5)
+
+
+class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
+    """LaViDa-LLaDA with a diffusion loss (`forward(labels=...)`) and a masked-diffusion sampler (`diffusion_generate`).
+
+    Image positions in `input_ids` hold `config.image_token_id` (one per image token, as the processor writes them);
+    the image features are written there in order.
+    """
+
+    def __init__(self, config: ShirgConfig):
+        super().__init__(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        # LaViDa reads the last kept encoder layer directly: no post-layernorm, no pooling head.
+        self.vision_tower.post_layernorm = nn.Identity()
+        self.multi_modal_projector = LavidaMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        self.language_model = LladaModel(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    # ---- vision ---------------------------------------------------------------------------------------------------
+
+    def encode_views(self, pixel_values):
+        """SigLIP features of each view, projected to the LM width: (V, 3, S, S) -> (V, (S/patch)^2, E).
+
+        Position embeddings are interpolated (transformers' interpolate_pos_encoding) when S is not the native size.
+        """
+        native = self.config.vision_config.image_size
+        features = self.vision_tower(
+            pixel_values=pixel_values.to(self.vision_tower.dtype),
+            interpolate_pos_encoding=pixel_values.shape[-1] != native or pixel_values.shape[-2] != native,
+        ).last_hidden_state  # (V, N, D)
+        return self.multi_modal_projector(features)  # (V, N, E)
+
+    def get_image_features(self, pixel_values, image_sizes):
+        """LaViDa's pooled anyres image tokens of every image, concatenated: (sum_i N_i, E).
+
+        Per image i (views [global, crops row-major]): global p x p tokens, then the crops stitched into a
+        (rows p, cols p) map, unpadded to the image's aspect ratio, with `image_newline` after every row.
+        """
+        config = self.config
+        pooled = pool_view_features(self.encode_views(pixel_values), config.pooled_view_size)  # (V, p*p, E)
+        p, dim = config.pooled_view_size, pooled.shape[-1]
+        view_size = config.vision_config.image_size
+        tokens, start = [], 0
+        for height, width in image_sizes.tolist():
+            (rows, cols), (top, bottom, left, right) = pooled_layout(
+                (height, width), config.image_grid_pinpoints, view_size, p
+            )
+            views = pooled[start : start + 1 + rows * cols]
+            start += 1 + rows * cols
+            crops = views[1:].reshape(rows, cols, p, p, dim).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, dim)
+            crops = crops[top:bottom, left:right]  # (h, w, E)
+            newline = self.image_newline.to(crops.dtype).expand(crops.shape[0], 1, dim)
+            tokens += [views[0], torch.cat((crops, newline), dim=1).flatten(0, 1)]
+        if start != pooled.shape[0]:
+            raise ValueError(
+                f"pixel_values holds {pooled.shape[0]} views but image_sizes implies {start}: pass the processor's "
+                "pixel_values and image_sizes together"
+            )
+        return torch.cat(tokens)
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None):
+        """Token embeddings with the image features written into the image positions: (B, T, E)."""
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        num_image_positions = int(is_image.sum())
+        if pixel_values is None:
+            if num_image_positions:
+                raise ValueError(f"input_ids hold {num_image_positions} image tokens but no pixel_values were given")
+            return embeds
+        if image_sizes is None:
+            raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
+        features = self.get_image_features(pixel_values, image_sizes).to(embeds.dtype)
+        if features.shape[0] != num_image_positions:
+            raise ValueError(
+                f"input_ids hold {num_image_positions} image tokens but the images give {features.shape[0]} features; "
+                "build input_ids and pixel_values with the same processor call"
+            )
+        return embeds.masked_scatter(is_image[..., None], features)
+
+    # ---- language model -----------------------------------------------------------------------------------------
+
+    def run_language_model(self, inputs_embeds, attention_mask, prefix_lengths=None):
+        """Hidden states (B, T, E) of a whole sequence with padding mask (B, T) and optional Prefix-DLM lengths."""
+        bias = self.language_model.attention_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype, prefix_lengths)
+        hidden, _ = self.language_model(inputs_embeds, bias, positions_from_mask(attention_mask))
+        return hidden
+
+    def mask_embedding(self, dtype):
+        """Embedding of the mask token, (E,)."""
+        return self.language_model.embed_tokens.weight[self.config.mask_token_id].to(dtype)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        labels=None,
+        inputs_embeds=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        """With `labels`: the masked-diffusion loss. Without: logits (B, T, V) of the sequence as given.
+
+        labels: (B, T), -100 where the position is not a target (prompt, image, template), the token id where it is.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if labels is None:
+            return MaskedDiffusionOutput(logits=self.lm_head(self.run_language_model(inputs_embeds, attention_mask)))
+        return MaskedDiffusionOutput(loss=self.diffusion_loss(inputs_embeds, attention_mask, labels, num_items_in_batch))
+
+    def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None):
+        """LaViDa's loss with complementary masking.
+
+        Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
+        positions get the mask-token embedding; both copies share the image features.
+        loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),
+        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p).
+        """
+        config = self.config
+        targets = labels != -100  # (B, T)
+        masked, complement, p = sample_complementary_masks(targets, config.min_mask_probability, generator)
+        copies = torch.cat((masked, complement))  # (2B, T)
+        mask_embedding = self.mask_embedding(inputs_embeds.dtype)
+        embeds = torch.where(copies[..., None], mask_embedding, inputs_embeds.repeat(2, 1, 1))  # (2B, T, E)
+        padding = attention_mask.repeat(2, 1)
+        prefix_lengths = None
+        if config.prefix_lm_training:
+            prefix_lengths = targets.int().argmax(dim=1).repeat(2)  # first target = end of the prefix
+        hidden = self.run_language_model(embeds, padding, prefix_lengths)
+        logits = self.lm_head(hidden[copies]).float()  # (M, V): only the masked targets
+        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[copies], reduction="none")  # (M,)
+        if config.loss_weighting == "inverse_probability":
+            copy_probability = torch.cat((p, (1 - p).clamp_min(config.min_mask_probability)))  # (2B,)
+            token_loss = token_loss / copy_probability[:, None].expand_as(copies)[copies]
+        denominator = targets.sum() if num_items_in_batch is None else num_items_in_batch
+        return token_loss.sum() / torch.as_tensor(denominator, device=token_loss.device).clamp_min(1)
+
+    # ---- sampling -------------------------------------------------------------------------------------------------
+
+    def build_prefix_cache(self, prefix_embeds, prefix_mask):
+        """Run the prefix (image + prompt) once: per-layer (key, value), each (B, Hkv, P, d)."""
+        bias = self.language_model.attention_bias(prefix_mask, prefix_embeds.shape[1], prefix_embeds.dtype)
+        _, key_values = self.language_model(prefix_embeds, bias, positions_from_mask(prefix_mask))
+        return key_values
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        gen_length=32,
+        block_length=None,
+        steps=None,
+        temperature=0.0,
+        remasking="low_confidence",
+        schedule="uniform",
+        schedule_shift=1.0 / 3.0,
+        use_prefix_cache=True,
+        prefix_lm_mask=False,
+        generator=None,
+    ):
+        """Masked-diffusion sampling of a `gen_length` answer after each prompt (LLaDA's sampler, batched).
+
+        The answer canvas starts as mask tokens and is decoded block by block (`block_length`, default
+        gen_length); each block takes steps / num_blocks steps; each step predicts every masked position and
+        commits the most confident predictions of the current block (counts from `schedule`: "uniform" or
+        LaViDa's "shift" with `schedule_shift`). With `use_prefix_cache` the prefix runs once and each step runs
+        only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
+        with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
+        Prompts are left-padded (attention_mask 0 on padding). Returns the answer ids (B, gen_length).
+        """
+        block_length = gen_length if block_length is None else block_length
+        steps = gen_length if steps is None else steps
+        check_sampling_arguments(gen_length, block_length, steps, temperature)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)  # (B, P, E)
+        batch, prefix_length = input_ids.shape
+        device = input_ids.device
+        answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
+        full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
+        answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
+        language_model, dtype = self.language_model, prefix_embeds.dtype
+        if use_prefix_cache:
+            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask)
+            bias = language_model.attention_bias(full_mask, gen_length, dtype)
+        else:
+            prefix_lengths = torch.full((batch,), prefix_length, device=device) if prefix_lm_mask else None
+            bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
+            full_positions = positions_from_mask(full_mask)
+
+        def answer_logits(canvas):
+            answer_embeds = language_model.embed_tokens(canvas)  # (B, G, E)
+            if use_prefix_cache:
+                hidden, _ = language_model(answer_embeds, bias, answer_positions, prefix_key_values)
+            else:
+                hidden, _ = language_model(torch.cat((prefix_embeds, answer_embeds), dim=1), bias, full_positions)
+                hidden = hidden[:, prefix_length:]
+            return self.lm_head(hidden)  # (B, G, V)
+
+        canvas = torch.full((batch, gen_length), self.config.mask_token_id, dtype=torch.long, device=device)
+        counts = transfer_counts(block_length, steps // (gen_length // block_length), schedule, schedule_shift)
+        answer_index = torch.arange(gen_length, device=device)
+        for block_start in range(0, gen_length, block_length):
+            in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
+            for count in counts:
+                logits = answer_logits(canvas)
+                predictions = sample_tokens(logits, temperature, generator)
+                confidence = token_confidence(logits, predictions, remasking, generator)
+                eligible = (canvas == self.config.mask_token_id) & in_block
+                canvas = commit_most_confident(canvas, predictions, confidence, eligible, count)
+        return canvas
+
+
+def positions_from_mask(attention_mask):
+    """RoPE positions counting only attended tokens: p_t = (sum_{s<=t} m_s) - 1, clamped at 0. (B, T)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def check_sampling_arguments(gen_length, block_length, steps, temperature):
+    """Clear errors for sampler settings that cannot be honoured."""
+    if gen_length <= 0:
+        raise ValueError(f"gen_length must be positive, got {gen_length}")
+    if block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"block_length must divide gen_length={gen_length}, got {block_length}")
+    num_blocks = gen_length // block_length
+    if steps <= 0 or steps % num_blocks:
+        raise ValueError(f"steps must be a positive multiple of the number of blocks ({num_blocks}), got {steps}")
+    if steps // num_blocks > block_length:
+        raise ValueError(f"steps per block ({steps // num_blocks}) cannot exceed block_length ({block_length})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+LavidaShirgForMaskedDiffusion.register_for_auto_class("AutoModel")

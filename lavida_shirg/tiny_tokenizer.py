@@ -1,0 +1,83 @@
+"""A tiny byte-level BPE tokenizer (512 tokens) for tests and the offline demo, built in memory, no download.
+
+Its special tokens sit at fixed ids that the "tiny" preset of `ShirgConfig` uses (`SPECIAL_TOKENS`). It adds no
+bos/eos by itself: LaViDa's chat template writes `<|startoftext|>` literally, and special tokens written in the
+text are matched as single ids. Byte-level BPE encodes any text; the merges are learned from `CORPUS`, words of
+LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens.
+"""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB_SIZE = 512  # = configuration_lavida_shirg.TINY_TEXT_VOCAB
+
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 0,  # eos and pad
+    "<|startoftext|>": 1,  # bos
+    "<|mdm_mask|>": 2,  # the masked-diffusion mask
+    "<|start_header_id|>": 3,
+    "<|end_header_id|>": 4,
+    "<|eot_id|>": 5,
+}
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+CORPUS = [
+    SYSTEM_PROMPT,
+    "system user assistant",
+    "Answer the question using a single word or phrase.",
+    "What is written in the image? What is the price? What colour is the box? What is the total?",
+    "Describe the image in detail. How many items are in the table? Which row has the largest value?",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 15 20 25 30 42 50 64 75 99 100 128 250 365 500 1000 2024 2025",
+    "$0.99 $1.50 $2.25 $3.75 $4.00 $5.49 $9.99 $12.00 $19.95 $24.50 $49.99 $100.00 3.14 0.5 1.25 %",
+    "price total tax sum cost sale discount receipt invoice amount each item qty unit",
+    "red green blue yellow orange purple pink brown black white gray grey colour color dark light",
+    "Alice Bob Carol David Emma Frank Grace Henry Olivia Liam Noah Mia Lucas Sophia James Anna",
+    "table row column cell header value name age city country date year month day week time",
+    "Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June",
+    "the a an of to and in is it that this for on with as at by from be are was were has have had not",
+    "yes no one two three four five six seven eight nine ten first second third last left right top bottom",
+    "what which who where when why how many much number text word words letter sign title label caption",
+    "image picture photo chart graph plot bar line axis legend figure document page screen menu map",
+    "cat dog car bus tree house man woman person people street shop store book cup bottle apple",
+    "small large big little high low long short old new good best more most less least same other",
+    "open closed stop exit entrance sale coffee tea milk bread cheese pizza water juice cake",
+    "shows written says reads contains there here above below next between inside outside near",
+    "Question: Answer: Options: A B C D Please answer directly. The answer is",
+]
+
+
+def _trained_bpe() -> Tokenizer:
+    """Train the byte-level BPE on `CORPUS` with the special tokens first (ids 0..5) and all 256 bytes."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The 512-token tiny tokenizer; raises if training did not give exactly `VOCAB_SIZE` tokens at fixed ids."""
+    backend = _trained_bpe()
+    if backend.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"the tiny BPE has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
+    for token, expected in SPECIAL_TOKENS.items():
+        if backend.token_to_id(token) != expected:
+            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>",
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    )
