@@ -389,11 +389,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         labels=None,
         inputs_embeds=None,
         num_items_in_batch=None,
+        generator=None,
         **kwargs,
     ):
         """With `labels`: the masked-diffusion loss. Without: logits (B, T, V) of the sequence as given.
 
         labels: (B, T), -100 where the position is not a target (prompt, image, template), the token id where it is.
+        generator: draws the masks of the loss (reproducible losses); num_items_in_batch: the loss denominator
+        Trainer passes under gradient accumulation.
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -403,7 +406,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if labels is None:
             return MaskedDiffusionOutput(logits=self.lm_head(self.run_language_model(inputs_embeds, attention_mask)))
-        return MaskedDiffusionOutput(loss=self.diffusion_loss(inputs_embeds, attention_mask, labels, num_items_in_batch))
+        loss = self.diffusion_loss(inputs_embeds, attention_mask, labels, num_items_in_batch, generator)
+        return MaskedDiffusionOutput(loss=loss)
 
     def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None):
         """LaViDa's loss with complementary masking.

@@ -1,0 +1,56 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lavida_shirg import ShirgConfig  # noqa: E402
+from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count  # noqa: E402
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
+
+
+def build_tiny_model(seed=0, std=0.2, **overrides):
+    """The tiny preset with weights drawn N(0, std) (norm weights near 1), so outputs are far from uniform."""
+    torch.manual_seed(seed)
+    model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny", **overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+            else:
+                parameter.copy_(std * torch.randn_like(parameter))
+    return model.eval()
+
+
+def image_batch(config, image_sizes, seed=0):
+    """Random pixel_values for the anyres views of images of the given (height, width), and their token counts."""
+    generator = torch.Generator().manual_seed(seed)
+    view = config.vision_config.image_size
+    views = sum(1 + r * c for r, c in (anyres_grid(s, config.image_grid_pinpoints, view) for s in image_sizes))
+    pixel_values = torch.rand(views, 3, view, view, generator=generator) * 2 - 1
+    counts = [pooled_image_token_count(s, config.image_grid_pinpoints, view, config.pooled_view_size) for s in image_sizes]
+    return pixel_values, torch.tensor(image_sizes), counts
+
+
+def prompt_ids(config, image_token_counts, text_lengths, seed=0, pad_left=True):
+    """Prompts [bos, text, image tokens, text]; padded on the left with pad ids (attention 0). (B, T) each."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for count, length in zip(image_token_counts, text_lengths):
+        text = torch.randint(10, config.text_config.vocab_size, (length,), generator=generator).tolist()
+        rows.append([config.bos_token_id] + text[: length // 2] + [config.image_token_id] * count + text[length // 2 :])
+    width = max(map(len, rows))
+    pad = config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r if pad_left else r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) if pad_left else [1] * len(r) + [0] * (width - len(r))
+                         for r in rows])
+    return input_ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny_model()
