@@ -328,25 +328,24 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         (rows p, cols p) map, unpadded to the image's aspect ratio, with `image_newline` after every row.
         """
         config = self.config
-        pooled = pool_view_features(self.encode_views(pixel_values), config.pooled_view_size)  # (V, p*p, E)
-        p, dim = config.pooled_view_size, pooled.shape[-1]
-        view_size = config.vision_config.image_size
-        tokens, start = [], 0
-        for height, width in image_sizes.tolist():
-            (rows, cols), (top, bottom, left, right) = pooled_layout(
-                (height, width), config.image_grid_pinpoints, view_size, p
+        p, view_size = config.pooled_view_size, config.vision_config.image_size
+        layouts = [pooled_layout(size, config.image_grid_pinpoints, view_size, p) for size in image_sizes.tolist()]
+        expected_views = sum(1 + rows * cols for (rows, cols), _ in layouts)
+        if expected_views != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} views but image_sizes implies {expected_views}: pass the "
+                "processor's pixel_values and image_sizes together"
             )
+        pooled = pool_view_features(self.encode_views(pixel_values), p)  # (V, p*p, E)
+        dim = pooled.shape[-1]
+        tokens, start = [], 0
+        for (rows, cols), (top, bottom, left, right) in layouts:
             views = pooled[start : start + 1 + rows * cols]
             start += 1 + rows * cols
             crops = views[1:].reshape(rows, cols, p, p, dim).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, dim)
             crops = crops[top:bottom, left:right]  # (h, w, E)
             newline = self.image_newline.to(crops.dtype).expand(crops.shape[0], 1, dim)
             tokens += [views[0], torch.cat((crops, newline), dim=1).flatten(0, 1)]
-        if start != pooled.shape[0]:
-            raise ValueError(
-                f"pixel_values holds {pooled.shape[0]} views but image_sizes implies {start}: pass the processor's "
-                "pixel_values and image_sizes together"
-            )
         return torch.cat(tokens)
 
     def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None):
