@@ -5,6 +5,8 @@ the special tokens of the LLaDA tokenizer and the masked-diffusion training opti
 Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes) and `"tiny"` (a few MB, tests and demo).
 """
 
+import dataclasses
+
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
@@ -149,6 +151,10 @@ class ShirgConfig(PreTrainedConfig):
         """Build a named preset ("lavida-llada": the real sizes, "tiny": tests and the offline demo)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ShirgConfig fields {unknown}; known fields: {sorted(known)}")
         kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
         kwargs.update(overrides)
         return cls(**kwargs)

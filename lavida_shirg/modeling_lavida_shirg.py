@@ -401,6 +401,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        check_sequence_length(inputs_embeds.shape[1], 0, self.config.text_config.max_position_embeddings)
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         if labels is None:
@@ -474,6 +475,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         block_length = gen_length if block_length is None else block_length
         steps = gen_length if steps is None else steps
         check_sampling_arguments(gen_length, block_length, steps, temperature)
+        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prefix_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)  # (B, P, E)
@@ -517,6 +519,15 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
 def positions_from_mask(attention_mask):
     """RoPE positions counting only attended tokens: p_t = (sum_{s<=t} m_s) - 1, clamped at 0. (B, T)."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def check_sequence_length(prefix_length, gen_length, max_length):
+    """The LM was trained on at most `max_length` positions: longer inputs are refused, with the counts."""
+    if prefix_length + gen_length > max_length:
+        raise ValueError(
+            f"the sequence needs {prefix_length} prompt+image tokens + {gen_length} answer tokens = "
+            f"{prefix_length + gen_length} positions, more than max_position_embeddings={max_length}"
+        )
 
 
 def check_sampling_arguments(gen_length, block_length, steps, temperature):

@@ -108,3 +108,16 @@ def test_image_token_errors(tiny_model):
         tiny_model(input_ids=input_ids, pixel_values=pixel_values)
     with pytest.raises(ValueError, match="views"):
         tiny_model(input_ids=input_ids, pixel_values=pixel_values[:-1], image_sizes=image_sizes)
+
+
+def test_sequences_beyond_the_maximum_length_are_refused():
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(text_config=dict(ShirgConfig.from_preset("tiny").text_config.to_dict(),
+                                              max_position_embeddings=64))
+    input_ids = torch.randint(10, 400, (1, 60))
+    model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="60 prompt\\+image tokens \\+ 8 answer tokens = 68 positions"):
+        model.diffusion_generate(input_ids, gen_length=8, steps=8)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        model(input_ids=torch.randint(10, 400, (1, 65)))
