@@ -1,0 +1,792 @@
+#!/usr/bin/env python
+"""Convert a LaViDa-LLaDA checkpoint (LaViDa's `LlavaLladaForMaskedDiffusion`) into this project's HF-native folder.
+
+    python convert_lavida_checkpoint.py SRC OUT [--overwrite] [--tokenizer PATH] [--vision-config JSON-or-path]
+                                        [--dtype keep|bfloat16|float32] [--config-overrides JSON-or-path]
+
+SRC is a LaViDa folder (e.g. a local copy of jacklishufan/lavida-llada-v1.0-instruct): config.json with
+model_type "llava_llada", safetensors weights (sharded with model.safetensors.index.json, or one model.safetensors)
+and the LLaDA tokenizer files. OUT receives a folder that `AutoModel.from_pretrained(OUT, trust_remote_code=True)`
+loads: config.json (with auto_map), the remote-code files, the converted safetensors shards with their index, and
+the processor (or the tokenizer alone when the processor module is not available).
+
+Tensor names, LaViDa -> ours:
+    model.vision_tower.vision_tower.vision_model.<X>  -> vision_tower.<X>         (HF SigLIP names below)
+    model.mm_projector.0.* / model.mm_projector.2.*   -> multi_modal_projector.linear_1.* / linear_2.*
+    model.image_newline                               -> image_newline
+    model.transformer.wte.weight                      -> language_model.embed_tokens.weight
+    model.transformer.blocks.N.attn_norm.weight       -> language_model.layers.N.input_layernorm.weight
+    model.transformer.blocks.N.{q,k,v}_proj.weight    -> language_model.layers.N.self_attn.{q,k,v}_proj.weight
+    model.transformer.blocks.N.attn_out.weight        -> language_model.layers.N.self_attn.o_proj.weight
+    model.transformer.blocks.N.ff_norm.weight         -> language_model.layers.N.post_attention_layernorm.weight
+    model.transformer.blocks.N.ff_proj.weight         -> language_model.layers.N.mlp.gate_proj.weight (SwiGLU gate)
+    model.transformer.blocks.N.up_proj.weight         -> language_model.layers.N.mlp.up_proj.weight
+    model.transformer.blocks.N.ff_out.weight          -> language_model.layers.N.mlp.down_proj.weight
+    model.transformer.ln_f.weight                     -> language_model.norm.weight
+    model.transformer.ff_out.weight                   -> lm_head.weight (a copy of wte when weight_tying is set)
+Known-unused LaViDa tensors (dropped and listed in the report): SigLIP's post_layernorm and pooling head, and vision
+encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). Any other
+tensor we cannot place, any parameter of our model left without a tensor and any shape disagreement is an error;
+all of them are listed together before anything is written.
+
+The conversion streams shard by shard (one input shard in memory at a time) and writes into a temporary sibling of
+OUT that is renamed into place at the end, so a failed conversion leaves OUT as it was.
+"""
+
+import argparse
+import ast
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lavida_shirg.configuration_lavida_shirg import REAL_VISION, ShirgConfig
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+
+LAVIDA_MODEL_TYPE = "llava_llada"
+LAVIDA_ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
+# LLaDA tensor names inside a block -> ours inside `language_model.layers.N.`
+BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "q_proj.weight": "self_attn.q_proj.weight",
+    "k_proj.weight": "self_attn.k_proj.weight",
+    "v_proj.weight": "self_attn.v_proj.weight",
+    "attn_out.weight": "self_attn.o_proj.weight",
+    "ff_norm.weight": "post_attention_layernorm.weight",
+    "ff_proj.weight": "mlp.gate_proj.weight",
+    "up_proj.weight": "mlp.up_proj.weight",
+    "ff_out.weight": "mlp.down_proj.weight",
+}
+TOP_LEVEL_NAMES = {
+    "model.mm_projector.0.weight": "multi_modal_projector.linear_1.weight",
+    "model.mm_projector.0.bias": "multi_modal_projector.linear_1.bias",
+    "model.mm_projector.2.weight": "multi_modal_projector.linear_2.weight",
+    "model.mm_projector.2.bias": "multi_modal_projector.linear_2.bias",
+    "model.image_newline": "image_newline",
+    "model.transformer.wte.weight": "language_model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "language_model.norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",
+}
+BLOCK_PATTERN = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
+VISION_LAYER_PATTERN = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+# LLaDA's ModelConfig options that change the computation; our LM implements exactly these values.
+# (field, required value, default of LLaDA's ModelConfig when config.json omits the field)
+LLADA_REQUIRED_OPTIONS = (
+    ("block_type", "llama", "sequential"),
+    ("activation_type", "silu", "swiglu"),
+    ("layer_norm_type", "rms", "default"),
+    ("rope", True, False),
+    ("alibi", False, False),
+    ("block_group_size", 1, 1),
+    ("include_bias", False, False),
+    ("include_qkv_bias", False, False),
+    ("layer_norm_with_affine", True, True),
+    ("attention_layer_norm", False, False),
+    ("scale_logits", False, False),
+    ("input_emb_norm", False, False),
+)
+# LaViDa (LLaVA) multimodal options; our model implements exactly these values.
+LAVIDA_REQUIRED_OPTIONS = (
+    ("mm_projector_type", "mlp2x_gelu"),
+    ("image_aspect_ratio", "anyres"),
+    ("mm_patch_merge_type", "spatial_unpad"),
+    ("mm_spatial_pool_mode", "bilinear"),
+    ("mm_use_im_start_end", False),
+)
+# Special tokens of the LLaDA tokenizer, looked up by text, -> ShirgConfig fields.
+TOKEN_FIELDS = {
+    "bos_token_id": "<|startoftext|>",
+    "start_header_token_id": "<|start_header_id|>",
+    "end_header_token_id": "<|end_header_id|>",
+    "eot_token_id": "<|eot_id|>",
+}
+MASK_TOKEN = "<|mdm_mask|>"
+CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
+class ConversionError(ValueError):
+    """The checkpoint cannot be converted; the message says why (every offending key when about tensors)."""
+
+
+@dataclass
+class LavidaCheckpoint:
+    """A validated LaViDa folder: its config.json and where each tensor lives, with dtype and shape (headers only)."""
+
+    path: Path
+    config: dict
+    shards: dict  # file name -> list of tensor names, in the index's order of files
+    shapes: dict  # tensor name -> tuple shape
+    dtypes: dict  # tensor name -> torch dtype
+
+
+@dataclass
+class ConversionPlan:
+    """Per input shard, the (source name, target name) pairs to write, and the dropped known-unused keys."""
+
+    shards: dict  # input file -> list of (source name, target name)
+    dropped: list  # (source name, reason)
+    num_tensors: int
+    num_parameters: int
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: str
+    tensors_converted: int
+    num_parameters: int
+    output_bytes: int
+    input_shards: int
+    output_shards: int
+    dtype: str
+    dropped: list = field(default_factory=list)  # (key, reason)
+    notes: list = field(default_factory=list)
+    saved_processor: str = ""
+
+    def format(self) -> str:
+        lines = [
+            f"Converted LaViDa checkpoint {self.source} -> {self.output}",
+            f"  tensors converted: {self.tensors_converted} ({self.input_shards} input shard(s) -> "
+            f"{self.output_shards} output shard(s))",
+            f"  parameters total:  {self.num_parameters:,}",
+            f"  output size:       {self.output_bytes / 1e9:.3f} GB of weights ({self.output_bytes:,} bytes), "
+            f"dtype {self.dtype}",
+            f"  tokenizer:         {self.saved_processor}",
+            f"  dropped known-unused keys ({len(self.dropped)}):",
+        ]
+        lines += [f"    {key}  [{reason}]" for key, reason in self.dropped] or ["    (none)"]
+        if self.notes:
+            lines.append(f"  notes ({len(self.notes)}):")
+            lines += [f"    - {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the LaViDa folder
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{what}: cannot read {path}: {error}") from error
+    if not isinstance(value, dict):
+        raise ConversionError(f"{what}: {path} must hold a JSON object")
+    return value
+
+
+def read_lavida_checkpoint(src) -> LavidaCheckpoint:
+    """Validate that SRC is a LaViDa-LLaDA safetensors folder and read its config and tensor headers (no data)."""
+    path = Path(src)
+    if not path.is_dir():
+        raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"SRC {str(src)!r} has no config.json: not a LaViDa checkpoint folder")
+    config = _read_json(config_path, "SRC config.json")
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type != LAVIDA_MODEL_TYPE or LAVIDA_ARCHITECTURE not in architectures:
+        raise ConversionError(
+            f"SRC {str(src)!r} is not a LaViDa-LLaDA checkpoint: config.json has model_type={model_type!r} and "
+            f"architectures={architectures!r}, expected model_type={LAVIDA_MODEL_TYPE!r} and architectures "
+            f"containing {LAVIDA_ARCHITECTURE!r}"
+        )
+
+    index_path, single_path = path / INDEX_NAME, path / SINGLE_NAME
+    if index_path.is_file():
+        index = _read_json(index_path, f"SRC {INDEX_NAME}")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"SRC {str(src)!r}: {INDEX_NAME} has no weight_map")
+        shards = {}
+        for name, file_name in weight_map.items():
+            shards.setdefault(file_name, []).append(name)
+    elif single_path.is_file():
+        shards = {SINGLE_NAME: None}
+    else:
+        pickles = sorted(
+            p.name for p in path.iterdir() if p.name in PICKLE_NAMES or p.suffix in (".bin", ".pt", ".pth")
+        )
+        if pickles:
+            raise ConversionError(
+                f"SRC {str(src)!r} holds only pickle weights ({', '.join(pickles)}); they are refused because "
+                "loading a pickle can run arbitrary code. Convert them to safetensors first."
+            )
+        raise ConversionError(f"SRC {str(src)!r} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+    missing_files = sorted(name for name in shards if not (path / name).is_file())
+    if missing_files:
+        raise ConversionError(f"SRC {str(src)!r}: the index names shard files that do not exist: {missing_files}")
+
+    shapes, dtypes, problems = {}, {}, []
+    for file_name, names in list(shards.items()):
+        try:
+            with safe_open(path / file_name, framework="pt") as handle:
+                present = list(handle.keys())
+                if names is None:
+                    names = shards[file_name] = present
+                present_set = set(present)
+                for name in names:
+                    if name not in present_set:
+                        problems.append(f"{name} (listed in the index for {file_name}, absent from that file)")
+                        continue
+                    view = handle.get_slice(name)
+                    shapes[name] = tuple(view.get_shape())
+                    dtypes[name] = _safetensors_dtype(view.get_dtype())
+        except ConversionError:
+            raise
+        except Exception as error:  # a corrupt or foreign file
+            raise ConversionError(f"SRC {str(src)!r}: cannot read safetensors file {file_name}: {error}") from error
+    if problems:
+        raise ConversionError(f"SRC {str(src)!r}: {len(problems)} tensor(s) of the index are missing:\n  "
+                              + "\n  ".join(problems))
+    return LavidaCheckpoint(path=path, config=config, shards=shards, shapes=shapes, dtypes=dtypes)
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_dtype(name: str):
+    if name not in _SAFETENSORS_DTYPES:
+        raise ConversionError(f"unsupported safetensors dtype {name!r}")
+    return _SAFETENSORS_DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def load_json_argument(value, argument: str):
+    """A dict from a dict, a JSON string or the path of a JSON file (errors name `argument`)."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value)
+    if os.path.isfile(text):
+        return _read_json(Path(text), argument)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{argument}: {text!r} is neither a JSON object nor the path of a JSON file") from error
+    if not isinstance(parsed, dict):
+        raise ConversionError(f"{argument} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def vision_config_dict(vision_config=None) -> dict:
+    """The SigLIP config: so400m-patch14-384 with 26 layers (LaViDa's tower), updated with `vision_config`.
+
+    `vision_config` is a dict, a JSON string or a JSON file path; a full SigLIP config.json (with a nested
+    "vision_config") is accepted. The pooling head is always off (LaViDa replaces it with an identity).
+    """
+    override = load_json_argument(vision_config, "--vision-config") or {}
+    if isinstance(override.get("vision_config"), dict):
+        override = override["vision_config"]
+    merged = dict(REAL_VISION)
+    merged.update({k: v for k, v in override.items() if k not in CONFIG_META_KEYS})
+    merged["vision_use_head"] = False
+    return merged
+
+
+def pinpoints_from_lavida(value, view_size: int) -> list:
+    """LaViDa's image_grid_pinpoints ((width, height) pairs, a list or its string) as our (height, width) list.
+
+    The order is kept (it breaks ties in the best-resolution choice). The "(1x1),...,(3x3)" range form expands
+    like LaViDa: every (i, j) with i, j in the ranges, times the view size, as (width, height).
+    """
+    if isinstance(value, str):
+        if "x" in value:
+            matches = re.findall(r"\((\d+)x(\d+)\)", value)
+            if not matches:
+                raise ConversionError(f"image_grid_pinpoints {value!r} is not of the form '(AxB),...,(CxD)'")
+            (w0, h0), (w1, h1) = map(int, matches[0]), map(int, matches[-1])
+            value = [(i * view_size, j * view_size) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
+        else:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as error:
+                raise ConversionError(f"image_grid_pinpoints {value!r} is not a list of pairs") from error
+    try:
+        pairs = [(int(width), int(height)) for width, height in value]
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from error
+    return [[height, width] for width, height in pairs]
+
+
+def text_config_from_llada(config: dict, notes: list) -> dict:
+    """Our LladaTextConfig fields from LLaDA's config.json names (LLaDA's ModelConfig defaults where absent)."""
+    missing = [name for name in ("d_model", "n_heads", "n_layers") if config.get(name) is None]
+    if config.get("embedding_size") is None and config.get("vocab_size") is None:
+        missing.append("embedding_size/vocab_size")
+    if missing:
+        raise ConversionError(f"SRC config.json lacks the LLaDA size fields {missing}")
+    d_model, n_heads = int(config["d_model"]), int(config["n_heads"])
+    if config.get("n_kv_heads") is not None:
+        kv_heads = int(config["n_kv_heads"])
+    else:
+        kv_heads = 1 if config.get("multi_query_attention") else n_heads
+    if config.get("mlp_hidden_size") is not None:
+        intermediate = int(config["mlp_hidden_size"])
+    else:
+        intermediate = int(config.get("mlp_ratio", 4)) * d_model
+    # The embedding has embedding_size rows (>= vocab_size, padded for speed): every row is a token of our LM.
+    vocab = int(config.get("embedding_size") or config["vocab_size"])
+    for name, fallback in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-5), ("max_sequence_length", 1024)):
+        if name not in config:
+            notes.append(f"config.json has no {name}; using LLaDA's default {fallback}")
+    dropouts = {k: config.get(k) for k in ("residual_dropout", "embedding_dropout") if config.get(k)}
+    if dropouts:
+        notes.append(f"LLaDA dropouts {dropouts} have no counterpart in our LM (it applies attention dropout only)")
+    if config.get("rope_full_precision") is False:
+        notes.append("rope_full_precision=False in LLaDA; our LM always applies RoPE in float32")
+    return dict(
+        vocab_size=vocab,
+        hidden_size=d_model,
+        intermediate_size=intermediate,
+        num_hidden_layers=int(config["n_layers"]),
+        num_attention_heads=n_heads,
+        num_key_value_heads=kv_heads,
+        hidden_act="silu",
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(config.get("max_sequence_length", 1024)),
+        attention_dropout=float(config.get("attention_dropout") or 0.0),
+        initializer_range=float(config.get("init_std", 0.02)),
+        tie_word_embeddings=False,
+    )
+
+
+def check_supported_options(config: dict, notes: list) -> list:
+    """Problems with LLaDA/LaViDa options our model does not implement (present and different). Absent -> a note."""
+    problems = []
+    for name, required, default in LLADA_REQUIRED_OPTIONS:
+        if name not in config:
+            if default != required:
+                notes.append(f"config.json has no {name} (LLaDA's default is {default!r}); assuming {required!r}")
+            continue
+        value = config[name]
+        if value != required and not (name == "block_group_size" and value is None):
+            problems.append(f"{name}={value!r} (our LLaDA implements {name}={required!r})")
+    if config.get("bias_for_layer_norm"):
+        problems.append("bias_for_layer_norm=True (our RMSNorms have no bias)")
+    for name, required in LAVIDA_REQUIRED_OPTIONS:
+        if name not in config:
+            notes.append(f"config.json has no {name}; assuming LaViDa's {required!r}")
+        elif config[name] != required:
+            problems.append(f"{name}={config[name]!r} (our model implements {name}={required!r})")
+    tower = config.get("mm_vision_tower")
+    if tower is None:
+        notes.append("config.json has no mm_vision_tower; assuming SigLIP")
+    elif "siglip" not in str(tower).lower():
+        problems.append(f"mm_vision_tower={tower!r} is not a SigLIP tower (our model has a SigLIP vision tower)")
+    if config.get("mm_vision_select_layer") not in (None, -1):
+        notes.append(
+            f"mm_vision_select_layer={config['mm_vision_select_layer']} is not used by LaViDa's SigLIP tower (it "
+            "reads the output of its last kept layer), nor by our model"
+        )
+    return problems
+
+
+def build_config(lavida_config: dict, vision_config=None, token_ids=None, config_overrides=None, notes=None):
+    """A ShirgConfig from LaViDa's config.json (dict), the SigLIP sizes (`vision_config_dict`), the tokenizer's
+    special ids (`special_token_ids`) and explicit `config_overrides` (ShirgConfig fields, applied last).
+
+    Returns (config, notes). Raises ConversionError listing every unsupported option or inconsistent size.
+    """
+    notes = [] if notes is None else notes
+    overrides = dict(load_json_argument(config_overrides, "--config-overrides") or {})
+    problems = check_supported_options(lavida_config, notes)
+    text = text_config_from_llada(lavida_config, notes)
+    text.update(overrides.pop("text_config", None) or {})
+    vision = vision_config_dict(vision_config)
+    vision.update(overrides.pop("vision_config", None) or {})
+
+    mm_hidden = lavida_config.get("mm_hidden_size")
+    if mm_hidden is None:
+        notes.append("config.json has no mm_hidden_size; the projector's shape is checked against the weights only")
+    elif int(mm_hidden) != int(vision["hidden_size"]):
+        problems.append(
+            f"mm_hidden_size={mm_hidden} differs from the vision tower's hidden_size={vision['hidden_size']} "
+            "(pass --vision-config with the tower LaViDa used)"
+        )
+    if problems:
+        raise ConversionError("SRC config.json has settings this model does not implement:\n  " + "\n  ".join(problems))
+
+    kwargs = dict(vision_config=vision, text_config=text)
+    if "image_grid_pinpoints" not in overrides:
+        if lavida_config.get("image_grid_pinpoints") is None:
+            raise ConversionError(
+                "SRC config.json has no image_grid_pinpoints (LaViDa's anyres layout needs them); pass "
+                "--config-overrides '{\"image_grid_pinpoints\": [[height, width], ...]}'"
+            )
+        kwargs["image_grid_pinpoints"] = pinpoints_from_lavida(lavida_config["image_grid_pinpoints"],
+                                                               int(vision["image_size"]))
+    # LaViDa pools every view's patch map with stride 2 (bilinear, output side ceil(side / 2)); its image path calls
+    # the pooling with the default stride, whatever mm_spatial_pool_stride says (that one is for video frames).
+    stride = lavida_config.get("mm_spatial_pool_stride")
+    if stride not in (None, 2):
+        notes.append(f"mm_spatial_pool_stride={stride} is ignored: LaViDa pools image views with stride 2")
+    patches_per_side = int(vision["image_size"]) // int(vision["patch_size"])
+    kwargs["pooled_view_size"] = -(-patches_per_side // 2)
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        if lavida_config.get(name) is not None:
+            kwargs[name] = int(lavida_config[name])
+        else:
+            notes.append(f"config.json has no {name}; using ShirgConfig's default")
+    if "pad_token_id" not in kwargs and "eos_token_id" in kwargs:
+        kwargs["pad_token_id"] = kwargs["eos_token_id"]  # LLaDA: pad defaults to eos
+    token_ids = dict(token_ids or {})
+    tokenizer_mask = token_ids.pop("mask_token_id", None)
+    if tokenizer_mask is not None and "mask_token_id" in kwargs and tokenizer_mask != kwargs["mask_token_id"]:
+        raise ConversionError(
+            f"the tokenizer's {MASK_TOKEN} has id {tokenizer_mask} but SRC config.json has "
+            f"mask_token_id={kwargs['mask_token_id']}"
+        )
+    if tokenizer_mask is not None:
+        kwargs.setdefault("mask_token_id", tokenizer_mask)
+    kwargs.update(token_ids)
+    kwargs.update(overrides)
+    try:
+        config = ShirgConfig(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"the configuration built from SRC is invalid: {error}") from error
+    config.architectures = [LavidaShirgForMaskedDiffusion.__name__]
+    return config, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor names and the conversion plan
+
+
+def rename_key(name: str, num_vision_layers: int):
+    """(our name, None) for a LaViDa tensor we use, (None, reason) for a known-unused one, (None, None) otherwise."""
+    if name in TOP_LEVEL_NAMES:
+        return TOP_LEVEL_NAMES[name], None
+    match = BLOCK_PATTERN.match(name)
+    if match:
+        index, rest = match.groups()
+        if rest in BLOCK_NAMES:
+            return f"language_model.layers.{int(index)}.{BLOCK_NAMES[rest]}", None
+        return None, None
+    if name.startswith(VISION_PREFIX):
+        rest = name[len(VISION_PREFIX):]
+        if rest.startswith("post_layernorm."):
+            return None, "SigLIP post_layernorm: LaViDa feeds the last kept layer's output without it"
+        if rest.startswith("head."):
+            return None, "SigLIP pooling head: LaViDa replaces it with an identity"
+        layer = VISION_LAYER_PATTERN.match(rest)
+        if layer and int(layer.group(1)) >= num_vision_layers:
+            return None, (f"SigLIP encoder layer {int(layer.group(1))}: past the {num_vision_layers} layers of "
+                          "vision_config (LaViDa drops SigLIP's last layer)")
+        if rest == "embeddings.position_ids":
+            return None, "SigLIP position_ids buffer (recomputed)"
+        return f"vision_tower.{rest}", None
+    return None, None
+
+
+def expected_state(config: ShirgConfig) -> dict:
+    """Names -> shapes of our model's state dict, from a model built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = LavidaShirgForMaskedDiffusion(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected: dict) -> ConversionPlan:
+    """Map every LaViDa tensor onto our names and check names and shapes; raise listing every problem."""
+    num_vision_layers = config.vision_config.num_hidden_layers
+    tied = bool(checkpoint.config.get("weight_tying", False))
+    shards, dropped, unexpected, mismatched, duplicates = {}, [], [], [], []
+    placed = {}  # target -> source
+    for file_name, names in checkpoint.shards.items():
+        pairs = shards.setdefault(file_name, [])
+        for name in names:
+            target, reason = rename_key(name, num_vision_layers)
+            if tied and name == "model.transformer.ff_out.weight":
+                target, reason = None, None  # a tied LLaDA has no output projection of its own
+            if target is None:
+                if reason is None:
+                    unexpected.append(name)
+                else:
+                    dropped.append((name, reason))
+                continue
+            if target not in expected:
+                unexpected.append(f"{name} (would be {target})")
+                continue
+            if target in placed:
+                duplicates.append(f"{name} and {placed[target]} both map to {target}")
+                continue
+            placed[target] = name
+            if checkpoint.shapes[name] != expected[target]:
+                mismatched.append(
+                    f"{name} -> {target}: checkpoint {list(checkpoint.shapes[name])}, model {list(expected[target])}"
+                )
+            pairs.append((name, target))
+            if tied and target == "language_model.embed_tokens.weight":
+                placed["lm_head.weight"] = name
+                pairs.append((name, "lm_head.weight"))
+    missing = sorted(set(expected) - set(placed))
+    if unexpected or missing or mismatched or duplicates:
+        raise ConversionError(_tensor_problems(checkpoint, config, unexpected, missing, mismatched, duplicates))
+    num_tensors = sum(len(pairs) for pairs in shards.values())
+    num_parameters = 0
+    for target in placed:
+        count = 1
+        for size in expected[target]:
+            count *= size
+        num_parameters += count
+    return ConversionPlan(
+        shards=shards, dropped=sorted(dropped), num_tensors=num_tensors, num_parameters=num_parameters
+    )
+
+
+def _tensor_problems(checkpoint, config, unexpected, missing, mismatched, duplicates) -> str:
+    lines = [f"the weights of {str(checkpoint.path)!r} do not match the converted model:"]
+    blocks = {int(m.group(1)) for m in map(BLOCK_PATTERN.match, checkpoint.shapes) if m}
+    n_layers = config.text_config.num_hidden_layers
+    if blocks and blocks != set(range(n_layers)):
+        lines.append(f"  the weights hold LLaDA blocks {_ranges(blocks)} but config.json has n_layers={n_layers}")
+    vision_names = (k[len(VISION_PREFIX):] for k in checkpoint.shapes if k.startswith(VISION_PREFIX))
+    vision_layers = {int(m.group(1)) for m in map(VISION_LAYER_PATTERN.match, vision_names) if m}
+    num_vision = config.vision_config.num_hidden_layers
+    if vision_layers and max(vision_layers) + 1 < num_vision:
+        lines.append(
+            f"  the weights hold SigLIP encoder layers {_ranges(vision_layers)} but vision_config.num_hidden_layers="
+            f"{num_vision} (LaViDa keeps all but SigLIP's last layer; pass --vision-config to match)"
+        )
+    for title, items in (("missing (model parameters without a tensor)", missing),
+                         ("unexpected (tensors the model has no place for)", unexpected),
+                         ("shape mismatches", mismatched), ("duplicates", duplicates)):
+        if items:
+            lines.append(f"  {title}: {len(items)}")
+            lines += [f"    {item}" for item in items]
+    return "\n".join(lines)
+
+
+def _ranges(values) -> str:
+    values, parts = sorted(values), []
+    start = prev = values[0]
+    for value in values[1:] + [None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and processor
+
+
+def load_source_tokenizer(src, tokenizer=None):
+    """The tokenizer at `tokenizer` (a path) or else in SRC, loaded from local files only."""
+    from transformers import AutoTokenizer
+
+    location, argument = (tokenizer, "--tokenizer") if tokenizer is not None else (src, "SRC")
+    path = Path(location)
+    if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
+        if tokenizer is None:
+            raise ConversionError(
+                f"SRC {str(src)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer PATH "
+                "(a folder with the LLaDA tokenizer)"
+            )
+        raise ConversionError(f"--tokenizer {str(tokenizer)!r} is not a folder with tokenizer files")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as error:
+        raise ConversionError(f"{argument} {str(location)!r}: cannot load its tokenizer: {error}") from error
+
+
+def special_token_ids(tokenizer) -> dict:
+    """ShirgConfig special-token fields found in the tokenizer's vocabulary, by their LLaDA token text."""
+    vocab = tokenizer.get_vocab()
+    ids = {name: vocab[token] for name, token in TOKEN_FIELDS.items() if token in vocab}
+    if MASK_TOKEN in vocab:
+        ids["mask_token_id"] = vocab[MASK_TOKEN]
+    return ids
+
+
+def build_processor(config: ShirgConfig, tokenizer):
+    """(processor, description): the LavidaShirgProcessor of `config` and `tokenizer`.
+    Raises ConversionError if they disagree (special ids, vocabulary)."""
+    try:
+        processor = LavidaShirgProcessor.from_config(config, tokenizer)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(
+            f"cannot build the processor from the tokenizer and the converted config: {error}"
+        ) from error
+    return processor, f"processor {type(processor).__name__} with tokenizer {type(tokenizer).__name__}"
+
+
+def save_processor(out_dir, config: ShirgConfig, tokenizer) -> str:
+    """Save the processor built from `config` and `tokenizer` (see `build_processor`) into out_dir; returns what
+    was saved, in words."""
+    processor, description = build_processor(config, tokenizer)
+    processor.save_pretrained(str(out_dir))
+    return description
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _check_output(out: Path, src: Path, overwrite: bool):
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"OUT {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    out_resolved, src_resolved = out.resolve(), src.resolve()
+    if out_resolved == src_resolved or src_resolved in out_resolved.parents or out_resolved in src_resolved.parents:
+        raise ConversionError(f"OUT {str(out)!r} must be outside SRC {str(src)!r} and must not contain it")
+
+
+def write_weights(checkpoint: LavidaCheckpoint, plan: ConversionPlan, folder: Path, dtype=None):
+    """Write the converted shards (one input shard in memory at a time) and their index. Returns
+    (total bytes, output shard count, {dtype: element count})."""
+    shard_files = [name for name, pairs in plan.shards.items() if pairs]
+    count = len(shard_files)
+    weight_map, total_bytes, elements = {}, 0, {}
+    for number, file_name in enumerate(shard_files, start=1):
+        out_name = SINGLE_NAME if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        tensors, read = {}, set()
+        with safe_open(checkpoint.path / file_name, framework="pt") as handle:
+            for source, target in plan.shards[file_name]:
+                tensor = handle.get_tensor(source)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                if source in read:
+                    tensor = tensor.clone()  # a second use (weight tying): safetensors refuses shared storage
+                read.add(source)
+                tensors[target] = tensor.contiguous()
+        save_file(tensors, str(folder / out_name), metadata={"format": "pt"})
+        for target, tensor in tensors.items():
+            weight_map[target] = out_name
+            total_bytes += tensor.numel() * tensor.element_size()
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+        del tensors
+    if count > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(folder / INDEX_NAME, "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2)
+            handle.write("\n")
+    return total_bytes, count, elements
+
+
+def write_config_and_code(config: ShirgConfig, folder: Path):
+    """config.json with auto_map, and the remote-code files (the model's and config's modules and their siblings)."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    with torch.device("meta"):
+        model = LavidaShirgForMaskedDiffusion(config)
+    custom_object_save(model, folder, config=config)  # copies modeling_*.py + relative imports, sets auto_map
+    config.save_pretrained(str(folder))  # copies configuration_*.py, adds AutoConfig to auto_map
+
+
+def _swap_into_place(tmp: Path, out: Path):
+    """Rename tmp to out; an existing out is moved aside first and deleted only after the rename succeeded."""
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        os.rmdir(aside)
+        os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=None, dtype="keep",
+                       config_overrides=None) -> ConversionReport:
+    """Convert the LaViDa folder `src` into our folder `out`; returns the report. Raises ConversionError.
+
+    tokenizer: folder of the LLaDA tokenizer when SRC has none. vision_config: SigLIP sizes (dict, JSON or path)
+    over the so400m/26-layer default. dtype: "keep", "bfloat16" or "float32". config_overrides: ShirgConfig fields.
+    """
+    src, out = Path(src), Path(out)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not src.is_dir():
+        raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
+    _check_output(out, src, overwrite)
+
+    checkpoint = read_lavida_checkpoint(src)
+    tok = load_source_tokenizer(src, tokenizer)
+    config, notes = build_config(checkpoint.config, vision_config, special_token_ids(tok), config_overrides)
+    plan = plan_conversion(checkpoint, config, expected_state(config))
+    processor, processor_description = build_processor(config, tok)  # checked before any weight is written
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        total_bytes, out_shards, elements = write_weights(checkpoint, plan, tmp, DTYPES[dtype])
+        main_dtype = max(elements, key=elements.get)
+        config.dtype = main_dtype
+        write_config_and_code(config, tmp)
+        processor.save_pretrained(str(tmp))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if len(elements) > 1:
+        notes.append(f"mixed dtypes kept: { {str(k).replace('torch.', ''): v for k, v in elements.items()} } elements")
+    return ConversionReport(
+        source=str(src), output=str(out), tensors_converted=plan.num_tensors, num_parameters=plan.num_parameters,
+        output_bytes=total_bytes, input_shards=len(checkpoint.shards), output_shards=out_shards,
+        dtype=str(main_dtype).replace("torch.", ""), dropped=plan.dropped, notes=notes,
+        saved_processor=processor_description,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", metavar="SRC", help="LaViDa checkpoint folder (config.json + safetensors)")
+    parser.add_argument("out", metavar="OUT", help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.add_argument("--tokenizer", metavar="PATH", help="LLaDA tokenizer folder, when SRC has no tokenizer")
+    parser.add_argument("--vision-config", metavar="JSON", help="SigLIP config fields (JSON or a JSON file path) "
+                        "over the default so400m-patch14-384 with 26 layers")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="dtype of the written weights")
+    parser.add_argument("--config-overrides", metavar="JSON", help="ShirgConfig fields (JSON or a JSON file path)")
+    args = parser.parse_args(argv)
+    try:
+        report = convert_checkpoint(
+            args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, vision_config=args.vision_config,
+            dtype=args.dtype, config_overrides=args.config_overrides,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Tests of the tiny tokenizer, LaViDa's anyres image preprocessing and the LaViDa-LLaDA processor."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from lavida_shirg import ShirgConfig
+from lavida_shirg.processing_lavida_shirg import (
+    DEFAULT_SYSTEM_PROMPT,
+    IGNORE_INDEX,
+    LavidaShirgImageProcessor,
+    LavidaShirgProcessor,
+)
+from lavida_shirg.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
+
+EXPECTED_PROMPT = (
+    "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n"
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is written?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+BICUBIC = Image.Resampling.BICUBIC
+
+
+def random_image(width, height, seed=0, mode="RGB"):
+    """A reproducible noise image of the given PIL mode."""
+    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode=mode)
+
+
+def reference_pixels(array):
+    """Independent normalisation of an HxWx3 uint8 array: CHW float64, x / 255, then (x - 0.5) / 0.5."""
+    return ((np.asarray(array, dtype=np.float64) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return LavidaShirgProcessor.from_config(ShirgConfig.from_preset("tiny"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def real_geometry_processor(tokenizer):
+    """The real preset's image geometry (view 384, pooled 14) with the tiny tokenizer's special ids."""
+    config = ShirgConfig.from_preset("lavida-llada", eos_token_id=0, pad_token_id=0, eot_token_id=5)
+    return LavidaShirgProcessor.from_config(config, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_special_ids_match_tiny_preset(tokenizer):
+    config = ShirgConfig.from_preset("tiny")
+    assert len(tokenizer) == config.text_config.vocab_size == 512
+    assert SPECIAL_TOKENS == {"<|endoftext|>": 0, "<|startoftext|>": 1, "<|mdm_mask|>": 2,
+                              "<|start_header_id|>": 3, "<|end_header_id|>": 4, "<|eot_id|>": 5}
+    for token, token_id in SPECIAL_TOKENS.items():
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.mask_token_id) == (
+        config.eos_token_id, config.pad_token_id, config.bos_token_id, config.mask_token_id)
+    assert (config.start_header_token_id, config.end_header_token_id, config.eot_token_id) == (3, 4, 5)
+
+
+def test_tokenizer_adds_nothing_and_matches_special_tokens_in_text(tokenizer):
+    plain = tokenizer("What is written?")["input_ids"]
+    assert not set(plain) & set(SPECIAL_TOKENS.values())
+    ids = tokenizer("<|startoftext|>hi<|eot_id|><|mdm_mask|><|mdm_mask|>")["input_ids"]
+    assert ids[0] == 1 and ids[-3:] == [5, 2, 2]
+    text = "Price: $12.50, ünïcode 漢字"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_tokenizer_is_fast_deterministic_and_round_trips(tokenizer, tmp_path):
+    start = time.perf_counter()
+    rebuilt = build_tiny_tokenizer()
+    assert time.perf_counter() - start < 1.0
+    assert rebuilt.get_vocab() == tokenizer.get_vocab()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = EXPECTED_PROMPT + "The total is $19.95<|eot_id|><|endoftext|>"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert loaded.all_special_ids == tokenizer.all_special_ids
+
+
+# ----------------------------------------------------------------------------------------- image processor
+
+
+def test_pixel_values_equal_independent_numpy_computation(processor):
+    # (h, w) = (20, 60) in the tiny pinpoints: canvas 32 x 64 (1 row, 2 crops), resized to 22 x 64 at top offset 5.
+    image = random_image(60, 20)
+    out = processor.image_processor(image)
+    assert out["pixel_values"].shape == (3, 3, 32, 32) and out["pixel_values"].dtype == torch.float32
+    assert out["image_sizes"].tolist() == [[20, 60]] and out["image_sizes"].dtype == torch.int64
+    canvas = np.zeros((32, 64, 3), dtype=np.uint8)
+    canvas[5:27] = np.asarray(image.resize((64, 22), BICUBIC))
+    pixels = out["pixel_values"].double().numpy()
+    np.testing.assert_allclose(pixels[0], reference_pixels(image.resize((32, 32), BICUBIC)), atol=1e-6)
+    np.testing.assert_allclose(pixels[2], reference_pixels(canvas[:, 32:64]), atol=1e-6)
+    assert (pixels[1:, :, :5] == -1).all() and (pixels[1:, :, 27:] == -1).all()
+
+
+def test_view_counts_shapes_and_image_order(processor):
+    images = [random_image(60, 20), random_image(100, 100, seed=1), random_image(32, 32, seed=2)]
+    out = processor.image_processor(images)
+    # grids: 1 x 2, 2 x 2 (64 x 64 canvas), 2 x 1 (tie between 64x32 and 32x64 keeps the first pinpoint)
+    assert out["pixel_values"].shape == (3 + 5 + 3, 3, 32, 32)
+    assert out["image_sizes"].tolist() == [[20, 60], [100, 100], [32, 32]]
+    single = processor.image_processor(images[1])["pixel_values"]
+    assert torch.equal(out["pixel_values"][3:8], single)
+
+
+def test_empty_image_list_gives_no_pixel_values(processor):
+    assert "pixel_values" not in processor.image_processor([])
+    out = processor(images=[], text="Describe the colour.")
+    assert "pixel_values" not in out and "image_sizes" not in out
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
+def test_modes_are_converted_to_rgb(processor, mode):
+    source = random_image(40, 30, mode="RGBA" if mode == "P" else mode, seed=3)
+    image = source.convert("P") if mode == "P" else source
+    expected = processor.image_processor(image.convert("RGB"))["pixel_values"]
+    assert torch.equal(processor.image_processor(image)["pixel_values"], expected)
+
+
+def test_rgba_alpha_is_dropped_and_grey_is_replicated(processor):
+    rgba = Image.new("RGBA", (40, 30), (200, 100, 50, 0))
+    view = processor.image_processor(rgba)["pixel_values"][0]
+    assert torch.allclose(view[:, 0, 0], torch.tensor([200, 100, 50]) / 127.5 - 1)
+    grey = processor.image_processor(Image.new("L", (40, 30), 77))["pixel_values"][0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 3), (3, 4000)])
+def test_tiny_and_extreme_images(processor, real_geometry_processor, size):
+    image = random_image(*size, seed=4)
+    for proc in (processor, real_geometry_processor):
+        out = proc(images=image, text=proc.build_prompt("What is written?"))
+        side = proc.image_processor.view_size
+        assert out["pixel_values"].shape[1:] == (3, side, side)
+        assert out["image_sizes"].tolist() == [[size[1], size[0]]]
+        assert (out["input_ids"] == proc.image_token_id).sum() == proc.image_token_count((size[1], size[0]))
+
+
+def test_numpy_and_torch_inputs_match_pil(processor):
+    rgb = random_image(40, 30, seed=5)
+    array = np.array(rgb)
+    expected = processor.image_processor(rgb)["pixel_values"]
+    assert torch.equal(processor.image_processor(array)["pixel_values"], expected)
+    assert torch.equal(processor.image_processor(torch.from_numpy(array).permute(2, 0, 1))["pixel_values"], expected)
+    rgba = np.concatenate([array, np.zeros((30, 40, 1), np.uint8)], axis=2)
+    assert torch.equal(processor.image_processor(rgba)["pixel_values"], expected)
+    grey = array[:, :, 0]
+    grey_expected = processor.image_processor(Image.fromarray(grey))["pixel_values"]
+    for variant in (grey, grey[:, :, None], torch.from_numpy(grey)[None]):
+        assert torch.equal(processor.image_processor(variant)["pixel_values"], grey_expected)
+
+
+def test_empty_image_raises(processor):
+    with pytest.raises(ValueError, match=r"`images` must have at least one pixel.*\(0, 5\)"):
+        processor.image_processor(Image.new("RGB", (5, 0)))
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 2), np.uint8), np.zeros((2, 8, 8, 3), np.uint8),
+    torch.zeros(3, 8, 8), torch.zeros(8, 8, 3, dtype=torch.uint8), "image.png", 3,
+])
+def test_unsupported_images_raise_type_error(processor, bad):
+    with pytest.raises(TypeError, match="`images` must be PIL images"):
+        processor.image_processor([bad])
+
+
+# ---------------------------------------------------------------------------------------- prompts, tokens
+
+
+@pytest.mark.parametrize("width, height, expected, views", [
+    (768, 768, 1008, 5), (640, 480, 834, 5), (1920, 1080, 660, 5), (384, 768, 616, 3), (1152, 384, 798, 4),
+    (300, 200, 346, 3),
+])
+def test_real_geometry_image_token_counts(real_geometry_processor, width, height, expected, views):
+    proc = real_geometry_processor
+    out = proc(images=[Image.new("RGB", (width, height), (10, 20, 30))], text=proc.build_prompt("What is written?"))
+    ids = out["input_ids"][0]
+    positions = (ids == proc.image_token_id).nonzero().flatten()
+    assert len(positions) == expected
+    assert (positions == torch.arange(positions[0], positions[0] + expected)).all()
+    assert out["pixel_values"].shape == (views, 3, 384, 384)
+
+
+def test_chat_template_strings(processor):
+    assert processor.build_prompt("What is written?") == EXPECTED_PROMPT
+    assert processor.build_prompt("Q", num_images=2).endswith("user<|end_header_id|>\n\n<image>\n<image>\nQ<|eot_id|>"
+                                                              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What colour?"}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    assert processor.apply_chat_template(messages, tokenize=False) == (
+        "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nred<|eot_id|>"
+    )
+    assert DEFAULT_SYSTEM_PROMPT in EXPECTED_PROMPT
+
+
+def test_prompt_ids_join_text_segments_and_image_runs(processor, tokenizer):
+    image = random_image(60, 20)
+    prompt = processor.build_prompt("What is written?")
+    ids = processor(images=image, text=prompt)["input_ids"][0].tolist()
+    before, after = prompt.split("<image>")
+    count = processor.image_token_count((20, 60))
+    expected = (tokenizer(before, add_special_tokens=False)["input_ids"] + [processor.image_token_id] * count
+                + tokenizer(after, add_special_tokens=False)["input_ids"])
+    assert ids == expected and ids[0] == SPECIAL_TOKENS["<|startoftext|>"]
+    assert "<image>" not in tokenizer.get_vocab()
+
+
+def test_num_image_tokens_hook(processor):
+    prompts = [processor.build_prompt("a", num_images=2), processor.build_prompt("b")]
+    images = [random_image(60, 20), random_image(32, 32), random_image(100, 100)]
+    seen = []
+    out = processor(images=images, text=prompts, num_image_tokens=lambda size: seen.append(size) or 7)
+    assert seen == [(20, 60), (32, 32), (100, 100)]
+    assert (out["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [14, 7]
+
+
+def test_generation_batch_is_left_padded(processor):
+    prompts = [processor.build_prompt("What is the total price?"), processor.build_prompt("hi")]
+    images = [random_image(60, 20), random_image(60, 20, seed=1)]
+    out = processor(images=images, text=prompts)
+    assert "labels" not in out
+    singles = [processor(images=image, text=prompt)["input_ids"][0] for image, prompt in zip(images, prompts)]
+    width = out["input_ids"].shape[1]
+    assert width == len(singles[0]) > len(singles[1])
+    pad = width - len(singles[1])
+    assert torch.equal(out["input_ids"][0], singles[0]) and out["attention_mask"][0].all()
+    assert (out["input_ids"][1, :pad] == processor.pad_token_id).all()
+    assert torch.equal(out["input_ids"][1, pad:], singles[1])
+    assert out["attention_mask"][1].tolist() == [0] * pad + [1] * len(singles[1])
+    assert out["pixel_values"].shape == (6, 3, 32, 32)
+
+
+def test_training_batch_labels_and_right_eos_padding(processor, tokenizer):
+    prompts = [processor.build_prompt("What is written?"), processor.build_prompt("What is written?")]
+    images = [random_image(60, 20), random_image(60, 20, seed=1)]
+    answers = ["The total is $19.95", "red"]
+    out = processor(images=images, text=prompts, answers=answers)
+    prompt_len = len(processor(images=images[0], text=prompts[0])["input_ids"][0])
+    answer_ids = [tokenizer(answer, add_special_tokens=False)["input_ids"] + [5] for answer in answers]
+    width = prompt_len + len(answer_ids[0])
+    assert out["input_ids"].shape == out["labels"].shape == out["attention_mask"].shape == (2, width)
+    assert out["attention_mask"].all()
+    for row, ids in enumerate(answer_ids):
+        padding = [processor.eos_token_id] * (width - prompt_len - len(ids))
+        assert (out["labels"][row, :prompt_len] == IGNORE_INDEX).all()
+        assert out["labels"][row, prompt_len:].tolist() == ids + padding
+        assert out["input_ids"][row, prompt_len:].tolist() == ids + padding
+    assert len(answer_ids[1]) < len(answer_ids[0]) and processor.eos_token_id == 0
+
+
+def test_nested_images_per_sample(processor):
+    prompts = [processor.build_prompt("a", num_images=2), processor.build_prompt("b")]
+    images = [random_image(60, 20), random_image(32, 32), random_image(100, 100)]
+    flat = processor(images=images, text=prompts)
+    nested = processor(images=[images[:2], images[2:]], text=prompts)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(flat[key], nested[key])
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_placeholder_count_errors(processor):
+    prompt = processor.build_prompt("What is written?")
+    image = random_image(60, 20)
+    with pytest.raises(ValueError, match=r"`text` has 1 <image> placeholders but `images` has 2 images"):
+        processor(images=[image, image], text=prompt)
+    with pytest.raises(ValueError, match=r"`text` has 2 <image> placeholders but `images` has 0 images"):
+        processor(text=[prompt, prompt])
+    with pytest.raises(ValueError, match=r"`text` sample 1 has 1 <image> placeholders but `images`\[1\] has 2"):
+        processor(images=[[image], [image, image]], text=[prompt, prompt])
+    with pytest.raises(ValueError, match=r"nested `images` must be one list per prompt: 2 prompts in `text`, got 1"):
+        processor(images=[[image, image]], text=[prompt, prompt])
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "<image>\n ", EXPECTED_PROMPT.replace("What is written?", "  ")])
+def test_empty_question_errors(processor, text):
+    with pytest.raises(ValueError, match="`text` sample 0 has an empty question"):
+        processor(images=[random_image(8, 8)] * text.count("<image>"), text=text)
+
+
+def test_other_argument_errors(processor):
+    with pytest.raises(ValueError, match="`question` is empty"):
+        processor.build_prompt(" ")
+    with pytest.raises(ValueError, match="`text` must be a prompt string"):
+        processor(text=None)
+    with pytest.raises(ValueError, match="`answers` has 1 answers but `text` has 2 prompts"):
+        processor(text=["a", "b"], answers=["x"])
+
+
+def limited_processor(processor, tokenizer, model_max_length):
+    """The tiny processor with another model_max_length."""
+    return LavidaShirgProcessor(processor.image_processor, tokenizer, image_token_id=512, pooled_view_size=4,
+                                model_max_length=model_max_length, eos_token_id=0, pad_token_id=0, eot_token_id=5)
+
+
+def test_too_long_prompt_error(processor, tokenizer):
+    prompt, image = processor.build_prompt("What is written?"), random_image(60, 20)
+    length = len(processor(images=image, text=prompt)["input_ids"][0])
+    count = processor.image_token_count((20, 60))
+    assert limited_processor(processor, tokenizer, length)(images=image, text=prompt)["input_ids"].shape[1] == length
+    with pytest.raises(ValueError, match=rf"`text` sample 0 needs {length} tokens \({count} of them image tokens\), "
+                                         rf"more than model_max_length \({length - 1}\)"):
+        limited_processor(processor, tokenizer, length - 1)(images=image, text=prompt)
+    answer_length = len(tokenizer("The total is $19.95", add_special_tokens=False)["input_ids"]) + 1
+    with pytest.raises(ValueError, match=rf"`text` sample 1 needs {length + answer_length} tokens"):
+        limited_processor(processor, tokenizer, length + answer_length - 1)(
+            images=[image, image], text=[prompt, prompt], answers=["red", "The total is $19.95"])
+
+
+def test_special_id_mismatch_errors(tokenizer):
+    with pytest.raises(ValueError, match=r"eos_token_id \(126081\) is not the tokenizer's id \(0\)"):
+        LavidaShirgProcessor.from_config(ShirgConfig.from_preset("lavida-llada"), tokenizer)
+    with pytest.raises(ValueError, match=r"eot_token_id \(4\) is not the tokenizer's id \(5\)"):
+        LavidaShirgProcessor.from_config(ShirgConfig.from_preset("tiny", eot_token_id=4), tokenizer)
+    image_processor = LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=[[32, 64]])
+    with pytest.raises(ValueError, match="image_token_id .* outside the tokenizer's vocabulary"):
+        LavidaShirgProcessor(image_processor, tokenizer, image_token_id=7, pooled_view_size=4, model_max_length=64,
+                             eos_token_id=0, pad_token_id=0, eot_token_id=5)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def test_decoding_cuts_at_eot_or_eos(processor, tokenizer):
+    red = tokenizer(" red ", add_special_tokens=False)["input_ids"]
+    total = tokenizer("The total is $19.95", add_special_tokens=False)["input_ids"]
+    rows = [red + [5] + total, total + [0] + red, [2] + total]
+    assert processor.batch_decode(rows) == ["red", "The total is $19.95", "The total is $19.95"]
+    assert processor.batch_decode(torch.tensor([red + [0, 0], red + [5, 5]])) == ["red", "red"]
+    assert processor.decode(torch.tensor([5] + red)) == ""
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    directory, out_path = sys.argv[1], sys.argv[2]
+    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(directory + "/image_processor", trust_remote_code=True)
+    images = [np.arange(20 * 60 * 3, dtype=np.uint8).reshape(20, 60, 3), np.full((50, 40, 3), 99, np.uint8)]
+    prompts = [processor.build_prompt("What is written?"), processor.build_prompt("hi")]
+    outputs = dict(processor(images=images, text=prompts, answers=["red", "The total is $19.95"]))
+    outputs["standalone_pixel_values"] = image_processor(images)["pixel_values"]
+    torch.save(outputs, out_path)
+    assert "lavida_shirg" not in sys.modules, "the repository package leaked into the fresh process"
+    print(json.dumps([type(processor).__module__, type(image_processor).__module__, processor.chat_template]))
+""")
+
+
+def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
+    saved = tmp_path / "saved"
+    processor.save_pretrained(saved)
+    processor.image_processor.save_pretrained(saved / "image_processor")
+    assert {"processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
+            "processing_lavida_shirg.py", "image_layout.py"} <= set(os.listdir(saved))
+    standalone = json.loads((saved / "image_processor" / "preprocessor_config.json").read_text())
+    assert standalone["view_size"] == 32 and standalone["image_grid_pinpoints"][0] == [64, 32]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(saved), str(tmp_path / "out.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    processor_module, image_processor_module, template = json.loads(result.stdout.strip().splitlines()[-1])
+    assert processor_module.startswith("transformers_modules.")
+    assert image_processor_module.startswith("transformers_modules.")
+    assert template == processor.chat_template
+    loaded = torch.load(tmp_path / "out.pt")
+    images = [np.arange(20 * 60 * 3, dtype=np.uint8).reshape(20, 60, 3), np.full((50, 40, 3), 99, np.uint8)]
+    prompts = [processor.build_prompt("What is written?"), processor.build_prompt("hi")]
+    expected = processor(images=images, text=prompts, answers=["red", "The total is $19.95"])
+    assert set(loaded) == set(expected) | {"standalone_pixel_values"}
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+    assert torch.equal(loaded["standalone_pixel_values"], expected["pixel_values"])
