@@ -1,0 +1,559 @@
+"""Tests of the SHIRG selection functions and the baselines (lavida_shirg/shirg_selection.py)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw, ImageFont
+
+from lavida_shirg import shirg_selection as sel
+from lavida_shirg.shirg_selection import (
+    METHODS, AdaptiveBudgetHead, CoordinateEmbedding, TokenSelection, budget_statistics, distance_aware_selection,
+    dropped_token_summary, edge_density, gather_tokens, grid_coordinates, low_resolution_scaffold,
+    normalize_per_sample, region_coverage, region_labels, relevance_scores, select_tokens, shirg_fixed_scores,
+    shirg_v2_scores, spatial_kmeans, token_coordinates, token_variance, truncate_to_budget,
+)
+
+ALL_METHODS = sorted(METHODS)
+SHIRG_METHODS = ["shirg-fixed", "shirg-v2", "shirg-x"]
+
+
+def make_batch(batch=3, grid=(10, 11), dim=12, embed=16, length=5, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    num = grid[0] * grid[1]
+    vision = torch.randn(batch, num, dim, generator=generator)
+    # make the samples differ in structure, not only in noise: a bright blob at a different place per sample
+    scale = torch.ones(batch, num)
+    for b in range(batch):
+        scale[b, (b * 7 + 3) % num] = 6.0
+    vision = vision * scale.unsqueeze(-1)
+    projected = torch.randn(batch, num, embed, generator=generator)
+    question = torch.randn(batch, length, embed, generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, -1] = False  # padding
+    attention = torch.rand(batch, num, generator=generator)
+    return vision.to(dtype), projected.to(dtype), question.to(dtype), mask, attention
+
+
+def run(method, vision, projected, grid, budget, question, mask, attention, **options):
+    if method == "visionzip":
+        options.setdefault("attention_received", attention)
+        options.setdefault("num_contextual", min(3, grid[0] * grid[1] - budget))
+    return select_tokens(method, vision, projected, grid, budget, question, mask, **options)
+
+
+def assert_valid_indices(indices, batch, budget, num):
+    assert indices.dtype == torch.long and tuple(indices.shape) == (batch, budget)
+    assert bool((indices >= 0).all()) and bool((indices < num).all())
+    if budget > 1:
+        assert bool((indices.diff(dim=1) > 0).all()), "indices must be strictly ascending (hence distinct)"
+
+
+# ------------------------------------------------------------------------------------------------ interface
+
+
+@settings(max_examples=30, deadline=None)
+@given(method=st.sampled_from(ALL_METHODS), height=st.integers(1, 9), width=st.integers(1, 9),
+       batch=st.integers(1, 3), fraction=st.floats(0.0, 1.0), region_size=st.integers(1, 5),
+       bf16=st.booleans())
+def test_exactly_k_distinct_sorted(method, height, width, batch, fraction, region_size, bf16):
+    num = height * width
+    budget = max(1, round(fraction * num))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    vision, projected, question, mask, attention = make_batch(batch, (height, width), dtype=dtype)
+    options = {"region_size": region_size} if method in SHIRG_METHODS else {}
+    result = run(method, vision, projected, (height, width), budget, question, mask, attention, **options)
+    assert isinstance(result, TokenSelection)
+    assert_valid_indices(result.indices, batch, budget, num)
+    if result.scores is not None:
+        assert result.scores.dtype == torch.float32 and tuple(result.scores.shape) == (batch, num)
+    extra = result.extra_tokens
+    expected_extra = {"shirg-v2": 1, "shirg-x": 64, "visionzip": min(3, num - budget)}.get(method)
+    if expected_extra:
+        assert tuple(extra.shape) == (batch, expected_extra, projected.shape[-1]) and extra.dtype == dtype
+    else:
+        assert extra is None
+
+
+@pytest.mark.parametrize("budget", [512, 768, 1024])
+def test_real_grid_budgets(budget):
+    vision, projected, question, mask, attention = make_batch(2, (48, 48), dim=8, embed=8)
+    for method in SHIRG_METHODS:
+        result = run(method, vision, projected, (48, 48), budget, question, mask, attention)
+        assert_valid_indices(result.indices, 2, budget, 2304)
+        # every 4 x 4 region of the 48 x 48 grid is represented in every sample
+        labels, regions = region_labels((48, 48), 4)
+        if method != "shirg-v2":
+            for b in range(2):
+                assert set(labels[result.indices[b]].tolist()) == set(range(regions))
+
+
+def test_unknown_method_lists_names():
+    vision, projected, question, mask, _ = make_batch()
+    with pytest.raises(ValueError, match="method") as info:
+        select_tokens("shirg-z", vision, projected, (10, 11), 10, question, mask)
+    for name in METHODS:
+        assert name in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+
+
+def brute_force_winners(scores, grid, region_size):
+    height, width = grid
+    winners = []
+    for top in range(0, height, region_size):
+        for left in range(0, width, region_size):
+            cells = [r * width + c for r in range(top, min(top + region_size, height))
+                     for c in range(left, min(left + region_size, width))]
+            winners.append(max(cells, key=lambda n: (scores[n].item(), -n)))
+    return winners
+
+
+@pytest.mark.parametrize("method", ["shirg-fixed", "shirg-x"])
+@pytest.mark.parametrize("grid,region_size", [((10, 11), 4), ((8, 8), 4), ((7, 5), 3), ((3, 2), 4)])
+def test_every_region_covered_in_every_sample(method, grid, region_size):
+    vision, projected, question, mask, attention = make_batch(4, grid)
+    _, regions = region_labels(grid, region_size)
+    budget = min(regions + 3, grid[0] * grid[1])
+    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    per_sample_winners = []
+    for b in range(4):
+        winners = brute_force_winners(result.scores[b], grid, region_size)
+        assert len(winners) == regions
+        assert set(winners) <= set(result.indices[b].tolist()), f"sample {b} misses a region winner"
+        per_sample_winners.append(tuple(winners))
+    assert len(set(per_sample_winners)) > 1, "the samples must differ for this test to mean something"
+
+
+def test_v2_every_cluster_covered_in_every_sample():
+    grid = (10, 11)
+    vision, projected, question, mask, attention = make_batch(4, grid)
+    result = run("shirg-v2", vision, projected, grid, 40, question, mask, attention)
+    labels, clusters = spatial_kmeans(vision, grid, 4, 4, 0.5)
+    for b in range(4):
+        kept = set(result.indices[b].tolist())
+        for c in range(clusters):
+            members = (labels[b] == c).nonzero().flatten().tolist()
+            if members:
+                winner = max(members, key=lambda n: (result.scores[b, n].item(), -n))
+                assert winner in kept
+
+
+@pytest.mark.parametrize("method", SHIRG_METHODS)
+def test_budget_smaller_than_region_count_keeps_best_winners(method):
+    """Documented: K < number of regions (clusters) keeps the K best-scoring region (cluster) winners."""
+    grid, region_size, budget = (12, 12), 3, 5  # 16 regions
+    vision, projected, question, mask, attention = make_batch(3, grid)
+    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    for b in range(3):
+        if method == "shirg-v2":
+            labels, clusters = spatial_kmeans(vision[b:b + 1], grid, region_size, 4, 0.5)
+            groups = [(labels[0] == c).nonzero().flatten().tolist() for c in range(clusters)]
+            winners = [max(g, key=lambda n: (result.scores[b, n].item(), -n)) for g in groups if g]
+        else:
+            winners = brute_force_winners(result.scores[b], grid, region_size)
+        best = sorted(winners, key=lambda n: (-result.scores[b, n].item(), n))[:budget]
+        assert result.indices[b].tolist() == sorted(best)
+
+
+def test_grid_smaller_than_one_region_is_one_region():
+    labels, regions = region_labels((3, 2), 4)
+    assert regions == 1 and labels.tolist() == [0] * 6
+    labels, regions = region_labels((5, 6), 4)  # partial regions count: 2 x 2
+    assert regions == 4 and labels.tolist() == [0, 0, 0, 0, 1, 1] * 4 + [2, 2, 2, 2, 3, 3]
+
+
+def test_region_coverage_counts_partial_regions():
+    scores = torch.rand(2, 5 * 6)
+    assert region_coverage(scores, (5, 6), 4).sum(dim=1).tolist() == [4, 4]
+
+
+# ------------------------------------------------------------------------------------------------ batch, determinism
+
+
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != "random"])
+def test_batch_permutation_permutes_output(method):
+    vision, projected, question, mask, attention = make_batch(4, (9, 10))
+    mask[2, 1:] = False  # a different usable length per sample
+    perm = torch.tensor([2, 0, 3, 1])
+    full = run(method, vision, projected, (9, 10), 30, question, mask, attention)
+    permuted = run(method, vision[perm], projected[perm], (9, 10), 30, question[perm], mask[perm], attention[perm])
+    assert torch.equal(permuted.indices, full.indices[perm])
+    if full.extra_tokens is not None:
+        torch.testing.assert_close(permuted.extra_tokens, full.extra_tokens[perm])
+    if full.scores is not None:
+        torch.testing.assert_close(permuted.scores, full.scores[perm])
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_deterministic(method):
+    vision, projected, question, mask, attention = make_batch(3, (9, 10))
+    first = run(method, vision, projected, (9, 10), 25, question, mask, attention)
+    second = run(method, vision.clone(), projected.clone(), (9, 10), 25, question.clone(), mask.clone(),
+                 attention.clone())
+    assert torch.equal(first.indices, second.indices)
+    if first.extra_tokens is not None:
+        assert torch.equal(first.extra_tokens, second.extra_tokens)
+
+
+def test_random_seeded():
+    vision, projected, question, mask, attention = make_batch(2, (9, 10))
+    a = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
+    b = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
+    c = select_tokens("random", vision, projected, (9, 10), 20, seed=2).indices
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ score terms, by hand
+
+
+def test_normalisation_by_hand():
+    scores = torch.tensor([[2.0, 4.0, 6.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, 0.0, 1.0, 0.0]])
+    expected = torch.tensor([[0.0, 0.5, 1.0, 0.25], [0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 1.0, 0.5]])
+    assert torch.equal(normalize_per_sample(scores), expected)
+    assert normalize_per_sample(scores.bfloat16()).dtype == torch.float32
+
+
+def test_variance_by_hand():
+    features = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 8.0]]])
+    assert torch.equal(token_variance(features), torch.tensor([[1.25, 0.0, 12.0]]))
+
+
+def test_relevance_by_hand():
+    projected = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]]])
+    question = torch.tensor([[[0.0, 5.0], [1.0, 0.0], [-1.0, 0.0]]])  # the last one is padding
+    mask = torch.tensor([[True, True, False]])
+    expected = torch.tensor([[1.0, 1.0, 1 / math.sqrt(2), 0.0]])  # token 3 would be 1.0 with the padding
+    torch.testing.assert_close(relevance_scores(projected, question, mask), expected)
+    only_first = torch.tensor([[True, False, False]])
+    torch.testing.assert_close(relevance_scores(projected, question, only_first),
+                               torch.tensor([[0.0, 1.0, 1 / math.sqrt(2), 0.0]]))
+    # computed in float32 from bf16 inputs
+    assert relevance_scores(projected.bfloat16(), question.bfloat16(), mask).dtype == torch.float32
+
+
+def test_edge_density_by_hand():
+    # channel 0: a single 1 in the middle of a 3 x 3 map; channel 1: constant (no edges, replicate padding)
+    channel0 = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    features = torch.stack([channel0.reshape(-1), torch.full((9,), 5.0)], dim=-1).unsqueeze(0)  # (1, 9, 2)
+    # |Laplacian| of channel 0 with replicate padding: [[0,1,0],[1,4,1],[0,1,0]]; mean over the 2 channels
+    expected = torch.tensor([[0.0, 0.5, 0.0, 0.5, 2.0, 0.5, 0.0, 0.5, 0.0]])
+    assert torch.equal(edge_density(features, (3, 3)), expected)
+    # a 2 x 3 map, one channel: row 0 = [1, 2, 4], row 1 = [0, 0, 0]
+    features = torch.tensor([[1.0, 2.0, 4.0, 0.0, 0.0, 0.0]]).reshape(1, 6, 1)
+    # (0,0): up 1 + down 0 + left 1 + right 2 - 4 = 0; (0,1): 2+0+1+4-8 = -1; (0,2): 4+0+2+4-16 = -6
+    # (1,0): 1+0+0+0 = 1; (1,1): 2; (1,2): 4
+    assert torch.equal(edge_density(features, (2, 3)), torch.tensor([[0.0, 1.0, 6.0, 1.0, 2.0, 4.0]]))
+
+
+def test_fixed_and_v2_scores_by_hand():
+    # 4 tokens on a 2 x 2 grid: variances 0, 1.25, 0.25, 0.75 -> normalised 0, 1, .2, .6
+    vision = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 0.0, 1.0],
+                            [0.0, 0.0, 0.0, 2.0]]])
+    projected = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    question = torch.tensor([[[1.0, 0.0]]])
+    mask = torch.tensor([[True]])
+    # relevance: cos = 1, 0, 1/sqrt2, -1 -> normalised 1, .5, (1/sqrt2 + 1)/2, 0
+    rel = torch.tensor([[1.0, 0.5, (1 / math.sqrt(2) + 1) / 2, 0.0]])
+    var = torch.tensor([[0.0, 1.0, 0.2, 0.6]])
+    torch.testing.assert_close(shirg_fixed_scores(vision, projected, question, mask), 0.7 * rel + 0.3 * var)
+    edge = normalize_per_sample(edge_density(vision, (2, 2)))
+    torch.testing.assert_close(shirg_v2_scores(vision, projected, (2, 2), question, mask),
+                               0.25 * var + 0.75 * rel + 0.15 * edge)
+    # relevance weight 0: no question needed
+    torch.testing.assert_close(shirg_fixed_scores(vision, projected, relevance_weight=0.0, variance_weight=1.0), var)
+
+
+def test_text_free_is_explicit():
+    vision, projected, question, mask, _ = make_batch(2, (4, 4))
+    with pytest.raises(ValueError, match="question_embeds"):
+        select_tokens("shirg-fixed", vision, projected, (4, 4), 5)
+    result = select_tokens("shirg-fixed", vision, projected, (4, 4), 5, text_free=True)
+    expected = 0.7 * normalize_per_sample(projected.norm(dim=-1)) + 0.3 * normalize_per_sample(token_variance(vision))
+    torch.testing.assert_close(result.scores, expected)
+    with pytest.raises(ValueError, match="text_free"):
+        select_tokens("shirg-fixed", vision, projected, (4, 4), 5, question, mask, text_free=True)
+
+
+def test_summary_token_by_hand():
+    projected = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)
+    indices = torch.tensor([[0, 3, 4]])
+    # dropped tokens 1, 2, 5: [[2,3],[4,5],[10,11]] -> mean [16/3, 19/3]
+    torch.testing.assert_close(dropped_token_summary(projected, indices), torch.tensor([[[16 / 3, 19 / 3]]]))
+    assert torch.equal(dropped_token_summary(projected, torch.arange(6).unsqueeze(0)), torch.zeros(1, 1, 2))
+
+
+def test_v2_summary_is_mean_of_dropped():
+    vision, projected, question, mask, _ = make_batch(2, (6, 6))
+    result = select_tokens("shirg-v2", vision, projected, (6, 6), 10, question, mask)
+    for b in range(2):
+        dropped = sorted(set(range(36)) - set(result.indices[b].tolist()))
+        torch.testing.assert_close(result.extra_tokens[b, 0], projected[b, dropped].mean(dim=0))
+
+
+def test_scaffold_and_coordinates_by_hand():
+    tokens = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)  # 4 x 4 map of 0..15
+    pooled = low_resolution_scaffold(tokens, (4, 4), 2, "area")
+    assert torch.equal(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    assert low_resolution_scaffold(tokens, (4, 4), 3, "bilinear").shape == (1, 9, 1)
+    coords = grid_coordinates((2, 4))
+    assert torch.equal(coords[5], torch.tensor([0.375, 0.75, 0.5, 0.25]))  # row 1, col 1
+    picked = token_coordinates(torch.tensor([[0, 5], [7, 1]]), (2, 4))
+    assert picked.shape == (2, 2, 4) and torch.equal(picked[1, 0], torch.tensor([0.875, 0.75, 0.5, 0.25]))
+
+
+def test_distance_aware_selection_spreads():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 64, generator=generator) + 0.1
+    indices = distance_aware_selection(scores, (8, 8), 8, rounds=8, radius=1, penalty=1.0)
+    assert_valid_indices(indices, 3, 8, 64)
+    for b in range(3):
+        cells = [(n // 8, n % 8) for n in indices[b].tolist()]
+        for i, (r1, c1) in enumerate(cells):
+            for r2, c2 in cells[i + 1:]:
+                assert max(abs(r1 - r2), abs(c1 - c2)) > 1, "two picks are neighbours"
+    # penalty 0 is plain top-k
+    plain = distance_aware_selection(scores, (8, 8), 8, penalty=0.0)
+    assert torch.equal(plain, scores.topk(8).indices.sort(dim=1).values)
+
+
+def test_visionzip_by_hand():
+    # 6 tokens on 1 x 6; attention picks tokens 4 and 1; the rest (0, 2, 3, 5) merged into 2 centres
+    vision = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.0, 1.0], [5.0, 5.0], [0.1, 0.9]]])
+    projected = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)
+    attention = torch.tensor([[0.1, 0.5, 0.0, 0.2, 0.9, 0.1]])
+    result = select_tokens("visionzip", vision, projected, (1, 6), 2, attention_received=attention,
+                           num_contextual=2)
+    assert result.indices.tolist() == [[1, 4]]
+    # targets at stride 4 // 2 = 2 among (0, 2, 3, 5): tokens 0 and 3; 2 joins 0, 5 joins 3
+    expected = torch.tensor([[[(0 + 4) / 2, (1 + 5) / 2], [(6 + 10) / 2, (7 + 11) / 2]]])
+    torch.testing.assert_close(result.extra_tokens, expected)
+
+
+def test_divprune_by_hand():
+    # the mean direction is ~ +x; the farthest token is -x, then +y, ...
+    angles = torch.tensor([0.0, 0.1, 0.2, 1.6, 3.1, 0.05])
+    projected = torch.stack([angles.cos(), angles.sin()], dim=-1).unsqueeze(0)
+    result = select_tokens("divprune", projected, projected, (2, 3), 3)
+    assert result.indices.tolist() == [[0, 3, 4]]  # -x (4), then +x (0, farthest from it), then +y (3)
+
+
+def test_budget_statistics_and_head():
+    variance = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    stats = budget_statistics(variance, scores)
+    torch.testing.assert_close(stats, torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+    head = AdaptiveBudgetHead()
+    assert head.budgets == (512, 768, 1024)
+    budgets = head.choose(head(stats))
+    assert budgets.dtype == torch.long and budgets.tolist() == [768, 768, 768]  # untrained: the default
+    head = AdaptiveBudgetHead([256, 128], default_budget=128)
+    assert head.choose(head(stats)).tolist() == [128, 128, 128]
+    # training signal reaches the head
+    head(stats).logsumexp(dim=-1).sum().backward()
+    assert head.net[-1].weight.grad.abs().sum() > 0
+
+
+def test_truncate_to_budget():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3], [0.0, 0.1, 0.2, 0.3, 0.4]])
+    indices = torch.tensor([[1, 2, 3, 4], [0, 1, 3, 4]])
+    keep = truncate_to_budget(indices, scores, torch.tensor([2, 3]))
+    assert keep.tolist() == [[True, False, True, False], [False, True, True, True]]
+
+
+@pytest.mark.parametrize("budgets", [[], [0, 512], [512, 512], [512, -1], [512.0], ["768"], [True], 768])
+def test_budget_head_rejects_bad_budgets(budgets):
+    with pytest.raises(ValueError, match="budgets"):
+        AdaptiveBudgetHead(budgets)
+
+
+def test_budget_head_rejects_bad_default():
+    with pytest.raises(ValueError, match="default_budget"):
+        AdaptiveBudgetHead([512, 1024], default_budget=768)
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_gradients_reach_the_projector(method):
+    torch.manual_seed(0)
+    vision, _, question, mask, attention = make_batch(2, (6, 7), dim=12, embed=16)
+    projector = torch.nn.Linear(12, 16)
+    projected = projector(vision)
+    result = run(method, vision, projected, (6, 7), 10, question, mask, attention)
+    loss = gather_tokens(projected, result.indices).pow(2).sum()
+    if result.extra_tokens is not None:
+        loss = loss + result.extra_tokens.pow(2).sum()
+    loss.backward()
+    assert projector.weight.grad is not None and projector.weight.grad.abs().sum() > 0
+
+
+def test_extra_tokens_carry_gradients():
+    vision, _, question, mask, attention = make_batch(2, (6, 7), dim=12, embed=16)
+    for method in ("shirg-v2", "shirg-x", "visionzip"):
+        projector = torch.nn.Linear(12, 16)
+        result = run(method, vision, projector(vision), (6, 7), 10, question, mask, attention)
+        result.extra_tokens.sum().backward()
+        assert projector.weight.grad.abs().sum() > 0, method
+
+
+def test_coordinate_embedding_zero_at_init_with_gradient():
+    embedding = CoordinateEmbedding(16)
+    coords = token_coordinates(torch.tensor([[0, 5, 9], [1, 2, 3]]), (4, 5))
+    out = embedding(coords)
+    assert out.shape == (2, 3, 16) and torch.equal(out, torch.zeros_like(out))
+    (out * torch.randn_like(out)).sum().backward()
+    assert embedding.proj.weight.grad.abs().sum() > 0 and embedding.proj.bias.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ synthetic page
+
+
+def render_page(seed, size=672, patch=14, target=0.25):
+    """White canvas with black text at random places until ~`target` of the patches carry a dark pixel."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), "white")
+    words = "the quick brown fox jumps over a lazy dog invoice total 13.50 SHIRG axis legend".split()
+    side = size // patch
+
+    def dark_patches(img):
+        gray = np.asarray(img.convert("L")) < 128
+        return gray.reshape(side, patch, side, patch).any(axis=(1, 3)).reshape(-1)
+
+    while True:
+        font = ImageFont.truetype("DejaVuSans.ttf", rng.randint(10, 22))
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+        trial = image.copy()
+        ImageDraw.Draw(trial).text((rng.randint(0, size - 80), rng.randint(0, size - 20)), text, fill="black",
+                                   font=font)
+        if dark_patches(trial).mean() > target:
+            break
+        image = trial
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    features = pixels.reshape(side, patch, side, patch, 3).permute(0, 2, 1, 3, 4).reshape(1, side * side, -1)
+    return features, torch.from_numpy(dark_patches(image))
+
+
+def test_synthetic_page_keeps_text_patches():
+    for seed in range(2):
+        features, text = render_page(seed)
+        assert features.shape == (1, 2304, 14 * 14 * 3)
+        assert 0.15 < text.float().mean() < 0.30
+        # variance + edge terms only: alpha = 1 gives the relevance term weight 1 - alpha = 0
+        result = select_tokens("shirg-v2", features, features, (48, 48), 768, alpha=1.0, beta=0.15)
+        kept = torch.zeros(2304, dtype=torch.bool)
+        kept[result.indices[0]] = True
+        recall = (kept & text).sum() / text.sum()
+        assert recall >= 0.95, f"seed {seed}: kept {recall:.3f} of the text-bearing patches"
+
+
+# ------------------------------------------------------------------------------------------------ no host sync
+
+
+class HostSyncError(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    def forbid(name):
+        def raiser(*args, **kwargs):
+            raise HostSyncError(f"host sync: Tensor.{name}")
+        return raiser
+
+    def guard():
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero"):
+            monkeypatch.setattr(torch.Tensor, name, forbid(name))
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
+
+    yield guard
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_guard_catches_a_host_read(no_host_sync):
+    mask = torch.tensor([[True, False]])
+    no_host_sync()
+    with pytest.raises(HostSyncError):
+        sel.check_question_mask(mask)  # the documented host read of validate=True
+    with pytest.raises(HostSyncError):
+        bool(torch.tensor(1.0) > 0)
+
+
+def test_selection_has_no_host_sync(no_host_sync):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vision, projected, question, mask, attention = [t.to(device) for t in make_batch(2, (12, 12))]
+    head = AdaptiveBudgetHead().to(device)
+    embedding = CoordinateEmbedding(projected.shape[-1]).to(device)
+    no_host_sync()
+    for method in ALL_METHODS:
+        result = run(method, vision, projected, (12, 12), 40, question, mask, attention, validate=False) \
+            if method in SHIRG_METHODS else run(method, vision, projected, (12, 12), 40, question, mask, attention)
+        gather_tokens(projected, result.indices)
+    embedding(token_coordinates(result.indices, (12, 12)))
+    scores = shirg_fixed_scores(vision, projected, question, mask, validate=False)
+    budgets = head.choose(head(budget_statistics(token_variance(vision), scores)))
+    truncate_to_budget(result.indices, scores, budgets)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("budget", [0, -3, 111, 2.5, True, None])
+def test_bad_budget(method, budget):
+    vision, projected, question, mask, attention = make_batch(1, (10, 11))
+    with pytest.raises(ValueError, match="budget"):
+        select_tokens(method, vision, projected, (10, 11), budget, question, mask, attention_received=attention) \
+            if method == "visionzip" else select_tokens(method, vision, projected, (10, 11), budget, question, mask)
+
+
+@pytest.mark.parametrize("method", SHIRG_METHODS)
+def test_question_without_usable_token(method):
+    vision, projected, question, mask, _ = make_batch(3, (5, 5))
+    mask[1] = False
+    with pytest.raises(ValueError, match="question_mask") as info:
+        select_tokens(method, vision, projected, (5, 5), 8, question, mask)
+    assert "[1]" in str(info.value)
+    with pytest.raises(ValueError, match="question_mask"):
+        select_tokens(method, vision, projected, (5, 5), 8, question, None)
+
+
+def test_bad_grid_and_shapes():
+    vision, projected, question, mask, attention = make_batch(2, (5, 5))
+    with pytest.raises(ValueError, match="grid"):
+        select_tokens("shirg-fixed", vision, projected, (5, 6), 8, question, mask)
+    with pytest.raises(ValueError, match="grid"):
+        select_tokens("top-norm", vision, projected, (0, 25), 8)
+    with pytest.raises(ValueError, match="projected"):
+        select_tokens("shirg-fixed", vision, projected[:, :-1], (5, 5), 8, question, mask)
+    with pytest.raises(ValueError, match="question_mask"):
+        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask[:, :-1])
+    with pytest.raises(ValueError, match="region_size"):
+        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask, region_size=0)
+    with pytest.raises(ValueError, match="attention_received"):
+        select_tokens("visionzip", vision, projected, (5, 5), 8)
+    with pytest.raises(ValueError, match="num_contextual"):
+        select_tokens("visionzip", vision, projected, (5, 5), 20, attention_received=attention, num_contextual=6)
+    with pytest.raises(ValueError, match="alpha"):
+        select_tokens("shirg-v2", vision, projected, (5, 5), 8, question, mask, alpha=1.5)
+    with pytest.raises(ValueError, match="penalty"):
+        select_tokens("shirg-x", vision, projected, (5, 5), 8, question, mask, penalty=2.0)
+
+
+@pytest.mark.parametrize("grid,size", [((48, 48), 8), ((7, 10), 3), ((4, 4), 6)])
+def test_scaffold_equals_2d_resampling(grid, size):
+    tokens = torch.randn(2, grid[0] * grid[1], 5)
+    grid_map = tokens.transpose(1, 2).reshape(2, 5, *grid)
+    area = torch.nn.functional.adaptive_avg_pool2d(grid_map, (size, size)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size, "area"), area)
+    bilinear = torch.nn.functional.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False,
+                                               antialias=True).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size, "bilinear"), bilinear)
