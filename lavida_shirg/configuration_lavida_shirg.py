@@ -10,6 +10,11 @@ import dataclasses
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
+# "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`.
+SELECTION_METHODS = ("pooled", "full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip",
+                     "divprune")
+HIRES_SOURCES = ("single-view",)
+SCAFFOLDS = ("global-view", "grid", "none")
 
 
 class LladaTextConfig(PreTrainedConfig):
@@ -89,6 +94,28 @@ class ShirgConfig(PreTrainedConfig):
     loss_weighting: str = "mean"
     prefix_lm_training: bool = False
     tie_word_embeddings: bool = False
+    # SHIRG token selection (lavida_shirg.shirg_selection); overridable per call (see `selection_settings`)
+    selection_method: str = "pooled"
+    selection_budget: int = 768
+    hires_source: str = "single-view"
+    hires_image_size: int = 672
+    coverage_region_size: int = 4
+    relevance_weight: float = 0.7
+    variance_weight: float = 0.3
+    v2_alpha: float = 0.25
+    v2_beta: float = 0.15
+    v2_summary_token: bool = True
+    v2_kmeans_iterations: int = 4
+    x_scaffold: str = "global-view"
+    x_scaffold_size: int = 8
+    x_suppression_rounds: int = 4
+    x_suppression_radius: int = 1
+    x_suppression_penalty: float = 0.5
+    visionzip_contextual_tokens: int = 16
+    random_seed: int = 0
+    coordinate_embedding: bool = False
+    adaptive_budget: bool = False
+    budget_choices: list | None = None
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
@@ -105,6 +132,8 @@ class ShirgConfig(PreTrainedConfig):
         self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
         if self.image_token_id is None:
             self.image_token_id = self.text_config.vocab_size
+        if self.budget_choices is None:
+            self.budget_choices = [512, 768, 1024]
         super().__post_init__(**kwargs)
         self._validate()
 
@@ -138,8 +167,39 @@ class ShirgConfig(PreTrainedConfig):
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 < self.min_mask_probability < 1.0:
             raise ValueError(f"min_mask_probability must be in (0, 1), got {self.min_mask_probability}")
+        self.selection_settings()  # validates the SHIRG fields
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"projector_hidden_act must be 'gelu' (LaViDa's mlp2x_gelu), got {self.projector_hidden_act!r}")
+
+    def selection_settings(self, method=None, budget=None, options=None) -> dict:
+        """The SHIRG settings of one call: the config's fields, with `method`, `budget` and `options` (a dict of
+        field name -> value) overriding them; validated. Keys: the SELECTION_FIELDS names."""
+        settings = {name: getattr(self, name) for name in SELECTION_FIELDS}
+        unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
+        settings.update(options or {})
+        if method is not None:
+            settings["selection_method"] = method
+        if budget is not None:
+            settings["selection_budget"] = budget
+        validate_selection_settings(settings, self.hires_patches_per_side(settings))
+        return settings
+
+    def hires_patches_per_side(self, settings=None) -> int:
+        """Patches per side of the high-resolution view: floor(hires_image_size / patch_size) (48 at 672px)."""
+        size = (settings or {}).get("hires_image_size", self.hires_image_size)
+        return size // self.vision_config.patch_size
+
+    def token_layout(self) -> dict:
+        """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
+        return {
+            "image_grid_pinpoints": self.image_grid_pinpoints,
+            "view_size": self.vision_config.image_size,
+            "patch_size": self.vision_config.patch_size,
+            "pooled_view_size": self.pooled_view_size,
+            **{name: getattr(self, name) for name in SELECTION_FIELDS},
+        }
 
     @property
     def patches_per_side(self) -> int:
@@ -158,6 +218,60 @@ class ShirgConfig(PreTrainedConfig):
         kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in PRESETS[name].items()}
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+SELECTION_FIELDS = (
+    "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
+    "relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "v2_summary_token", "v2_kmeans_iterations",
+    "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius", "x_suppression_penalty",
+    "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget", "budget_choices",
+)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_selection_settings(settings: dict, hires_side: int):
+    """Raise a ValueError naming the field for any SHIRG setting out of its allowed values."""
+    num_tokens = hires_side * hires_side
+    if settings["selection_method"] not in SELECTION_METHODS:
+        raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {settings['selection_method']!r}")
+    if settings["hires_source"] not in HIRES_SOURCES:
+        raise ValueError(f"hires_source must be one of {HIRES_SOURCES}, got {settings['hires_source']!r}")
+    if settings["x_scaffold"] not in SCAFFOLDS:
+        raise ValueError(f"x_scaffold must be one of {SCAFFOLDS}, got {settings['x_scaffold']!r}")
+    if hires_side < 1:
+        raise ValueError(f"hires_image_size ({settings['hires_image_size']}) is smaller than one patch")
+    budgets = {"selection_budget": [settings["selection_budget"]], "budget_choices": settings["budget_choices"]}
+    for name, values in budgets.items():
+        if not isinstance(values, (list, tuple)) or not values or not all(
+                _is_int(b) and 0 < b <= num_tokens for b in values):
+            raise ValueError(
+                f"{name} must be {'a positive integer' if name == 'selection_budget' else 'a non-empty list of positive integers'}"
+                f" at most the {num_tokens} high-resolution tokens, got {settings[name]!r}"
+            )
+    for name in ("coverage_region_size", "v2_kmeans_iterations", "x_suppression_rounds"):
+        if not _is_int(settings[name]) or settings[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {settings[name]!r}")
+    for name in ("x_scaffold_size", "x_suppression_radius", "visionzip_contextual_tokens", "random_seed"):
+        if not _is_int(settings[name]) or settings[name] < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {settings[name]!r}")
+    for name in ("relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "x_suppression_penalty"):
+        if isinstance(settings[name], bool) or not isinstance(settings[name], (int, float)) or settings[name] < 0:
+            raise ValueError(f"{name} must be a non-negative number, got {settings[name]!r}")
+    if settings["v2_alpha"] > 1:
+        raise ValueError(f"v2_alpha must be in [0, 1], got {settings['v2_alpha']!r}")
+    if settings["x_suppression_penalty"] > 1:
+        raise ValueError(f"x_suppression_penalty must be in [0, 1], got {settings['x_suppression_penalty']!r}")
+    for name in ("v2_summary_token", "coordinate_embedding", "adaptive_budget"):
+        if not isinstance(settings[name], bool):
+            raise ValueError(f"{name} must be true or false, got {settings[name]!r}")
+    if settings["selection_method"] == "visionzip" and settings["visionzip_contextual_tokens"] >= settings["selection_budget"]:
+        raise ValueError(
+            f"visionzip_contextual_tokens ({settings['visionzip_contextual_tokens']}) must be smaller than "
+            f"selection_budget ({settings['selection_budget']}): the budget counts dominant + contextual tokens"
+        )
 
 
 # Crop grids (rows, cols) of LaViDa's pinpoints, in its order: (w, h) = (384, 768), (768, 384), (768, 768), (1152, 384),
@@ -185,6 +299,8 @@ PRESETS = {
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         ),
         pooled_view_size=4,
+        hires_image_size=64, selection_budget=64, budget_choices=[32, 64, 96], x_scaffold_size=4,
+        visionzip_contextual_tokens=8,
         # ids of the special tokens in the tiny tokenizer (see lavida_shirg.tiny_tokenizer.SPECIAL_TOKENS)
         eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2,
         start_header_token_id=3, end_header_token_id=4, eot_token_id=5,

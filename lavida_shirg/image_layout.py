@@ -72,3 +72,46 @@ def pooled_image_token_count(image_size, pinpoints, view_size, pooled_size):
     """Image tokens of LaViDa's pooled path: pooled^2 (global view) + kept_rows * (kept_cols + 1) (newlines)."""
     _, (top, bottom, left, right) = pooled_layout(image_size, pinpoints, view_size, pooled_size)
     return pooled_size * pooled_size + (bottom - top) * (right - left + 1)
+
+
+SHIRG_METHODS = ("shirg-fixed", "shirg-v2", "shirg-x")
+
+
+def hires_grid(layout):
+    """(rows, cols) of the high-resolution view's token map: floor(hires_image_size / patch_size) per side."""
+    side = layout["hires_image_size"] // layout["patch_size"]
+    return side, side
+
+
+def image_token_count(image_size, layout):
+    """Image tokens the LM receives for one (height, width) image under the selection settings in `layout`.
+
+    pooled: LaViDa's count; full: every high-resolution token (H W); a selection method: its budget K (the largest
+    of `budget_choices` under adaptive_budget: the positions a smaller choice drops are masked, not removed), plus
+    1 summary token for shirg-v2 (v2_summary_token) or the scaffold for shirg-x (the global view's pooled^2 tokens,
+    or a g x g grid). VisionZip's K counts its dominant and contextual tokens together.
+    """
+    method = layout["selection_method"]
+    if method == "pooled":
+        return pooled_image_token_count(
+            image_size, layout["image_grid_pinpoints"], layout["view_size"], layout["pooled_view_size"]
+        )
+    rows, cols = hires_grid(layout)
+    if method == "full":
+        return rows * cols
+    adaptive = layout["adaptive_budget"] and method in SHIRG_METHODS
+    kept = max(layout["budget_choices"]) if adaptive else layout["selection_budget"]
+    return kept + extra_token_count(layout)
+
+
+def extra_token_count(layout):
+    """Tokens a selection method adds after (v2 summary) or before (shirg-x scaffold) its K kept tokens."""
+    method = layout["selection_method"]
+    if method == "shirg-v2":
+        return int(layout["v2_summary_token"])
+    if method == "shirg-x":
+        scaffold = layout["x_scaffold"]
+        if scaffold == "global-view":
+            return layout["pooled_view_size"] ** 2
+        return layout["x_scaffold_size"] ** 2 if scaffold == "grid" else 0
+    return 0

@@ -22,13 +22,25 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
-from .image_layout import pooled_layout
+from .image_layout import SHIRG_METHODS, extra_token_count, hires_grid, image_token_count, pooled_layout
 from .masked_diffusion import (
     commit_most_confident,
     sample_complementary_masks,
     sample_tokens,
     token_confidence,
     transfer_counts,
+)
+from .shirg_selection import (
+    AdaptiveBudgetHead,
+    CoordinateEmbedding,
+    budget_statistics,
+    check_question_mask,
+    gather_tokens,
+    grid_coordinates,
+    select_tokens,
+    token_coordinates,
+    token_variance,
+    truncate_to_budget,
 )
 
 
@@ -278,6 +290,8 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LavidaShirgForMaskedDiffusion):
             init.normal_(module.image_newline, mean=0.0, std=module.config.text_config.hidden_size**-0.5)
+        elif isinstance(module, (CoordinateEmbedding, AdaptiveBudgetHead)):
+            module.reset_parameters()  # zero coordinate embedding / default-budget head (after their Linear layers)
 
 
 class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
@@ -296,6 +310,10 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = LladaModel(config.text_config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        hidden = config.text_config.hidden_size
+        self.coordinate_embedding = CoordinateEmbedding(hidden) if config.coordinate_embedding else None
+        default_budget = config.selection_budget if config.selection_budget in config.budget_choices else None
+        self.budget_head = AdaptiveBudgetHead(config.budget_choices, default_budget) if config.adaptive_budget else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -321,51 +339,195 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         ).last_hidden_state  # (V, N, D)
         return self.multi_modal_projector(features)  # (V, N, E)
 
-    def get_image_features(self, pixel_values, image_sizes):
-        """LaViDa's pooled anyres image tokens of every image, concatenated: (sum_i N_i, E).
+    def selection_settings(self, method=None, budget=None, options=None):
+        """The SHIRG settings of a call (config defaults overridden by `method`, `budget`, `options`), validated
+        against the learned modules this model has."""
+        settings = self.config.selection_settings(method, budget, options)
+        for name, module in (("coordinate_embedding", self.coordinate_embedding), ("adaptive_budget", self.budget_head)):
+            if settings[name] and module is None:
+                raise ValueError(f"{name}=True needs a model built with config.{name}=True (it has no such module)")
+        if settings["adaptive_budget"] and tuple(settings["budget_choices"]) != self.budget_head.budgets:
+            raise ValueError(f"budget_choices must be the budget head's {list(self.budget_head.budgets)} under "
+                             f"adaptive_budget, got {settings['budget_choices']}")
+        return settings
 
-        Per image i (views [global, crops row-major]): global p x p tokens, then the crops stitched into a
-        (rows p, cols p) map, unpadded to the image's aspect ratio, with `image_newline` after every row.
+    def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
+        """Image tokens the LM receives for one (height, width) image under the given selection settings."""
+        settings = self.selection_settings(method, budget, options)
+        return image_token_count(image_size, {**self.config.token_layout(), **settings})
+
+    def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
+                           question_mask=None, settings=None):
+        """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
+
+        pooled (default): LaViDa's layout. Other methods: the high-resolution view `hires_pixel_values` (I, 3, S, S)
+        through SigLIP (interpolated positions) and the projector, then `select_high_resolution_tokens`.
+        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
         """
+        settings = self.selection_settings() if settings is None else settings
+        views = self.views_of_images(pixel_values, image_sizes)
+        if settings["selection_method"] == "pooled":
+            features = self.pooled_image_features(pixel_values, views)
+            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        expected = (len(views), 3, settings["hires_image_size"], settings["hires_image_size"])
+        if hires_pixel_values is None or tuple(hires_pixel_values.shape) != expected:
+            shape = None if hires_pixel_values is None else tuple(hires_pixel_values.shape)
+            raise ValueError(f"selection_method={settings['selection_method']!r} needs hires_pixel_values of shape "
+                             f"{expected} (the processor's, called with the same method), got {shape}")
+        tokens, valid = self.select_high_resolution_tokens(
+            hires_pixel_values, pixel_values, views, question_embeds, question_mask, settings
+        )
+        return tokens.flatten(0, 1), valid.flatten()
+
+    def views_of_images(self, pixel_values, image_sizes):
+        """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count."""
         config = self.config
         p, view_size = config.pooled_view_size, config.vision_config.image_size
-        layouts = [pooled_layout(size, config.image_grid_pinpoints, view_size, p) for size in image_sizes.tolist()]
-        expected_views = sum(1 + rows * cols for (rows, cols), _ in layouts)
-        if expected_views != pixel_values.shape[0]:
+        layouts, start = [], 0
+        for size in image_sizes.tolist():
+            (rows, cols), bounds = pooled_layout(size, config.image_grid_pinpoints, view_size, p)
+            layouts.append(((rows, cols), bounds, start))
+            start += 1 + rows * cols
+        if start != pixel_values.shape[0]:
             raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} views but image_sizes implies {expected_views}: pass the "
+                f"pixel_values holds {pixel_values.shape[0]} views but image_sizes implies {start}: pass the "
                 "processor's pixel_values and image_sizes together"
             )
+        return layouts
+
+    def pooled_image_features(self, pixel_values, views):
+        """LaViDa's pooled anyres image tokens of every image, concatenated: (sum_i N_i, E).
+
+        Per image (views [global, crops row-major]): global p x p tokens, then the crops stitched into a
+        (rows p, cols p) map, unpadded to the image's aspect ratio, with `image_newline` after every row.
+        """
+        p = self.config.pooled_view_size
         pooled = pool_view_features(self.encode_views(pixel_values), p)  # (V, p*p, E)
         dim = pooled.shape[-1]
-        tokens, start = [], 0
-        for (rows, cols), (top, bottom, left, right) in layouts:
-            views = pooled[start : start + 1 + rows * cols]
-            start += 1 + rows * cols
-            crops = views[1:].reshape(rows, cols, p, p, dim).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, dim)
+        tokens = []
+        for (rows, cols), (top, bottom, left, right), start in views:
+            crops = pooled[start + 1 : start + 1 + rows * cols]
+            crops = crops.reshape(rows, cols, p, p, dim).permute(0, 2, 1, 3, 4).reshape(rows * p, cols * p, dim)
             crops = crops[top:bottom, left:right]  # (h, w, E)
             newline = self.image_newline.to(crops.dtype).expand(crops.shape[0], 1, dim)
-            tokens += [views[0], torch.cat((crops, newline), dim=1).flatten(0, 1)]
+            tokens += [pooled[start], torch.cat((crops, newline), dim=1).flatten(0, 1)]
         return torch.cat(tokens)
 
-    def embed_inputs(self, input_ids, pixel_values=None, image_sizes=None):
-        """Token embeddings with the image features written into the image positions: (B, T, E)."""
+    def high_resolution_features(self, hires_pixel_values, with_attention=False):
+        """SigLIP features (I, N, D) of the high-resolution views (interpolated positions), no post-norm, and, with
+        `with_attention`, the attention each token receives in the last layer: mean over heads and queries (I, N)."""
+        outputs = self.vision_tower(
+            pixel_values=hires_pixel_values.to(self.vision_tower.dtype), interpolate_pos_encoding=True,
+            output_hidden_states=with_attention,
+        )
+        received = None
+        if with_attention:
+            received = attention_received(self.vision_tower.encoder.layers[-1], outputs.hidden_states[-2])
+        return outputs.last_hidden_state, received
+
+    def select_high_resolution_tokens(self, hires_pixel_values, pixel_values, views, question_embeds, question_mask,
+                                      settings):
+        """(I, M, E) tokens per image for the LM and their validity (I, M), for a non-pooled method.
+
+        Layouts: full = all H W tokens in raster order; shirg-fixed, random, top-norm, divprune = the K kept tokens
+        in raster order; shirg-v2 = kept, then the summary of the dropped tokens (v2_summary_token);
+        shirg-x = scaffold (the global view's LaViDa tokens, or a g x g pooled grid), then kept; visionzip = the
+        K - C dominant tokens in raster order, then C contextual tokens. Kept tokens are the projector's outputs of
+        the selected indices (plus the coordinate embedding of their (x, y, h, w) when enabled). Under
+        adaptive_budget (SHIRG methods) max(budget_choices) tokens are kept and those beyond each image's chosen
+        budget are marked invalid (masked from attention).
+        """
+        method, grid = settings["selection_method"], hires_grid({**self.config.token_layout(), **settings})
+        features, received = self.high_resolution_features(hires_pixel_values, method == "visionzip")
+        projected = self.multi_modal_projector(features)  # (I, N, E)
+        if method == "full":
+            return projected, torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
+        adaptive = settings["adaptive_budget"] and method in SHIRG_METHODS
+        budget = max(settings["budget_choices"]) if adaptive else settings["selection_budget"]
+        if method == "visionzip":
+            budget -= settings["visionzip_contextual_tokens"]
+        if uses_relevance(settings):
+            if question_mask is None:
+                raise ValueError(f"selection_method={method!r} is text-conditioned: pass question_mask (the "
+                                 "processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
+            check_question_mask(question_mask)
+        selection = select_tokens(method, features, projected, grid, budget, question_embeds, question_mask,
+                                  **selection_options(settings, received))
+        kept = gather_tokens(projected, selection.indices)  # (I, K, E)
+        if settings["coordinate_embedding"]:
+            kept = kept + self.coordinate_embedding(token_coordinates(selection.indices, grid)).to(kept.dtype)
+        valid = torch.ones(kept.shape[:2], dtype=torch.bool, device=kept.device)
+        if adaptive:
+            statistics = budget_statistics(token_variance(features), selection.scores)
+            chosen = self.budget_head.choose(self.budget_head(statistics))  # (I,)
+            valid = truncate_to_budget(selection.indices, selection.scores, chosen)
+        extra = self.extra_tokens(method, selection.extra_tokens, pixel_values, views, settings)
+        if extra is None:
+            return kept, valid
+        extra_valid = torch.ones(extra.shape[:2], dtype=torch.bool, device=kept.device)
+        if method == "shirg-x":
+            return torch.cat((extra.to(kept.dtype), kept), dim=1), torch.cat((extra_valid, valid), dim=1)
+        return torch.cat((kept, extra.to(kept.dtype)), dim=1), torch.cat((valid, extra_valid), dim=1)
+
+    def extra_tokens(self, method, selected_extra, pixel_values, views, settings):
+        """The tokens a method adds to its kept ones (I, M, E), or None (see `select_high_resolution_tokens`)."""
+        if extra_token_count({**self.config.token_layout(), **settings}) == 0:
+            return None
+        if method != "shirg-x":
+            return selected_extra
+        if settings["x_scaffold"] == "global-view":
+            p = self.config.pooled_view_size
+            global_views = pixel_values[[start for _, _, start in views]]
+            scaffold, scaffold_grid = pool_view_features(self.encode_views(global_views), p), (p, p)
+        else:
+            scaffold, scaffold_grid = selected_extra, (settings["x_scaffold_size"],) * 2
+        if settings["coordinate_embedding"]:
+            coordinates = grid_coordinates(scaffold_grid, scaffold.device)  # (g*g, 4)
+            scaffold = scaffold + self.coordinate_embedding(coordinates).to(scaffold.dtype)
+        return scaffold
+
+    def image_samples(self, is_image, image_sizes, settings):
+        """Index of the sample each image belongs to (images fill samples in order); checks the per-sample counts."""
+        layout = {**self.config.token_layout(), **settings}
+        counts = [image_token_count(size, layout) for size in image_sizes.tolist()]
+        positions = is_image.sum(dim=1).tolist()
+        owners, remaining, sample = [], list(positions), 0
+        for count in counts:
+            while sample < len(remaining) and remaining[sample] == 0:
+                sample += 1
+            if sample == len(remaining) or remaining[sample] < count:
+                break
+            owners.append(sample)
+            remaining[sample] -= count
+        if len(owners) != len(counts) or any(remaining):
+            raise ValueError(
+                f"input_ids hold {positions} image tokens per sample but the images need {counts} tokens each under "
+                f"selection_method={settings['selection_method']!r}: build input_ids and pixel_values with the same "
+                "processor call and selection settings"
+            )
+        return torch.tensor(owners, dtype=torch.long, device=is_image.device)
+
+    def embed_inputs(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, hires_pixel_values=None,
+                     question_mask=None, settings=None):
+        """Token embeddings with the image features written into the image positions (B, T, E), and the attention
+        mask (B, T) with the image positions an adaptive budget drops set to 0."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
-        num_image_positions = int(is_image.sum())
         if pixel_values is None:
-            if num_image_positions:
-                raise ValueError(f"input_ids hold {num_image_positions} image tokens but no pixel_values were given")
-            return embeds
+            if bool(is_image.any()):
+                raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no pixel_values were given")
+            return embeds, attention_mask
         if image_sizes is None:
             raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
-        features = self.get_image_features(pixel_values, image_sizes).to(embeds.dtype)
-        if features.shape[0] != num_image_positions:
-            raise ValueError(
-                f"input_ids hold {num_image_positions} image tokens but the images give {features.shape[0]} features; "
-                "build input_ids and pixel_values with the same processor call"
-            )
-        return embeds.masked_scatter(is_image[..., None], features)
+        settings = self.selection_settings() if settings is None else settings
+        owners = self.image_samples(is_image, image_sizes, settings)
+        image_question_mask = None if question_mask is None else question_mask.bool()[owners]
+        features, valid = self.get_image_features(
+            pixel_values, image_sizes, hires_pixel_values, embeds[owners], image_question_mask, settings
+        )
+        embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+        dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)
+        return embeds, attention_mask.masked_fill(dropped, 0)
 
     # ---- language model -----------------------------------------------------------------------------------------
 
@@ -386,6 +548,11 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         pixel_values=None,
         image_sizes=None,
         labels=None,
+        hires_pixel_values=None,
+        question_mask=None,
+        selection_method=None,
+        selection_budget=None,
+        selection_options=None,
         inputs_embeds=None,
         num_items_in_batch=None,
         generator=None,
@@ -394,13 +561,20 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         """With `labels`: the masked-diffusion loss. Without: logits (B, T, V) of the sequence as given.
 
         labels: (B, T), -100 where the position is not a target (prompt, image, template), the token id where it is.
+        selection_method / selection_budget / selection_options: this call's SHIRG settings (default: the config's);
+        hires_pixel_values and question_mask come from the processor called with the same settings.
         generator: draws the masks of the loss (reproducible losses); num_items_in_batch: the loss denominator
         Trainer passes under gradient accumulation.
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            settings = self.selection_settings(selection_method, selection_budget, selection_options)
+            inputs_embeds, attention_mask = self.embed_inputs(
+                input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, settings
+            )
         check_sequence_length(inputs_embeds.shape[1], 0, self.config.text_config.max_position_embeddings)
         if attention_mask is None:
             attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
@@ -451,6 +625,11 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         attention_mask=None,
         pixel_values=None,
         image_sizes=None,
+        hires_pixel_values=None,
+        question_mask=None,
+        selection_method=None,
+        selection_budget=None,
+        selection_options=None,
         gen_length=32,
         block_length=None,
         steps=None,
@@ -470,7 +649,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         LaViDa's "shift" with `schedule_shift`). With `use_prefix_cache` the prefix runs once and each step runs
         only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
         with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
-        Prompts are left-padded (attention_mask 0 on padding). Returns the answer ids (B, gen_length).
+        Prompts are left-padded (attention_mask 0 on padding). The image tokens follow the selection settings of
+        the call (as in `forward`). Returns the answer ids (B, gen_length).
         """
         block_length = gen_length if block_length is None else block_length
         steps = gen_length if steps is None else steps
@@ -478,7 +658,10 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefix_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)  # (B, P, E)
+        settings = self.selection_settings(selection_method, selection_budget, selection_options)
+        prefix_embeds, attention_mask = self.embed_inputs(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, settings
+        )  # (B, P, E), (B, P)
         batch, prefix_length = input_ids.shape
         device = input_ids.device
         answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
@@ -514,6 +697,53 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
                 eligible = (canvas == self.config.mask_token_id) & in_block
                 canvas = commit_most_confident(canvas, predictions, confidence, eligible, count)
         return canvas
+
+
+def attention_received(layer, hidden_states):
+    """Attention each token receives in a SigLIP encoder layer: a[b, n] = mean_{h, q} softmax(q k^T / sqrt(d))[q, n].
+
+    Recomputed from the layer's input `hidden_states` (B, N, D) one head at a time (memory B N^2). Returns (B, N).
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    batch, num, _ = normed.shape
+    queries = attention.q_proj(normed).view(batch, num, attention.num_heads, -1)
+    keys = attention.k_proj(normed).view(batch, num, attention.num_heads, -1)
+    received = torch.zeros(batch, num, dtype=torch.float32, device=normed.device)
+    for head in range(attention.num_heads):
+        scores = torch.bmm(queries[:, :, head].float(), keys[:, :, head].float().transpose(1, 2)) * attention.scale
+        received += scores.softmax(dim=-1).mean(dim=1)
+    return received / attention.num_heads
+
+
+def uses_relevance(settings):
+    """Whether the call's method weighs question relevance (and so needs a question)."""
+    method = settings["selection_method"]
+    if method in ("shirg-fixed", "shirg-x"):
+        return settings["relevance_weight"] > 0
+    return method == "shirg-v2" and settings["v2_alpha"] < 1
+
+
+def selection_options(settings, attention_received_scores):
+    """Keyword options of `select_tokens` for the call's method, from the settings' fields."""
+    method = settings["selection_method"]
+    fixed = dict(region_size=settings["coverage_region_size"], relevance_weight=settings["relevance_weight"],
+                 variance_weight=settings["variance_weight"], validate=False)
+    if method == "shirg-fixed":
+        return fixed
+    if method == "shirg-v2":
+        return dict(alpha=settings["v2_alpha"], beta=settings["v2_beta"], region_size=settings["coverage_region_size"],
+                    kmeans_iterations=settings["v2_kmeans_iterations"], validate=False)
+    if method == "shirg-x":
+        scaffold = settings["x_scaffold_size"] if settings["x_scaffold"] == "grid" else 0
+        return dict(fixed, rounds=settings["x_suppression_rounds"], radius=settings["x_suppression_radius"],
+                    penalty=settings["x_suppression_penalty"], scaffold_size=scaffold)
+    if method == "random":
+        return dict(seed=settings["random_seed"])
+    if method == "visionzip":
+        return dict(attention_received=attention_received_scores,
+                    num_contextual=settings["visionzip_contextual_tokens"])
+    return {}
 
 
 def positions_from_mask(attention_mask):

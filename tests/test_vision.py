@@ -60,7 +60,8 @@ SIZES = [(40, 70), (64, 30), (20, 20), (1, 1), (3, 400), (96, 32)]
 
 def test_image_feature_counts_match_the_layout(tiny_model):
     pixel_values, image_sizes, counts = image_batch(tiny_model.config, SIZES)
-    features = tiny_model.get_image_features(pixel_values, image_sizes)
+    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    assert valid.all()
     assert features.shape == (sum(counts), tiny_model.config.text_config.hidden_size)
 
 
@@ -70,7 +71,8 @@ def test_anyres_layout_values(tiny_model):
     p = config.pooled_view_size
     for size in [(40, 70), (64, 30), (30, 90)]:
         pixel_values, image_sizes, counts = image_batch(config, [size], seed=1)
-        features = tiny_model.get_image_features(pixel_values, image_sizes)
+        features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+        assert valid.all()
         pooled = pool_view_features(tiny_model.encode_views(pixel_values), p)  # (V, p*p, E)
         rows, cols = anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size)
         stitched = torch.zeros(rows * p, cols * p, pooled.shape[-1])
@@ -88,8 +90,10 @@ def test_image_positions_receive_the_features_in_order(tiny_model):
     config = tiny_model.config
     pixel_values, image_sizes, counts = image_batch(config, [(40, 70), (64, 30)])
     input_ids, padding = prompt_ids(config, counts, [5, 8])
-    embeds = tiny_model.embed_inputs(input_ids, pixel_values, image_sizes)
-    features = tiny_model.get_image_features(pixel_values, image_sizes)
+    embeds, mask = tiny_model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
+    assert torch.equal(mask, padding)
+    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    assert valid.all()
     is_image = input_ids == config.image_token_id
     torch.testing.assert_close(embeds[is_image], features)
     torch.testing.assert_close(embeds[~is_image], tiny_model.language_model.embed_tokens(input_ids[~is_image]))
@@ -99,7 +103,7 @@ def test_image_token_errors(tiny_model):
     config = tiny_model.config
     pixel_values, image_sizes, counts = image_batch(config, [(40, 70)])
     input_ids, padding = prompt_ids(config, [counts[0] - 1], [5])
-    with pytest.raises(ValueError, match=f"input_ids hold {counts[0] - 1} image tokens but the images give {counts[0]}"):
+    with pytest.raises(ValueError, match=f"input_ids hold \\[{counts[0] - 1}\\] image tokens per sample but the images need \\[{counts[0]}\\]"):
         tiny_model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes)
     input_ids, _ = prompt_ids(config, counts, [5])
     with pytest.raises(ValueError, match="no pixel_values"):
