@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
-from .image_layout import SHIRG_METHODS, extra_token_count, hires_grid, image_token_count, pooled_layout
+from .image_layout import SHIRG_METHODS, hires_grid, image_token_count, pooled_layout
 from .masked_diffusion import (
     commit_most_confident,
     sample_complementary_masks,
@@ -471,10 +471,12 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
 
     def extra_tokens(self, method, selected_extra, pixel_values, views, settings):
         """The tokens a method adds to its kept ones (I, M, E), or None (see `select_high_resolution_tokens`)."""
-        if extra_token_count({**self.config.token_layout(), **settings}) == 0:
+        if method == "shirg-v2" and not settings["v2_summary_token"]:
             return None
         if method != "shirg-x":
             return selected_extra
+        if settings["x_scaffold"] == "none":
+            return None
         if settings["x_scaffold"] == "global-view":
             p = self.config.pooled_view_size
             global_views = pixel_values[[start for _, _, start in views]]

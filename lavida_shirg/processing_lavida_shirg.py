@@ -17,7 +17,8 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from .image_layout import pooled_image_token_count, resized_size_in_canvas, select_best_resolution
+from .configuration_lavida_shirg import SELECTION_FIELDS, validate_selection_settings
+from .image_layout import image_token_count, resized_size_in_canvas, select_best_resolution
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
 
@@ -166,8 +167,10 @@ class LavidaShirgImageProcessor(BaseImageProcessor):
         pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return pixels.transpose(0, 3, 1, 2)
 
-    def preprocess(self, images, return_tensors="pt") -> BatchFeature:
-        """`pixel_values` (all images' views, concatenated in order) and `image_sizes` ((height, width) per image).
+    def preprocess(self, images, return_tensors="pt", hires_size=None) -> BatchFeature:
+        """`pixel_values` (all images' views, concatenated in order) and `image_sizes` ((height, width) per image);
+        with `hires_size`, also `hires_pixel_values` (one view per image: the whole image squashed to
+        hires_size x hires_size, like the global view) for SHIRG's high-resolution selection.
 
         `images`: one image or a list of them (see `to_rgb_image` for the accepted types). An empty list gives an
         empty BatchFeature.
@@ -182,7 +185,11 @@ class LavidaShirgImageProcessor(BaseImageProcessor):
                                  f"({image.height}, {image.width})")
         pixel_values = np.concatenate([self.normalize_views(self.views(image)) for image in rgb_images])
         image_sizes = np.array([[image.height, image.width] for image in rgb_images], dtype=np.int64)
-        return BatchFeature({"pixel_values": pixel_values, "image_sizes": image_sizes}, tensor_type=return_tensors)
+        outputs = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+        if hires_size is not None:
+            hires = [image.resize((hires_size, hires_size), self.resample) for image in rgb_images]
+            outputs["hires_pixel_values"] = self.normalize_views(hires)
+        return BatchFeature(outputs, tensor_type=return_tensors)
 
 
 class LavidaShirgProcessor(ProcessorMixin):
@@ -192,7 +199,9 @@ class LavidaShirgProcessor(ProcessorMixin):
     vocabulary: the model fills those positions with image features); `<image>` is never a tokenizer token.
     `pooled_view_size` is the side of each view's pooled feature map, `model_max_length` the LM's maximum number of
     positions; `eos_token_id`, `pad_token_id` and `eot_token_id` must be the tokenizer's ids of its eos and pad
-    tokens and of `<|eot_id|>`.
+    tokens and of `<|eot_id|>`. `selection_layout` holds the model's SHIRG fields (SELECTION_FIELDS) and the vision
+    patch size, so that the image positions of every selection method are counted exactly as the model counts them;
+    without it only the pooled path is available.
     """
 
     def __init__(
@@ -207,7 +216,9 @@ class LavidaShirgProcessor(ProcessorMixin):
         eot_token_id: int,
         image_token: str = "<image>",
         chat_template: str = LLADA_CHAT_TEMPLATE,
+        selection_layout: dict | None = None,
     ):
+        self.selection_layout = None if selection_layout is None else dict(selection_layout)
         self.image_token = image_token
         self.image_token_id = int(image_token_id)
         self.pooled_view_size = int(pooled_view_size)
@@ -254,6 +265,8 @@ class LavidaShirgProcessor(ProcessorMixin):
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
             eot_token_id=config.eot_token_id,
+            selection_layout={"patch_size": config.vision_config.patch_size,
+                              **{name: getattr(config, name) for name in SELECTION_FIELDS}},
         )
 
     def build_prompt(self, question: str, num_images: int = 1) -> str:
@@ -264,49 +277,91 @@ class LavidaShirgProcessor(ProcessorMixin):
         messages = [{"role": "user", "content": content}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def image_token_count(self, image_size) -> int:
-        """Image positions of one (height, width) image: LaViDa's pooled anyres count."""
-        return pooled_image_token_count(
-            image_size,
-            self.image_processor.image_grid_pinpoints,
-            self.image_processor.view_size,
-            self.pooled_view_size,
-        )
+    def selection(self, method=None, budget=None, options=None) -> dict:
+        """The token layout of a call: this processor's geometry and selection_layout, overridden by `method`,
+        `budget` and `options` (SHIRG field name -> value), validated as the model validates them."""
+        layout = {
+            "image_grid_pinpoints": self.image_processor.image_grid_pinpoints,
+            "view_size": self.image_processor.view_size,
+            "pooled_view_size": self.pooled_view_size,
+            "selection_method": "pooled",
+        }
+        if self.selection_layout is None:
+            if (method or "pooled") != "pooled" or options:
+                raise ValueError("this processor has no selection_layout (build it with from_config): only "
+                                 "selection_method='pooled' is available")
+            return layout
+        layout.update(self.selection_layout)
+        unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
+        layout.update(options or {})
+        if method is not None:
+            layout["selection_method"] = method
+        if budget is not None:
+            layout["selection_budget"] = budget
+        validate_selection_settings(layout, layout["hires_image_size"] // layout["patch_size"])
+        return layout
+
+    def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
+        """Image positions of one (height, width) image under the given selection settings (default: pooled)."""
+        return image_token_count(image_size, self.selection(method, budget, options))
+
+    def question_span(self, prompt: str) -> tuple:
+        """Character span [start, end) of the question in a prompt: the last user turn (the whole prompt if it has
+        no user header) up to `<|eot_id|>`, after its image placeholders, without surrounding whitespace."""
+        header = prompt.rfind(USER_HEADER)
+        start = 0 if header < 0 else header + len(USER_HEADER)
+        end = prompt.find(EOT_TOKEN, start)
+        end = len(prompt) if end < 0 else end
+        last_image = prompt.rfind(self.image_token, start, end)
+        if last_image >= 0:
+            start = last_image + len(self.image_token)
+        while start < end and prompt[start].isspace():
+            start += 1
+        while end > start and prompt[end - 1].isspace():
+            end -= 1
+        return start, end
 
     def question_text(self, prompt: str) -> str:
-        """The question of a prompt: its last user turn (the whole prompt if it has no user header), cut at
-        `<|eot_id|>`, without image placeholders and surrounding whitespace."""
-        turn = prompt.rsplit(USER_HEADER, 1)[-1].split(EOT_TOKEN, 1)[0]
-        return turn.replace(self.image_token, "").strip()
+        """The question of a prompt (see `question_span`)."""
+        start, end = self.question_span(prompt)
+        return prompt[start:end].replace(self.image_token, "").strip()
 
-    def __call__(self, images=None, text=None, answers=None, return_tensors="pt", num_image_tokens=None):
+    def __call__(self, images=None, text=None, answers=None, return_tensors="pt", selection_method=None,
+                 selection_budget=None, selection_options=None):
         """Model inputs of prompts with `<image>` placeholders (and, for training, their answers).
 
         `text`: a prompt or a list of prompts. `images`: one image, a flat list in placeholder order over all
         prompts, or a list of lists (the images of each prompt). `answers`: None (generation: left padding with
         pad_token_id, attention 0 on padding) or one answer per prompt (training: prompt + answer + `<|eot_id|>`,
         `labels` = IGNORE_INDEX on the prompt and the ids on answer, eot and padding, right padding with
-        eos_token_id attended, as in LaViDa). `num_image_tokens`: a callable from an image's (height, width) tuple to
-        its number of image positions, defaults to `image_token_count`.
-        Returns input_ids, attention_mask, (labels), and pixel_values + image_sizes when there are images.
+        eos_token_id attended, as in LaViDa). `selection_method` / `selection_budget` / `selection_options`: the
+        SHIRG settings the model will be called with (they set the number of image positions; a non-pooled method
+        also gets `hires_pixel_values`).
+        Returns input_ids, attention_mask, question_mask (the question's tokens, for text-conditioned selection),
+        (labels), and pixel_values + image_sizes (+ hires_pixel_values) when there are images.
         """
+        layout = self.selection(selection_method, selection_budget, selection_options)
         prompts = self._prompt_list(text)
         images_per_prompt = self._images_per_prompt(images, prompts)
         answer_list = self._answer_list(answers, len(prompts))
-        count = self.image_token_count if num_image_tokens is None else num_image_tokens
         flat_images = [image for group in images_per_prompt for image in group]
-        image_inputs = self.image_processor(flat_images, return_tensors=None)
+        hires_size = None if layout["selection_method"] == "pooled" else layout["hires_image_size"]
+        image_inputs = self.image_processor(flat_images, return_tensors=None, hires_size=hires_size)
         sizes = iter([tuple(size) for size in image_inputs["image_sizes"].tolist()] if flat_images else [])
-        prompt_ids = [self._prompt_ids(prompt, [count(next(sizes)) for _ in group])
-                      for prompt, group in zip(prompts, images_per_prompt)]
+        prompts_encoded = [self._prompt_ids(prompt, [image_token_count(next(sizes), layout) for _ in group])
+                           for prompt, group in zip(prompts, images_per_prompt)]
+        prompt_ids = [ids for ids, _ in prompts_encoded]
+        question_flags = [flags for _, flags in prompts_encoded]
         if answer_list is None:
             self._check_lengths(prompt_ids, [[] for _ in prompt_ids])
-            batch = self._generation_batch(prompt_ids)
+            batch = self._generation_batch(prompt_ids, question_flags)
         else:
             answer_ids = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eot_token_id]
                           for answer in answer_list]
             self._check_lengths(prompt_ids, answer_ids)
-            batch = self._training_batch(prompt_ids, answer_ids)
+            batch = self._training_batch(prompt_ids, answer_ids, question_flags)
         return BatchFeature({**batch, **image_inputs}, tensor_type=return_tensors)
 
     def _prompt_list(self, text) -> list:
@@ -362,13 +417,22 @@ class LavidaShirgProcessor(ProcessorMixin):
             raise ValueError(f"`answers` has {len(answer_list)} answers but `text` has {batch_size} prompts")
         return list(answer_list)
 
-    def _prompt_ids(self, prompt: str, image_token_counts: list) -> list:
-        """Token ids of a prompt: its text segments tokenized apart, joined by runs of image_token_id."""
-        segments = prompt.split(self.image_token)
-        ids = self.tokenizer(segments[0], add_special_tokens=False)["input_ids"]
-        for count, segment in zip(image_token_counts, segments[1:]):
-            ids += [self.image_token_id] * count + self.tokenizer(segment, add_special_tokens=False)["input_ids"]
-        return ids
+    def _prompt_ids(self, prompt: str, image_token_counts: list) -> tuple:
+        """Token ids of a prompt (its text segments tokenized apart, joined by runs of image_token_id) and, per id,
+        whether it belongs to the question (its character span overlaps `question_span`)."""
+        question_start, question_end = self.question_span(prompt)
+        ids, flags, offset = [], [], 0
+        for index, segment in enumerate(prompt.split(self.image_token)):
+            if index:
+                ids += [self.image_token_id] * image_token_counts[index - 1]
+                flags += [False] * image_token_counts[index - 1]
+                offset += len(self.image_token)
+            encoded = self.tokenizer(segment, add_special_tokens=False, return_offsets_mapping=True)
+            ids += encoded["input_ids"]
+            flags += [offset + end > question_start and offset + start < question_end and end > start
+                      for start, end in encoded["offset_mapping"]]
+            offset += len(segment)
+        return ids, flags
 
     def _check_lengths(self, prompt_ids: list, answer_ids: list):
         """Raise a ValueError naming `text` if a sample is longer than model_max_length."""
@@ -381,17 +445,19 @@ class LavidaShirgProcessor(ProcessorMixin):
                     f"more than model_max_length ({self.model_max_length})"
                 )
 
-    def _generation_batch(self, prompt_ids: list) -> dict:
-        """input_ids left-padded with pad_token_id and attention_mask 0 on the padding."""
+    def _generation_batch(self, prompt_ids: list, question_flags: list) -> dict:
+        """input_ids left-padded with pad_token_id, attention_mask 0 on the padding, question_mask."""
         width = max(len(ids) for ids in prompt_ids)
         input_ids = np.full((len(prompt_ids), width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(prompt_ids), width), dtype=np.int64)
-        for row, ids in enumerate(prompt_ids):
+        question_mask = np.zeros((len(prompt_ids), width), dtype=bool)
+        for row, (ids, flags) in enumerate(zip(prompt_ids, question_flags)):
             input_ids[row, width - len(ids):] = ids
             attention_mask[row, width - len(ids):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+            question_mask[row, width - len(ids):] = flags
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "question_mask": question_mask}
 
-    def _training_batch(self, prompt_ids: list, answer_ids: list) -> dict:
+    def _training_batch(self, prompt_ids: list, answer_ids: list, question_flags: list) -> dict:
         """prompt + answer ids right-padded with eos_token_id; labels: IGNORE_INDEX on the prompt, ids elsewhere."""
         sequences = [prompt + answer for prompt, answer in zip(prompt_ids, answer_ids)]
         width = max(len(ids) for ids in sequences)
@@ -399,9 +465,12 @@ class LavidaShirgProcessor(ProcessorMixin):
         for row, ids in enumerate(sequences):
             input_ids[row, : len(ids)] = ids
         labels = input_ids.copy()
-        for row, prompt in enumerate(prompt_ids):
+        question_mask = np.zeros(input_ids.shape, dtype=bool)
+        for row, (prompt, flags) in enumerate(zip(prompt_ids, question_flags)):
             labels[row, : len(prompt)] = IGNORE_INDEX
-        return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "labels": labels}
+            question_mask[row, : len(prompt)] = flags
+        return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "labels": labels,
+                "question_mask": question_mask}
 
     def decode(self, token_ids) -> str:
         """Text of generated answer ids: cut at the first eos or `<|eot_id|>`, special tokens skipped, stripped."""

@@ -553,15 +553,16 @@ class CoordinateEmbedding(nn.Module):
     def __init__(self, hidden_size: int, num_coordinates: int = 4):
         super().__init__()
         _check_positive_int("hidden_size", hidden_size)
-        self.proj = nn.Linear(num_coordinates, hidden_size)
-        self.reset_parameters()
+        # own parameters (not an nn.Linear) so that a model's weight initialisation reaches this module itself
+        self.weight = nn.Parameter(torch.zeros(hidden_size, num_coordinates))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def reset_parameters(self):
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
 
     def forward(self, coordinates: torch.Tensor) -> torch.Tensor:
-        return self.proj(coordinates.to(self.proj.weight.dtype))
+        return F.linear(coordinates.to(self.weight.dtype), self.weight, self.bias)
 
 
 def budget_statistics(variance: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -609,19 +610,24 @@ class AdaptiveBudgetHead(nn.Module):
         _check_positive_int("hidden_size", hidden_size)
         self.default_index = self.budgets.index(default_budget)
         self.register_buffer("budget_values", torch.tensor(self.budgets, dtype=torch.long), persistent=False)
-        self.net = nn.Sequential(nn.Linear(self.num_statistics, hidden_size), nn.GELU(),
-                                 nn.Linear(hidden_size, len(self.budgets)))
+        self.hidden = nn.Linear(self.num_statistics, hidden_size)
+        # the output layer's own parameters (not an nn.Linear) so that a model's weight initialisation reaches
+        # this module and `reset_parameters` sets the default-budget start
+        self.output_weight = nn.Parameter(torch.zeros(len(self.budgets), hidden_size))
+        self.output_bias = nn.Parameter(torch.zeros(len(self.budgets)))
         self.reset_parameters()
 
     def reset_parameters(self):
-        nn.init.zeros_(self.net[-1].weight)
+        """Zero output weight and a bias of 1 on the default budget (the hidden layer keeps its own init)."""
         with torch.no_grad():
-            self.net[-1].bias.zero_()
-            self.net[-1].bias[self.default_index] = 1.0
+            self.output_weight.zero_()
+            self.output_bias.zero_()
+            self.output_bias[self.default_index] = 1.0
 
     def forward(self, statistics: torch.Tensor) -> torch.Tensor:
-        """(B, 3) statistics -> (B, len(budgets)) logits."""
-        return self.net(statistics.to(self.net[0].weight.dtype))
+        """(B, 3) statistics -> (B, len(budgets)) logits = W_o gelu(W_h s + b_h) + b_o."""
+        hidden = F.gelu(self.hidden(statistics.to(self.hidden.weight.dtype)))
+        return F.linear(hidden, self.output_weight, self.output_bias)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, len(budgets)) logits -> (B,) int64 budgets (argmax; ties -> the earlier budget). No host sync."""

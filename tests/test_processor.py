@@ -233,15 +233,46 @@ def test_prompt_ids_join_text_segments_and_image_runs(processor, tokenizer):
     assert "<image>" not in tokenizer.get_vocab()
 
 
-def test_num_image_tokens_hook(processor):
+@pytest.mark.parametrize("method,budget,expected", [
+    ("pooled", None, None), ("full", None, 256), ("shirg-fixed", 40, 40), ("shirg-v2", 40, 41),
+    ("shirg-x", 40, 40 + 16), ("visionzip", 40, 40), ("divprune", 24, 24),
+])
+def test_selection_sets_image_positions_and_hires_views(processor, method, budget, expected):
+    """Image positions per variant (tiny: 64 px high-resolution view -> 16 x 16 tokens, pooled 4 x 4 scaffold)."""
     prompts = [processor.build_prompt("a", num_images=2), processor.build_prompt("b")]
     images = [random_image(60, 20), random_image(32, 32), random_image(100, 100)]
-    seen = []
-    out = processor(images=images, text=prompts, num_image_tokens=lambda size: seen.append(size) or 7)
-    assert seen == [(20, 60), (32, 32), (100, 100)]
-    assert (out["input_ids"] == processor.image_token_id).sum(dim=1).tolist() == [14, 7]
+    out = processor(images=images, text=prompts, selection_method=method, selection_budget=budget)
+    counts = (out["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    if method == "pooled":
+        assert "hires_pixel_values" not in out
+        pooled = [processor.image_token_count((h, w)) for h, w in [(20, 60), (32, 32), (100, 100)]]
+        assert counts == [pooled[0] + pooled[1], pooled[2]]
+        return
+    assert counts == [2 * expected, expected]
+    assert out["hires_pixel_values"].shape == (3, 3, 64, 64)
+    squashed = np.asarray(random_image(100, 100).resize((64, 64), BICUBIC), dtype=np.float32) / 255 * 2 - 1
+    np.testing.assert_allclose(out["hires_pixel_values"][2].numpy(), squashed.transpose(2, 0, 1), atol=1e-6)
 
 
+def test_selection_argument_errors(processor, tokenizer):
+    with pytest.raises(ValueError, match="selection_method must be one of"):
+        processor(images=random_image(20, 20), text=processor.build_prompt("a"), selection_method="topk")
+    with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 256"):
+        processor(images=random_image(20, 20), text=processor.build_prompt("a"), selection_method="shirg-fixed",
+                  selection_budget=300)
+    with pytest.raises(ValueError, match="unknown selection options \\['alpha'\\]"):
+        processor(images=random_image(20, 20), text=processor.build_prompt("a"), selection_options={"alpha": 1})
+
+
+def test_question_mask_marks_the_question_tokens(processor, tokenizer):
+    question = "What is the total price?"
+    prompts = [processor.build_prompt(question), processor.build_prompt("hi")]
+    images = [random_image(60, 20), random_image(60, 20, seed=1)]
+    for answers in (None, ["12", "no"]):
+        out = processor(images=images, text=prompts, answers=answers)
+        for row, text in enumerate([question, "hi"]):
+            marked = out["input_ids"][row][out["question_mask"][row]].tolist()
+            assert tokenizer.decode(marked) == text
 def test_generation_batch_is_left_padded(processor):
     prompts = [processor.build_prompt("What is the total price?"), processor.build_prompt("hi")]
     images = [random_image(60, 20), random_image(60, 20, seed=1)]

@@ -356,7 +356,7 @@ def test_budget_statistics_and_head():
     assert head.choose(head(stats)).tolist() == [128, 128, 128]
     # training signal reaches the head
     head(stats).logsumexp(dim=-1).sum().backward()
-    assert head.net[-1].weight.grad.abs().sum() > 0
+    assert head.output_weight.grad.abs().sum() > 0
 
 
 def test_truncate_to_budget():
@@ -409,7 +409,7 @@ def test_coordinate_embedding_zero_at_init_with_gradient():
     out = embedding(coords)
     assert out.shape == (2, 3, 16) and torch.equal(out, torch.zeros_like(out))
     (out * torch.randn_like(out)).sum().backward()
-    assert embedding.proj.weight.grad.abs().sum() > 0 and embedding.proj.bias.grad.abs().sum() > 0
+    assert embedding.weight.grad.abs().sum() > 0 and embedding.bias.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------------------ synthetic page

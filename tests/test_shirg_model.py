@@ -1,0 +1,250 @@
+"""SHIRG wired into the model: every variant from one loaded model, layouts, counts, gradients, learned parts."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_model
+from PIL import Image
+
+from lavida_shirg import ShirgConfig
+from lavida_shirg.image_layout import image_token_count
+from lavida_shirg.modeling_lavida_shirg import pool_view_features
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.shirg_selection import gather_tokens, select_tokens
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+METHODS = ["full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip", "divprune"]
+
+
+def page(width, height, seed):
+    """A white canvas with dark rectangles ("text") at random places."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+    for _ in range(6):
+        top, left = rng.integers(0, height - 6), rng.integers(0, width - 12)
+        pixels[top : top + 4, left : left + 10] = rng.integers(0, 80, 3)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return LavidaShirgProcessor.from_config(ShirgConfig.from_preset("tiny"), build_tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def batch_parts(processor):
+    prompts = [processor.build_prompt("What is the price of the red box?"), processor.build_prompt("Who wrote it?")]
+    images = [page(90, 60, 0), page(50, 80, 1)]
+    return images, prompts
+
+
+def inputs_for(processor, batch_parts, method, budget=None, options=None, answers=None):
+    images, prompts = batch_parts
+    return processor(images=images, text=prompts, answers=answers, selection_method=method, selection_budget=budget,
+                     selection_options=options)
+
+
+def call_args(method, budget=None, options=None):
+    return dict(selection_method=method, selection_budget=budget, selection_options=options)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_variant_runs_from_one_model(tiny_model, processor, batch_parts, method):
+    inputs = inputs_for(processor, batch_parts, method, 40)
+    expected = image_token_count((60, 90), processor.selection(method, 40))
+    assert expected == tiny_model.image_token_count((60, 90), method, 40)
+    assert int((inputs["input_ids"][0] == tiny_model.config.image_token_id).sum()) == expected
+    logits = tiny_model(**inputs, **call_args(method, 40)).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+    answer = tiny_model.diffusion_generate(**inputs, **call_args(method, 40), gen_length=4, steps=4)
+    assert answer.shape == (2, 4)
+
+
+def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
+                                        tiny_model.selection_settings("shirg-fixed", 40))
+    features, _ = tiny_model.high_resolution_features(inputs["hires_pixel_values"])
+    projected = tiny_model.multi_modal_projector(features)
+    question_embeds = tiny_model.language_model.embed_tokens(inputs["input_ids"].masked_fill(
+        inputs["input_ids"] == tiny_model.config.image_token_id, 0))
+    selection = select_tokens("shirg-fixed", features, projected, (16, 16), 40, question_embeds,
+                              inputs["question_mask"], region_size=4)
+    assert torch.equal(selection.indices, selection.indices.sort(dim=1).values)
+    is_image = inputs["input_ids"] == tiny_model.config.image_token_id
+    for sample in range(2):
+        torch.testing.assert_close(embeds[sample][is_image[sample]], gather_tokens(projected, selection.indices)[sample])
+
+
+def test_selection_follows_each_samples_question(tiny_model, processor):
+    """The same image with two questions: relevance (weight 1, one-token regions) picks per-sample tokens."""
+    image = page(64, 64, 3)
+    prompts = [processor.build_prompt("red price total"), processor.build_prompt("Who wrote the title?")]
+    options = dict(relevance_weight=1.0, variance_weight=0.0, coverage_region_size=16)
+    inputs = processor(images=[image, image], text=prompts, selection_method="shirg-fixed", selection_budget=20,
+                       selection_options=options)
+    settings = tiny_model.selection_settings("shirg-fixed", 20, options)
+    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
+                                        settings)
+    is_image = inputs["input_ids"] == tiny_model.config.image_token_id
+    assert not torch.allclose(embeds[0][is_image[0]], embeds[1][is_image[1]])
+    single = processor(images=[image], text=prompts[1:], selection_method="shirg-fixed", selection_budget=20,
+                       selection_options=options)
+    alone, _ = tiny_model.embed_inputs(single["input_ids"], single["attention_mask"], single["pixel_values"],
+                                       single["image_sizes"], single["hires_pixel_values"], single["question_mask"],
+                                       settings)
+    torch.testing.assert_close(alone[0][single["input_ids"][0] == tiny_model.config.image_token_id],
+                               embeds[1][is_image[1]])
+
+
+def test_shirg_x_layout_starts_with_lavidas_global_view(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
+    settings = tiny_model.selection_settings("shirg-x", 40)
+    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
+                                        settings)
+    p = tiny_model.config.pooled_view_size
+    global_view = pool_view_features(tiny_model.encode_views(inputs["pixel_values"][:1]), p)[0]
+    first_image = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]
+    torch.testing.assert_close(first_image[: p * p], global_view)
+
+
+def test_shirg_v2_ends_with_the_summary_of_dropped_tokens(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-v2", 40)
+    settings = tiny_model.selection_settings("shirg-v2", 40)
+    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
+                                        settings)
+    features, _ = tiny_model.high_resolution_features(inputs["hires_pixel_values"])
+    projected = tiny_model.multi_modal_projector(features)[0]  # (N, E)
+    image = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]  # (K + 1, E)
+    kept = (image[:-1, None, :] == projected[None]).all(-1).any(0)  # (N,) which projected tokens were kept
+    assert int(kept.sum()) == 40
+    torch.testing.assert_close(image[-1], projected[~kept].mean(0))
+
+
+def test_visionzip_attention_equals_eager_siglip_attention(tiny_model, processor, batch_parts):
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    inputs = inputs_for(processor, batch_parts, "visionzip", 40)
+    _, received = tiny_model.high_resolution_features(inputs["hires_pixel_values"], with_attention=True)
+    eager = LavidaShirgForMaskedDiffusion(tiny_model.config).eval()
+    eager.load_state_dict(tiny_model.state_dict())
+    eager.vision_tower.set_attn_implementation("eager")
+    outputs = eager.vision_tower(inputs["hires_pixel_values"], interpolate_pos_encoding=True, output_attentions=True)
+    expected = outputs.attentions[-1].mean(dim=(1, 2))  # (I, N): mean over heads and queries
+    torch.testing.assert_close(received, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received.sum(1), torch.ones(2), atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_projector_through_kept_tokens():
+    model = build_tiny_model(seed=2, coordinate_embedding=True).train()
+    processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
+    inputs = processor(images=[page(70, 50, 4)], text=[processor.build_prompt("What is the price?")],
+                       answers=["12 dollars"], selection_method="shirg-x", selection_budget=40)
+    loss = model(**inputs, selection_method="shirg-x", selection_budget=40,
+                 generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.coordinate_embedding.weight.grad.abs().sum() > 0
+    assert model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
+    plain = build_tiny_model(seed=5)
+    with_coordinates = build_tiny_model(seed=5, coordinate_embedding=True)
+    missing, unexpected = with_coordinates.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["coordinate_embedding.bias", "coordinate_embedding.weight"] and not unexpected
+    with torch.no_grad():
+        with_coordinates.coordinate_embedding.reset_parameters()  # the test helper randomised every parameter
+    inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
+    torch.testing.assert_close(with_coordinates(**inputs, **call_args("shirg-x", 40)).logits,
+                               plain(**inputs, **call_args("shirg-x", 40)).logits)
+    fresh = ShirgConfig.from_preset("tiny", coordinate_embedding=True, adaptive_budget=True)
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    model = LavidaShirgForMaskedDiffusion(fresh)
+    assert model.coordinate_embedding.weight.abs().sum() == 0, "post_init keeps the zero initialisation"
+    assert model.budget_head.output_bias.argmax() == 1, "the untrained head picks the default budget (64)"
+
+
+def test_adaptive_budget_masks_the_positions_beyond_each_images_budget(processor, batch_parts):
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny", adaptive_budget=True)).eval()
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", options=dict(adaptive_budget=True))
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 96, "max(budget_choices) positions"
+    _, mask = model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                 inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
+                                 model.selection_settings("shirg-fixed", options=dict(adaptive_budget=True)))
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    assert (mask.bool() & is_image).sum(1).tolist() == [64, 64]  # the untrained head's default budget
+    assert torch.equal(mask.bool() & ~is_image, inputs["attention_mask"].bool() & ~is_image)
+    answer = model.diffusion_generate(**inputs, selection_method="shirg-fixed",
+                                      selection_options=dict(adaptive_budget=True), gen_length=4, steps=4)
+    assert answer.shape == (2, 4)
+
+
+def test_mismatched_processor_and_model_settings_raise(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    with pytest.raises(ValueError, match="image tokens per sample but the images need"):
+        tiny_model(**inputs, **call_args("shirg-fixed", 48))
+    pooled = inputs_for(processor, batch_parts, "pooled")
+    with pytest.raises(ValueError, match="needs hires_pixel_values of shape \\(2, 3, 64, 64\\)"):
+        tiny_model(**{k: v for k, v in inputs.items() if k != "hires_pixel_values"}, **call_args("shirg-fixed", 40))
+    assert pooled["input_ids"].shape != inputs["input_ids"].shape
+
+
+def test_text_conditioned_methods_need_a_question(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    without = {k: v for k, v in inputs.items() if k != "question_mask"}
+    with pytest.raises(ValueError, match="pass question_mask"):
+        tiny_model(**without, **call_args("shirg-fixed", 40))
+    empty = dict(inputs, question_mask=torch.zeros_like(inputs["question_mask"]))
+    with pytest.raises(ValueError, match="question_mask marks no usable question token"):
+        tiny_model(**empty, **call_args("shirg-fixed", 40))
+    text_free = dict(relevance_weight=0.0)
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40, text_free)
+    tiny_model(**{k: v for k, v in inputs.items() if k != "question_mask"}, **call_args("shirg-fixed", 40, text_free))
+
+
+def test_bad_selection_arguments(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "pooled")
+    for kwargs, match in [
+        (call_args("best"), "selection_method must be one of"),
+        (call_args("shirg-fixed", 0), "selection_budget must be a positive integer at most the 256"),
+        (call_args("shirg-fixed", 257), "at most the 256"),
+        (call_args("shirg-fixed", 40, dict(budget_choices=[0, 64])), "budget_choices"),
+        (call_args("shirg-x", 40, dict(coordinate_embedding=True)), "coordinate_embedding=True needs a model"),
+        (call_args("visionzip", 8), "visionzip_contextual_tokens \\(8\\) must be smaller"),
+        (call_args("shirg-v2", 40, dict(v2_alpha=2.0)), "v2_alpha must be in \\[0, 1\\]"),
+        (call_args("shirg-v2", 40, dict(alpha=0.1)), "unknown selection options \\['alpha'\\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tiny_model(**inputs, **kwargs)
+
+
+def test_real_size_high_resolution_counts():
+    config = ShirgConfig.from_preset("lavida-llada")
+    layout = {**config.token_layout()}
+    assert config.hires_patches_per_side() == 48
+    for method, budget, expected in [("full", 768, 2304), ("shirg-fixed", 768, 768), ("shirg-v2", 512, 513),
+                                     ("shirg-x", 768, 768 + 196), ("visionzip", 1024, 1024)]:
+        layout.update(selection_method=method, selection_budget=budget)
+        assert image_token_count((480, 640), layout) == expected
+    layout.update(selection_method="pooled")
+    assert image_token_count((480, 640), layout) == 834
+
+
+def test_learned_parts_start_neutral_when_added_to_a_converted_checkpoint(tiny_model, tmp_path):
+    """A LaViDa checkpoint has no SHIRG weights: loading it with the learned parts on initialises them neutrally."""
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    tiny_model.save_pretrained(tmp_path)
+    model = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path, coordinate_embedding=True, adaptive_budget=True)
+    assert model.coordinate_embedding.weight.abs().sum() == 0 and model.coordinate_embedding.bias.abs().sum() == 0
+    assert model.budget_head.output_weight.abs().sum() == 0
+    assert model.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(model.lm_head.weight, tiny_model.lm_head.weight)
