@@ -9,11 +9,13 @@ import dataclasses
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
+from .image_layout import max_source_tokens
+
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
 # "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`.
 SELECTION_METHODS = ("pooled", "full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip",
                      "divprune")
-HIRES_SOURCES = ("single-view",)
+HIRES_SOURCES = ("single-view", "anyres-views")
 SCAFFOLDS = ("global-view", "grid", "none")
 
 
@@ -183,13 +185,8 @@ class ShirgConfig(PreTrainedConfig):
             settings["selection_method"] = method
         if budget is not None:
             settings["selection_budget"] = budget
-        validate_selection_settings(settings, self.hires_patches_per_side(settings))
+        validate_selection_settings({**self.token_layout(), **settings})
         return settings
-
-    def hires_patches_per_side(self, settings=None) -> int:
-        """Patches per side of the high-resolution view: floor(hires_image_size / patch_size) (48 at 672px)."""
-        size = (settings or {}).get("hires_image_size", self.hires_image_size)
-        return size // self.vision_config.patch_size
 
     def token_layout(self) -> dict:
         """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
@@ -232,17 +229,21 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_selection_settings(settings: dict, hires_side: int):
-    """Raise a ValueError naming the field for any SHIRG setting out of its allowed values."""
-    num_tokens = hires_side * hires_side
+def validate_selection_settings(settings: dict):
+    """Raise a ValueError naming the field for any SHIRG setting of a token layout (`ShirgConfig.token_layout`
+    with a call's overrides) out of its allowed values."""
     if settings["selection_method"] not in SELECTION_METHODS:
         raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {settings['selection_method']!r}")
     if settings["hires_source"] not in HIRES_SOURCES:
         raise ValueError(f"hires_source must be one of {HIRES_SOURCES}, got {settings['hires_source']!r}")
     if settings["x_scaffold"] not in SCAFFOLDS:
         raise ValueError(f"x_scaffold must be one of {SCAFFOLDS}, got {settings['x_scaffold']!r}")
-    if hires_side < 1:
+    if settings["hires_image_size"] < settings["patch_size"]:
         raise ValueError(f"hires_image_size ({settings['hires_image_size']}) is smaller than one patch")
+    if settings["hires_source"] == "anyres-views" and settings["x_scaffold"] == "grid":
+        raise ValueError("x_scaffold='grid' pools a single high-resolution view: use 'global-view' or 'none' with "
+                         "hires_source='anyres-views'")
+    num_tokens = max_source_tokens(settings)
     budgets = {"selection_budget": [settings["selection_budget"]], "budget_choices": settings["budget_choices"]}
     for name, values in budgets.items():
         if not isinstance(values, (list, tuple)) or not values or not all(

@@ -22,7 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
-from .image_layout import SHIRG_METHODS, hires_grid, image_token_count, pooled_layout
+from .image_layout import SHIRG_METHODS, image_token_count, pooled_layout, source_grid
 from .masked_diffusion import (
     commit_most_confident,
     sample_complementary_masks,
@@ -327,17 +327,24 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
 
     # ---- vision ---------------------------------------------------------------------------------------------------
 
-    def encode_views(self, pixel_values):
-        """SigLIP features of each view, projected to the LM width: (V, 3, S, S) -> (V, (S/patch)^2, E).
-
-        Position embeddings are interpolated (transformers' interpolate_pos_encoding) when S is not the native size.
-        """
+    def vision_features(self, pixel_values, with_attention=False):
+        """SigLIP features (V, N, D) of views (V, 3, S, S), N = (S / patch)^2, without post-norm; position embeddings
+        interpolated (transformers' interpolate_pos_encoding) when S is not the native size. With `with_attention`,
+        also the attention each token receives in the last layer: mean over heads and queries (V, N)."""
         native = self.config.vision_config.image_size
-        features = self.vision_tower(
+        outputs = self.vision_tower(
             pixel_values=pixel_values.to(self.vision_tower.dtype),
             interpolate_pos_encoding=pixel_values.shape[-1] != native or pixel_values.shape[-2] != native,
-        ).last_hidden_state  # (V, N, D)
-        return self.multi_modal_projector(features)  # (V, N, E)
+            output_hidden_states=with_attention,
+        )
+        received = None
+        if with_attention:
+            received = attention_received(self.vision_tower.encoder.layers[-1], outputs.hidden_states[-2])
+        return outputs.last_hidden_state, received
+
+    def encode_views(self, pixel_values):
+        """SigLIP features of each view, projected to the LM width: (V, 3, S, S) -> (V, (S/patch)^2, E)."""
+        return self.multi_modal_projector(self.vision_features(pixel_values)[0])
 
     def selection_settings(self, method=None, budget=None, options=None):
         """The SHIRG settings of a call (config defaults overridden by `method`, `budget`, `options`), validated
@@ -360,8 +367,10 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
                            question_mask=None, settings=None):
         """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
 
-        pooled (default): LaViDa's layout. Other methods: the high-resolution view `hires_pixel_values` (I, 3, S, S)
-        through SigLIP (interpolated positions) and the projector, then `select_high_resolution_tokens`.
+        pooled (default): LaViDa's layout. Other methods select among high-resolution tokens: hires_source
+        'single-view': the view `hires_pixel_values` (I, 3, S, S) through SigLIP (interpolated positions), all images
+        in one batched selection; 'anyres-views': each image's own anyres views left unpooled (V x P tokens, coverage
+        per view), one selection per image (their token counts differ). See `select_high_resolution_tokens`.
         question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
         """
         settings = self.selection_settings() if settings is None else settings
@@ -370,14 +379,36 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             features = self.pooled_image_features(pixel_values, views)
             return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
         expected = (len(views), 3, settings["hires_image_size"], settings["hires_image_size"])
-        if hires_pixel_values is None or tuple(hires_pixel_values.shape) != expected:
+        single_view = settings["hires_source"] == "single-view"
+        if single_view and (hires_pixel_values is None or tuple(hires_pixel_values.shape) != expected):
             shape = None if hires_pixel_values is None else tuple(hires_pixel_values.shape)
             raise ValueError(f"selection_method={settings['selection_method']!r} needs hires_pixel_values of shape "
                              f"{expected} (the processor's, called with the same method), got {shape}")
-        tokens, valid = self.select_high_resolution_tokens(
-            hires_pixel_values, pixel_values, views, question_embeds, question_mask, settings
-        )
-        return tokens.flatten(0, 1), valid.flatten()
+        if uses_relevance(settings):
+            if question_mask is None:
+                raise ValueError(f"selection_method={settings['selection_method']!r} is text-conditioned: pass "
+                                 "question_mask (the processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
+            check_question_mask(question_mask)
+        with_attention = settings["selection_method"] == "visionzip"
+        groups = []  # (vision features, attention received, images) of each selection call
+        if single_view:
+            features, received = self.vision_features(hires_pixel_values, with_attention)
+            groups.append((features, received, list(range(len(views)))))
+        else:
+            features, received = self.vision_features(pixel_values, with_attention)  # (V_all, P, D)
+            for image, ((rows, cols), _, start) in enumerate(views):
+                group = slice(start, start + 1 + rows * cols)
+                groups.append((features[group].flatten(0, 1)[None],
+                               None if received is None else received[group].flatten()[None], [image]))
+        tokens, valid = [], []
+        for features, received, images in groups:
+            question = (None, None) if question_mask is None else (question_embeds[images], question_mask[images])
+            group_tokens, group_valid = self.select_high_resolution_tokens(
+                features, received, *question, pixel_values, [views[i] for i in images], settings
+            )
+            tokens.append(group_tokens.flatten(0, 1))
+            valid.append(group_valid.flatten())
+        return torch.cat(tokens), torch.cat(valid)
 
     def views_of_images(self, pixel_values, image_sizes):
         """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count."""
@@ -413,49 +444,34 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             tokens += [pooled[start], torch.cat((crops, newline), dim=1).flatten(0, 1)]
         return torch.cat(tokens)
 
-    def high_resolution_features(self, hires_pixel_values, with_attention=False):
-        """SigLIP features (I, N, D) of the high-resolution views (interpolated positions), no post-norm, and, with
-        `with_attention`, the attention each token receives in the last layer: mean over heads and queries (I, N)."""
-        outputs = self.vision_tower(
-            pixel_values=hires_pixel_values.to(self.vision_tower.dtype), interpolate_pos_encoding=True,
-            output_hidden_states=with_attention,
-        )
-        received = None
-        if with_attention:
-            received = attention_received(self.vision_tower.encoder.layers[-1], outputs.hidden_states[-2])
-        return outputs.last_hidden_state, received
-
-    def select_high_resolution_tokens(self, hires_pixel_values, pixel_values, views, question_embeds, question_mask,
+    def select_high_resolution_tokens(self, features, received, question_embeds, question_mask, pixel_values, views,
                                       settings):
-        """(I, M, E) tokens per image for the LM and their validity (I, M), for a non-pooled method.
+        """(I, M, E) tokens for the LM and their validity (I, M) of I images' high-resolution features (I, N, D).
 
-        Layouts: full = all H W tokens in raster order; shirg-fixed, random, top-norm, divprune = the K kept tokens
-        in raster order; shirg-v2 = kept, then the summary of the dropped tokens (v2_summary_token);
-        shirg-x = scaffold (the global view's LaViDa tokens, or a g x g pooled grid), then kept; visionzip = the
-        K - C dominant tokens in raster order, then C contextual tokens. Kept tokens are the projector's outputs of
-        the selected indices (plus the coordinate embedding of their (x, y, h, w) when enabled). Under
-        adaptive_budget (SHIRG methods) max(budget_choices) tokens are kept and those beyond each image's chosen
-        budget are marked invalid (masked from attention).
+        Layouts: full = all N tokens in raster order (view after view for anyres-views); shirg-fixed, random,
+        top-norm, divprune = the K kept tokens in raster order; shirg-v2 = kept, then the summary of the dropped
+        tokens (v2_summary_token); shirg-x = scaffold (the global view's LaViDa tokens, or a g x g pooled grid), then
+        kept; visionzip = the K - C dominant tokens in raster order, then C contextual tokens. Kept tokens are the
+        projector's outputs of the selected indices (plus the coordinate embedding of their (x, y, h, w) when
+        enabled). Under adaptive_budget (SHIRG methods) max(budget_choices) tokens are kept and those beyond each
+        image's chosen budget are marked invalid (masked from attention). received: VisionZip's attention (I, N).
         """
-        method, grid = settings["selection_method"], hires_grid({**self.config.token_layout(), **settings})
-        features, received = self.high_resolution_features(hires_pixel_values, method == "visionzip")
+        method = settings["selection_method"]
         projected = self.multi_modal_projector(features)  # (I, N, E)
         if method == "full":
             return projected, torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
+        layout = {**self.config.token_layout(), **settings}
+        grid, boxes = self.selection_grid(layout, views)
         adaptive = settings["adaptive_budget"] and method in SHIRG_METHODS
         budget = max(settings["budget_choices"]) if adaptive else settings["selection_budget"]
         if method == "visionzip":
             budget -= settings["visionzip_contextual_tokens"]
-        if uses_relevance(settings):
-            if question_mask is None:
-                raise ValueError(f"selection_method={method!r} is text-conditioned: pass question_mask (the "
-                                 "processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
-            check_question_mask(question_mask)
         selection = select_tokens(method, features, projected, grid, budget, question_embeds, question_mask,
                                   **selection_options(settings, received))
         kept = gather_tokens(projected, selection.indices)  # (I, K, E)
         if settings["coordinate_embedding"]:
-            kept = kept + self.coordinate_embedding(token_coordinates(selection.indices, grid)).to(kept.dtype)
+            coordinates = token_coordinates(selection.indices, grid, boxes)
+            kept = kept + self.coordinate_embedding(coordinates).to(kept.dtype)
         valid = torch.ones(kept.shape[:2], dtype=torch.bool, device=kept.device)
         if adaptive:
             statistics = budget_statistics(token_variance(features), selection.scores)
@@ -468,6 +484,24 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         if method == "shirg-x":
             return torch.cat((extra.to(kept.dtype), kept), dim=1), torch.cat((extra_valid, valid), dim=1)
         return torch.cat((kept, extra.to(kept.dtype)), dim=1), torch.cat((valid, extra_valid), dim=1)
+
+    def selection_grid(self, layout, views):
+        """The grid a group of images is selected on and, for anyres views, each view's box in the image canvas.
+
+        single-view: (H, W), boxes None. anyres-views (one image): (V, s, s) with boxes (V, 4) = (x0, y0, w, h):
+        the global view covers the canvas, crop (r, c) of a rows x cols grid covers (c / cols, r / rows, 1 / cols,
+        1 / rows).
+        """
+        if layout["hires_source"] == "single-view":
+            _, rows, cols = source_grid(None, layout)
+            return (rows, cols), None
+        (rows, cols), _, _ = views[0]
+        side = self.config.patches_per_side
+        r = torch.arange(rows, dtype=torch.float32).repeat_interleave(cols)
+        c = torch.arange(cols, dtype=torch.float32).repeat(rows)
+        crops = torch.stack([c / cols, r / rows, torch.full_like(r, 1 / cols), torch.full_like(r, 1 / rows)], dim=-1)
+        boxes = torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), crops])
+        return (1 + rows * cols, side, side), boxes
 
     def extra_tokens(self, method, selected_extra, pixel_values, views, settings):
         """The tokens a method adds to its kept ones (I, M, E), or None (see `select_high_resolution_tokens`)."""

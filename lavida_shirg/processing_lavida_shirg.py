@@ -300,7 +300,7 @@ class LavidaShirgProcessor(ProcessorMixin):
             layout["selection_method"] = method
         if budget is not None:
             layout["selection_budget"] = budget
-        validate_selection_settings(layout, layout["hires_image_size"] // layout["patch_size"])
+        validate_selection_settings(layout)
         return layout
 
     def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
@@ -338,7 +338,7 @@ class LavidaShirgProcessor(ProcessorMixin):
         `labels` = IGNORE_INDEX on the prompt and the ids on answer, eot and padding, right padding with
         eos_token_id attended, as in LaViDa). `selection_method` / `selection_budget` / `selection_options`: the
         SHIRG settings the model will be called with (they set the number of image positions; a non-pooled method
-        also gets `hires_pixel_values`).
+        with hires_source 'single-view' also gets `hires_pixel_values`).
         Returns input_ids, attention_mask, question_mask (the question's tokens, for text-conditioned selection),
         (labels), and pixel_values + image_sizes (+ hires_pixel_values) when there are images.
         """
@@ -347,7 +347,8 @@ class LavidaShirgProcessor(ProcessorMixin):
         images_per_prompt = self._images_per_prompt(images, prompts)
         answer_list = self._answer_list(answers, len(prompts))
         flat_images = [image for group in images_per_prompt for image in group]
-        hires_size = None if layout["selection_method"] == "pooled" else layout["hires_image_size"]
+        single_view = layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view"
+        hires_size = layout["hires_image_size"] if single_view else None
         image_inputs = self.image_processor(flat_images, return_tensors=None, hires_size=hires_size)
         sizes = iter([tuple(size) for size in image_inputs["image_sizes"].tolist()] if flat_images else [])
         prompts_encoded = [self._prompt_ids(prompt, [image_token_count(next(sizes), layout) for _ in group])

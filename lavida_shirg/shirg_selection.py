@@ -6,7 +6,9 @@ remote code next to the model).
 Conventions
 -----------
 * One view's high-resolution tokens are a batch ``(B, N, D)`` laid on a spatial ``grid = (H, W)``, ``N = H * W``,
-  in raster order: token ``n`` sits at row ``n // W``, column ``n % W``. Grid sizes always come from arguments.
+  in raster order: token ``n`` sits at row ``n // W``, column ``n % W``. Several views of one image (LaViDa's
+  unpooled anyres views) use ``grid = (V, H, W)``, ``N = V * H * W``, view after view: regions, edges, clusters and
+  suppression then stay inside each view (coverage is counted per view). Grid sizes always come from arguments.
 * ``vision_features`` (B, N, D): the vision tower's tokens BEFORE the projector (variance, edges, clustering).
   ``projected`` (B, N, E): ALL the tokens through the model's projector (relevance, summaries, scaffold). The caller
   projects once and keeps the selected rows (``gather_tokens(projected, selection.indices)``): no second projection.
@@ -58,12 +60,22 @@ def _is_int(value) -> bool:
 
 
 def _check_grid(grid, num_tokens: int):
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be a (height, width) pair of positive integers, got {grid!r}")
-    height, width = grid
-    if height * width != num_tokens:
-        raise ValueError(f"grid {tuple(grid)} has {height * width} cells but the tokens have N = {num_tokens}")
+    """(height, width) of a single-view grid; raise if `grid` is not such a pair matching N."""
+    if isinstance(grid, (tuple, list)) and len(grid) == 3:
+        raise ValueError(f"this function takes a single-view (height, width) grid, got the multi-view grid {grid!r}")
+    _, height, width = _view_grid(grid, num_tokens)
     return height, width
+
+
+def _view_grid(grid, num_tokens: int):
+    """(views, height, width) of a (H, W) or (V, H, W) grid; raise if it is malformed or does not match N."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3) or not all(_is_int(g) and g > 0 for g in grid)):
+        raise ValueError(f"grid must be a (height, width) pair or a (views, height, width) triple of positive "
+                         f"integers, got {grid!r}")
+    views, height, width = (1, *grid) if len(grid) == 2 else grid
+    if views * height * width != num_tokens:
+        raise ValueError(f"grid {tuple(grid)} has {views * height * width} cells but the tokens have N = {num_tokens}")
+    return views, height, width
 
 
 def _check_tokens(name: str, tokens: torch.Tensor, batch: Optional[int] = None, num: Optional[int] = None):
@@ -96,9 +108,9 @@ def _check_inputs(vision_features, projected, grid, budget):
     _check_tokens("vision_features", vision_features)
     batch, num = vision_features.shape[:2]
     _check_tokens("projected", projected, batch, num)
-    height, width = _check_grid(grid, num)
+    _view_grid(grid, num)
     _check_budget(budget, num)
-    return batch, num, height, width
+    return batch, num
 
 
 def check_question_mask(question_mask: torch.Tensor) -> None:
@@ -143,14 +155,14 @@ def token_variance(features: torch.Tensor) -> torch.Tensor:
 def edge_density(features: torch.Tensor, grid) -> torch.Tensor:
     """Mean absolute Laplacian of the token map: e[b, n] = mean_d |(x_d * K)[b, n]|, K = [[0,1,0],[1,-4,1],[0,1,0]].
 
-    The (B, N, D) tokens are laid as a (B, D, H, W) map, convolved depthwise with the 4-neighbour Laplacian kernel
-    after REPLICATE padding of one token on every side (a border token is compared with itself, so a constant map has
-    zero edge density everywhere, borders included). (B, N, D) -> (B, N) float32.
+    The (B, N, D) tokens are laid as a (B V, D, H, W) map (one per view), convolved depthwise with the 4-neighbour
+    Laplacian kernel after REPLICATE padding of one token on every side (a border token is compared with itself, so
+    a constant map has zero edge density everywhere, borders included). (B, N, D) -> (B, N) float32.
     """
     batch, num, channels = features.shape
-    height, width = _check_grid(grid, num)
-    # (B, D, H, W) view of the (B, N, D) tokens in channels-last memory layout: no transposing copy
-    grid_map = features.float().reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    views, height, width = _view_grid(grid, num)
+    # (B V, D, H, W) view of the (B, N, D) tokens in channels-last memory layout: no transposing copy
+    grid_map = features.float().reshape(batch * views, height, width, channels).permute(0, 3, 1, 2)
     grid_map = F.pad(grid_map, (1, 1, 1, 1), mode="replicate")
     kernel = grid_map.new_zeros(3, 3)  # built on the device (no host-to-device copy)
     kernel[1, :] = 1.0
@@ -221,17 +233,19 @@ def _relevance_term(projected, question_embeds, question_mask, weight, validate,
 def region_labels(grid, region_size: int, device=None):
     """Label of the r x r region of every token, in raster order of regions: (N,) int64 and the region count.
 
-    Regions tile the grid from the top-left corner; when H or W is not a multiple of r the last row/column of regions
-    is partial and still counts as a region (ceil(H / r) * ceil(W / r) regions). A grid smaller than r x r is one
-    (partial) region.
+    Regions tile each view from its top-left corner; when H or W is not a multiple of r the last row/column of
+    regions is partial and still counts as a region (ceil(H / r) * ceil(W / r) regions per view, V times that for a
+    (V, H, W) grid). A view smaller than r x r is one (partial) region.
     """
-    height, width = grid
+    views, height, width = (1, *grid) if len(grid) == 2 else grid
     _check_positive_int("region_size", region_size)
     per_row = -(-width // region_size)
+    per_view = (-(-height // region_size)) * per_row
     rows = torch.arange(height, device=device) // region_size
     cols = torch.arange(width, device=device) // region_size
-    labels = (rows[:, None] * per_row + cols[None, :]).reshape(-1)
-    return labels, (-(-height // region_size)) * per_row
+    labels = (rows[:, None] * per_row + cols[None, :]).reshape(-1)  # (H W,)
+    offsets = torch.arange(views, device=device) * per_view  # (V,)
+    return (offsets[:, None] + labels[None, :]).reshape(-1), views * per_view
 
 
 def top1_per_group(scores: torch.Tensor, labels: torch.Tensor, num_groups: int):
@@ -358,19 +372,24 @@ def spatial_kmeans(features: torch.Tensor, grid, region_size: int = 4, iteration
     """Spatial k-means of the token map (SLIC-like), fixed iterations: labels (B, N) int64 and the cluster count G.
 
     Points z[b, n] = [row / r, col / r, sqrt(lambda) * x[b, n] / ||x[b, n]||]: positions in units of the seed spacing
-    r, unit features weighted by lambda = `feature_weight`, so d^2 = |dpos|^2 / r^2 + lambda |dx_hat|^2. Seeds
+    r, unit features weighted by lambda = `feature_weight`, so d^2 = |dpos|^2 / r^2 + lambda |dx_hat|^2 (the views of
+    a (V, H, W) grid are stacked with a gap of 4 r rows). Seeds
     (deterministic grid initialisation): the means of the points of the r x r regions of `region_labels` (G of
     them). Each of the `iterations` steps assigns every point to its nearest centre (ties: lowest cluster) and moves
     each centre to the mean of its points (an empty cluster keeps its centre); the labels are a final assignment.
     Cost per step O(B N G (D + 2)) as two batched matmuls.
     """
     batch, num, _ = features.shape
-    height, width = _check_grid(grid, num)
+    views, height, width = _view_grid(grid, num)
     _check_positive_int("iterations", iterations, 0)
     feature_weight = _check_weight("feature_weight", feature_weight)
     seeds, num_clusters = region_labels(grid, region_size, features.device)
-    rows = torch.arange(height, device=features.device, dtype=torch.float32).repeat_interleave(width)
-    cols = torch.arange(width, device=features.device, dtype=torch.float32).repeat(height)
+    # views are stacked vertically with a gap of 4 r rows, farther than any feature distance (|dx_hat|^2 <= 4):
+    # no cluster spans two views
+    view_rows = torch.arange(views, device=features.device, dtype=torch.float32) * (height + 4 * region_size)
+    rows = (view_rows[:, None] + torch.arange(height, device=features.device, dtype=torch.float32)[None, :])
+    rows = rows.reshape(-1).repeat_interleave(width)
+    cols = torch.arange(width, device=features.device, dtype=torch.float32).repeat(views * height)
     positions = torch.stack([rows, cols], dim=-1) / region_size
     unit = F.normalize(features.float(), dim=-1, eps=1e-6) * math.sqrt(feature_weight)
     points = torch.cat([positions.expand(batch, num, 2), unit], dim=-1)  # (B, N, 2 + D)
@@ -432,14 +451,14 @@ def distance_aware_selection(scores: torch.Tensor, grid, budget: int, initial_in
 
     P_0 = the mask of `initial_indices` (B, R0) (e.g. the coverage winners), P_t = P_{t-1} ∪ the tokens picked at
     round t; round t = 1..T (T = `rounds`) picks the k_t best unpicked tokens by s_t, the k_t splitting K - R0 evenly.
-    The neighbourhood max is a (2R + 1) x (2R + 1) max-pool of the picked mask over the grid (R = `radius`), so a
+    The neighbourhood max is a (2R + 1) x (2R + 1) max-pool of the picked mask over each view (R = `radius`), so a
     token next to an already-picked one loses the fraction `penalty` (lambda) of its score: an NMS-like spread in T
     vectorised rounds, no loop over tokens. The penalty is multiplicative so that it only reorders tokens of
     comparable scores: with s >= 0 (SHIRG's normalised scores) a token of score 0 never overtakes a positive one.
     Returns (B, K) distinct indices, ascending.
     """
     batch, num = scores.shape
-    height, width = _check_grid(grid, num)
+    views, height, width = _view_grid(grid, num)
     _check_budget(budget, num)
     _check_positive_int("rounds", rounds)
     _check_positive_int("radius", radius, 0)
@@ -460,7 +479,7 @@ def distance_aware_selection(scores: torch.Tensor, grid, budget: int, initial_in
     for chunk in chunks:
         if chunk == 0:
             continue
-        near = F.max_pool2d(picked.float().reshape(batch, 1, height, width), 2 * radius + 1, 1, radius)
+        near = F.max_pool2d(picked.float().reshape(batch * views, 1, height, width), 2 * radius + 1, 1, radius)
         adjusted = (scores * (1 - penalty * near.reshape(batch, num))).masked_fill(picked, float("-inf"))
         new = torch.sort(adjusted, dim=1, descending=True, stable=True).indices[:, :chunk]
         picked = picked.scatter(1, new, True)
@@ -497,21 +516,31 @@ def _resize_weights(length: int, size: int, mode: str, device) -> torch.Tensor:
     return weights[0, :, 0, :].transpose(0, 1)
 
 
-def grid_coordinates(grid, device=None) -> torch.Tensor:
+def grid_coordinates(grid, device=None, view_boxes=None) -> torch.Tensor:
     """Normalised (x, y, h, w) of every cell of a grid, raster order: (N, 4) float32.
 
-    x = (col + 0.5) / W and y = (row + 0.5) / H (the cell's centroid in [0, 1]), h = 1 / H, w = 1 / W.
+    (H, W) grid: x = (col + 0.5) / W and y = (row + 0.5) / H (the cell's centroid in [0, 1]), h = 1 / H, w = 1 / W.
+    (V, H, W) grid: view v's cells are placed in its box (x0, y0, bw, bh) of `view_boxes` (V, 4) (default: every
+    view covers [0, 1]^2): x = x0 + bw (col + 0.5) / W, y = y0 + bh (row + 0.5) / H, h = bh / H, w = bw / W.
     """
-    height, width = grid
+    views, height, width = (1, *grid) if len(grid) == 2 else grid
     rows = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
     cols = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
-    return torch.stack([(cols + 0.5) / width, (rows + 0.5) / height,
-                        torch.full_like(rows, 1.0 / height), torch.full_like(rows, 1.0 / width)], dim=-1)
+    cells = torch.stack([(cols + 0.5) / width, (rows + 0.5) / height,
+                         torch.full_like(rows, 1.0 / height), torch.full_like(rows, 1.0 / width)], dim=-1)  # (H W, 4)
+    if view_boxes is None:
+        return cells.repeat(views, 1)
+    boxes = view_boxes.to(device=device, dtype=torch.float32)[:, None, :]  # (V, 1, 4) = x0, y0, bw, bh
+    x = boxes[..., 0] + boxes[..., 2] * cells[None, :, 0]
+    y = boxes[..., 1] + boxes[..., 3] * cells[None, :, 1]
+    h = boxes[..., 3] * cells[None, :, 2]
+    w = boxes[..., 2] * cells[None, :, 3]
+    return torch.stack([x, y, h, w], dim=-1).reshape(-1, 4)
 
 
-def token_coordinates(indices: torch.Tensor, grid) -> torch.Tensor:
+def token_coordinates(indices: torch.Tensor, grid, view_boxes=None) -> torch.Tensor:
     """Normalised (x, y, h, w) centroid coordinates of the kept tokens: (B, K) indices -> (B, K, 4) float32."""
-    return grid_coordinates(grid, indices.device)[indices]
+    return grid_coordinates(grid, indices.device, view_boxes)[indices]
 
 
 def shirg_x_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
@@ -526,7 +555,7 @@ def shirg_x_select(vision_features, projected, grid, budget, question_embeds=Non
     coordinates are `grid_coordinates((g, g))` and those of the kept tokens `token_coordinates(indices, grid)`, for
     `CoordinateEmbedding`. Returns indices (B, K) ascending, extra_tokens, scores (B, N).
     """
-    _, num, _, _ = _check_inputs(vision_features, projected, grid, budget)
+    _check_inputs(vision_features, projected, grid, budget)
     _check_positive_int("scaffold_size", scaffold_size, 0)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
                                 relevance_weight=relevance_weight, variance_weight=variance_weight,
@@ -546,8 +575,8 @@ class CoordinateEmbedding(nn.Module):
     """Learned embedding of (x, y, h, w) token coordinates added to the kept tokens: e = W c + b, W and b zero-init.
 
     Zero at initialisation, so an untrained model equals SHIRG without it; the gradient w.r.t. W is nonzero
-    (dL/dW = dL/de c^T). (B, K, 4) -> (B, K, E) in the module's dtype. A model's `_init_weights` must not
-    re-initialise it: call `reset_parameters()` after any global initialisation.
+    (dL/dW = dL/de c^T). (B, K, 4) -> (B, K, E) in the module's dtype. A model's weight initialisation calls
+    `reset_parameters()` on it (its parameters are its own, so the initialisation reaches this module).
     """
 
     def __init__(self, hidden_size: int, num_coordinates: int = 4):
@@ -658,7 +687,7 @@ def _top_by(scores: torch.Tensor, budget: int) -> torch.Tensor:
 def random_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
                   seed: int = 0) -> TokenSelection:
     """Random baseline: K tokens uniformly without replacement (seeded torch.Generator on the tokens' device)."""
-    batch, num, _, _ = _check_inputs(vision_features, projected, grid, budget)
+    batch, num = _check_inputs(vision_features, projected, grid, budget)
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     generator = torch.Generator(device=projected.device).manual_seed(seed)
@@ -685,7 +714,7 @@ def visionzip_select(vision_features, projected, grid, budget, question_embeds=N
     (the caller projected all tokens already). Returns indices (B, K) ascending, extra_tokens (B, C, E) (None for
     C = 0), scores = attention_received (B, N) float32.
     """
-    batch, num, _, _ = _check_inputs(vision_features, projected, grid, budget)
+    batch, num = _check_inputs(vision_features, projected, grid, budget)
     if (not isinstance(attention_received, torch.Tensor) or tuple(attention_received.shape) != (batch, num)):
         shape = tuple(attention_received.shape) if isinstance(attention_received, torch.Tensor) else attention_received
         raise ValueError(f"attention_received must be a (B, N) = ({batch}, {num}) tensor, got {shape}")
@@ -719,7 +748,7 @@ def divprune_select(vision_features, projected, grid, budget, question_embeds=No
     all tokens. `features`: "projected" (the LM-input tokens, as DivPrune) or "vision" (cheaper). Returns indices
     (B, K) ascending; scores None (the order of picking is greedy, not a score).
     """
-    batch, num, _, _ = _check_inputs(vision_features, projected, grid, budget)
+    batch, num = _check_inputs(vision_features, projected, grid, budget)
     if features not in ("projected", "vision"):
         raise ValueError(f"features must be 'projected' or 'vision', got {features!r}")
     unit = F.normalize((projected if features == "projected" else vision_features).float(), dim=-1, eps=1e-6)

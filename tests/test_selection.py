@@ -557,3 +557,56 @@ def test_scaffold_equals_2d_resampling(grid, size):
     bilinear = torch.nn.functional.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False,
                                                antialias=True).flatten(2).transpose(1, 2)
     torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size, "bilinear"), bilinear)
+
+
+# ---- multi-view grids (LaViDa's anyres views left unpooled) ---------------------------------------------------
+
+
+def test_region_labels_restart_in_every_view():
+    labels, regions = region_labels((3, 5, 6), 4)
+    single, per_view = region_labels((5, 6), 4)
+    assert regions == 3 * per_view == 12
+    assert torch.equal(labels.view(3, 30), torch.stack([single + v * per_view for v in range(3)]))
+
+
+def test_edge_density_is_computed_inside_each_view():
+    features = torch.randn(2, 3 * 20, 5)
+    stacked = edge_density(features, (3, 4, 5))
+    separate = torch.cat([edge_density(features[:, v * 20 : (v + 1) * 20], (4, 5)) for v in range(3)], dim=1)
+    torch.testing.assert_close(stacked, separate)
+
+
+def test_coverage_is_counted_per_view_for_every_sample():
+    from lavida_shirg.shirg_selection import shirg_fixed_select
+
+    generator = torch.Generator().manual_seed(0)
+    views, side, region = 3, 6, 3
+    num = views * side * side
+    vision = torch.randn(4, num, 8, generator=generator)
+    projected = torch.randn(4, num, 6, generator=generator)
+    selection = shirg_fixed_select(vision, projected, (views, side, side), views * 4 + 5, relevance_weight=0.0,
+                                   variance_weight=1.0, region_size=region)
+    labels, regions = region_labels((views, side, side), region)
+    for sample in range(4):
+        assert set(labels[selection.indices[sample]].tolist()) == set(range(regions))
+
+
+def test_kmeans_clusters_never_span_two_views():
+    from lavida_shirg.shirg_selection import spatial_kmeans
+
+    features = torch.randn(2, 2 * 36, 4, generator=torch.Generator().manual_seed(1))
+    labels, _ = spatial_kmeans(features, (2, 6, 6), region_size=3, iterations=6)
+    view_of = torch.arange(72) // 36
+    for sample in range(2):
+        for cluster in labels[sample].unique():
+            assert view_of[labels[sample] == cluster].unique().numel() == 1
+
+
+def test_view_boxes_place_coordinates_in_the_canvas():
+    from lavida_shirg.shirg_selection import grid_coordinates
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 0.5, 1.0]])  # global view, right half crop
+    coordinates = grid_coordinates((2, 2, 2), view_boxes=boxes)
+    # second view, cell (row 1, col 0): x = 0.5 + 0.5 * 0.25, y = 0.75, h = 1 / 2, w = 0.5 / 2
+    torch.testing.assert_close(coordinates[4 + 2], torch.tensor([0.625, 0.75, 0.5, 0.25]))
+    torch.testing.assert_close(coordinates[:4], grid_coordinates((2, 2)))

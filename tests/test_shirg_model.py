@@ -65,7 +65,7 @@ def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor,
     embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
                                         tiny_model.selection_settings("shirg-fixed", 40))
-    features, _ = tiny_model.high_resolution_features(inputs["hires_pixel_values"])
+    features, _ = tiny_model.vision_features(inputs["hires_pixel_values"])
     projected = tiny_model.multi_modal_projector(features)
     question_embeds = tiny_model.language_model.embed_tokens(inputs["input_ids"].masked_fill(
         inputs["input_ids"] == tiny_model.config.image_token_id, 0))
@@ -117,7 +117,7 @@ def test_shirg_v2_ends_with_the_summary_of_dropped_tokens(tiny_model, processor,
     embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
                                         settings)
-    features, _ = tiny_model.high_resolution_features(inputs["hires_pixel_values"])
+    features, _ = tiny_model.vision_features(inputs["hires_pixel_values"])
     projected = tiny_model.multi_modal_projector(features)[0]  # (N, E)
     image = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]  # (K + 1, E)
     kept = (image[:-1, None, :] == projected[None]).all(-1).any(0)  # (N,) which projected tokens were kept
@@ -129,7 +129,7 @@ def test_visionzip_attention_equals_eager_siglip_attention(tiny_model, processor
     from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
     inputs = inputs_for(processor, batch_parts, "visionzip", 40)
-    _, received = tiny_model.high_resolution_features(inputs["hires_pixel_values"], with_attention=True)
+    _, received = tiny_model.vision_features(inputs["hires_pixel_values"], with_attention=True)
     eager = LavidaShirgForMaskedDiffusion(tiny_model.config).eval()
     eager.load_state_dict(tiny_model.state_dict())
     eager.vision_tower.set_attn_implementation("eager")
@@ -229,7 +229,6 @@ def test_bad_selection_arguments(tiny_model, processor, batch_parts):
 def test_real_size_high_resolution_counts():
     config = ShirgConfig.from_preset("lavida-llada")
     layout = {**config.token_layout()}
-    assert config.hires_patches_per_side() == 48
     for method, budget, expected in [("full", 768, 2304), ("shirg-fixed", 768, 768), ("shirg-v2", 512, 513),
                                      ("shirg-x", 768, 768 + 196), ("visionzip", 1024, 1024)]:
         layout.update(selection_method=method, selection_budget=budget)
@@ -248,3 +247,62 @@ def test_learned_parts_start_neutral_when_added_to_a_converted_checkpoint(tiny_m
     assert model.budget_head.output_weight.abs().sum() == 0
     assert model.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
     torch.testing.assert_close(model.lm_head.weight, tiny_model.lm_head.weight)
+
+
+ANYRES = dict(hires_source="anyres-views")
+
+
+@pytest.mark.parametrize("method", ["full", "shirg-fixed", "shirg-v2", "shirg-x", "visionzip", "divprune"])
+def test_anyres_views_source(tiny_model, processor, batch_parts, method):
+    """LaViDa's own views left unpooled: V x P tokens per image, no hires_pixel_values, one selection per image."""
+    inputs = inputs_for(processor, batch_parts, method, 40, ANYRES)
+    assert "hires_pixel_values" not in inputs
+    full = [5 * 64, 5 * 64]  # both images take the 2 x 2 pinpoint: global + 4 crops of 8 x 8 tokens
+    expected = {"full": full, "shirg-v2": [41, 41], "shirg-x": [56, 56]}.get(method, [40, 40])
+    assert (inputs["input_ids"] == tiny_model.config.image_token_id).sum(1).tolist() == expected
+    logits = tiny_model(**inputs, **call_args(method, 40, ANYRES)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
+    """With the budget equal to the region count, every region of every view keeps exactly one token."""
+    options = dict(ANYRES, coverage_region_size=4, relevance_weight=0.0, variance_weight=1.0)
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 20, options)
+    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        inputs["image_sizes"], None, inputs["question_mask"],
+                                        tiny_model.selection_settings("shirg-fixed", 20, options))
+    projected = tiny_model.encode_views(inputs["pixel_values"][:5]).flatten(0, 1)  # first image: 5 views x 64
+    kept = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]  # (20, E)
+    indices = (kept[:, None, :] == projected[None]).all(-1).float().argmax(1)
+    region = (indices // 64) * 4 + ((indices % 64) // 8 // 4) * 2 + (indices % 8) // 4
+    assert sorted(region.tolist()) == list(range(20))
+
+
+def test_anyres_budget_beyond_an_images_tokens(tiny_model, processor, batch_parts):
+    wide = ([page(96, 30, 5)], [processor.build_prompt("What?")])  # 1 x 3 crops: 4 views x 64 = 256 tokens
+    with pytest.raises(ValueError, match="selection_budget 300 exceeds the 256 high-resolution tokens of a 30x96"):
+        inputs_for(processor, wide, "shirg-fixed", 300, ANYRES)
+    with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 320"):
+        inputs_for(processor, wide, "shirg-fixed", 321, ANYRES)
+    with pytest.raises(ValueError, match="x_scaffold='grid' pools a single high-resolution view"):
+        tiny_model.selection_settings("shirg-x", 40, dict(ANYRES, x_scaffold="grid"))
+
+
+@pytest.mark.parametrize("options", [None, ANYRES])
+def test_several_images_per_sample_use_their_samples_question(tiny_model, processor, options):
+    images = [page(90, 60, 0), page(64, 64, 1), page(50, 80, 2)]
+    prompts = [processor.build_prompt("Compare the two prices.", num_images=2), processor.build_prompt("Who?")]
+    settings = tiny_model.selection_settings("shirg-fixed", 24, options)
+    both = processor(images=images, text=prompts, selection_method="shirg-fixed", selection_budget=24,
+                     selection_options=options)
+    alone = processor(images=images[2:], text=prompts[1:], selection_method="shirg-fixed", selection_budget=24,
+                      selection_options=options)
+    image_id = tiny_model.config.image_token_id
+    results = []
+    for inputs in (both, alone):
+        embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                            inputs["image_sizes"], inputs.get("hires_pixel_values"),
+                                            inputs["question_mask"], settings)
+        results.append(embeds[-1][inputs["input_ids"][-1] == image_id])
+    assert (both["input_ids"] == image_id).sum(1).tolist() == [48, 24]
+    torch.testing.assert_close(results[0], results[1])
