@@ -176,17 +176,8 @@ class ShirgConfig(PreTrainedConfig):
     def selection_settings(self, method=None, budget=None, options=None) -> dict:
         """The SHIRG settings of one call: the config's fields, with `method`, `budget` and `options` (a dict of
         field name -> value) overriding them; validated. Keys: the SELECTION_FIELDS names."""
-        settings = {name: getattr(self, name) for name in SELECTION_FIELDS}
-        unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
-        settings.update(options or {})
-        if method is not None:
-            settings["selection_method"] = method
-        if budget is not None:
-            settings["selection_budget"] = budget
-        validate_selection_settings({**self.token_layout(), **settings})
-        return settings
+        layout = with_selection_overrides(self.token_layout(), method, budget, options)
+        return {name: layout[name] for name in SELECTION_FIELDS}
 
     def token_layout(self) -> dict:
         """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
@@ -227,6 +218,21 @@ SELECTION_FIELDS = (
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def with_selection_overrides(layout: dict, method=None, budget=None, options=None) -> dict:
+    """A copy of a token layout with a call's `options` (SHIRG field name -> value), `method` and `budget` applied,
+    validated (unknown option names and out-of-range values raise a ValueError naming them)."""
+    unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
+    layout = {**layout, **(options or {})}
+    if method is not None:
+        layout["selection_method"] = method
+    if budget is not None:
+        layout["selection_budget"] = budget
+    validate_selection_settings(layout)
+    return layout
 
 
 def validate_selection_settings(settings: dict):

@@ -17,7 +17,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_lavida_shirg import SELECTION_FIELDS, validate_selection_settings
+from .configuration_lavida_shirg import SELECTION_FIELDS, with_selection_overrides
 from .image_layout import image_token_count, resized_size_in_canvas, select_best_resolution
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
@@ -291,17 +291,7 @@ class LavidaShirgProcessor(ProcessorMixin):
                 raise ValueError("this processor has no selection_layout (build it with from_config): only "
                                  "selection_method='pooled' is available")
             return layout
-        layout.update(self.selection_layout)
-        unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
-        if unknown:
-            raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
-        layout.update(options or {})
-        if method is not None:
-            layout["selection_method"] = method
-        if budget is not None:
-            layout["selection_budget"] = budget
-        validate_selection_settings(layout)
-        return layout
+        return with_selection_overrides({**layout, **self.selection_layout}, method, budget, options)
 
     def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
         """Image positions of one (height, width) image under the given selection settings (default: pooled)."""
