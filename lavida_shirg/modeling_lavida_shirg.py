@@ -30,6 +30,7 @@ from .masked_diffusion import (
     token_confidence,
     transfer_counts,
 )
+from .prefix_cache import PrefixCache
 from .shirg_selection import (
     AdaptiveBudgetHead,
     CoordinateEmbedding,
@@ -364,14 +365,15 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         return image_token_count(image_size, {**self.config.token_layout(), **settings})
 
     def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
-                           question_mask=None, settings=None):
+                           question_mask=None, settings=None, record=None):
         """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
 
         pooled (default): LaViDa's layout. Other methods select among high-resolution tokens: hires_source
         'single-view': the view `hires_pixel_values` (I, 3, S, S) through SigLIP (interpolated positions), all images
         in one batched selection; 'anyres-views': each image's own anyres views left unpooled (V x P tokens, coverage
         per view), one selection per image (their token counts differ). See `select_high_resolution_tokens`.
-        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
+        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
+        receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
@@ -403,9 +405,12 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         tokens, valid = [], []
         for features, received, images in groups:
             question = (None, None) if question_mask is None else (question_embeds[images], question_mask[images])
+            entry = {"images": images}
             group_tokens, group_valid = self.select_high_resolution_tokens(
-                features, received, *question, pixel_values, [views[i] for i in images], settings
+                features, received, *question, pixel_values, [views[i] for i in images], settings, entry
             )
+            if record is not None:
+                record.append(entry)
             tokens.append(group_tokens.flatten(0, 1))
             valid.append(group_valid.flatten())
         return torch.cat(tokens), torch.cat(valid)
@@ -445,7 +450,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         return torch.cat(tokens)
 
     def select_high_resolution_tokens(self, features, received, question_embeds, question_mask, pixel_values, views,
-                                      settings):
+                                      settings, record=None):
         """(I, M, E) tokens for the LM and their validity (I, M) of I images' high-resolution features (I, N, D).
 
         Layouts: full = all N tokens in raster order (view after view for anyres-views); shirg-fixed, random,
@@ -455,6 +460,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         projector's outputs of the selected indices (plus the coordinate embedding of their (x, y, h, w) when
         enabled). Under adaptive_budget (SHIRG methods) max(budget_choices) tokens are kept and those beyond each
         image's chosen budget are marked invalid (masked from attention). received: VisionZip's attention (I, N).
+        `record`: a dict that receives the grid, view boxes, selected indices (I, K) and scores (I, N) or None.
         """
         method = settings["selection_method"]
         projected = self.multi_modal_projector(features)  # (I, N, E)
@@ -468,6 +474,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             budget -= settings["visionzip_contextual_tokens"]
         selection = select_tokens(method, features, projected, grid, budget, question_embeds, question_mask,
                                   **selection_options(settings, received))
+        if record is not None:
+            record.update(grid=grid, view_boxes=boxes, indices=selection.indices, scores=selection.scores)
         kept = gather_tokens(projected, selection.indices)  # (I, K, E)
         if settings["coordinate_embedding"]:
             coordinates = token_coordinates(selection.indices, grid, boxes)
@@ -544,7 +552,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         return torch.tensor(owners, dtype=torch.long, device=is_image.device)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, hires_pixel_values=None,
-                     question_mask=None, settings=None):
+                     question_mask=None, settings=None, record=None):
         """Token embeddings with the image features written into the image positions (B, T, E), and the attention
         mask (B, T) with the image positions an adaptive budget drops set to 0."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
@@ -559,11 +567,28 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         owners = self.image_samples(is_image, image_sizes, settings)
         image_question_mask = None if question_mask is None else question_mask.bool()[owners]
         features, valid = self.get_image_features(
-            pixel_values, image_sizes, hires_pixel_values, embeds[owners], image_question_mask, settings
+            pixel_values, image_sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
         )
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)
         return embeds, attention_mask.masked_fill(dropped, 0)
+
+    @torch.no_grad()
+    def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                          hires_pixel_values=None, question_mask=None, selection_method=None, selection_budget=None,
+                          selection_options=None, **unused_inputs):
+        """What a selection method keeps, for diagnostics and overlays (no LM run).
+
+        Returns one dict per selection call (single-view: one for the whole batch; anyres-views: one per image):
+        images (their indices), grid ((H, W) or (V, H, W)), view_boxes ((V, 4) canvas boxes or None), indices
+        (I, K) kept token indices in raster order, scores (I, N) float32 or None. pooled and full return [].
+        """
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        settings = self.selection_settings(selection_method, selection_budget, selection_options)
+        record = []
+        self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+                          settings, record)
+        return [entry for entry in record if "indices" in entry]
 
     # ---- language model -----------------------------------------------------------------------------------------
 
@@ -648,11 +673,12 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
 
     # ---- sampling -------------------------------------------------------------------------------------------------
 
-    def build_prefix_cache(self, prefix_embeds, prefix_mask):
-        """Run the prefix (image + prompt) once: per-layer (key, value), each (B, Hkv, P, d)."""
+    def build_prefix_cache(self, prefix_embeds, prefix_mask, kv_cache_dtype=None):
+        """Run the prefix (image + prompt) once: a PrefixCache of per-layer (key, value), each (B, Hkv, P, d),
+        stored in `kv_cache_dtype` (None, "bfloat16", "float16" or "float8_e4m3fn"; see prefix_cache)."""
         bias = self.language_model.attention_bias(prefix_mask, prefix_embeds.shape[1], prefix_embeds.dtype)
         _, key_values = self.language_model(prefix_embeds, bias, positions_from_mask(prefix_mask))
-        return key_values
+        return PrefixCache(key_values, kv_cache_dtype)
 
     @torch.no_grad()
     def diffusion_generate(
@@ -675,6 +701,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         schedule_shift=1.0 / 3.0,
         use_prefix_cache=True,
         prefix_lm_mask=False,
+        kv_cache_dtype=None,
         generator=None,
     ):
         """Masked-diffusion sampling of a `gen_length` answer after each prompt (LLaDA's sampler, batched).
@@ -685,6 +712,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         LaViDa's "shift" with `schedule_shift`). With `use_prefix_cache` the prefix runs once and each step runs
         only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
         with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
+        `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache.PrefixCache).
         Prompts are left-padded (attention_mask 0 on padding). The image tokens follow the selection settings of
         the call (as in `forward`). Returns the answer ids (B, gen_length).
         """
@@ -704,8 +732,10 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
         answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
         language_model, dtype = self.language_model, prefix_embeds.dtype
+        if kv_cache_dtype is not None and not use_prefix_cache:
+            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
         if use_prefix_cache:
-            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask)
+            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, kv_cache_dtype)
             bias = language_model.attention_bias(full_mask, gen_length, dtype)
         else:
             prefix_lengths = torch.full((batch,), prefix_length, device=device) if prefix_lm_mask else None

@@ -306,3 +306,48 @@ def test_several_images_per_sample_use_their_samples_question(tiny_model, proces
         results.append(embeds[-1][inputs["input_ids"][-1] == image_id])
     assert (both["input_ids"] == image_id).sum(1).tolist() == [48, 24]
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_inspect_selection_reports_what_is_kept(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    (entry,) = tiny_model.inspect_selection(**inputs, selection_method="shirg-fixed", selection_budget=40)
+    assert entry["images"] == [0, 1] and entry["grid"] == (16, 16) and entry["view_boxes"] is None
+    assert entry["indices"].shape == (2, 40) and entry["scores"].shape == (2, 256)
+    anyres = inputs_for(processor, batch_parts, "shirg-fixed", 40, ANYRES)
+    entries = tiny_model.inspect_selection(**anyres, selection_method="shirg-fixed", selection_budget=40,
+                                           selection_options=ANYRES)
+    assert [e["images"] for e in entries] == [[0], [1]] and entries[0]["grid"] == (5, 8, 8)
+    assert entries[0]["view_boxes"].shape == (5, 4)
+    assert tiny_model.inspect_selection(**inputs_for(processor, batch_parts, "pooled")) == []
+
+
+@pytest.mark.parametrize("storage,byte_ratio,tolerance", [("bfloat16", 0.5, 0.02), ("float16", 0.5, 0.005),
+                                                          ("float8_e4m3fn", 0.25, 0.25)])
+def test_kv_cache_storage_dtypes(tiny_model, processor, batch_parts, storage, byte_ratio, tolerance):
+    """Smaller storage of the prefix cache: bytes shrink by the dtype ratio, first-step logits move a bounded amount."""
+    inputs = inputs_for(processor, batch_parts, "pooled")
+    embeds, mask = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                           inputs["image_sizes"])
+    full = tiny_model.build_prefix_cache(embeds, mask)
+    small = tiny_model.build_prefix_cache(embeds, mask, storage)
+    scales = 0 if storage != "float8_e4m3fn" else sum(s.numel() * 4 for pair in small.layers for _, s in pair)
+    assert small.nbytes() - scales == full.nbytes() * byte_ratio
+    canvas = torch.full((2, 8), tiny_model.config.mask_token_id)
+    answer = tiny_model.language_model.embed_tokens(canvas)
+    full_mask = torch.cat((mask, torch.ones(2, 8, dtype=mask.dtype)), 1)
+    positions = mask.sum(1, keepdim=True) + torch.arange(8)
+    bias = tiny_model.language_model.attention_bias(full_mask, 8, answer.dtype)
+    logits = [tiny_model.lm_head(tiny_model.language_model(answer, bias, positions, cache)[0]) for cache in (full, small)]
+    change = (logits[1] - logits[0]).abs().amax() / logits[0].abs().amax()
+    assert 0 < change < tolerance
+    with pytest.raises(ValueError, match="kv_cache_dtype must be None or one of"):
+        tiny_model.build_prefix_cache(embeds, mask, "int4")
+
+
+def test_generation_with_a_smaller_kv_cache(tiny_model, processor, batch_parts):
+    inputs = inputs_for(processor, batch_parts, "pooled")
+    exact = tiny_model.diffusion_generate(**inputs, gen_length=8, steps=8)
+    half = tiny_model.diffusion_generate(**inputs, gen_length=8, steps=8, kv_cache_dtype="float16")
+    assert half.shape == exact.shape and (half == exact).float().mean() > 0.5
+    with pytest.raises(ValueError, match="kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True"):
+        tiny_model.diffusion_generate(**inputs, gen_length=8, steps=8, kv_cache_dtype="float16", use_prefix_cache=False)
