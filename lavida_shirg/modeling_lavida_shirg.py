@@ -302,6 +302,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
     the image features are written there in order.
     """
 
+    accepts_loss_kwargs = True  # forward takes Trainer's num_items_in_batch (unknown keyword arguments are errors)
+
     def __init__(self, config: ShirgConfig):
         super().__init__(config)
         self.vision_tower = SiglipVisionModel(config.vision_config)
@@ -617,7 +619,6 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         inputs_embeds=None,
         num_items_in_batch=None,
         generator=None,
-        **kwargs,
     ):
         """With `labels`: the masked-diffusion loss. Without: logits (B, T, V) of the sequence as given.
 
