@@ -118,6 +118,8 @@ class ShirgConfig(PreTrainedConfig):
     coordinate_embedding: bool = False
     adaptive_budget: bool = False
     budget_choices: list | None = None
+    # defaults of diffusion_generate's sampler arguments (block_length / steps None: gen_length)
+    sampler_defaults: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
@@ -136,6 +138,7 @@ class ShirgConfig(PreTrainedConfig):
             self.image_token_id = self.text_config.vocab_size
         if self.budget_choices is None:
             self.budget_choices = [512, 768, 1024]
+        self.sampler_defaults = {**SAMPLER_DEFAULTS, **(self.sampler_defaults or {})}
         super().__post_init__(**kwargs)
         self._validate()
 
@@ -170,6 +173,9 @@ class ShirgConfig(PreTrainedConfig):
         if not 0.0 < self.min_mask_probability < 1.0:
             raise ValueError(f"min_mask_probability must be in (0, 1), got {self.min_mask_probability}")
         self.selection_settings()  # validates the SHIRG fields
+        unknown = sorted(set(self.sampler_defaults) - set(SAMPLER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown sampler_defaults {unknown}; known: {sorted(SAMPLER_DEFAULTS)}")
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"projector_hidden_act must be 'gelu' (LaViDa's mlp2x_gelu), got {self.projector_hidden_act!r}")
 
@@ -207,6 +213,11 @@ class ShirgConfig(PreTrainedConfig):
         kwargs.update(overrides)
         return cls(**kwargs)
 
+
+SAMPLER_DEFAULTS = {
+    "gen_length": 32, "block_length": None, "steps": None, "temperature": 0.0, "remasking": "low_confidence",
+    "schedule": "uniform", "schedule_shift": 1.0 / 3.0,
+}
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",

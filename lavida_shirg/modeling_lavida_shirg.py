@@ -693,13 +693,13 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         selection_method=None,
         selection_budget=None,
         selection_options=None,
-        gen_length=32,
+        gen_length=None,
         block_length=None,
         steps=None,
-        temperature=0.0,
-        remasking="low_confidence",
-        schedule="uniform",
-        schedule_shift=1.0 / 3.0,
+        temperature=None,
+        remasking=None,
+        schedule=None,
+        schedule_shift=None,
         use_prefix_cache=True,
         prefix_lm_mask=False,
         kv_cache_dtype=None,
@@ -714,11 +714,17 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
         with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
         `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache.PrefixCache).
+        Sampler arguments left None take `config.sampler_defaults` (block_length and steps None: gen_length).
         Prompts are left-padded (attention_mask 0 on padding). The image tokens follow the selection settings of
         the call (as in `forward`). Returns the answer ids (B, gen_length).
         """
-        block_length = gen_length if block_length is None else block_length
-        steps = gen_length if steps is None else steps
+        given = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                     remasking=remasking, schedule=schedule, schedule_shift=schedule_shift)
+        sampler = {name: self.config.sampler_defaults[name] if value is None else value for name, value in given.items()}
+        gen_length, temperature, remasking = sampler["gen_length"], sampler["temperature"], sampler["remasking"]
+        schedule, schedule_shift = sampler["schedule"], sampler["schedule_shift"]
+        block_length = gen_length if sampler["block_length"] is None else sampler["block_length"]
+        steps = gen_length if sampler["steps"] is None else sampler["steps"]
         check_sampling_arguments(gen_length, block_length, steps, temperature)
         check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
         if attention_mask is None:

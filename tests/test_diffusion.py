@@ -262,3 +262,14 @@ def test_sampler_bad_arguments(tiny_model):
         tiny_model.diffusion_generate(*args, gen_length=4, steps=4, remasking="entropy")
     with pytest.raises(ValueError, match="temperature"):
         tiny_model.diffusion_generate(*args, gen_length=4, steps=4, temperature=-1)
+
+
+def test_sampler_defaults_come_from_the_config():
+    model = build_tiny_model(seed=9, sampler_defaults=dict(gen_length=6, steps=3, schedule="shift"))
+    input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(model)
+    default = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes)
+    explicit = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, gen_length=6, steps=3,
+                                        schedule="shift", schedule_shift=1 / 3)
+    assert default.shape == (3, 6) and torch.equal(default, explicit)
+    with pytest.raises(ValueError, match="unknown sampler_defaults \\['length'\\]"):
+        build_tiny_model(sampler_defaults=dict(length=4))
