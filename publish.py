@@ -1,0 +1,288 @@
+"""Publish a lavida-shirg model (or a LoRA adapter) as a Hub-ready folder, and optionally push it.
+
+    python publish.py --model ./lavida-shirg-llada ./hub-folder --results eval_out/summary.md
+    python publish.py --model ./lavida-shirg-llada ./hub-folder --push_to_hub org/lavida-shirg --private
+    python publish.py --adapter ./train_out/adapter --base_model org/lavida-shirg-llada ./hub-adapter
+
+The folder holds the weights (safetensors, sharded above --max_shard_size), config.json with auto_map, every
+remote-code file, the processor and tokenizer files, and a model card (README.md) made with huggingface_hub's
+ModelCard: what SHIRG does, the variants and budgets, the results table when one is given, and a runnable demo.
+The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TAGS = ["custom_code", "lavida", "shirg", "diffusion", "token-pruning", "multimodal", "ocr"]
+
+
+class PublishError(ValueError):
+    """A publication that cannot be done as asked; the message names the argument."""
+
+
+def check_repo_id(repo_id):
+    """Raise PublishError unless `repo_id` is a valid Hub repository id ("namespace/name")."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishError(f"--push_to_hub {repo_id!r} is not a valid repository id: {error}") from error
+    if "/" not in repo_id:
+        raise PublishError(f"--push_to_hub {repo_id!r} must be 'namespace/name'")
+
+
+def check_model_folder(model):
+    """Raise PublishError unless `model` is a saved lavida_shirg model whose config maps AutoModel to remote code."""
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        raise PublishError(f"--model {str(model)!r} has no config.json (save the model with save_pretrained)")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "lavida_shirg":
+        raise PublishError(f"--model {str(model)!r} is a {config.get('model_type')!r} model, not lavida_shirg")
+    auto_map = config.get("auto_map", {})
+    if "AutoModel" not in auto_map or "AutoConfig" not in auto_map:
+        raise PublishError(
+            f"--model {str(model)!r}: config.json lacks auto_map for AutoConfig/AutoModel, so the published folder "
+            "could not be loaded with trust_remote_code; save it from a LavidaShirgForMaskedDiffusion"
+        )
+
+
+def demo_snippet(repo_id, method, budget):
+    """The model card's demo (at most 12 lines): load model and processor, ask about an image, print the answer."""
+    return "\n".join([
+        "from PIL import Image",
+        "from transformers import AutoModel, AutoProcessor",
+        "",
+        f'model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()',
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
+        'image = Image.new("RGB", (640, 480), "white")  # your image: Image.open("page.png")',
+        f'shirg = dict(selection_method="{method}", selection_budget={budget})',
+        'inputs = processor(images=[image], text=[processor.build_prompt("What is the title?")], **shirg)',
+        "answer = model.diffusion_generate(**inputs, **shirg)",
+        "print(processor.batch_decode(answer)[0])",
+    ])
+
+
+def adapter_snippet(repo_id, base_model):
+    """The adapter card's demo: the base model with trust_remote_code, then the PEFT adapter on top."""
+    return "\n".join([
+        "from peft import PeftModel",
+        "from transformers import AutoModel, AutoProcessor",
+        "",
+        f'base = AutoModel.from_pretrained("{base_model}", trust_remote_code=True)',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()',
+        f'processor = AutoProcessor.from_pretrained("{base_model}", trust_remote_code=True)',
+    ])
+
+
+def card_text(repo_id, config, results_markdown, base_model, adapter):
+    """Markdown body of the card (the YAML header comes from ModelCardData)."""
+    budgets = ", ".join(str(b) for b in config["budget_choices"])
+    method, budget = "shirg-fixed", config["selection_budget"]
+    snippet = adapter_snippet(repo_id, base_model) if adapter else demo_snippet(repo_id, method, budget)
+    results = results_markdown.strip() if results_markdown else "No evaluation results were attached to this upload."
+    return f"""# {repo_id.split("/")[-1]}
+
+LaViDa-LLaDA (SigLIP-so400m + 2-layer MLP projector + LLaDA-8B masked-diffusion LM) with **SHIRG**, a
+text-conditioned, coverage-guaranteed selection of high-resolution vision tokens. Instead of pooling every 384px
+view to 14x14 tokens (which blurs small text), SHIRG looks at the image at high resolution (one
+{config["hires_image_size"]}px view through SigLIP with interpolated position embeddings) and keeps only K tokens:
+the ones most relevant to the question (cosine similarity with the question in the LM's embedding space) and most
+detailed (feature variance), with at least one token from every region of the image. The LM prefix, and the KV
+cache it reuses at every diffusion step, stays small.
+
+{"This repository holds a LoRA adapter (PEFT) for the base model `" + str(base_model) + "`." if adapter else ""}
+
+## Usage
+
+```python
+{snippet}
+```
+
+## Variants and budgets
+
+Choose per call, passing the same `selection_method` / `selection_budget` (and optional `selection_options`) to
+the processor and to the model:
+
+| `selection_method` | image tokens the LM receives |
+| --- | --- |
+| `pooled` | LaViDa's own pooled anyres layout (the baseline) |
+| `full` | every high-resolution token |
+| `shirg-fixed` | K tokens: every 4x4 region's best, then the top of 0.7 relevance + 0.3 variance |
+| `shirg-v2` | K tokens from clustered coverage + a summary of the dropped tokens |
+| `shirg-x` | LaViDa's global-view tokens as a scaffold + K distance-aware tokens |
+| `random`, `top-norm`, `visionzip`, `divprune` | comparison baselines at budget K |
+
+Budgets used: {budgets} (default {budget}). Smaller budgets are faster (shorter prefix, smaller KV cache); larger
+ones keep more fine text. `processor.image_token_count((height, width), method, budget)` gives the count in advance.
+
+## Results
+
+{results}
+
+Sampler defaults of this upload: `{json.dumps(config["sampler_defaults"])}`.
+"""
+
+
+def build_card(repo_id, config, results_markdown=None, base_model=None, datasets=None, license_name="apache-2.0",
+               adapter=False):
+    """The ModelCard of a model (or adapter) upload."""
+    data = ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="image-text-to-text",
+        tags=TAGS,
+        base_model=base_model,
+        datasets=datasets or None,
+        license=license_name,
+        base_model_relation="adapter" if adapter else None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(repo_id, config, results_markdown, base_model,
+                                                                   adapter))
+
+
+def prepare_output(out, overwrite):
+    """Refuse a non-empty `out` unless `overwrite`; return a fresh temporary sibling folder to write into."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise PublishError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.publishing-", dir=out.parent))
+
+
+def move_into_place(tmp, out):
+    """Replace `out` by the finished `tmp` folder."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.rename(tmp, out)
+
+
+def export_model(model_path, out, repo_id, results=None, base_model=None, datasets=None, license_name="apache-2.0",
+                 max_shard_size="5GB", overwrite=False):
+    """Write the Hub folder of a saved model: weights, config, remote code, processor, card. Returns `out`."""
+    from transformers import AutoModel, AutoProcessor
+
+    check_model_folder(model_path)
+    results_markdown = Path(results).read_text() if results else None
+    tmp = prepare_output(out, overwrite)
+    try:
+        model = AutoModel.from_pretrained(model_path, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        processor.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        build_card(repo_id, config, results_markdown, base_model, datasets, license_name).save(tmp / "README.md")
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out)
+
+
+def export_adapter(adapter_path, out, repo_id, base_model, results=None, datasets=None, license_name="apache-2.0",
+                   overwrite=False):
+    """Write the Hub folder of a PEFT adapter (its files + a card with base_model_relation adapter)."""
+    missing = [name for name in ADAPTER_FILES if not (Path(adapter_path) / name).is_file()]
+    if missing:
+        raise PublishError(f"--adapter {str(adapter_path)!r} lacks {missing} (save it with PeftModel.save_pretrained)")
+    if not base_model:
+        raise PublishError("--adapter needs --base_model (the model the adapter was trained on)")
+    results_markdown = Path(results).read_text() if results else None
+    tmp = prepare_output(out, overwrite)
+    try:
+        for name in os.listdir(adapter_path):
+            if name.startswith("adapter_") or name == "training_args.json":
+                shutil.copy2(Path(adapter_path) / name, tmp / name)
+        build_card(repo_id, DEFAULT_CARD_CONFIG, results_markdown, base_model, datasets, license_name, adapter=True).save(
+            tmp / "README.md"
+        )
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out)
+
+
+# what an adapter card shows about the base model's selection settings (the real preset's defaults)
+DEFAULT_CARD_CONFIG = {"hires_image_size": 672, "budget_choices": [512, 768, 1024], "selection_budget": 768,
+                       "sampler_defaults": {"gen_length": 32}}
+
+
+def push_folder(folder, repo_id, private=False, revision=None):
+    """Create the Hub repository (if needed) and upload the folder; clear errors for a missing token or a refusal.
+
+    The local folder is never modified.
+    """
+    check_repo_id(repo_id)
+    token = get_token()
+    if token is None:
+        raise PublishError(
+            f"--push_to_hub {repo_id}: no Hugging Face token found (run `hf auth login` or set HF_TOKEN); the "
+            f"folder {str(folder)!r} is intact"
+        )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message="Upload lavida-shirg")
+    except HfHubHTTPError as error:
+        raise PublishError(f"--push_to_hub {repo_id}: the Hub refused the push ({error}); the folder "
+                           f"{str(folder)!r} is intact") from error
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a saved lavida_shirg model folder (save_pretrained output or converted)")
+    source.add_argument("--adapter", help="a PEFT adapter folder (train.py's output)")
+    parser.add_argument("out", help="the Hub-ready folder to write")
+    parser.add_argument("--repo_id", default=None, help="repository id shown in the card (default: --push_to_hub)")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    parser.add_argument("--results", default=None, help="a Markdown results table (eval.py's summary) for the card")
+    parser.add_argument("--base_model", default=None, help="base model id (required with --adapter)")
+    parser.add_argument("--datasets", nargs="*", default=None, help="dataset ids for the card metadata")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--max_shard_size", default="5GB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
+        repo_id = args.repo_id or args.push_to_hub or "your-namespace/lavida-shirg"
+        if args.results and not Path(args.results).is_file():
+            raise PublishError(f"--results {args.results!r} is not a file")
+        if args.model:
+            folder = export_model(args.model, args.out, repo_id, args.results, args.base_model, args.datasets,
+                                  args.license, args.max_shard_size, args.overwrite)
+        else:
+            folder = export_adapter(args.adapter, args.out, repo_id, args.base_model, args.results, args.datasets,
+                                    args.license, args.overwrite)
+        print(f"wrote {folder} ({len(os.listdir(folder))} files)")
+        if args.push_to_hub:
+            info = push_folder(folder, args.push_to_hub, args.private, args.revision)
+            print(f"pushed to {args.push_to_hub}: {info.commit_url}")
+    except PublishError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

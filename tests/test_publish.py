@@ -1,0 +1,233 @@
+"""Hub publication, offline: the folder loads in a fresh process, the card's demo runs as written, and the upload
+goes through the real huggingface_hub client to a small Hub stand-in on 127.0.0.1."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from conftest import ROOT, build_tiny_model
+from PIL import Image
+
+import publish
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained")
+    model = build_tiny_model(seed=11)
+    model.save_pretrained(folder)
+    LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def hub_folder(saved_model, tmp_path_factory):
+    results = tmp_path_factory.mktemp("eval") / "summary.md"
+    results.write_text("| task | variant | score |\n| --- | --- | --- |\n| synthetic-ocr | shirg-fixed@64 | 0.0 |\n")
+    out = tmp_path_factory.mktemp("hub") / "folder"
+    publish.export_model(saved_model[0], out, "someone/lavida-shirg-tiny", results=str(results),
+                         base_model="jacklishufan/lavida-llada-v1.0-instruct", datasets=["lmms-lab/textvqa"],
+                         max_shard_size="200KB")
+    return out
+
+
+def run_python(code, cwd, **environment):
+    """Run `code` in a fresh interpreter, offline, without the repository on the path; return its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", **environment}
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_folder_has_everything_a_hub_repo_needs(hub_folder):
+    files = set(os.listdir(hub_folder))
+    assert {"config.json", "README.md", "model.safetensors.index.json", "modeling_lavida_shirg.py",
+            "configuration_lavida_shirg.py", "shirg_selection.py", "image_layout.py", "masked_diffusion.py",
+            "prefix_cache.py", "processing_lavida_shirg.py", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= files
+    shards = [name for name in files if name.endswith(".safetensors")]
+    assert len(shards) > 1, "sharded above max_shard_size"
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    card = (hub_folder / "README.md").read_text()
+    header = card.split("---")[1]
+    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "- custom_code", "- shirg",
+                 "- token-pruning", "base_model: jacklishufan/lavida-llada-v1.0-instruct", "license: apache-2.0",
+                 "- lmms-lab/textvqa"):
+        assert line in header, line
+    assert "| synthetic-ocr | shirg-fixed@64 | 0.0 |" in card
+
+
+def test_folder_loads_in_a_fresh_process_with_identical_outputs(hub_folder, saved_model, tmp_path):
+    _, model = saved_model
+    processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
+    image = Image.new("RGB", (70, 50), "white")
+    inputs = processor(images=[image], text=[processor.build_prompt("What is written?")])
+    expected = model.diffusion_generate(**inputs, gen_length=8, steps=4)
+    code = f"""
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained({str(hub_folder)!r}, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained({str(hub_folder)!r}, trust_remote_code=True)
+inputs = processor(images=[Image.new("RGB", (70, 50), "white")], text=[processor.build_prompt("What is written?")])
+print(model.diffusion_generate(**inputs, gen_length=8, steps=4).tolist())
+"""
+    assert json.loads(run_python(code, tmp_path).strip().splitlines()[-1]) == expected.tolist()
+
+
+def test_card_demo_runs_as_written(hub_folder, tmp_path):
+    card = (hub_folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert len(snippet.strip().splitlines()) <= 12
+    runnable = snippet.replace("someone/lavida-shirg-tiny", str(hub_folder))
+    assert runnable != snippet
+    answer = run_python(runnable, tmp_path).strip()
+    assert answer == answer.strip()  # printed a decoded string (the untrained tiny model's words)
+
+
+def test_adapter_publication(saved_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    folder, _ = saved_model
+    peft_model = get_peft_model(build_tiny_model(seed=11), LoraConfig(r=4, target_modules=["multi_modal_projector.linear_1"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = publish.export_adapter(tmp_path / "adapter", tmp_path / "hub-adapter", "someone/shirg-lora",
+                                 base_model=str(folder))
+    card = (out / "README.md").read_text()
+    assert "base_model_relation: adapter" in card and "library_name: peft" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("someone/shirg-lora", str(out))
+    run_python(snippet + "\nprint(type(model).__name__)\n", tmp_path)
+
+
+def test_bad_publication_inputs(saved_model, tmp_path):
+    folder, _ = saved_model
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(publish.PublishError, match="exists and is not empty; pass --overwrite"):
+        publish.export_model(folder, tmp_path / "busy", "a/b")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    with pytest.raises(publish.PublishError, match="not a valid repository id"):
+        publish.check_repo_id("bad repo//name")
+    no_auto_map = tmp_path / "plain"
+    no_auto_map.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("auto_map")
+    (no_auto_map / "config.json").write_text(json.dumps(config))
+    with pytest.raises(publish.PublishError, match="lacks auto_map"):
+        publish.export_model(no_auto_map, tmp_path / "out", "a/b")
+    assert not (tmp_path / "out").exists()
+    assert publish.main(["--model", str(folder), str(tmp_path / "x"), "--push_to_hub", "not a repo"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+class FakeHub:
+    """The few Hub API routes huggingface_hub's create_repo + upload_folder use, on 127.0.0.1."""
+
+    def __init__(self, refuse=False):
+        self.repos, self.files, self.refuse = set(), {}, refuse
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if hub.refuse:
+                    return self.reply(403, {"error": "You don't have the rights to create a model under this namespace"})
+                if self.path == "/api/validate-yaml":  # the client checks the model card's metadata
+                    return self.reply(200, {"errors": [], "warnings": []})
+                if self.path == "/api/repos/create":
+                    request = json.loads(body)
+                    repo = f"{request['organization']}/{request['name']}"
+                    hub.repos.add(repo)
+                    return self.reply(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo})
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/?]+)(\?.*)?", self.path)
+                if not match or match.group(1) not in hub.repos:
+                    return self.reply(404, {"error": f"unknown route {self.path}"})
+                if match.group(2) == "preupload":
+                    files = json.loads(body)["files"]
+                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                       "shouldIgnore": False} for f in files]})
+                for line in body.decode().splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "file":
+                        hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                return self.reply(200, {"commitUrl": f"http://{self.headers['Host']}/{match.group(1)}/commit/1",
+                                        "commitOid": "1" * 40})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def push_in_subprocess(folder, endpoint, cwd, token="hf_fake_token"):
+    code = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import publish
+sys.exit(publish.main(["--model", {str(folder)!r}, {str(cwd / "pushed-folder")!r}, "--push_to_hub", "someone/tiny"]))
+"""
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(cwd / "hf-home"),
+           "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_push_through_the_real_client_to_a_local_hub(saved_model, tmp_path):
+    hub = FakeHub()
+    try:
+        done = push_in_subprocess(saved_model[0], hub.endpoint, tmp_path)
+    finally:
+        hub.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "someone/tiny" in hub.repos
+    received = tmp_path / "received"
+    received.mkdir()
+    for path, content in hub.files.items():
+        (received / path).write_bytes(content)
+    assert "README.md" in hub.files and "modeling_lavida_shirg.py" in hub.files
+    code = f"""
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(received)!r}, trust_remote_code=True)
+print(sum(p.numel() for p in model.parameters()))
+"""
+    total = int(run_python(code, tmp_path).strip().splitlines()[-1])
+    assert total == sum(p.numel() for p in saved_model[1].parameters())
+
+
+def test_push_errors_leave_the_folder_intact(saved_model, tmp_path):
+    no_token = push_in_subprocess(saved_model[0], "http://127.0.0.1:9", tmp_path, token=None)
+    assert no_token.returncode == 2 and "no Hugging Face token found" in no_token.stderr
+    assert (tmp_path / "pushed-folder" / "config.json").is_file()
+    (tmp_path / "again").mkdir()
+    hub = FakeHub(refuse=True)
+    try:
+        refused = push_in_subprocess(saved_model[0], hub.endpoint, tmp_path / "again")
+    finally:
+        hub.close()
+    assert refused.returncode == 2 and "the Hub refused the push" in refused.stderr
+    assert (tmp_path / "again" / "pushed-folder" / "README.md").is_file()
