@@ -704,6 +704,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         prefix_lm_mask=False,
         kv_cache_dtype=None,
         generator=None,
+        on_prefix_cache=None,
     ):
         """Masked-diffusion sampling of a `gen_length` answer after each prompt (LLaDA's sampler, batched).
 
@@ -713,7 +714,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         LaViDa's "shift" with `schedule_shift`). With `use_prefix_cache` the prefix runs once and each step runs
         only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
         with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
-        `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache.PrefixCache).
+        `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache.PrefixCache);
+        `on_prefix_cache(cache)` is called once the cache is built (e.g. to time the prefill or read its bytes).
         Sampler arguments left None take `config.sampler_defaults` (block_length and steps None: gen_length).
         Prompts are left-padded (attention_mask 0 on padding). The image tokens follow the selection settings of
         the call (as in `forward`). Returns the answer ids (B, gen_length).
@@ -743,6 +745,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
             raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
         if use_prefix_cache:
             prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, kv_cache_dtype)
+            if on_prefix_cache is not None:
+                on_prefix_cache(prefix_key_values)
             bias = language_model.attention_bias(full_mask, gen_length, dtype)
         else:
             prefix_lengths = torch.full((batch,), prefix_length, device=device) if prefix_lm_mask else None

@@ -1,0 +1,618 @@
+"""Evaluate every token-selection variant of one loaded LaViDa-SHIRG model on OCR benchmarks, side by side.
+
+    python eval.py                                   # offline: tiny preset, random weights, synthetic OCR set
+    python eval.py --model ./lavida-shirg-llada --tasks textvqa,docvqa,chartqa \\
+        --data textvqa=/data/textvqa --data docvqa=/data/DocVQA --data chartqa=/data/ChartQA --limit 500
+    python eval.py --model ./lavida-shirg-llada --tasks textvqa --data textvqa=/data/textvqa \\
+        --variants shirg-fixed@768,shirg-fixed@768:relevance=1:variance=0,shirg-fixed@768:relevance=0:variance=1
+
+Writes into --output-dir: predictions/TASK.jsonl (one line per sample and variant: prediction, score, timings,
+selection diagnostics, or the sample's error), summary.json and summary.md (task x variant table), run_config.json
+and overlays/TASK/SAMPLE/{VARIANT.png, sheet.png} for the first --overlays samples. Rerunning with the same
+settings skips the samples already written (errors are retried); lines and summaries are written atomically.
+Timings: one warm-up batch per task and variant, device synchronisation around timed regions, medians over
+samples of the batch time / batch size.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shirg_tools.diagnostics import selection_diagnostics, source_views, token_relevance  # noqa: E402
+from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
+                                    synthetic_config)
+from shirg_tools.metrics import METRICS  # noqa: E402
+from shirg_tools.overlays import contact_sheet, render_panel  # noqa: E402
+from shirg_tools.timing import median, timed_generate  # noqa: E402
+from shirg_tools.variants import default_variants, option_names_help, parse_variants  # noqa: E402
+
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
+SCHEDULES = ("uniform", "shift")
+# settings that change the numbers: a rerun into the same output folder must use the same ones
+RESULT_SETTINGS = ("model", "model_label", "dtype", "device", "kv_cache_dtype", "step_ratio", "schedule",
+                   "gen_length", "synthetic", "batch_size")
+TINY_HIDDEN_SIZE = 64  # the tiny preset's LM width: such a model does not read (accuracy is not evidence)
+
+
+class EvalError(ValueError):
+    """A problem found before any work starts (arguments, model folder, variants, data)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a lavida_shirg model folder (converted checkpoint, or a train.py output "
+                        "folder with its merged/ model); "
+                        "default: the tiny preset with random weights (untrained)")
+    parser.add_argument("--tasks", default="synthetic-ocr", help=f"comma-separated, of: {', '.join(TASKS)}")
+    parser.add_argument("--variants", help="comma-separated METHOD[@BUDGET][:OPTION=VALUE...] (default: pooled, full, "
+                        "SHIRG-Fixed 512/768/1024, v2/X/random/VisionZip/DivPrune at 768, budgets scaled to the "
+                        "model's high-resolution token count). " + option_names_help())
+    parser.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                        help="local copy of a task's data: save_to_disk folder, Hub snapshot folder, parquet folder "
+                        "or file (default: the Hub, unless offline)")
+    parser.add_argument("--limit", type=int, help="first N samples of every task (synthetic: the set's size)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gen-length", type=int, help="answer tokens for every task (default: the task's, "
+                        "as LaViDa: TextVQA/ChartQA 16, DocVQA/InfoVQA 32, synthetic 16)")
+    parser.add_argument("--step-ratio", type=float, default=1.0, help="diffusion steps = answer tokens x this "
+                        "(1.0: one token per step)")
+    parser.add_argument("--schedule", default="shift", choices=SCHEDULES, help="tokens per step (LaViDa: shift)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="store the prefix KV cache in this dtype "
+                        "(the table reports the bytes saved)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-dir", default="runs/eval")
+    parser.add_argument("--overlays", type=int, default=4, help="kept/dropped overlays for the first N samples")
+    parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics "
+                        "(they re-run the vision tower once per batch and variant, outside the timed region)")
+    parser.add_argument("--synthetic", action="append", default=[], metavar="FIELD=VALUE",
+                        help="SyntheticOCRConfig field for the synthetic set, e.g. canvas_size=96/96")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of the default model")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 gives steadier CPU "
+                        "timings on a machine shared with other work")
+    return parser.parse_args(argv)
+
+
+def key_values(items: list, flag: str) -> dict:
+    """['a=1', 'b=2'] -> {'a': '1', 'b': '2'}; EvalError naming `flag` for an item without '='."""
+    result = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise EvalError(f"{flag} takes KEY=VALUE, got {item!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+
+
+def load_model(args):
+    """(model, processor, label, is_tiny): the --model folder through AutoModel/AutoProcessor with remote code, or
+    the tiny preset with random weights."""
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.model is None:
+        from lavida_shirg import ShirgConfig
+        from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+        from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+        from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+        torch.manual_seed(args.seed)
+        model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny"))
+        processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
+        label = f"tiny preset, random weights (seed {args.seed}), UNTRAINED"
+    else:
+        folder = model_folder(Path(args.model))
+        config_file = folder / "config.json"
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != "lavida_shirg":
+            raise EvalError(f"--model {args.model!r} holds a {model_type!r} model, not a lavida_shirg one: convert a "
+                            "LaViDa checkpoint with convert_lavida_checkpoint.py first")
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+        label = str(folder)
+    model = model.to(device=args.device, dtype=getattr(torch, dtype)).eval()
+    is_tiny = model.config.text_config.hidden_size <= TINY_HIDDEN_SIZE
+    if is_tiny and args.model is not None:
+        label += " (tiny preset: does not learn to read on CPU minutes)"
+    return model, processor, label, dtype, is_tiny
+
+
+def model_folder(folder: Path) -> Path:
+    """The folder holding the model's config.json: `folder` itself, or the merged model a training run wrote into
+    folder/merged (train.py --save_merged_model). EvalError for anything else, e.g. an adapter-only folder."""
+    if (folder / "config.json").is_file():
+        return folder
+    if (folder / "merged" / "config.json").is_file():
+        return folder / "merged"
+    if (folder / "adapter_config.json").is_file():
+        raise EvalError(f"--model {str(folder)!r} holds a LoRA adapter only: train with --save_merged_model and pass "
+                        f"the training output folder (its merged/ model is used)")
+    raise EvalError(f"--model {str(folder)!r} is not a model folder (no config.json)")
+
+
+def check_variants(model, processor, variants):
+    """EvalError naming the variant when the model or processor refuses its settings (budget beyond the token
+    count, out-of-range option, a learned part the model lacks)."""
+    for variant in variants:
+        try:
+            model.selection_settings(variant.method, variant.budget, variant.options)
+            processor.selection(variant.method, variant.budget, variant.options)
+        except ValueError as error:
+            raise EvalError(f"variant {variant.label!r}: {error}") from error
+
+
+def high_resolution_tokens(model) -> int:
+    """The default single-view token count of the model (what the default variant budgets scale with)."""
+    config = model.config
+    return (config.hires_image_size // config.vision_config.patch_size) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write `data` to `path` through a temporary file in the same folder and os.replace (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def write_json(path: Path, value):
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+class PredictionStore:
+    """The JSONL of one task: one record per (variant, sample) line, appended with a single write each.
+
+    On opening, a last line without its newline (a write cut by a crash) is truncated away, so every kept line is a
+    whole record. The latest record of a (variant, id) wins.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records = {}
+        if path.exists():
+            data = path.read_bytes()
+            complete = data[: data.rfind(b"\n") + 1]
+            if len(complete) != len(data):
+                with open(path, "r+b") as file:
+                    file.truncate(len(complete))
+            for number, line in enumerate(complete.decode().splitlines(), start=1):
+                record = json.loads(line)
+                self.records[(record["variant"], record["id"])] = record
+        self.handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def done(self, variant: str) -> set:
+        """Ids of the samples of `variant` written without error."""
+        return {sample for (name, sample), record in self.records.items() if name == variant and not record["error"]}
+
+    def append(self, records: list):
+        """Append records (one write per line) and fsync."""
+        for record in records:
+            data = (json.dumps(record) + "\n").encode()
+            written = os.write(self.handle, data)
+            if written != len(data):
+                raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+            self.records[(record["variant"], record["id"])] = record
+        os.fsync(self.handle)
+
+    def close(self):
+        os.close(self.handle)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def variant_slug(label: str) -> str:
+    """A file name for a variant label."""
+    return label.replace(":", "+").replace("/", "_").replace("@", "-")
+
+
+class Evaluation:
+    """All tasks x variants of one model (see the module docstring)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.task_names = parse_task_names(args.tasks)
+        self.data_paths = key_values(args.data, "--data")
+        unknown = sorted(set(self.data_paths) - set(self.task_names))
+        if unknown:
+            raise EvalError(f"--data names task(s) {unknown} that --tasks does not run ({', '.join(self.task_names)})")
+        self.synthetic = key_values(args.synthetic, "--synthetic")
+        for name, value, low in (("--batch-size", args.batch_size, 1), ("--overlays", args.overlays, 0),
+                                 ("--limit", args.limit if args.limit is not None else 1, 1),
+                                 ("--gen-length", args.gen_length or 1, 1)):
+            if value < low:
+                raise EvalError(f"{name} must be >= {low}, got {value}")
+        if not 0 < args.step_ratio <= 1:
+            raise EvalError(f"--step-ratio must be in (0, 1], got {args.step_ratio}")
+        variants_text = args.variants
+        self.model, self.processor, self.model_label, self.dtype, self.is_tiny = load_model(args)
+        self.variants = parse_variants(variants_text or default_variants(high_resolution_tokens(self.model)))
+        check_variants(self.model, self.processor, self.variants)
+        self.datasets = {name: load_task_dataset(TASKS[name], self.data_paths.get(name), args.limit, self.synthetic)
+                         for name in self.task_names}
+        self.output = Path(args.output_dir)
+        self.settings = {"model": args.model or "tiny-random", "model_label": self.model_label, "dtype": self.dtype,
+                         "device": torch.device(args.device).type, "kv_cache_dtype": args.kv_cache_dtype,
+                         "step_ratio": args.step_ratio, "schedule": args.schedule, "gen_length": args.gen_length,
+                         "synthetic": self.synthetic, "batch_size": args.batch_size}
+        self._check_output_folder()
+
+    def _check_output_folder(self):
+        """EvalError when the output folder holds results of other settings (they would mix)."""
+        saved = self.output / "run_config.json"
+        if saved.exists():
+            previous = json.loads(saved.read_text())
+            differing = [key for key in RESULT_SETTINGS if previous.get(key) != self.settings[key]]
+            if differing:
+                details = "; ".join(f"{key}: {previous.get(key)!r} then, {self.settings[key]!r} now" for key in differing)
+                raise EvalError(f"--output-dir {str(self.output)!r} holds results of other settings ({details}): "
+                                "use another --output-dir")
+
+    def generation_settings(self, name: str) -> dict:
+        """gen_length / steps / block_length / schedule of a task."""
+        gen_length = self.args.gen_length or TASKS[name].gen_length
+        steps = max(1, round(gen_length * self.args.step_ratio))
+        return dict(gen_length=gen_length, block_length=gen_length, steps=steps, schedule=self.args.schedule)
+
+    def run(self):
+        write_json(self.output / "run_config.json", self.settings)
+        for name in self.task_names:
+            self.run_task(name)
+            self.write_summary()
+
+    def run_task(self, name: str):
+        spec, dataset = TASKS[name], self.datasets[name]
+        store = PredictionStore(self.output / "predictions" / f"{name}.jsonl")
+        ids = [str(value) for value in dataset[spec.id_column]] if spec.id_column else [str(i) for i in range(len(dataset))]
+        try:
+            for variant in self.variants:
+                done = store.done(variant.label)
+                pending = [index for index, sample_id in enumerate(ids) if sample_id not in done]
+                self.run_variant(name, variant, pending, store, set(ids[: self.args.overlays]))
+        finally:
+            store.close()
+        self.write_sheets(name, ids[: self.args.overlays])
+
+    def run_variant(self, name, variant, pending, store, overlay_ids):
+        from tqdm import tqdm
+
+        spec, dataset = TASKS[name], self.datasets[name]
+        generation = self.generation_settings(name)
+        warmed_up = False
+        progress = tqdm(total=len(pending), desc=f"{name} {variant.label}", unit="sample", disable=None)
+        for indices in batches(pending, self.args.batch_size):
+            samples = [make_sample(spec, dataset[index], index) for index in indices]
+            records = {sample.id: self.base_record(name, variant, sample) for sample in samples}
+            ready = [sample for sample in samples if self.check_sample(variant, sample, records[sample.id])]
+            inputs, ready = self.model_inputs(name, variant, ready, records)
+            if ready:
+                call = dict(inputs, **variant.call_settings(), **generation, kv_cache_dtype=self.args.kv_cache_dtype)
+                steps = call.pop("steps")
+                if not warmed_up:
+                    timed_generate(self.model, call, steps)
+                    warmed_up = True
+                answers, timing = timed_generate(self.model, call, steps)
+                predictions = self.processor.batch_decode(answers.cpu())
+                diagnostics = self.diagnostics(variant, inputs, ready)
+                for position, (sample, prediction) in enumerate(zip(ready, predictions)):
+                    record = records[sample.id]
+                    record.update(
+                        prediction=prediction, score=METRICS[spec.metric](prediction, sample.answers),
+                        batch_size=len(ready), batch_prefill_ms=timing.prefill_s * 1000,
+                        batch_step_ms=timing.step_s * 1000, batch_total_ms=timing.total_s * 1000,
+                        batch_kv_bytes=timing.kv_bytes, batch_kv_bytes_compute_dtype=timing.kv_bytes_compute_dtype,
+                        batch_peak_bytes=timing.peak_bytes, steps=steps,
+                    )
+                    sample_diagnostics = diagnostics[position]
+                    record["diagnostics"] = {key: value for key, value in sample_diagnostics.items()
+                                             if not key.startswith("_")}
+                    if sample.id in overlay_ids:
+                        self.write_overlay(name, variant, sample, record, sample_diagnostics)
+            store.append([records[sample.id] for sample in samples])
+            for record in records.values():
+                if record["error"]:
+                    print(f"[{name} {variant.label}] sample {record['id']}: {record['error']}", file=sys.stderr)
+            progress.update(len(samples))
+        progress.close()
+
+    def model_inputs(self, name, variant, samples, records):
+        """(processor outputs on the model's device, the samples they hold). A batch the processor refuses is
+        processed sample by sample to record the refused samples' errors; the others run."""
+        post_prompt = TASKS[name].post_prompt
+
+        def process(group):
+            prompts = [self.processor.build_prompt(sample.question + post_prompt) for sample in group]
+            return self.processor(images=[sample.image for sample in group], text=prompts, **variant.call_settings())
+
+        if not samples:
+            return None, []
+        try:
+            return process(samples).to(self.model.device), samples
+        except ValueError:  # find the samples it refuses; each gets its own error below
+            kept = []
+            for sample in samples:
+                try:
+                    process([sample])
+                    kept.append(sample)
+                except ValueError as error:
+                    records[sample.id]["error"] = f"ValueError: {error}"
+            return (process(kept).to(self.model.device) if kept else None), kept
+
+    def base_record(self, name, variant, sample) -> dict:
+        """The fields every record has (an error record has only these)."""
+        return {"task": name, "variant": variant.label, "id": sample.id, "question": sample.question,
+                "answers": sample.answers, "error": sample.error, "time": time.time()}
+
+    def check_sample(self, variant, sample, record) -> bool:
+        """Whether the sample can run under the variant; if not, its record gets the error. Counts its image tokens."""
+        if sample.error:
+            return False
+        try:
+            record["image_tokens"] = self.processor.image_token_count((sample.image.height, sample.image.width),
+                                                                      variant.method, variant.budget, variant.options)
+        except ValueError as error:
+            record["error"] = f"ValueError: {error}"
+            return False
+        return True
+
+    def diagnostics(self, variant, inputs, samples) -> list:
+        """Selection diagnostics per sample (empty dicts with --no-diagnostics)."""
+        if self.args.no_diagnostics:
+            return [{} for _ in samples]
+        settings = self.model.selection_settings(variant.method, variant.budget, variant.options)
+        relevance = None
+        if variant.method != "pooled":
+            relevance = token_relevance(self.model, inputs, settings)
+        return selection_diagnostics(self.model, inputs, settings, samples, relevance)
+
+    # ---- overlays ---------------------------------------------------------------------------------------------
+
+    def overlay_folder(self, name, sample_id) -> Path:
+        return self.output / "overlays" / name / variant_slug(str(sample_id))
+
+    def write_overlay(self, name, variant, sample, record, diagnostics):
+        """The variant's panel of one sample (PNG, written atomically)."""
+        settings = self.model.selection_settings(variant.method, variant.budget, variant.options)
+        layout = {**self.model.config.token_layout(), **settings}
+        size = (sample.image.height, sample.image.width)
+        info = record["diagnostics"]
+        caption = [f"{variant.label}"[:48], f"{record['image_tokens']} image tokens; pred: {record['prediction']!r}"[:48]]
+        answer_box = None if sample.answer_box is None else sample.text_boxes[sample.answer_box]
+        if variant.method == "pooled":
+            pooled = layout["pooled_view_size"]
+            crops = source_views(size, {**layout, "hires_source": "anyres-views"})[1:]
+            grids = [(view.box, pooled, pooled) for view in crops]
+            area = info.get("token_area_px2", {})
+            caption.append(f"pooled px2/token: crop {area.get('crop', 0):.0f}, global {area.get('global', 0):.0f}")
+            panel = render_panel(sample.image, caption, pooled_grids=grids, answer_box=answer_box)
+        else:
+            views, kept = diagnostics.get("_views"), diagnostics.get("_kept")
+            if views is None:
+                views = source_views(size, layout)
+            scaffold = self.scaffold_grid(layout, size, views)
+            recall = info.get("answer_recall")
+            caption.append(f"coverage {info.get('coverage_kept', 1.0):.2f}" +
+                           ("" if recall is None else f"; answer recall {recall:.2f}") +
+                           ("; + scaffold (cyan)" if scaffold else ""))
+            panel = render_panel(sample.image, caption, views=views, kept=kept,
+                                 region_size=layout["coverage_region_size"] if kept is not None else None,
+                                 scaffold=scaffold, answer_box=answer_box)
+        folder = self.overlay_folder(name, sample.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / f"{variant_slug(variant.label)}.png", png_bytes(panel))
+        header = {"id": sample.id, "question": sample.question, "answers": sample.answers}
+        write_json(folder / "sample.json", header)
+
+    @staticmethod
+    def scaffold_grid(layout, size, views):
+        """SHIRG-X's scaffold as (box, rows, cols) in image pixels, or None."""
+        if layout["selection_method"] != "shirg-x" or layout["x_scaffold"] == "none":
+            return None
+        if layout["x_scaffold"] == "grid":
+            return views[0].box, layout["x_scaffold_size"], layout["x_scaffold_size"]
+        height, width = size
+        return (0.0, 0.0, float(width), float(height)), layout["pooled_view_size"], layout["pooled_view_size"]
+
+    def write_sheets(self, name, sample_ids):
+        """One side-by-side sheet per overlaid sample, from the variant panels on disk (in --variants order)."""
+        from PIL import Image
+
+        for sample_id in sample_ids:
+            folder = self.overlay_folder(name, sample_id)
+            paths = [folder / f"{variant_slug(variant.label)}.png" for variant in self.variants]
+            panels = [Image.open(path).convert("RGB") for path in paths if path.exists()]
+            if not panels:
+                continue
+            info = json.loads((folder / "sample.json").read_text())
+            header = [f"{name} sample {info['id']}: {info['question']}"[:120], f"answers: {info['answers'][:5]}"[:120],
+                      f"model: {self.model_label}"[:120],
+                      "bright = kept full-resolution patches (orange outline), dim = dropped; yellow = coverage "
+                      "regions; cyan = scaffold / pooled cells; green = answer box"]
+            write_atomic(folder / "sheet.png", png_bytes(contact_sheet(panels, header)))
+
+    # ---- summary ----------------------------------------------------------------------------------------------
+
+    def summarize(self) -> dict:
+        """Per task and variant: score, counts, medians of the per-sample timings, peak memory, KV cache and the
+        means of the selection diagnostics, from every record on disk for this run's samples."""
+        tasks = {}
+        for name in self.task_names:
+            spec = TASKS[name]
+            path = self.output / "predictions" / f"{name}.jsonl"
+            if not path.exists():
+                continue
+            store_records = read_records(path)
+            dataset = self.datasets[name]
+            ids = set(str(v) for v in dataset[spec.id_column]) if spec.id_column else {str(i) for i in range(len(dataset))}
+            rows = {}
+            for variant in self.variants:
+                records = [r for (v, i), r in store_records.items() if v == variant.label and i in ids]
+                rows[variant.label] = summarize_records(records)
+            tasks[name] = {
+                "metric": spec.metric, "split": spec.split, "source": self.task_source(name),
+                "prompt_template": spec.prompt_template(), "generation": self.generation_settings(name),
+                "lavida_reference": spec.reference, "variants": rows,
+            }
+        return {"model": self.model_label, "accuracy_is_evidence": not self.is_tiny, "settings": self.settings,
+                "device": describe_device(self.args.device), "tasks": tasks}
+
+    def task_source(self, name: str) -> str:
+        """Where a task's samples come from, in words."""
+        if name == "synthetic-ocr":
+            return f"shirg_tools.synthetic_ocr with {synthetic_config(self.synthetic)}"
+        return self.data_paths.get(name) or f"{TASKS[name].hub_path} (Hub)"
+
+    def write_summary(self):
+        summary = self.summarize()
+        write_json(self.output / "summary.json", summary)
+        write_atomic(self.output / "summary.md", markdown_table(summary).encode())
+
+
+def read_records(path: Path) -> dict:
+    """The whole-line records of a predictions JSONL, latest per (variant, id) (a torn last line is ignored)."""
+    data = path.read_bytes()
+    records = {}
+    for line in data[: data.rfind(b"\n") + 1].decode().splitlines():
+        record = json.loads(line)
+        records[(record["variant"], record["id"])] = record
+    return records
+
+
+
+def summarize_records(records: list) -> dict:
+    """The summary row of one task and variant (see Evaluation.summarize)."""
+    good = [r for r in records if not r["error"]]
+    per_sample = {key: [r[f"batch_{key}"] / r["batch_size"] for r in good] for key in ("prefill_ms", "total_ms")}
+    row = {
+        "samples": len(good), "errors": len(records) - len(good),
+        "score": 100 * sum(r["score"] for r in good) / len(good) if good else None,
+        "image_tokens": sum(r["image_tokens"] for r in good) / len(good) if good else None,
+        "prefill_ms": median(per_sample["prefill_ms"]),
+        "step_ms": median([r["batch_step_ms"] / r["batch_size"] for r in good]),
+        "total_ms": median(per_sample["total_ms"]),
+        "peak_mb": max([r["batch_peak_bytes"] / 2**20 for r in good if r["batch_peak_bytes"] is not None],
+                       default=None),
+        "kv_mb": median([r["batch_kv_bytes"] / r["batch_size"] / 2**20 for r in good]),
+        "kv_mb_saved": median([(r["batch_kv_bytes_compute_dtype"] - r["batch_kv_bytes"]) / r["batch_size"] / 2**20
+                               for r in good]),
+        "batch_size": median([r["batch_size"] for r in good]),
+    }
+    for key in ("relevance_lift", "coverage_kept", "score_gini", "answer_recall"):
+        values = [r["diagnostics"].get(key) for r in good if r.get("diagnostics")]
+        values = [value for value in values if value is not None]
+        row[key] = sum(values) / len(values) if values else None
+    areas = [r["diagnostics"]["token_area_px2"] for r in good if r.get("diagnostics", {}).get("token_area_px2")]
+    if areas and isinstance(areas[0], dict):
+        row["token_area_px2"] = {key: sum(a[key] for a in areas) / len(areas) for key in areas[0]}
+    else:
+        row["token_area_px2"] = sum(areas) / len(areas) if areas else None
+    return row
+
+
+def describe_device(device: str) -> str:
+    """The device in words (CPU timings are labelled CPU)."""
+    if device.startswith("cuda"):
+        return f"CUDA: {torch.cuda.get_device_name(torch.device(device))}"
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _number(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """The task x variant table of a summary, with the labels the numbers need."""
+    device = summary["device"]
+    unit = " (CPU)" if device.startswith("CPU") else ""
+    score_header = "score" if summary["accuracy_is_evidence"] else "score (NOT evidence)"
+    lines = [f"# SHIRG evaluation", "", f"model: {summary['model']}  ", f"device: {device}  ",
+             f"settings: {json.dumps(summary['settings'])}", ""]
+    if not summary["accuracy_is_evidence"]:
+        lines += ["**The accuracy column comes from a tiny model that cannot read (random or CPU-minutes weights): it "
+                  "is not evidence for or against any variant. The answer-region recall and the selection "
+                  "diagnostics are.**", ""]
+    header = (f"| task | variant | {score_header} | n | errors | image tokens | prefill ms{unit} | ms/step{unit} | "
+              f"total ms/sample{unit} | peak MB | KV MB | KV MB saved | relevance lift | coverage | score Gini | "
+              "answer recall | px2/token |")
+    lines += [header, "|" + " --- |" * (header.count("|") - 1)]
+    for name, task in summary["tasks"].items():
+        for label, row in task["variants"].items():
+            area = row["token_area_px2"]
+            area_text = (f"crop {area['crop']:.0f} / global {area['global']:.0f}" if isinstance(area, dict)
+                         else _number(area, 0))
+            lines.append(
+                f"| {name} | {label} | {_number(row['score'])} | {row['samples']} | {row['errors']} | "
+                f"{_number(row['image_tokens'], 0)} | {_number(row['prefill_ms'])} | {_number(row['step_ms'], 2)} | "
+                f"{_number(row['total_ms'])} | {_number(row['peak_mb'], 0)} | {_number(row['kv_mb'], 2)} | "
+                f"{_number(row['kv_mb_saved'], 2)} | {_number(row['relevance_lift'], 2)} | "
+                f"{_number(row['coverage_kept'], 2)} | {_number(row['score_gini'], 2)} | "
+                f"{_number(row['answer_recall'], 2)} | {area_text} |")
+    lines += ["", "Timings: medians over samples of (batch time / batch size), after one warm-up batch per task and "
+              "variant; peak MB: torch.cuda.max_memory_allocated (n/a on CPU); KV MB: prefix-cache bytes per sample "
+              "read from the cache tensors (saved: vs the compute dtype). relevance lift: mean normalised question "
+              "relevance of kept tokens / that of a random selection of the same size (1 = random). coverage: "
+              "fraction of coverage regions keeping >= 1 token. answer recall: fraction of the answer box's area "
+              "under kept full-resolution tokens.", ""]
+    for name, task in summary["tasks"].items():
+        lines.append(f"- {name}: metric {task['metric']}, split {task['split']}, source {task['source']}, "
+                     f"prompt {json.dumps(task['prompt_template'])}, generation {json.dumps(task['generation'])}, "
+                     f"LaViDa-LLaDA reported (pooled): {task['lavida_reference']}")
+    return "\n".join(lines) + "\n"
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of a PIL image."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        evaluation = Evaluation(args)
+    except (EvalError, TaskError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    evaluation.run()
+    print((evaluation.output / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
