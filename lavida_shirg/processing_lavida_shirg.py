@@ -341,19 +341,27 @@ class LavidaShirgProcessor(ProcessorMixin):
         hires_size = layout["hires_image_size"] if single_view else None
         image_inputs = self.image_processor(flat_images, return_tensors=None, hires_size=hires_size)
         sizes = iter([tuple(size) for size in image_inputs["image_sizes"].tolist()] if flat_images else [])
-        prompts_encoded = [self._prompt_ids(prompt, [image_token_count(next(sizes), layout) for _ in group])
-                           for prompt, group in zip(prompts, images_per_prompt)]
-        prompt_ids = [ids for ids, _ in prompts_encoded]
-        question_flags = [flags for _, flags in prompts_encoded]
-        if answer_list is None:
-            self._check_lengths(prompt_ids, [[] for _ in prompt_ids])
-            batch = self._generation_batch(prompt_ids, question_flags)
-        else:
-            answer_ids = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eot_token_id]
-                          for answer in answer_list]
-            self._check_lengths(prompt_ids, answer_ids)
-            batch = self._training_batch(prompt_ids, answer_ids, question_flags)
+        image_sizes = [[next(sizes) for _ in group] for group in images_per_prompt]
+        batch = self.text_inputs(prompts, image_sizes, answer_list, layout)
         return BatchFeature({**batch, **image_inputs}, tensor_type=return_tensors)
+
+    def text_inputs(self, prompts: list, image_sizes: list, answers=None, layout=None) -> dict:
+        """input_ids, attention_mask, question_mask (and labels with `answers`) as numpy arrays, for prompts whose
+        images have the (height, width) sizes `image_sizes` (one list per prompt), under the token `layout` of
+        `selection(...)` (default: this processor's). The text half of `__call__`, usable once the images were
+        processed apart (e.g. when a trainer picks the token budget late)."""
+        layout = self.selection() if layout is None else layout
+        encoded = [self.encode_prompt(prompt, [image_token_count(size, layout) for size in sizes])
+                   for prompt, sizes in zip(prompts, image_sizes)]
+        prompt_ids = [ids for ids, _ in encoded]
+        question_flags = [flags for _, flags in encoded]
+        if answers is None:
+            self._check_lengths(prompt_ids, [[] for _ in prompt_ids])
+            return self._generation_batch(prompt_ids, question_flags)
+        answer_ids = [self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.eot_token_id]
+                      for answer in answers]
+        self._check_lengths(prompt_ids, answer_ids)
+        return self._training_batch(prompt_ids, answer_ids, question_flags)
 
     def _prompt_list(self, text) -> list:
         """`text` as a non-empty list of prompts; raise if it is not str / list of str or a question is empty."""
@@ -408,7 +416,7 @@ class LavidaShirgProcessor(ProcessorMixin):
             raise ValueError(f"`answers` has {len(answer_list)} answers but `text` has {batch_size} prompts")
         return list(answer_list)
 
-    def _prompt_ids(self, prompt: str, image_token_counts: list) -> tuple:
+    def encode_prompt(self, prompt: str, image_token_counts: list) -> tuple:
         """Token ids of a prompt (its text segments tokenized apart, joined by runs of image_token_id) and, per id,
         whether it belongs to the question (its character span overlaps `question_span`)."""
         question_start, question_end = self.question_span(prompt)

@@ -1,0 +1,109 @@
+"""From (image, question, answer) to model inputs, in two stages so that the token budget can be chosen late.
+
+The number of image positions in `input_ids` depends on the selection method and budget, which the trainer picks
+per optimizer step. So:
+  1. `SampleEncoder.encode` (in dataloader workers) computes what does not depend on the budget: the anyres views,
+     the image size, the high-resolution view (when some budget selects from it) and the chat prompt; it rejects
+     samples too long for the LM under the largest budget.
+  2. `collate_samples` concatenates them; `BatchBuilder.build` (in the training process, once the step's budget
+     is known) writes input_ids / attention_mask / labels / question_mask for that budget, exactly as
+     `LavidaShirgProcessor.__call__` does.
+"""
+
+import torch
+
+from lavida_shirg.image_layout import image_token_count
+
+
+class SkippedSample(Exception):
+    """A sample that cannot be used; `reason` is a short category ("missing image", "too long", ...)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def hires_size_of(entries: list, processor):
+    """The side of the high-resolution view the entries need (None when none selects from a single view)."""
+    sizes = set()
+    for entry in entries:
+        layout = processor.selection(entry.method, entry.budget, entry.options)
+        if layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view":
+            sizes.add(layout["hires_image_size"])
+    if len(sizes) > 1:
+        raise ValueError(f"the budget entries use different hires_image_size values {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+class SampleEncoder:
+    """The budget-independent part of a training sample (see the module docstring)."""
+
+    def __init__(self, processor, entries: list, prompt_suffix: str = ""):
+        self.processor = processor
+        self.layouts = [processor.selection(e.method, e.budget, e.options) for e in entries]
+        self.hires_size = hires_size_of(entries, processor)
+        self.prompt_suffix = prompt_suffix
+
+    def encode(self, image, question: str, answer: str) -> dict:
+        """pixel_values (V, 3, S, S), image_size (2,), hires_pixel_values (1, 3, H, H) when needed, prompt, answer.
+
+        Raises SkippedSample("empty question" / "empty answer" / "too long") for samples that cannot be trained on.
+        """
+        processor = self.processor
+        question = question.replace(processor.image_token, "").strip()
+        if not question:
+            raise SkippedSample("empty question", "the question is empty once <image> is removed")
+        if not answer.strip():
+            raise SkippedSample("empty answer", f"question {question[:60]!r} has an empty answer")
+        prompt = processor.build_prompt(question + self.prompt_suffix)
+        views = processor.image_processor.preprocess([image], return_tensors="pt", hires_size=self.hires_size)
+        size = tuple(views["image_sizes"][0].tolist())
+        longest = max(image_token_count(size, layout) for layout in self.layouts)
+        prompt_ids, _ = processor.encode_prompt(prompt, [longest])
+        answer_length = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + eot
+        if len(prompt_ids) + answer_length > processor.model_max_length:
+            raise SkippedSample("too long", f"{len(prompt_ids)} prompt + {answer_length} answer tokens exceed the "
+                                            f"LM's {processor.model_max_length} positions")
+        sample = {"pixel_values": views["pixel_values"], "image_size": views["image_sizes"][0],
+                  "prompt": prompt, "answer": answer}
+        if self.hires_size is not None:
+            sample["hires_pixel_values"] = views["hires_pixel_values"]
+        return sample
+
+
+def collate_samples(samples: list) -> dict:
+    """Concatenate encoded samples: pixel_values (sum V, 3, S, S), image_sizes (B, 2), hires_pixel_values
+    (B, 3, H, H) when present, prompts and answers (lists of str), skipped (the samples' skip records)."""
+    batch = {
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "image_sizes": torch.stack([s["image_size"] for s in samples]),
+        "prompts": [s["prompt"] for s in samples],
+        "answers": [s["answer"] for s in samples],
+        "skipped": [record for s in samples for record in s["skipped"]],
+    }
+    if "hires_pixel_values" in samples[0]:
+        batch["hires_pixel_values"] = torch.cat([s["hires_pixel_values"] for s in samples])
+    return batch
+
+
+class BatchBuilder:
+    """Model inputs of a collated batch for one budget entry (the second stage of the module docstring)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def build(self, batch: dict, entry) -> dict:
+        """input_ids, attention_mask, labels, question_mask (B, T) for `entry`, plus the batch's pixel tensors
+        (hires_pixel_values only when the entry selects from them) and the entry's selection keyword arguments.
+        Same ids, labels and padding as `processor(images, prompts, answers, **entry.call_kwargs())`."""
+        processor = self.processor
+        layout = processor.selection(entry.method, entry.budget, entry.options)
+        sizes = [[tuple(size)] for size in batch["image_sizes"].tolist()]
+        text = processor.text_inputs(batch["prompts"], sizes, batch["answers"], layout)
+        inputs = {name: torch.from_numpy(value) for name, value in text.items()}
+        inputs["pixel_values"] = batch["pixel_values"]
+        inputs["image_sizes"] = batch["image_sizes"]
+        if layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view":
+            inputs["hires_pixel_values"] = batch["hires_pixel_values"]
+        return {**inputs, **entry.call_kwargs()}

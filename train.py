@@ -1,0 +1,488 @@
+"""Mixed-budget LoRA training of LaViDa-SHIRG with transformers' Trainer (runs under `accelerate launch` or python).
+
+LoRA on the projector and SigLIP's first blocks (optionally the LM's attention), SHIRG's learned modules trained in
+full, the token budget of every optimizer step drawn from a list (default: the model's budget_choices + pooled) by
+a seeded schedule that every process shares. Data: LLaVA-format JSON + image folder, VQA datasets (TextVQA / DocVQA
+/ ChartQA schemas) or an offline synthetic OCR set rendered with PIL.
+
+    python train.py                                   # offline demo: tiny preset, synthetic OCR, 2 CPU cores
+    python train.py --config configs/train_tiny.yaml  # arguments from a YAML or JSON file (command line overrides)
+    accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml train.py --model_name_or_path ... ...
+
+Arguments: the dataclasses below plus transformers' TrainingArguments (`python train.py --help`). The offline demo
+shows the pipeline working (falling loss); a tiny model trained from scratch does not learn to read, so its
+accuracy means nothing.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import huggingface_hub
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from lavida_shirg.configuration_lavida_shirg import PRESETS, SELECTION_METHODS, ShirgConfig
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
+from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, validate_entries
+from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, trainable_summary
+from shirg_tools.run_record import check_resume, write_run_record
+from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig
+from shirg_tools.trainer import RunRecordCallback, ShirgTrainer
+from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
+
+DATA_FORMATS = ("synthetic-ocr", "llava-json", "vqa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUMMARY_FILE = "training_summary.json"
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    model_name_or_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "A converted LaViDa-SHIRG folder or Hub id (loaded with trust_remote_code). Without it, --preset."})
+    preset: str | None = dataclasses.field(default=None, metadata={
+        "help": f"Build a randomly initialised model from a ShirgConfig preset {sorted(PRESETS)} (default: tiny "
+                "when no --model_name_or_path)."})
+    tokenizer_name_or_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "Tokenizer of a preset (the tiny preset builds its own; lavida-llada needs LLaDA's)."})
+    coordinate_embedding: bool = dataclasses.field(default=False, metadata={
+        "help": "Give the model SHIRG-X's coordinate layer (zero-initialised, trained in full)."})
+    adaptive_budget: bool = dataclasses.field(default=False, metadata={
+        "help": "Give the model the adaptive-budget head (trained in full; budget entry 'adaptive' uses it)."})
+    config_overrides: str | None = dataclasses.field(default=None, metadata={
+        "help": "JSON object of ShirgConfig fields to override, e.g. "
+                "'{\"loss_weighting\": \"inverse_probability\"}'."})
+    dtype: str = dataclasses.field(default="float32", metadata={
+        "help": f"dtype of the frozen weights {sorted(DTYPES)}; trainable parameters are kept in float32."})
+    attn_implementation: str | None = dataclasses.field(default=None, metadata={
+        "help": "Attention kernel (sdpa, eager, flash_attention_2); default: the model's."})
+
+
+@dataclasses.dataclass
+class DataArguments:
+    data_format: str = dataclasses.field(default="synthetic-ocr", metadata={"help": f"One of {DATA_FORMATS}."})
+    data_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "llava-json: the JSON file; vqa: a save_to_disk folder, a parquet file or a folder of parquet files."})
+    image_folder: str | None = dataclasses.field(default=None, metadata={
+        "help": "llava-json: the folder the records' image paths are relative to."})
+    hub_dataset: str | None = dataclasses.field(default=None, metadata={
+        "help": "vqa: a Hub dataset id (e.g. lmms-lab/textvqa) when online."})
+    hub_config: str | None = dataclasses.field(default=None, metadata={"help": "vqa: the Hub dataset's config."})
+    split: str = dataclasses.field(default="train", metadata={"help": "vqa: the split."})
+    max_samples: int | None = dataclasses.field(default=None, metadata={"help": "Use only the first N records."})
+    prompt_suffix: str | None = dataclasses.field(default=None, metadata={
+        "help": "Appended to every question; default: the short-answer instruction for vqa and synthetic-ocr, "
+                "nothing for llava-json."})
+    synthetic_num_samples: int = dataclasses.field(default=6400, metadata={"help": "synthetic-ocr: samples per epoch."})
+    synthetic_canvas_size: int = dataclasses.field(default=672, metadata={"help": "synthetic-ocr: canvas side (px)."})
+    synthetic_num_texts: int = dataclasses.field(default=8, metadata={"help": "synthetic-ocr: texts per image."})
+    synthetic_font_min: int = dataclasses.field(default=10, metadata={"help": "synthetic-ocr: smallest font (px)."})
+    synthetic_font_max: int = dataclasses.field(default=16, metadata={"help": "synthetic-ocr: largest font (px)."})
+    synthetic_seed: int = dataclasses.field(default=0, metadata={"help": "synthetic-ocr: the generator's seed."})
+
+
+@dataclasses.dataclass
+class ShirgArguments:
+    budgets: str | None = dataclasses.field(default=None, metadata={
+        "help": "Comma-separated budgets drawn per optimizer step: numbers K (--selection_method keeps K tokens), "
+                "'pooled', 'adaptive' (needs --adaptive_budget). Default: the model's budget_choices + pooled "
+                "(+ adaptive with the head): 512,768,1024,pooled at real size, 32,64,96,pooled for tiny."})
+    selection_method: str = dataclasses.field(default="shirg-fixed", metadata={
+        "help": f"Selection method of the numeric budgets {SELECTION_METHODS[2:]}."})
+    selection_options: str | None = dataclasses.field(default=None, metadata={
+        "help": "JSON object of SHIRG options for every call (e.g. '{\"relevance_weight\": 1.0}')."})
+    budget_cost_weight: float = dataclasses.field(default=0.0, metadata={
+        "help": "Weight of the adaptive-budget head's cost E_p[K] / max K on 'adaptive' steps. The model's head "
+                "picks K by argmax, so the LM loss does not reach it: with this term alone the head drifts to the "
+                "smallest budget. Keep 0 unless the head gets an LM-loss signal."})
+
+
+@dataclasses.dataclass
+class LoraArguments:
+    lora_projector_rank: int = dataclasses.field(default=64, metadata={"help": "Projector LoRA rank (16/32/64)."})
+    lora_projector_alpha: int = 32
+    lora_projector_dropout: float = 0.05
+    lora_vision_layers: str | None = dataclasses.field(default=None, metadata={
+        "help": "SigLIP blocks with LoRA, comma-separated ('' for none); default: the first 4 (or all if fewer)."})
+    lora_vision_targets: str = "q_proj,k_proj,v_proj"
+    lora_vision_rank: int = 64
+    lora_vision_alpha: int = 32
+    lora_vision_dropout: float = 0.0
+    lora_language_model: bool = dataclasses.field(default=False, metadata={"help": "LoRA on the LM's attention."})
+    lora_lm_layers: str | None = dataclasses.field(default=None, metadata={"help": "LM blocks (default: all)."})
+    lora_lm_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_lm_rank: int = 16
+    lora_lm_alpha: int = 32
+    lora_lm_dropout: float = 0.05
+    modules_to_save: str = dataclasses.field(default="auto", metadata={
+        "help": "Modules trained in full besides coordinate_embedding / budget_head (always, when present): a "
+                "comma-separated list, 'none', or 'auto' (language_model,lm_head for a randomly initialised "
+                "preset, none for a pretrained model)."})
+    projector_learning_rate: float = 2e-4
+    vision_learning_rate: float = 1e-4
+    lm_lora_learning_rate: float = 2e-4
+    coordinate_learning_rate: float = 1e-3
+    budget_head_learning_rate: float = 1e-3
+    save_merged_model: bool = dataclasses.field(default=False, metadata={
+        "help": "Also save the base model with the adapter merged into output_dir/merged (AutoModel-loadable)."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShirgArguments, LoraArguments, TrainingArguments)
+
+# TrainingArguments defaults of this script (the plan's optimisation; the command line and --config override them)
+TRAINING_DEFAULTS = dict(
+    output_dir="outputs/shirg-lora", learning_rate=2e-4, weight_decay=0.01, lr_scheduler_type="cosine",
+    warmup_steps=0.03, logging_steps=10, logging_first_step=True, save_steps=200, save_total_limit=2,
+    per_device_train_batch_size=8, num_train_epochs=1.0, report_to="none", remove_unused_columns=False,
+)
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: str) -> dict:
+    """The arguments of a YAML (.yaml/.yml) or JSON (.json) file: a mapping of argument name -> value."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path} does not exist")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) if path.endswith((".yaml", ".yml")) else json.load(handle)
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of argument names to values")
+    known = {field.name for cls in ARGUMENT_CLASSES for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown arguments {unknown}")
+    return values
+
+
+def parse_arguments(argv=None):
+    """(model, data, shirg, lora, training) arguments from the command line, over an optional `--config FILE`
+    whose values replace the defaults (explicit command-line arguments win)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    if "--config" in argv:
+        position = argv.index("--config")
+        if position + 1 >= len(argv):
+            raise ValueError("--config needs a file path")
+        parser.set_defaults(**load_config_file(argv[position + 1]))
+        argv = argv[:position] + argv[position + 2:]
+    *arguments, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns must stay False: the collated batches carry prompts and answers "
+                         "that the trainer turns into model inputs")
+    return (*arguments, training_args)
+
+
+def int_list(text: str | None, argument: str):
+    """Comma-separated integers ('' -> ()), None stays None; ValueError naming `argument` otherwise."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(part.lstrip("-").isdigit() for part in parts):
+        raise ValueError(f"{argument} must be comma-separated integers, got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def name_list(text: str, argument: str) -> tuple:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError(f"{argument} must list at least one name, got {text!r}")
+    return names
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+def build_source(data_args: DataArguments, seed: int):
+    """The training source of --data_format, its arguments checked (unused ones refused, paths must exist)."""
+    fmt = data_args.data_format
+    if fmt not in DATA_FORMATS:
+        raise ValueError(f"--data_format must be one of {DATA_FORMATS}, got {fmt!r}")
+    used = {"synthetic-ocr": set(), "llava-json": {"data_path", "image_folder"},
+            "vqa": {"data_path", "hub_dataset", "hub_config"}}[fmt]
+    for name in ("data_path", "image_folder", "hub_dataset", "hub_config"):
+        if getattr(data_args, name) is not None and name not in used:
+            raise ValueError(f"--{name} is not used by --data_format {fmt}")
+    if data_args.max_samples is not None and data_args.max_samples < 1:
+        raise ValueError(f"--max_samples must be positive, got {data_args.max_samples}")
+    if fmt == "synthetic-ocr":
+        config = SyntheticOCRConfig(
+            canvas_size=(data_args.synthetic_canvas_size, data_args.synthetic_canvas_size),
+            num_texts=data_args.synthetic_num_texts,
+            font_size_range=(data_args.synthetic_font_min, data_args.synthetic_font_max),
+            seed=data_args.synthetic_seed,
+        )
+        return SyntheticOCRSource(data_args.synthetic_num_samples, config)
+    if fmt == "llava-json":
+        if data_args.data_path is None:
+            raise ValueError("--data_format llava-json needs --data_path (the JSON file) and --image_folder")
+        return LlavaJsonSource(data_args.data_path, data_args.image_folder, seed)
+    if data_args.data_path is not None and data_args.hub_dataset is not None:
+        raise ValueError("pass either --data_path or --hub_dataset, not both")
+    table = load_vqa_table(data_args.data_path, data_args.hub_dataset, data_args.hub_config, data_args.split)
+    return VQASource(table, "--data_path" if data_args.data_path else "--hub_dataset")
+
+
+def prompt_suffix(data_args: DataArguments) -> str:
+    if data_args.prompt_suffix is not None:
+        return data_args.prompt_suffix
+    return "" if data_args.data_format == "llava-json" else SYNTHETIC_OCR_PROMPT_SUFFIX
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+
+
+def config_overrides(model_args: ModelArguments) -> dict:
+    """ShirgConfig fields to override: --config_overrides plus the --coordinate_embedding / --adaptive_budget flags."""
+    overrides = {}
+    if model_args.config_overrides is not None:
+        try:
+            overrides = json.loads(model_args.config_overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config_overrides must be a JSON object: {error}") from error
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--config_overrides must be a JSON object, got {model_args.config_overrides!r}")
+        known = {field.name for field in dataclasses.fields(ShirgConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"--config_overrides: {unknown} are not ShirgConfig fields")
+    for name in ("coordinate_embedding", "adaptive_budget"):
+        if getattr(model_args, name):
+            overrides[name] = True
+    return overrides
+
+
+def load_model(model_args: ModelArguments, seed: int):
+    """(model, tokenizer, randomly_initialised): a pretrained folder / Hub id, or a preset built with `seed`."""
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {model_args.dtype!r}")
+    dtype = DTYPES[model_args.dtype]
+    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    source = model_args.model_name_or_path
+    if source is not None:
+        if model_args.preset is not None or model_args.tokenizer_name_or_path is not None:
+            raise ValueError("--preset and --tokenizer_name_or_path build a model from a preset; a "
+                             "--model_name_or_path folder brings its own config and tokenizer")
+        if not os.path.isdir(source) and huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise ValueError(f"--model_name_or_path {source} is not a local folder and the Hub is offline "
+                             "(HF_HUB_OFFLINE=1)")
+        model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=dtype, **attention,
+                                          **config_overrides(model_args))
+        return model, AutoTokenizer.from_pretrained(source), False
+    preset = model_args.preset or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if preset == "tiny" and model_args.tokenizer_name_or_path is None:
+        tokenizer = build_tiny_tokenizer()
+    elif model_args.tokenizer_name_or_path is None:
+        raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only the tiny preset builds its own)")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+    set_seed(seed)
+    config = ShirgConfig.from_preset(preset, **config_overrides(model_args))
+    model = LavidaShirgForMaskedDiffusion._from_config(config, **attention).to(dtype)
+    return model, tokenizer, True
+
+
+def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> LoraPlan:
+    """The LoRA plan of the arguments, with the defaults that depend on the model resolved."""
+    vision_layers = int_list(lora_args.lora_vision_layers, "--lora_vision_layers")
+    if vision_layers is None:
+        vision_layers = tuple(range(min(4, len(model.vision_tower.encoder.layers))))
+    extra = lora_args.modules_to_save.strip()
+    if extra == "auto":
+        extra_modules = ("language_model", "lm_head") if randomly_initialised else ()
+    elif extra == "none":
+        extra_modules = ()
+    else:
+        extra_modules = name_list(extra, "--modules_to_save")
+    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model, name) is not None)
+    if lora_args.lora_language_model and "language_model" in extra_modules:
+        raise ValueError("--lora_language_model adapts the LM that --modules_to_save trains in full: choose one")
+    return LoraPlan(
+        projector_rank=lora_args.lora_projector_rank, projector_alpha=lora_args.lora_projector_alpha,
+        projector_dropout=lora_args.lora_projector_dropout,
+        vision_layers=vision_layers, vision_targets=name_list(lora_args.lora_vision_targets, "--lora_vision_targets"),
+        vision_rank=lora_args.lora_vision_rank, vision_alpha=lora_args.lora_vision_alpha,
+        vision_dropout=lora_args.lora_vision_dropout,
+        language_model=lora_args.lora_language_model, lm_layers=int_list(lora_args.lora_lm_layers, "--lora_lm_layers"),
+        lm_targets=name_list(lora_args.lora_lm_targets, "--lora_lm_targets"), lm_rank=lora_args.lora_lm_rank,
+        lm_alpha=lora_args.lora_lm_alpha, lm_dropout=lora_args.lora_lm_dropout,
+        modules_to_save=learned + tuple(name for name in extra_modules if name not in learned),
+    )
+
+
+def learning_rates(lora_args: LoraArguments, training_args: TrainingArguments) -> dict:
+    """Learning rate of each parameter group (see shirg_tools.lora.parameter_group_name)."""
+    return {"projector": lora_args.projector_learning_rate, "vision": lora_args.vision_learning_rate,
+            "language_model": lora_args.lm_lora_learning_rate,
+            "coordinate_embedding": lora_args.coordinate_learning_rate,
+            "budget_head": lora_args.budget_head_learning_rate, "full": training_args.learning_rate}
+
+
+def selection_options(shirg_args: ShirgArguments) -> dict:
+    if shirg_args.selection_options is None:
+        return {}
+    try:
+        options = json.loads(shirg_args.selection_options)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--selection_options must be a JSON object: {error}") from error
+    if not isinstance(options, dict):
+        raise ValueError(f"--selection_options must be a JSON object, got {shirg_args.selection_options!r}")
+    return options
+
+
+def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
+    """The budget list (default: the model's budget_choices + pooled (+ adaptive)), checked against the model."""
+    if shirg_args.selection_method in ("pooled", "full"):
+        raise ValueError(f"--selection_method must be a selection method (not {shirg_args.selection_method!r}); "
+                         "'pooled' is a budget-list entry")
+    has_head = model.budget_head is not None
+    text = shirg_args.budgets
+    if text is None:
+        text = ",".join([*map(str, model.config.budget_choices), "pooled", *(["adaptive"] if has_head else [])])
+    entries = parse_budget_entries(text, shirg_args.selection_method, selection_options(shirg_args), has_head)
+    validate_entries(entries, model, processor)
+    return entries
+
+
+def run_record(model_args, data_args, shirg_args, lora_args, training_args, plan, entries) -> dict:
+    """What a checkpoint must share with a run that resumes from it (see shirg_tools.run_record)."""
+    return {
+        "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+        "shirg": dataclasses.asdict(shirg_args),
+        "lora": {k: v for k, v in dataclasses.asdict(lora_args).items() if k != "save_merged_model"},
+        "resolved": {"budgets": [entry.label for entry in entries], "lora_plan": dataclasses.asdict(plan)},
+        "training": {"seed": training_args.seed, "world_size": training_args.world_size,
+                     "per_device_train_batch_size": training_args.per_device_train_batch_size,
+                     "gradient_accumulation_steps": training_args.gradient_accumulation_steps},
+    }
+
+
+def load_trained(base_source: str, adapter_dir: str, model_args: ModelArguments):
+    """The base model (folder or Hub id, with this run's config overrides) with the saved adapter loaded."""
+    base = AutoModel.from_pretrained(base_source, trust_remote_code=True, dtype=DTYPES[model_args.dtype],
+                                     **config_overrides(model_args))
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+# ---- main --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """A checked, ready-to-train run: the trainer and what saving needs."""
+
+    trainer: ShirgTrainer
+    model_args: ModelArguments
+    lora_args: LoraArguments
+    processor: LavidaShirgProcessor
+    resume: str | None
+    base_model: str
+
+
+def build_run(argv=None) -> Run:
+    """Parse and check every argument (data, model, budgets, LoRA targets, resume folder) and build the trainer;
+    every error names its argument and comes before any training step."""
+    model_args, data_args, shirg_args, lora_args, training_args = parse_arguments(argv)
+    seed = training_args.seed
+    source = build_source(data_args, seed)
+    model, tokenizer, randomly_initialised = load_model(model_args, seed)
+    processor = LavidaShirgProcessor.from_config(model.config, tokenizer)
+    entries = budget_entries(shirg_args, model, processor)
+    plan = lora_plan(lora_args, model, randomly_initialised)
+    record = run_record(model_args, data_args, shirg_args, lora_args, training_args, plan, entries)
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint last: {training_args.output_dir} holds no checkpoint")
+    if resume is not None:
+        check_resume(resume, record)
+
+    output_dir = training_args.output_dir
+    base_model = model_args.model_name_or_path
+    if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
+        base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
+        if training_args.process_index == 0:
+            model.save_pretrained(base_model)
+            processor.save_pretrained(base_model)
+    base_parameters = sum(p.numel() for p in model.parameters())
+    peft_model = apply_lora(model, plan)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model
+    for parameter in peft_model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    print(trainable_summary(peft_model, base_parameters), flush=True)
+    print(f"budgets per step (seeded shuffle of each cycle): {[entry.label for entry in entries]}; numeric budgets "
+          f"use {shirg_args.selection_method}", flush=True)
+
+    dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args)), seed,
+                              data_args.max_samples)
+    print(f"training samples: {len(dataset)} ({data_args.data_format})", flush=True)
+    if training_args.process_index == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        write_run_record(output_dir, record)
+    trainer = ShirgTrainer(
+        model=peft_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
+        processing_class=processor, callbacks=[RunRecordCallback(record)], schedule=BudgetSchedule(entries, seed),
+        batch_builder=BatchBuilder(processor), learning_rates=learning_rates(lora_args, training_args),
+        budget_cost_weight=shirg_args.budget_cost_weight,
+    )
+    return Run(trainer, model_args, lora_args, processor, resume, base_model)
+
+
+def train_and_save(run: Run) -> dict:
+    """Train; save the adapter (PEFT format, + processor) into output_dir and, with --save_merged_model, the merged
+    model into output_dir/merged; write and print the summary (budgets, skipped samples, losses, folders)."""
+    trainer = run.trainer
+    output_dir = trainer.args.output_dir
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=run.resume)
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    summary = trainer.run_summary()
+    if not trainer.is_world_process_zero():
+        return summary
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary.update({
+        "steps": trainer.state.global_step, "wall_time_s": round(time.time() - started, 1),
+        "first_logged_loss": losses[0] if losses else math.nan, "last_logged_loss": losses[-1] if losses else math.nan,
+        "train_loss": result.training_loss, "adapter_dir": os.path.abspath(output_dir), "base_model": run.base_model,
+    })
+    if run.lora_args.save_merged_model:
+        merged_dir = os.path.abspath(os.path.join(output_dir, "merged"))
+        load_trained(run.base_model, output_dir, run.model_args).merge_and_unload().save_pretrained(merged_dir)
+        run.processor.save_pretrained(merged_dir)
+        summary["merged_dir"] = merged_dir
+    with open(os.path.join(output_dir, SUMMARY_FILE), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    skipped = summary["skipped"]
+    print(f"\nskipped samples: {skipped['total']} {skipped['by_reason']}", flush=True)
+    for reason, examples in skipped["examples"].items():
+        print(f"  {reason}: " + "; ".join(f"#{index} {detail}" for index, detail in examples), flush=True)
+    print(f"steps: {summary['steps']}, logged loss {summary['first_logged_loss']:.4f} -> "
+          f"{summary['last_logged_loss']:.4f}, {summary['wall_time_s']} s", flush=True)
+    print(f"adapter saved to {summary['adapter_dir']} (base model: {summary['base_model']})", flush=True)
+    if "merged_dir" in summary:
+        print(f"merged model saved to {summary['merged_dir']}", flush=True)
+    return summary
+
+
+def main(argv=None) -> dict:
+    """Check everything, train, save; returns the run summary (also written to output_dir/training_summary.json)."""
+    return train_and_save(build_run(argv))
+
+
+if __name__ == "__main__":
+    main()
