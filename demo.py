@@ -1,6 +1,6 @@
 """The main job on the embedded default, offline: train, evaluate every variant, draw overlays, build a Hub folder.
 
-    python demo.py                 # tiny preset + synthetic OCR data, about 10 minutes on 2 CPU cores
+    python demo.py                 # tiny preset + synthetic OCR data, about 5 minutes on 2 CPU cores
     python demo.py --output runs/demo --train-steps 200
 
 Steps (each is the project's own command, run as written below, so the demo exercises the real CLIs):
