@@ -242,16 +242,22 @@ def prompt_suffix(data_args: DataArguments) -> str:
 # ---- model -------------------------------------------------------------------------------------------------------
 
 
+def parse_json_object(text: str, argument: str) -> dict:
+    """The dict written as JSON in `text`; a ValueError naming `argument` for anything else."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{argument} must be a JSON object: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{argument} must be a JSON object, got {text!r}")
+    return value
+
+
 def config_overrides(model_args: ModelArguments) -> dict:
     """ShirgConfig fields to override: --config_overrides plus the --coordinate_embedding / --adaptive_budget flags."""
     overrides = {}
     if model_args.config_overrides is not None:
-        try:
-            overrides = json.loads(model_args.config_overrides)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--config_overrides must be a JSON object: {error}") from error
-        if not isinstance(overrides, dict):
-            raise ValueError(f"--config_overrides must be a JSON object, got {model_args.config_overrides!r}")
+        overrides = parse_json_object(model_args.config_overrides, "--config_overrides")
         known = {field.name for field in dataclasses.fields(ShirgConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -333,13 +339,7 @@ def learning_rates(lora_args: LoraArguments, training_args: TrainingArguments) -
 def selection_options(shirg_args: ShirgArguments) -> dict:
     if shirg_args.selection_options is None:
         return {}
-    try:
-        options = json.loads(shirg_args.selection_options)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--selection_options must be a JSON object: {error}") from error
-    if not isinstance(options, dict):
-        raise ValueError(f"--selection_options must be a JSON object, got {shirg_args.selection_options!r}")
-    return options
+    return parse_json_object(shirg_args.selection_options, "--selection_options")
 
 
 def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
