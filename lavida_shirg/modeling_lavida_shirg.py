@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward, rotate_half
 
 from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
 from .image_layout import SHIRG_METHODS, image_token_count, pooled_layout, source_grid
@@ -49,20 +49,6 @@ from .shirg_selection import (
 # LLaDA language model
 
 
-class LladaRMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in float32."""
-
-    def __init__(self, hidden_size, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class LladaRotaryEmbedding(nn.Module):
     """cos/sin of RoPE in float32: angle(p, i) = p / theta^(2i / d), duplicated over both halves (rotate_half)."""
 
@@ -76,11 +62,6 @@ class LladaRotaryEmbedding(nn.Module):
         angles = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, d/2)
         angles = torch.cat((angles, angles), dim=-1)  # (B, T, d)
         return angles.cos(), angles.sin()
-
-
-def rotate_half(x):
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 def apply_rotary(x, cos, sin):
@@ -147,9 +128,9 @@ class LladaDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: LladaTextConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LladaAttention(config, layer_idx)
-        self.post_attention_layernorm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LladaMLP(config)
 
     def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
@@ -212,7 +193,7 @@ class LladaModel(LladaPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LladaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = LladaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LladaRotaryEmbedding(config)
         self.post_init()
 
