@@ -16,6 +16,7 @@ accuracy means nothing.
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ import time
 import huggingface_hub
 import torch
 import yaml
+from accelerate import PartialState
 from peft import PeftModel
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -452,8 +454,17 @@ def train_and_save(run: Run) -> dict:
     trainer.save_model(output_dir)
     trainer.save_state()
     summary = trainer.run_summary()
-    if not trainer.is_world_process_zero():
-        return summary
+    if trainer.is_world_process_zero():
+        summary = write_summary(run, summary, result, started)
+    trainer.accelerator.wait_for_everyone()  # no process exits while another still writes or merges
+    return summary
+
+
+def write_summary(run: Run, summary: dict, result, started: float) -> dict:
+    """Main process only: complete the summary (steps, losses, folders), save the merged model when asked, write
+    training_summary.json and print it."""
+    trainer = run.trainer
+    output_dir = trainer.args.output_dir
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary.update({
         "steps": trainer.state.global_step, "wall_time_s": round(time.time() - started, 1),
@@ -479,10 +490,34 @@ def train_and_save(run: Run) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
-    """Check everything, train, save; returns the run summary (also written to output_dir/training_summary.json)."""
-    return train_and_save(build_run(argv))
+def main(argv=None, exit_after_gloo_run: bool = False) -> dict:
+    """Check everything, train, save; returns the run summary (also written to output_dir/training_summary.json).
+    Ends training explicitly (trackers finished, process group destroyed) whatever happened. With
+    exit_after_gloo_run (the script entry point), a multi-process CPU run then leaves through
+    exit_without_interpreter_teardown while the trainer, and so DDP's reducer, is still alive."""
+    run = build_run(argv)
+    try:
+        summary = train_and_save(run)
+    finally:
+        run.trainer.accelerator.end_training()
+    state = PartialState()  # the state TrainingArguments set up; still readable after destroy_process_group
+    if exit_after_gloo_run and state.num_processes > 1 and state.backend == "gloo":
+        exit_without_interpreter_teardown()
+    return summary
+
+
+def exit_without_interpreter_teardown() -> None:
+    """Leave a multi-process CPU (gloo) run with os._exit(0) once every file is written and closed and the process
+    group is destroyed. Freeing DDP's reducer (at the return of main or at interpreter teardown) makes its gloo
+    process group join its worker threads while holding the GIL, and a worker that still has to free a finished
+    collective's Python tensors waits for that GIL: a deadlock, or a SIGABRT ("terminate called without an active
+    exception") once the interpreter is finalizing (pytorch/pytorch#190489). About one 2-process run in ten on 2
+    busy cores hit it. NCCL runs exit normally."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    main()
+    main(exit_after_gloo_run=True)
