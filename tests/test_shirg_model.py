@@ -48,6 +48,13 @@ def call_args(method, budget=None, options=None):
     return dict(selection_method=method, selection_budget=budget, selection_options=options)
 
 
+def embed(model, inputs, settings):
+    """model.embed_inputs on a processor batch: (embeds (B, L, D), attention mask (B, L))."""
+    return model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                              inputs["image_sizes"], inputs.get("hires_pixel_values"), inputs["question_mask"],
+                              settings)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_variant_runs_from_one_model(tiny_model, processor, batch_parts, method):
     inputs = inputs_for(processor, batch_parts, method, 40)
@@ -62,9 +69,7 @@ def test_every_variant_runs_from_one_model(tiny_model, processor, batch_parts, m
 
 def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor, batch_parts):
     inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
-    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
-                                        tiny_model.selection_settings("shirg-fixed", 40))
+    embeds, _ = embed(tiny_model, inputs, tiny_model.selection_settings("shirg-fixed", 40))
     features, _ = tiny_model.vision_features(inputs["hires_pixel_values"])
     projected = tiny_model.multi_modal_projector(features)
     question_embeds = tiny_model.language_model.embed_tokens(inputs["input_ids"].masked_fill(
@@ -85,9 +90,7 @@ def test_selection_follows_each_samples_question(tiny_model, processor):
     inputs = processor(images=[image, image], text=prompts, selection_method="shirg-fixed", selection_budget=20,
                        selection_options=options)
     settings = tiny_model.selection_settings("shirg-fixed", 20, options)
-    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
-                                        settings)
+    embeds, _ = embed(tiny_model, inputs, settings)
     is_image = inputs["input_ids"] == tiny_model.config.image_token_id
     assert not torch.allclose(embeds[0][is_image[0]], embeds[1][is_image[1]])
     single = processor(images=[image], text=prompts[1:], selection_method="shirg-fixed", selection_budget=20,
@@ -102,9 +105,7 @@ def test_selection_follows_each_samples_question(tiny_model, processor):
 def test_shirg_x_layout_starts_with_lavidas_global_view(tiny_model, processor, batch_parts):
     inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
     settings = tiny_model.selection_settings("shirg-x", 40)
-    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
-                                        settings)
+    embeds, _ = embed(tiny_model, inputs, settings)
     p = tiny_model.config.pooled_view_size
     global_view = pool_view_features(tiny_model.encode_views(inputs["pixel_values"][:1]), p)[0]
     first_image = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]
@@ -114,9 +115,7 @@ def test_shirg_x_layout_starts_with_lavidas_global_view(tiny_model, processor, b
 def test_shirg_v2_ends_with_the_summary_of_dropped_tokens(tiny_model, processor, batch_parts):
     inputs = inputs_for(processor, batch_parts, "shirg-v2", 40)
     settings = tiny_model.selection_settings("shirg-v2", 40)
-    embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                        inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
-                                        settings)
+    embeds, _ = embed(tiny_model, inputs, settings)
     features, _ = tiny_model.vision_features(inputs["hires_pixel_values"])
     projected = tiny_model.multi_modal_projector(features)[0]  # (N, E)
     image = embeds[0][inputs["input_ids"][0] == tiny_model.config.image_token_id]  # (K + 1, E)
@@ -176,9 +175,7 @@ def test_adaptive_budget_masks_the_positions_beyond_each_images_budget(processor
     model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny", adaptive_budget=True)).eval()
     inputs = inputs_for(processor, batch_parts, "shirg-fixed", options=dict(adaptive_budget=True))
     assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 96, "max(budget_choices) positions"
-    _, mask = model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                 inputs["image_sizes"], inputs["hires_pixel_values"], inputs["question_mask"],
-                                 model.selection_settings("shirg-fixed", options=dict(adaptive_budget=True)))
+    _, mask = embed(model, inputs, model.selection_settings("shirg-fixed", options=dict(adaptive_budget=True)))
     is_image = inputs["input_ids"] == model.config.image_token_id
     assert (mask.bool() & is_image).sum(1).tolist() == [64, 64]  # the untrained head's default budget
     assert torch.equal(mask.bool() & ~is_image, inputs["attention_mask"].bool() & ~is_image)
@@ -300,9 +297,7 @@ def test_several_images_per_sample_use_their_samples_question(tiny_model, proces
     image_id = tiny_model.config.image_token_id
     results = []
     for inputs in (both, alone):
-        embeds, _ = tiny_model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                            inputs["image_sizes"], inputs.get("hires_pixel_values"),
-                                            inputs["question_mask"], settings)
+        embeds, _ = embed(tiny_model, inputs, settings)
         results.append(embeds[-1][inputs["input_ids"][-1] == image_id])
     assert (both["input_ids"] == image_id).sum(1).tolist() == [48, 24]
     torch.testing.assert_close(results[0], results[1])
