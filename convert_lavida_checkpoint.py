@@ -25,12 +25,15 @@ Tensor names, LaViDa -> ours:
     model.transformer.ln_f.weight                     -> language_model.norm.weight
     model.transformer.ff_out.weight                   -> lm_head.weight (a copy of wte when weight_tying is set)
 Known-unused LaViDa tensors (dropped and listed in the report): SigLIP's post_layernorm and pooling head, and vision
-encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). Any other
+encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). A --vision-config
+with one layer more than the checkpoint holds (a plain SigLIP config: 27 layers for so400m) gets LaViDa's deletion
+of the last layer (a note in the report says so). Any other
 tensor we cannot place, any parameter of our model left without a tensor and any shape disagreement is an error;
 all of them are listed together before anything is written.
 
 The conversion streams shard by shard (one input shard in memory at a time) and writes into a temporary sibling of
-OUT that is renamed into place at the end, so a failed conversion leaves OUT as it was.
+OUT that is renamed into place at the end, so a failed conversion leaves OUT as it was. OUT's folder and files get
+the modes of the user's umask.
 """
 
 import argparse
@@ -51,6 +54,7 @@ from safetensors.torch import save_file
 from lavida_shirg.configuration_lavida_shirg import REAL_VISION, ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from shirg_tools.file_modes import apply_umask
 
 LAVIDA_MODEL_TYPE = "llava_llada"
 LAVIDA_ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
@@ -311,6 +315,26 @@ def vision_config_dict(vision_config=None) -> dict:
     return merged
 
 
+def checkpoint_vision_layers(checkpoint: LavidaCheckpoint) -> set:
+    """Indices of the SigLIP encoder layers the checkpoint holds tensors of."""
+    names = (name[len(VISION_PREFIX):] for name in checkpoint.shapes if name.startswith(VISION_PREFIX))
+    return {int(match.group(1)) for match in map(VISION_LAYER_PATTERN.match, names) if match}
+
+
+def lavida_vision_config(vision_config, checkpoint: LavidaCheckpoint, notes: list) -> dict:
+    """`vision_config_dict(vision_config)`, with LaViDa's deletion of SigLIP's last encoder layer applied (and noted)
+    when the given config counts exactly one layer more than the checkpoint holds (a plain SigLIP config: 27 layers
+    for so400m; the default already has LaViDa's 26)."""
+    vision = vision_config_dict(vision_config)
+    layers = int(vision["num_hidden_layers"])
+    if vision_config is not None and layers > 1 and checkpoint_vision_layers(checkpoint) == set(range(layers - 1)):
+        vision["num_hidden_layers"] = layers - 1
+        notes.append(f"--vision-config has {layers} SigLIP encoder layers and the checkpoint holds {layers - 1}: "
+                     f"LaViDa deletes SigLIP's last layer, so the converted tower has {layers - 1} "
+                     f"(vision_config.num_hidden_layers={layers - 1})")
+    return vision
+
+
 def pinpoints_from_lavida(value, view_size: int) -> list:
     """LaViDa's image_grid_pinpoints ((width, height) pairs, a list or its string) as our (height, width) list.
 
@@ -472,9 +496,21 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     try:
         config = ShirgConfig(**kwargs)
     except (ValueError, TypeError) as error:
-        raise ConversionError(f"the configuration built from SRC is invalid: {error}") from error
+        raise ConversionError(f"the configuration built from SRC is invalid: {error}{_fixing_flag(error)}") from error
     config.architectures = [LavidaShirgForMaskedDiffusion.__name__]
     return config, notes
+
+
+def _fixing_flag(error) -> str:
+    """For a ShirgConfig error about a special-token id: the converter flag that sets that id (else '')."""
+    match = re.match(r"(\w+_token_id) \(", str(error))
+    if match is None:
+        return ""
+    name = match.group(1)
+    hint = f"; pass --config-overrides '{{\"{name}\": ID}}' with the right id"
+    if name in TOKEN_FIELDS:
+        hint += f", or --tokenizer PATH with the LLaDA tokenizer (its {TOKEN_FIELDS[name]} sets {name})"
+    return hint
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -728,7 +764,8 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
     """Convert the LaViDa folder `src` into our folder `out`; returns the report. Raises ConversionError.
 
     tokenizer: folder of the LLaDA tokenizer when SRC has none. vision_config: SigLIP sizes (dict, JSON or path)
-    over the so400m/26-layer default. dtype: "keep", "bfloat16" or "float32". config_overrides: ShirgConfig fields.
+    over the so400m/26-layer default (see `lavida_vision_config`). dtype: "keep", "bfloat16" or "float32".
+    config_overrides: ShirgConfig fields.
     """
     src, out = Path(src), Path(out)
     if dtype not in DTYPES:
@@ -739,7 +776,9 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
 
     checkpoint = read_lavida_checkpoint(src)
     tok = load_source_tokenizer(src, tokenizer)
-    config, notes = build_config(checkpoint.config, vision_config, special_token_ids(tok), config_overrides)
+    notes = []
+    vision = lavida_vision_config(vision_config, checkpoint, notes)
+    config, notes = build_config(checkpoint.config, vision, special_token_ids(tok), config_overrides, notes)
     plan = plan_conversion(checkpoint, config, expected_state(config))
     processor, processor_description = build_processor(config, tok)  # checked before any weight is written
 
@@ -751,6 +790,7 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
         config.dtype = main_dtype
         write_config_and_code(config, tmp)
         processor.save_pretrained(str(tmp))
+        apply_umask(tmp)  # mkdtemp's 0700 and the copied code files' modes -> the user's umask
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -771,8 +811,9 @@ def main(argv=None) -> int:
     parser.add_argument("out", metavar="OUT", help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     parser.add_argument("--tokenizer", metavar="PATH", help="LLaDA tokenizer folder, when SRC has no tokenizer")
-    parser.add_argument("--vision-config", metavar="JSON", help="SigLIP config fields (JSON or a JSON file path) "
-                        "over the default so400m-patch14-384 with 26 layers")
+    parser.add_argument("--vision-config", metavar="JSON", help="SigLIP config fields (JSON or a JSON file path, "
+                        "e.g. SigLIP's own config.json) over the default so400m-patch14-384 with 26 layers; a config "
+                        "with one layer more than the checkpoint holds gets LaViDa's deletion of the last layer")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="dtype of the written weights")
     parser.add_argument("--config-overrides", metavar="JSON", help="ShirgConfig fields (JSON or a JSON file path)")
     args = parser.parse_args(argv)

@@ -9,13 +9,17 @@
 Writes into --output-dir: predictions/TASK.jsonl (one line per sample and variant: prediction, score, timings,
 selection diagnostics, or the sample's error), summary.json and summary.md (task x variant table), run_config.json
 and overlays/TASK/SAMPLE/{VARIANT.png, sheet.png} for the first --overlays samples. Rerunning with the same
-settings skips the samples already written (errors are retried); lines and summaries are written atomically.
+settings skips the samples already written (errors are retried); lines and summaries are written atomically. A run
+holds a lock on its --output-dir (released when it ends or dies): a second run into the same folder is refused.
+Sampling as LaViDa's evaluation: steps = int(answer tokens x --step-ratio), the "shift" schedule with shift 3.
 Timings: one warm-up batch per task and variant, device synchronisation around timed regions, medians over
 samples of the batch time / batch size.
 """
 
 import argparse
+import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shirg_tools.diagnostics import selection_diagnostics, source_views, token_relevance  # noqa: E402
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
                                     synthetic_config)
+from shirg_tools.file_modes import umask_mode  # noqa: E402
 from shirg_tools.metrics import METRICS  # noqa: E402
 from shirg_tools.overlays import contact_sheet, render_panel  # noqa: E402
 from shirg_tools.timing import median, timed_generate  # noqa: E402
@@ -36,9 +41,12 @@ from shirg_tools.variants import default_variants, option_names_help, parse_vari
 
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 SCHEDULES = ("uniform", "shift")
+LAVIDA_SCHEDULE_SHIFT = 3.0  # LaViDa's generate: logit_normal_schedule(schedule_kwargs.get("shift", 3), t)
+DEVICE_TYPES = ("cpu", "cuda")
+LOCK_FILE = ".eval.lock"
 # settings that change the numbers: a rerun into the same output folder must use the same ones
 RESULT_SETTINGS = ("model", "model_label", "dtype", "device", "kv_cache_dtype", "step_ratio", "schedule",
-                   "gen_length", "synthetic", "batch_size")
+                   "schedule_shift", "gen_length", "synthetic", "batch_size")
 TINY_HIDDEN_SIZE = 64  # the tiny preset's LM width: such a model does not read (accuracy is not evidence)
 
 
@@ -62,14 +70,18 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gen-length", type=int, help="answer tokens for every task (default: the task's, "
                         "as LaViDa: TextVQA/ChartQA 16, DocVQA/InfoVQA 32, synthetic 16)")
-    parser.add_argument("--step-ratio", type=float, default=1.0, help="diffusion steps = answer tokens x this "
-                        "(1.0: one token per step)")
+    parser.add_argument("--step-ratio", type=float, default=1.0, help="diffusion steps = int(answer tokens x this), "
+                        "at least 1, as LaViDa (1.0: one token per step)")
     parser.add_argument("--schedule", default="shift", choices=SCHEDULES, help="tokens per step (LaViDa: shift)")
+    parser.add_argument("--schedule-shift", type=float, default=LAVIDA_SCHEDULE_SHIFT,
+                        help=f"shift of the 'shift' schedule (LaViDa: {LAVIDA_SCHEDULE_SHIFT}); passed to every "
+                        "call, whatever sampler settings the model folder saved")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="store the prefix KV cache in this dtype "
                         "(the table reports the bytes saved)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--output-dir", default="runs/eval")
     parser.add_argument("--overlays", type=int, default=4, help="kept/dropped overlays for the first N samples")
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics "
@@ -91,6 +103,28 @@ def key_values(items: list, flag: str) -> dict:
             raise EvalError(f"{flag} takes KEY=VALUE, got {item!r}")
         result[key.strip()] = value.strip()
     return result
+
+
+def check_device(text: str):
+    """EvalError naming --device unless `text` is cpu, cuda or cuda:N with that CUDA device present."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as error:
+        raise EvalError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from error
+    if device.type not in DEVICE_TYPES or (device.type == "cpu" and device.index not in (None, 0)):
+        raise EvalError(f"--device {text!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {text!r}: CUDA is not available on this machine (torch "
+                            f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise EvalError(f"--device {text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def diffusion_steps(gen_length: int, step_ratio: float) -> int:
+    """LaViDa's step count: int(gen_length * step_ratio) (truncated, as LaViDa), at least 1."""
+    return max(1, int(gen_length * step_ratio))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,6 +203,7 @@ def write_atomic(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(handle, umask_mode())  # mkstemp's 0600 -> what open() gives under the umask
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -181,6 +216,24 @@ def write_atomic(path: Path, data: bytes):
 
 def write_json(path: Path, value):
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def lock_output_folder(folder: Path) -> int:
+    """Create `folder` and take an exclusive lock on its LOCK_FILE (which then holds this process's id); returns the
+    descriptor (closing it releases the lock; so does the process's death, SIGKILL included). EvalError when another
+    process holds the lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(handle, 32).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        raise EvalError(f"--output-dir {str(folder)!r} is in use by another eval.py run (process {holder}): wait for "
+                        "it to end or use another --output-dir") from None
+    os.ftruncate(handle, 0)
+    os.write(handle, f"{os.getpid()}\n".encode())
+    return handle
 
 
 class PredictionStore:
@@ -203,7 +256,7 @@ class PredictionStore:
             for number, line in enumerate(complete.decode().splitlines(), start=1):
                 record = json.loads(line)
                 self.records[(record["variant"], record["id"])] = record
-        self.handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def done(self, variant: str) -> set:
         """Ids of the samples of `variant` written without error."""
@@ -255,6 +308,10 @@ class Evaluation:
                 raise EvalError(f"{name} must be >= {low}, got {value}")
         if not 0 < args.step_ratio <= 1:
             raise EvalError(f"--step-ratio must be in (0, 1], got {args.step_ratio}")
+        if not (math.isfinite(args.schedule_shift) and args.schedule_shift > 0):
+            raise EvalError(f"--schedule-shift must be a finite number > 0 (LaViDa: {LAVIDA_SCHEDULE_SHIFT}), "
+                            f"got {args.schedule_shift}")
+        check_device(args.device)
         variants_text = args.variants
         self.model, self.processor, self.model_label, self.dtype, self.is_tiny = load_model(args)
         self.variants = parse_variants(variants_text or default_variants(high_resolution_tokens(self.model)))
@@ -264,9 +321,20 @@ class Evaluation:
         self.output = Path(args.output_dir)
         self.settings = {"model": args.model or "tiny-random", "model_label": self.model_label, "dtype": self.dtype,
                          "device": torch.device(args.device).type, "kv_cache_dtype": args.kv_cache_dtype,
-                         "step_ratio": args.step_ratio, "schedule": args.schedule, "gen_length": args.gen_length,
+                         "step_ratio": args.step_ratio, "schedule": args.schedule,
+                         "schedule_shift": args.schedule_shift, "gen_length": args.gen_length,
                          "synthetic": self.synthetic, "batch_size": args.batch_size}
-        self._check_output_folder()
+
+    def claim_output_folder(self) -> int:
+        """Lock the output folder (see lock_output_folder; returns the lock's descriptor), then check that it holds
+        no results of other settings (they would mix): EvalError for either."""
+        lock = lock_output_folder(self.output)
+        try:
+            self._check_output_folder()
+        except EvalError:
+            os.close(lock)
+            raise
+        return lock
 
     def _check_output_folder(self):
         """EvalError when the output folder holds results of other settings (they would mix)."""
@@ -280,10 +348,11 @@ class Evaluation:
                                 "use another --output-dir")
 
     def generation_settings(self, name: str) -> dict:
-        """gen_length / steps / block_length / schedule of a task."""
+        """gen_length / block_length / steps / schedule / schedule_shift of a task (every call passes them all)."""
         gen_length = self.args.gen_length or TASKS[name].gen_length
-        steps = max(1, round(gen_length * self.args.step_ratio))
-        return dict(gen_length=gen_length, block_length=gen_length, steps=steps, schedule=self.args.schedule)
+        steps = diffusion_steps(gen_length, self.args.step_ratio)
+        return dict(gen_length=gen_length, block_length=gen_length, steps=steps, schedule=self.args.schedule,
+                    schedule_shift=self.args.schedule_shift)
 
     def run(self):
         write_json(self.output / "run_config.json", self.settings)
@@ -323,7 +392,7 @@ class Evaluation:
                     timed_generate(self.model, call, steps)
                     warmed_up = True
                 answers, timing = timed_generate(self.model, call, steps)
-                predictions = self.processor.batch_decode(answers.cpu())
+                predictions = self.processor.decode_answers(answers.cpu())
                 diagnostics = self.diagnostics(variant, inputs, ready)
                 for position, (sample, prediction) in enumerate(zip(ready, predictions)):
                     record = records[sample.id]
@@ -528,7 +597,7 @@ def summarize_records(records: list) -> dict:
                                for r in good]),
         "batch_size": median([r["batch_size"] for r in good]),
     }
-    for key in ("relevance_lift", "coverage_kept", "score_gini", "answer_recall"):
+    for key in ("relevance_lift", "coverage_kept", "score_gini", "answer_recall", "text_auc", "text_recall"):
         values = [r["diagnostics"].get(key) for r in good if r.get("diagnostics")]
         values = [value for value in values if value is not None]
         row[key] = sum(values) / len(values) if values else None
@@ -564,7 +633,7 @@ def markdown_table(summary: dict) -> str:
                   "diagnostics are.**", ""]
     header = (f"| task | variant | {score_header} | n | errors | image tokens | prefill ms{unit} | ms/step{unit} | "
               f"total ms/sample{unit} | peak MB | KV MB | KV MB saved | relevance lift | coverage | score Gini | "
-              "answer recall | px2/token |")
+              "answer recall | text AUC | text recall | px2/token |")
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, task in summary["tasks"].items():
         for label, row in task["variants"].items():
@@ -577,13 +646,17 @@ def markdown_table(summary: dict) -> str:
                 f"{_number(row['total_ms'])} | {_number(row['peak_mb'], 0)} | {_number(row['kv_mb'], 2)} | "
                 f"{_number(row['kv_mb_saved'], 2)} | {_number(row['relevance_lift'], 2)} | "
                 f"{_number(row['coverage_kept'], 2)} | {_number(row['score_gini'], 2)} | "
-                f"{_number(row['answer_recall'], 2)} | {area_text} |")
+                f"{_number(row['answer_recall'], 2)} | {_number(row['text_auc'], 2)} | "
+                f"{_number(row['text_recall'], 2)} | {area_text} |")
     lines += ["", "Timings: medians over samples of (batch time / batch size), after one warm-up batch per task and "
               "variant; peak MB: torch.cuda.max_memory_allocated (n/a on CPU); KV MB: prefix-cache bytes per sample "
               "read from the cache tensors (saved: vs the compute dtype). relevance lift: mean normalised question "
               "relevance of kept tokens / that of a random selection of the same size (1 = random). coverage: "
               "fraction of coverage regions keeping >= 1 token. answer recall: fraction of the answer box's area "
-              "under kept full-resolution tokens.", ""]
+              "under kept full-resolution tokens. text AUC / text recall (synthetic set): with text tokens = tokens "
+              "whose cell overlaps a text box, P(a text token's score > a background token's) (ties 1/2) and the "
+              "fraction of text tokens kept (benchmarks/bench_selection_quality.py measures them per score term).",
+              ""]
     for name, task in summary["tasks"].items():
         lines.append(f"- {name}: metric {task['metric']}, split {task['split']}, source {task['source']}, "
                      f"prompt {json.dumps(task['prompt_template'])}, generation {json.dumps(task['generation'])}, "
@@ -606,10 +679,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         evaluation = Evaluation(args)
+        lock = evaluation.claim_output_folder()
     except (EvalError, TaskError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    evaluation.run()
+    try:
+        evaluation.run()
+    finally:
+        os.close(lock)
     print((evaluation.output / "summary.md").read_text())
     return 0
 

@@ -7,7 +7,8 @@
 The folder holds the weights (safetensors, sharded above --max_shard_size), config.json with auto_map, every
 remote-code file, the processor and tokenizer files, and a model card (README.md) made with huggingface_hub's
 ModelCard: what SHIRG does, the variants and budgets, the results table when one is given, and a runnable demo.
-The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written.
+The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written. Its
+folders and files get the modes of the user's umask.
 """
 
 import argparse
@@ -21,6 +22,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
+
+from shirg_tools.file_modes import apply_umask
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TAGS = ["custom_code", "lavida", "shirg", "diffusion", "token-pruning", "multimodal", "ocr"]
@@ -68,7 +71,7 @@ def demo_snippet(repo_id, method, budget):
         f'shirg = dict(selection_method="{method}", selection_budget={budget})',
         'inputs = processor(images=[image], text=[processor.build_prompt("What is the title?")], **shirg)',
         "answer = model.diffusion_generate(**inputs, **shirg)",
-        "print(processor.batch_decode(answer)[0])",
+        "print(processor.decode_answers(answer)[0])",
     ])
 
 
@@ -129,7 +132,8 @@ ones keep more fine text. `processor.image_token_count((height, width), method, 
 
 {results}
 
-Sampler defaults of this upload: `{json.dumps(config["sampler_defaults"])}`.
+Generation defaults of this upload (`generation_config.json`, overridable per `generate()` call):
+`{json.dumps(config["generation"])}`.
 """
 
 
@@ -159,7 +163,8 @@ def prepare_output(out, overwrite):
 
 
 def move_into_place(tmp, out):
-    """Replace `out` by the finished `tmp` folder."""
+    """Replace `out` by the finished `tmp` folder, its modes those of the user's umask (not mkdtemp's 0700)."""
+    apply_umask(tmp)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -179,7 +184,10 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
+        generation = json.loads((tmp / "generation_config.json").read_text())
+        config = {**json.loads((tmp / "config.json").read_text()),
+                  "generation": {key: value for key, value in generation.items() if not key.startswith("_")
+                                 and key != "transformers_version" and value is not None}}
         build_card(repo_id, config, results_markdown, base_model, datasets, license_name).save(tmp / "README.md")
         move_into_place(tmp, out)
     except BaseException:
@@ -214,7 +222,7 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
 
 # what an adapter card shows about the base model's selection settings (the real preset's defaults)
 DEFAULT_CARD_CONFIG = {"hires_image_size": 672, "budget_choices": [512, 768, 1024], "selection_budget": 768,
-                       "sampler_defaults": {"gen_length": 32}}
+                       "generation": {"max_new_tokens": 32}}
 
 
 def push_folder(folder, repo_id, private=False, revision=None):

@@ -9,8 +9,9 @@ a seeded schedule that every process shares. Data: LLaVA-format JSON + image fol
     python train.py --config configs/train_tiny.yaml  # arguments from a YAML or JSON file (command line overrides)
     accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml train.py --model_name_or_path ... ...
 
-Arguments: the dataclasses below plus transformers' TrainingArguments (`python train.py --help`). The offline demo
-shows the pipeline working (falling loss); a tiny model trained from scratch does not learn to read, so its
+Arguments: the dataclasses below plus transformers' TrainingArguments (`python train.py --help`). A bad argument,
+config value or data set is reported as one `error: ...` line (exit status 2) before any training step. The offline
+demo shows the pipeline working (falling loss); a tiny model trained from scratch does not learn to read, so its
 accuracy means nothing.
 """
 
@@ -155,8 +156,12 @@ def load_config_file(path: str) -> dict:
     """The arguments of a YAML (.yaml/.yml) or JSON (.json) file: a mapping of argument name -> value."""
     if not os.path.isfile(path):
         raise ValueError(f"--config {path} does not exist")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) if path.endswith((".yaml", ".yml")) else json.load(handle)
+    is_yaml = path.endswith((".yaml", ".yml"))
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) if is_yaml else json.load(handle)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not valid {'YAML' if is_yaml else 'JSON'}: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of argument names to values")
     known = {field.name for cls in ARGUMENT_CLASSES for field in dataclasses.fields(cls)}
@@ -286,7 +291,8 @@ def load_model(model_args: ModelArguments, seed: int):
                              "(HF_HUB_OFFLINE=1)")
         model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=dtype, **attention,
                                           **config_overrides(model_args))
-        return model, AutoTokenizer.from_pretrained(source), False
+        # the folder's remote code is trusted for its model, so for its tokenizer too (no interactive prompt)
+        return model, AutoTokenizer.from_pretrained(source, trust_remote_code=True), False
     preset = model_args.preset or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -295,7 +301,8 @@ def load_model(model_args: ModelArguments, seed: int):
     elif model_args.tokenizer_name_or_path is None:
         raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only the tiny preset builds its own)")
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
+        # the preset's model runs no remote code: neither does its tokenizer (and no interactive prompt asks)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, trust_remote_code=False)
     set_seed(seed)
     config = ShirgConfig.from_preset(preset, **config_overrides(model_args))
     model = LavidaShirgForMaskedDiffusion._from_config(config, **attention).to(dtype)
@@ -490,12 +497,30 @@ def write_summary(run: Run, summary: dict, result, started: float) -> dict:
     return summary
 
 
-def main(argv=None, exit_after_gloo_run: bool = False) -> dict:
-    """Check everything, train, save; returns the run summary (also written to output_dir/training_summary.json).
+def main(argv=None) -> dict:
+    """Check everything (a ValueError names the bad argument), train, save; returns the run summary (see
+    `execute`)."""
+    return execute(build_run(argv))
+
+
+def command_line(argv=None) -> int:
+    """The script: `main`, with a ValueError raised while the run is checked and built (a bad argument, config value
+    or data set; before any training step) reported as one `error: ...` line on stderr and exit status 2. Errors
+    during training keep their traceback."""
+    try:
+        run = build_run(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    execute(run, exit_after_gloo_run=True)
+    return 0
+
+
+def execute(run: Run, exit_after_gloo_run: bool = False) -> dict:
+    """Train and save a built run; returns the run summary (also written to output_dir/training_summary.json).
     Ends training explicitly (trackers finished, process group destroyed) whatever happened. With
     exit_after_gloo_run (the script entry point), a multi-process CPU run then leaves through
     exit_without_interpreter_teardown while the trainer, and so DDP's reducer, is still alive."""
-    run = build_run(argv)
     try:
         summary = train_and_save(run)
     finally:
@@ -520,4 +545,4 @@ def exit_without_interpreter_teardown() -> None:
 
 
 if __name__ == "__main__":
-    main(exit_after_gloo_run=True)
+    sys.exit(command_line())

@@ -3,7 +3,8 @@
 One 672 x 672 view through SigLIP-patch14 = a 48 x 48 grid = N = 2304 tokens of D = 1152, projected to E = 4096.
 Rows: the vision tower (random weights; LaViDa's 26 layers of so400m, `interpolate_pos_encoding=True`), the
 projector applied to all N tokens (its own row: SHIRG projects every token once), and every selection method at
-budget K. Medians over `--repeats` timed runs after one warm-up; CUDA runs are synchronised.
+budget K (the SHIRG methods once per detail term, `detail_term`). Medians over `--repeats` timed runs after one
+warm-up; CUDA runs are synchronised.
 
 On CPU the full tower is slow, so `--vision-layers` (default on CPU: 2) runs a reduced tower and the 26-layer time
 is extrapolated as (measured time / measured layers) * 26; the output says so. Example:
@@ -21,12 +22,12 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavida_shirg.shirg_selection import METHODS, select_tokens  # noqa: E402
+from lavida_shirg.shirg_selection import DETAIL_TERMS, METHODS, select_tokens  # noqa: E402
 
 FULL_LAYERS = 26  # LaViDa drops the last of so400m's 27 layers
 VISION = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384, patch_size=14,
               num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-VIEW, EMBED, QUESTION_LENGTH = 672, 4096, 32
+VIEW, PATCH, EMBED, QUESTION_LENGTH = 672, 14, 4096, 32
 
 
 def timed(fn, device, repeats):
@@ -70,7 +71,7 @@ def main(argv=None):
     tower = SiglipVisionModel(SiglipVisionConfig(num_hidden_layers=layers, **VISION)).to(device, dtype).eval()
     projector = torch.nn.Sequential(torch.nn.Linear(1152, EMBED), torch.nn.GELU(),
                                     torch.nn.Linear(EMBED, EMBED)).to(device, dtype).eval()
-    grid = (VIEW // 14, VIEW // 14)
+    grid = (VIEW // PATCH, VIEW // PATCH)
     num = grid[0] * grid[1]
 
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'})"
@@ -102,10 +103,15 @@ def main(argv=None):
             rows.append(("projector on all N tokens", projection_time))
             for method in args.methods:
                 options = {"attention_received": attention} if method == "visionzip" else {}
-                if method.startswith("shirg"):
-                    options["validate"] = False  # the question mask is validated once by the caller
-                rows.append((method, timed(lambda: select_tokens(method, features, projected, grid, args.budget,
-                                                                 question, mask, **options), device, args.repeats)))
+                # SHIRG: one row per detail term (the pixel contrast reads the view's own pixels); the question
+                # mask is validated once by the caller
+                details = DETAIL_TERMS if method.startswith("shirg") else (None,)
+                for detail in details:
+                    if detail is not None:
+                        options = dict(validate=False, detail=detail, pixels=pixels, patch_size=PATCH)
+                    rows.append((method if detail is None else f"{method} detail={detail}",
+                                 timed(lambda: select_tokens(method, features, projected, grid, args.budget, question,
+                                                             mask, **options), device, args.repeats)))
         print(f"\nB={batch}")
         print(f"  {'row':44s} {'median ms':>11s} {'/ tower(26)':>12s}")
         for name, seconds in rows:

@@ -6,10 +6,12 @@ Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes) and `"t
 """
 
 import dataclasses
+import math
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
 from .image_layout import max_source_tokens
+from .shirg_selection import DETAIL_TERMS
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
 # "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`.
@@ -38,6 +40,10 @@ class LladaTextConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    # copies of ShirgConfig's ids (set by it), read by Trainer's special-token alignment through get_text_config()
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -72,8 +78,9 @@ class ShirgConfig(PreTrainedConfig):
     ((height, width) pairs, multiples of the vision image size), cut into vision-size crops and preceded by a
     global view; every view's projected features are bilinearly pooled to `pooled_view_size` x `pooled_view_size`.
 
-    Special tokens: `image_token_id` marks image positions in `input_ids`; it lies outside the LM vocabulary
-    (default: text vocab_size) because those positions are filled with image features, never embedded.
+    Special tokens: `image_token_id` marks image positions in `input_ids` (default: text vocab_size, just past the
+    LM vocabulary; the tokenizer's `<image>` token where it has one); those positions are filled with image
+    features, never embedded, so the id may also lie inside a resized vocabulary.
     """
 
     model_type = "lavida_shirg"
@@ -103,7 +110,8 @@ class ShirgConfig(PreTrainedConfig):
     hires_image_size: int = 672
     coverage_region_size: int = 4
     relevance_weight: float = 0.7
-    variance_weight: float = 0.3
+    variance_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
+    detail_term: str = "variance"  # shirg_selection.DETAIL_TERMS: the detail term of shirg-fixed, shirg-v2, shirg-x
     v2_alpha: float = 0.25
     v2_beta: float = 0.15
     v2_summary_token: bool = True
@@ -118,8 +126,6 @@ class ShirgConfig(PreTrainedConfig):
     coordinate_embedding: bool = False
     adaptive_budget: bool = False
     budget_choices: list | None = None
-    # defaults of diffusion_generate's sampler arguments (block_length / steps None: gen_length)
-    sampler_defaults: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
@@ -138,9 +144,20 @@ class ShirgConfig(PreTrainedConfig):
             self.image_token_id = self.text_config.vocab_size
         if self.budget_choices is None:
             self.budget_choices = [512, 768, 1024]
-        self.sampler_defaults = {**SAMPLER_DEFAULTS, **(self.sampler_defaults or {})}
         super().__post_init__(**kwargs)
+        for name in TEXT_CONFIG_TOKEN_IDS:
+            if getattr(self.text_config, name) is None:
+                setattr(self.text_config, name, getattr(self, name))
         self._validate()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """PreTrainedConfig.from_dict (used by from_pretrained), then validated: keyword overrides such as
+        `from_pretrained(folder, selection_method=...)` are set after construction and must be checked too."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config._validate()
+        return loaded
 
     def _validate(self):
         vision = self.vision_config
@@ -158,24 +175,25 @@ class ShirgConfig(PreTrainedConfig):
                     f"({vision.image_size}), got {pair}"
                 )
         vocab = self.text_config.vocab_size
-        for name in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "start_header_token_id",
-                     "end_header_token_id", "eot_token_id"):
+        for name in SPECIAL_TOKEN_FIELDS:
             value = getattr(self, name)
             if not 0 <= value < vocab:
                 raise ValueError(f"{name} ({value}) must be a token of the LM vocabulary [0, {vocab})")
-        if 0 <= self.image_token_id < vocab:
+        for name in TEXT_CONFIG_TOKEN_IDS:
+            if getattr(self.text_config, name) != getattr(self, name):
+                raise ValueError(f"text_config.{name} ({getattr(self.text_config, name)}) must equal {name} "
+                                 f"({getattr(self, name)})")
+        special_ids = {name: getattr(self, name) for name in SPECIAL_TOKEN_FIELDS}
+        if not _is_int(self.image_token_id) or self.image_token_id < 0 or self.image_token_id in special_ids.values():
             raise ValueError(
-                f"image_token_id ({self.image_token_id}) must lie outside the LM vocabulary [0, {vocab}): image "
-                "positions are filled with image features and the LM never predicts them"
+                f"image_token_id must be a non-negative integer other than the special ids {special_ids}, got "
+                f"{self.image_token_id!r}"
             )
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 < self.min_mask_probability < 1.0:
             raise ValueError(f"min_mask_probability must be in (0, 1), got {self.min_mask_probability}")
         self.selection_settings()  # validates the SHIRG fields
-        unknown = sorted(set(self.sampler_defaults) - set(SAMPLER_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown sampler_defaults {unknown}; known: {sorted(SAMPLER_DEFAULTS)}")
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"projector_hidden_act must be 'gelu' (LaViDa's mlp2x_gelu), got {self.projector_hidden_act!r}")
 
@@ -214,16 +232,16 @@ class ShirgConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
-SAMPLER_DEFAULTS = {
-    "gen_length": 32, "block_length": None, "steps": None, "temperature": 0.0, "remasking": "low_confidence",
-    "schedule": "uniform", "schedule_shift": 1.0 / 3.0,
-}
+TEXT_CONFIG_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "start_header_token_id",
+                        "end_header_token_id", "eot_token_id")
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
-    "relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "v2_summary_token", "v2_kmeans_iterations",
-    "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius", "x_suppression_penalty",
-    "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget", "budget_choices",
+    "relevance_weight", "variance_weight", "detail_term", "v2_alpha", "v2_beta", "v2_summary_token",
+    "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
+    "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
+    "budget_choices",
 )
 
 
@@ -255,8 +273,12 @@ def validate_selection_settings(settings: dict):
         raise ValueError(f"hires_source must be one of {HIRES_SOURCES}, got {settings['hires_source']!r}")
     if settings["x_scaffold"] not in SCAFFOLDS:
         raise ValueError(f"x_scaffold must be one of {SCAFFOLDS}, got {settings['x_scaffold']!r}")
-    if settings["hires_image_size"] < settings["patch_size"]:
-        raise ValueError(f"hires_image_size ({settings['hires_image_size']}) is smaller than one patch")
+    if settings["detail_term"] not in DETAIL_TERMS:
+        raise ValueError(f"detail_term must be one of {DETAIL_TERMS}, got {settings['detail_term']!r}")
+    size, patch = settings["hires_image_size"], settings["patch_size"]
+    if not _is_int(size) or size < patch or size % patch:
+        raise ValueError(f"hires_image_size must be a positive integer multiple of the patch size ({patch}), "
+                         f"got {size!r}")
     if settings["hires_source"] == "anyres-views" and settings["x_scaffold"] == "grid":
         raise ValueError("x_scaffold='grid' pools a single high-resolution view: use 'global-view' or 'none' with "
                          "hires_source='anyres-views'")
@@ -276,8 +298,9 @@ def validate_selection_settings(settings: dict):
         if not _is_int(settings[name]) or settings[name] < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {settings[name]!r}")
     for name in ("relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "x_suppression_penalty"):
-        if isinstance(settings[name], bool) or not isinstance(settings[name], (int, float)) or settings[name] < 0:
-            raise ValueError(f"{name} must be a non-negative number, got {settings[name]!r}")
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     if settings["v2_alpha"] > 1:
         raise ValueError(f"v2_alpha must be in [0, 1], got {settings['v2_alpha']!r}")
     if settings["x_suppression_penalty"] > 1:

@@ -4,11 +4,15 @@ Pure tensor functions, batched over samples; the model composes them in `forward
 `diffusion_generate`.
 """
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
 SCHEDULES = ("uniform", "shift")
+LAVIDA_SCHEDULE_SHIFT = 3.0  # LaViDa's generate: logit_normal_schedule(schedule_kwargs.get("shift", 3), t)
 
 
 def sample_complementary_masks(target_mask, min_mask_probability, generator=None):
@@ -29,13 +33,14 @@ def sample_complementary_masks(target_mask, min_mask_probability, generator=None
     return masked, target_mask & ~masked, p
 
 
-def transfer_counts(block_length, steps, schedule="uniform", shift=1.0 / 3.0):
+def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDULE_SHIFT):
     """Number of tokens committed at each of `steps` steps of a block of `block_length` masked tokens.
 
     uniform: floor(L / S) per step, the remainder L mod S spread one each over the first steps (LLaDA).
     shift:   c_i = floor(L f(i / S)) with f(t) = a t / (1 + (a - 1) t) (LaViDa's timestep shift, a = `shift`);
              per-step counts c_{i+1} - c_i raised to at least 1, the excess taken back one token at a time from the
-             first steps that hold more than one, then the order reversed.
+             first steps that hold more than one, then the order reversed. With LaViDa's a = 3 the first steps commit
+             the fewest tokens (8 tokens in 4 steps: [1, 1, 2, 4]).
     Returns a list of S Python ints that sums to L.
     """
     if schedule not in SCHEDULES:
@@ -95,3 +100,53 @@ def commit_most_confident(canvas, predictions, confidence, eligible, count):
     confidence = confidence.masked_fill(~eligible, float("-inf"))
     chosen = confidence.topk(count, dim=-1).indices  # (B, count)
     return canvas.scatter(1, chosen, predictions.gather(1, chosen))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_sampler_arguments(given: dict, defaults: dict, names: dict | None = None) -> dict:
+    """The sampler settings of one call: each argument of `given` left None takes `defaults`; block_length and
+    steps still None take gen_length. Validated: a ValueError names the argument (as `names` maps it, e.g.
+    gen_length -> max_new_tokens for generate()) and its allowed values.
+
+    Keys: gen_length, block_length, steps (true integers: gen_length = n_blocks * block_length, steps a positive
+    multiple of n_blocks with at most block_length steps per block), temperature (finite, >= 0), remasking
+    (REMASKING_STRATEGIES), schedule (SCHEDULES), schedule_shift (finite, > 0).
+    """
+    names = {name: (names or {}).get(name, name) for name in defaults}
+    settings = {name: defaults.get(name) if given.get(name) is None else given[name] for name in defaults}
+    gen_length = settings["gen_length"]
+    if not _is_int(gen_length) or gen_length <= 0:
+        raise ValueError(f"{names['gen_length']} must be a positive integer, got {gen_length!r}")
+    for name in ("block_length", "steps"):
+        if settings[name] is None:
+            settings[name] = gen_length
+        elif not _is_int(settings[name]) or settings[name] <= 0:
+            raise ValueError(f"{names[name]} must be a positive integer (or None: {names['gen_length']}), "
+                             f"got {settings[name]!r}")
+    block_length, steps = settings["block_length"], settings["steps"]
+    if gen_length % block_length:
+        raise ValueError(f"{names['block_length']} must divide {names['gen_length']}={gen_length}, got {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"{names['steps']} must be a positive multiple of the number of blocks ({num_blocks}), "
+                         f"got {steps}")
+    if steps // num_blocks > block_length:
+        raise ValueError(f"steps per block ({steps // num_blocks}) cannot exceed {names['block_length']} "
+                         f"({block_length})")
+    if not _is_finite_number(settings["temperature"]) or settings["temperature"] < 0:
+        raise ValueError(f"{names['temperature']} must be a finite number >= 0, got {settings['temperature']!r}")
+    if settings["remasking"] not in REMASKING_STRATEGIES:
+        raise ValueError(f"{names['remasking']} must be one of {REMASKING_STRATEGIES}, got {settings['remasking']!r}")
+    if settings["schedule"] not in SCHEDULES:
+        raise ValueError(f"{names['schedule']} must be one of {SCHEDULES}, got {settings['schedule']!r}")
+    if not _is_finite_number(settings["schedule_shift"]) or settings["schedule_shift"] <= 0:
+        raise ValueError(f"{names['schedule_shift']} must be a finite number > 0 (LaViDa: {LAVIDA_SCHEDULE_SHIFT}), "
+                         f"got {settings['schedule_shift']!r}")
+    return settings

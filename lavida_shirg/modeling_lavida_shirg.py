@@ -23,13 +23,15 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attenti
 
 from .configuration_lavida_shirg import LladaTextConfig, ShirgConfig
 from .image_layout import SHIRG_METHODS, image_token_count, pooled_layout, source_grid
-from .masked_diffusion import (
-    commit_most_confident,
-    sample_complementary_masks,
-    sample_tokens,
-    token_confidence,
-    transfer_counts,
+from .generation_lavida_shirg import (
+    GENERATION_ARGUMENTS,
+    LavidaShirgGenerationConfig,
+    MaskedDiffusionGenerateOutput,
+    generation_config_of_call,
+    logits_warpers,
+    run_sampler,
 )
+from .masked_diffusion import resolve_sampler_arguments, sample_complementary_masks
 from .prefix_cache import PrefixCache
 from .shirg_selection import (
     AdaptiveBudgetHead,
@@ -284,6 +286,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
     """
 
     accepts_loss_kwargs = True  # forward takes Trainer's num_items_in_batch (unknown keyword arguments are errors)
+    generation_config_class = LavidaShirgGenerationConfig  # built by PreTrainedModel.__init__ (from_model_config)
 
     def __init__(self, config: ShirgConfig):
         super().__init__(config)
@@ -298,6 +301,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         self.coordinate_embedding = CoordinateEmbedding(hidden) if config.coordinate_embedding else None
         default_budget = config.selection_budget if config.selection_budget in config.budget_choices else None
         self.budget_head = AdaptiveBudgetHead(config.budget_choices, default_budget) if config.adaptive_budget else None
+        # configs written before generation_config.json kept the sampler defaults; PreTrainedModel.__init__ folded
+        # them into self.generation_config (LavidaShirgGenerationConfig.from_model_config): saved from there on
+        vars(config).pop("sampler_defaults", None)
+        # the image-text-to-text pipeline loads AutoModelForImageTextToText: the class that generates, as AutoModel
+        # (register_for_auto_class records one auto class; save_pretrained adds it to this auto_map)
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                           "AutoModelForImageTextToText": f"{module}.{type(self).__name__}"}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -375,22 +386,24 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
                                  "question_mask (the processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
             check_question_mask(question_mask)
         with_attention = settings["selection_method"] == "visionzip"
-        groups = []  # (vision features, attention received, images) of each selection call
+        groups = []  # (vision features, attention received, images, their source views' pixels) of each selection
         if single_view:
             features, received = self.vision_features(hires_pixel_values, with_attention)
-            groups.append((features, received, list(range(len(views)))))
+            groups.append((features, received, list(range(len(views))), hires_pixel_values))
         else:
             features, received = self.vision_features(pixel_values, with_attention)  # (V_all, P, D)
             for image, ((rows, cols), _, start) in enumerate(views):
                 group = slice(start, start + 1 + rows * cols)
                 groups.append((features[group].flatten(0, 1)[None],
-                               None if received is None else received[group].flatten()[None], [image]))
+                               None if received is None else received[group].flatten()[None], [image],
+                               pixel_values[group]))
         tokens, valid = [], []
-        for features, received, images in groups:
+        for features, received, images, source_pixels in groups:
             question = (None, None) if question_mask is None else (question_embeds[images], question_mask[images])
             entry = {"images": images}
             group_tokens, group_valid = self.select_high_resolution_tokens(
-                features, received, *question, pixel_values, [views[i] for i in images], settings, entry
+                features, received, *question, pixel_values, [views[i] for i in images], settings, entry,
+                source_pixels=source_pixels,
             )
             if record is not None:
                 record.append(entry)
@@ -433,7 +446,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         return torch.cat(tokens)
 
     def select_high_resolution_tokens(self, features, received, question_embeds, question_mask, pixel_values, views,
-                                      settings, record=None):
+                                      settings, record=None, source_pixels=None):
         """(I, M, E) tokens for the LM and their validity (I, M) of I images' high-resolution features (I, N, D).
 
         Layouts: full = all N tokens in raster order (view after view for anyres-views); shirg-fixed, random,
@@ -444,6 +457,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         enabled). Under adaptive_budget (SHIRG methods) max(budget_choices) tokens are kept and those beyond each
         image's chosen budget are marked invalid (masked from attention). received: VisionZip's attention (I, N).
         `record`: a dict that receives the grid, view boxes, selected indices (I, K) and scores (I, N) or None.
+        source_pixels: the pixels of the views the features come from ((I, 3, S, S) high-resolution views, or one
+        image's (V, 3, s, s) anyres views), for the SHIRG detail term "pixel-contrast" (no pass through the tower).
         """
         method = settings["selection_method"]
         projected = self.multi_modal_projector(features)  # (I, N, E)
@@ -456,7 +471,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         if method == "visionzip":
             budget -= settings["visionzip_contextual_tokens"]
         selection = select_tokens(method, features, projected, grid, budget, question_embeds, question_mask,
-                                  **selection_options(settings, received))
+                                  **selection_options(settings, received, source_pixels,
+                                                      self.config.vision_config.patch_size))
         if record is not None:
             record.update(grid=grid, view_boxes=boxes, indices=selection.indices, scores=selection.scores)
         kept = gather_tokens(projected, selection.indices)  # (I, K, E)
@@ -662,6 +678,123 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         _, key_values = self.language_model(prefix_embeds, bias, positions_from_mask(prefix_mask))
         return PrefixCache(key_values, kv_cache_dtype)
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """`generate()` runs the masked-diffusion sampler (transformers' GenerationMixin is autoregressive)."""
+        return True
+
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             cache_dir, force_download, proxies, local_files_only, token, revision, subfolder,
+                             trust_remote_code, **kwargs):
+        """from_pretrained's hook: the folder's generation_config.json read as a LavidaShirgGenerationConfig through
+        transformers' loader (a folder without one keeps the config derived in __init__, which folds in the
+        `sampler_defaults` that configs written before generation_config.json held)."""
+        if generation_config is not None:
+            self.generation_config = generation_config_of_call(self.generation_config, generation_config)
+            return
+        try:
+            self.generation_config = LavidaShirgGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download, proxies=proxies,
+                local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
+            )
+        except OSError:  # transformers' "no generation_config.json in this folder"
+            pass
+
+    def _prepare_generation_config(self, generation_config=None, use_model_defaults=None, **kwargs):
+        """transformers' hook, called by pipelines of transformers < 5.24: the call's LavidaShirgGenerationConfig
+        (the given one, else the model's, updated with the generation settings in kwargs) and the other kwargs."""
+        settings = {key: value for key, value in kwargs.items() if key in GENERATION_ARGUMENTS}
+        prepared = generation_config_of_call(self.generation_config, generation_config, **settings)
+        return prepared, {key: value for key, value in kwargs.items() if key not in settings}
+
+    def prefix_and_answer_logits(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                 question_mask, selection, settings, sequences_per_prompt=1, on_prefix_cache=None):
+        """Embed and (with the prefix cache) run the prompt + image prefix once, each prompt's prefix repeated
+        `sequences_per_prompt` times. Returns `answer_logits(canvas (B', G)) -> (B', G, V)`."""
+        gen_length = settings["gen_length"]
+        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix_embeds, attention_mask = self.embed_inputs(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection
+        )  # (B, P, E), (B, P)
+        prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(sequences_per_prompt, dim=0)
+        batch, prefix_length = attention_mask.shape
+        device = input_ids.device
+        answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
+        full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
+        answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
+        language_model, dtype = self.language_model, prefix_embeds.dtype
+        if settings["kv_cache_dtype"] is not None and not settings["use_prefix_cache"]:
+            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
+        if settings["use_prefix_cache"]:
+            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, settings["kv_cache_dtype"])
+            if on_prefix_cache is not None:
+                on_prefix_cache(prefix_key_values)
+            bias = language_model.attention_bias(full_mask, gen_length, dtype)
+        else:
+            prefix_lengths = torch.full((batch,), prefix_length, device=device) if settings["prefix_lm_mask"] else None
+            bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
+            full_positions = positions_from_mask(full_mask)
+
+        def answer_logits(canvas):
+            answer_embeds = language_model.embed_tokens(canvas)  # (B, G, E)
+            if settings["use_prefix_cache"]:
+                hidden, _ = language_model(answer_embeds, bias, answer_positions, prefix_key_values)
+            else:
+                hidden, _ = language_model(torch.cat((prefix_embeds, answer_embeds), dim=1), bias, full_positions)
+                hidden = hidden[:, prefix_length:]
+            return self.lm_head(hidden)  # (B, G, V)
+
+        return answer_logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        hires_pixel_values=None,
+        question_mask=None,
+        generation_config=None,
+        selection_method=None,
+        selection_budget=None,
+        selection_options=None,
+        generator=None,
+        on_prefix_cache=None,
+        **kwargs,
+    ):
+        """Masked-diffusion generation on transformers' conventions: prompt + answer ids (B * n, P + G).
+
+        Settings: `generation_config` (default: the model's `generation_config`, see LavidaShirgGenerationConfig)
+        updated with `kwargs` (max_new_tokens, block_length, steps / steps_per_block, do_sample, temperature, top_k,
+        top_p, remasking, schedule, schedule_shift, use_prefix_cache (or use_cache), prefix_lm_mask,
+        kv_cache_dtype, num_return_sequences n, return_dict_in_generate, output_history). Autoregressive-only
+        settings (beams, penalties, max_length, stop strings) raise a ValueError. With return_dict_in_generate: a
+        MaskedDiffusionGenerateOutput (sequences, and the answer canvas after every step with output_history).
+        The image and selection arguments are those of `forward`; `generator` seeds sampling; `on_prefix_cache(cache)`
+        is called once the prefix cache is built.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (the processor's output)")
+        settings = generation_config_of_call(self.generation_config, generation_config, **kwargs)
+        sampler = settings.sampler_arguments()
+        n = settings.num_return_sequences
+        answer_logits = self.prefix_and_answer_logits(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+            self.selection_settings(selection_method, selection_budget, selection_options),
+            {**sampler, **{name: getattr(settings, name) for name in PREFIX_SETTINGS}}, n, on_prefix_cache,
+        )
+        history = [] if settings.output_history else None
+        answers = run_sampler(answer_logits, input_ids.shape[0] * n, sampler, self.config.mask_token_id,
+                              input_ids.device, logits_warpers(settings), generator, history)
+        sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
+        if not settings.return_dict_in_generate:
+            return sequences
+        return MaskedDiffusionGenerateOutput(sequences=sequences, history=None if history is None else tuple(history))
+
     @torch.no_grad()
     def diffusion_generate(
         self,
@@ -687,74 +820,34 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgPreTrainedModel):
         generator=None,
         on_prefix_cache=None,
     ):
-        """Masked-diffusion sampling of a `gen_length` answer after each prompt (LLaDA's sampler, batched).
+        """LaViDa's sampler with LaViDa's argument names, returning the answer ids only (B, gen_length).
 
-        The answer canvas starts as mask tokens and is decoded block by block (`block_length`, default
-        gen_length); each block takes steps / num_blocks steps; each step predicts every masked position and
-        commits the most confident predictions of the current block (counts from `schedule`: "uniform" or
-        LaViDa's "shift" with `schedule_shift`). With `use_prefix_cache` the prefix runs once and each step runs
-        only the answer against its cached keys/values (Prefix-DLM). Without it, prefix and answer run together
-        with full bidirectional attention, or with the prefix blind to the answer if `prefix_lm_mask`.
-        `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache.PrefixCache);
-        `on_prefix_cache(cache)` is called once the cache is built (e.g. to time the prefill or read its bytes).
-        Sampler arguments left None take `config.sampler_defaults` (block_length and steps None: gen_length).
-        Prompts are left-padded (attention_mask 0 on padding). The image tokens follow the selection settings of
-        the call (as in `forward`). Returns the answer ids (B, gen_length).
+        The same sampler as `generate` (identical answers for identical settings): the answer canvas starts as mask
+        tokens and is decoded block by block (`block_length`, default gen_length); each block takes
+        steps / num_blocks steps; each step predicts every masked position and commits the most confident
+        predictions of the current block (counts from `schedule`: "uniform" or LaViDa's "shift" with
+        `schedule_shift`); temperature > 0 samples by Gumbel-max. With `use_prefix_cache` the prefix runs once and
+        each step runs only the answer against its cached keys/values (Prefix-DLM); without it, prefix and answer
+        run together with full bidirectional attention, or with the prefix blind to the answer if
+        `prefix_lm_mask`. `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache).
+        Sampler arguments left None take the model's generation_config (max_new_tokens is gen_length; block_length
+        and steps left None there: gen_length; steps_per_block: steps = steps_per_block x blocks). Prompts are
+        left-padded.
         """
         given = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                      remasking=remasking, schedule=schedule, schedule_shift=schedule_shift)
-        sampler = {name: self.config.sampler_defaults[name] if value is None else value for name, value in given.items()}
-        gen_length, temperature, remasking = sampler["gen_length"], sampler["temperature"], sampler["remasking"]
-        schedule, schedule_shift = sampler["schedule"], sampler["schedule_shift"]
-        block_length = gen_length if sampler["block_length"] is None else sampler["block_length"]
-        steps = gen_length if sampler["steps"] is None else sampler["steps"]
-        check_sampling_arguments(gen_length, block_length, steps, temperature)
-        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        settings = self.selection_settings(selection_method, selection_budget, selection_options)
-        prefix_embeds, attention_mask = self.embed_inputs(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, settings
-        )  # (B, P, E), (B, P)
-        batch, prefix_length = input_ids.shape
-        device = input_ids.device
-        answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
-        full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
-        answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
-        language_model, dtype = self.language_model, prefix_embeds.dtype
-        if kv_cache_dtype is not None and not use_prefix_cache:
-            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
-        if use_prefix_cache:
-            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, kv_cache_dtype)
-            if on_prefix_cache is not None:
-                on_prefix_cache(prefix_key_values)
-            bias = language_model.attention_bias(full_mask, gen_length, dtype)
-        else:
-            prefix_lengths = torch.full((batch,), prefix_length, device=device) if prefix_lm_mask else None
-            bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
-            full_positions = positions_from_mask(full_mask)
+        sampler = resolve_sampler_arguments(given, self.generation_config.sampler_defaults(gen_length, block_length))
+        answer_logits = self.prefix_and_answer_logits(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+            self.selection_settings(selection_method, selection_budget, selection_options),
+            dict(sampler, use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask,
+                 kv_cache_dtype=kv_cache_dtype), on_prefix_cache=on_prefix_cache,
+        )
+        return run_sampler(answer_logits, input_ids.shape[0], sampler, self.config.mask_token_id, input_ids.device,
+                           generator=generator)
 
-        def answer_logits(canvas):
-            answer_embeds = language_model.embed_tokens(canvas)  # (B, G, E)
-            if use_prefix_cache:
-                hidden, _ = language_model(answer_embeds, bias, answer_positions, prefix_key_values)
-            else:
-                hidden, _ = language_model(torch.cat((prefix_embeds, answer_embeds), dim=1), bias, full_positions)
-                hidden = hidden[:, prefix_length:]
-            return self.lm_head(hidden)  # (B, G, V)
 
-        canvas = torch.full((batch, gen_length), self.config.mask_token_id, dtype=torch.long, device=device)
-        counts = transfer_counts(block_length, steps // (gen_length // block_length), schedule, schedule_shift)
-        answer_index = torch.arange(gen_length, device=device)
-        for block_start in range(0, gen_length, block_length):
-            in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
-            for count in counts:
-                logits = answer_logits(canvas)
-                predictions = sample_tokens(logits, temperature, generator)
-                confidence = token_confidence(logits, predictions, remasking, generator)
-                eligible = (canvas == self.config.mask_token_id) & in_block
-                canvas = commit_most_confident(canvas, predictions, confidence, eligible, count)
-        return canvas
+PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype")
 
 
 def attention_received(layer, hidden_states):
@@ -782,16 +875,18 @@ def uses_relevance(settings):
     return method == "shirg-v2" and settings["v2_alpha"] < 1
 
 
-def selection_options(settings, attention_received_scores):
-    """Keyword options of `select_tokens` for the call's method, from the settings' fields."""
+def selection_options(settings, attention_received_scores, source_pixels=None, patch_size=None):
+    """Keyword options of `select_tokens` for the call's method, from the settings' fields (source_pixels /
+    patch_size: the views the tokens come from and the tower's patch size, for the detail term "pixel-contrast")."""
     method = settings["selection_method"]
+    detail = dict(detail=settings["detail_term"], pixels=source_pixels, patch_size=patch_size)
     fixed = dict(region_size=settings["coverage_region_size"], relevance_weight=settings["relevance_weight"],
-                 variance_weight=settings["variance_weight"], validate=False)
+                 variance_weight=settings["variance_weight"], validate=False, **detail)
     if method == "shirg-fixed":
         return fixed
     if method == "shirg-v2":
         return dict(alpha=settings["v2_alpha"], beta=settings["v2_beta"], region_size=settings["coverage_region_size"],
-                    kmeans_iterations=settings["v2_kmeans_iterations"], validate=False)
+                    kmeans_iterations=settings["v2_kmeans_iterations"], validate=False, **detail)
     if method == "shirg-x":
         scaffold = settings["x_scaffold_size"] if settings["x_scaffold"] == "grid" else 0
         return dict(fixed, rounds=settings["x_suppression_rounds"], radius=settings["x_suppression_radius"],
@@ -816,21 +911,6 @@ def check_sequence_length(prefix_length, gen_length, max_length):
             f"the sequence needs {prefix_length} prompt+image tokens + {gen_length} answer tokens = "
             f"{prefix_length + gen_length} positions, more than max_position_embeddings={max_length}"
         )
-
-
-def check_sampling_arguments(gen_length, block_length, steps, temperature):
-    """Clear errors for sampler settings that cannot be honoured."""
-    if gen_length <= 0:
-        raise ValueError(f"gen_length must be positive, got {gen_length}")
-    if block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"block_length must divide gen_length={gen_length}, got {block_length}")
-    num_blocks = gen_length // block_length
-    if steps <= 0 or steps % num_blocks:
-        raise ValueError(f"steps must be a positive multiple of the number of blocks ({num_blocks}), got {steps}")
-    if steps // num_blocks > block_length:
-        raise ValueError(f"steps per block ({steps // num_blocks}) cannot exceed block_length ({block_length})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
 LavidaShirgForMaskedDiffusion.register_for_auto_class("AutoModel")

@@ -23,6 +23,11 @@ Conventions
 * Per-sample normalisation (``normalize_per_sample``): every score term is min-max normalised to [0, 1] over the
   N tokens of its own sample before the terms are mixed, so the weights are fractions of each term's range on that
   image; a term that is constant over a sample becomes 0 there (it cannot rank anything).
+* Detail term (`detail_scores`, DETAIL_TERMS): the term SHIRG mixes with relevance. "variance" (the seed's token
+  variance; the default of these functions, so that they compute the seed's formulas) points AWAY from text on a
+  trained tower (background and outlier tokens have the larger variance); "centered-variance", "edge-density" and
+  "pixel-contrast" (the luminance contrast of each token's own pixel patch) point at it. The model's default is its
+  config's `detail_term` (see README, "Selection quality"); benchmarks/bench_selection_quality.py measures them.
 * Ties are broken towards the lower raster index (stable sorts, first-occurrence argmax/argmin): every method is
   deterministic, and a per-sample method commutes with permutations of the batch.
 * No host synchronisation: the selection paths use no ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)``,
@@ -152,6 +157,20 @@ def token_variance(features: torch.Tensor) -> torch.Tensor:
     return features.float().var(dim=-1, correction=0)
 
 
+def centered_token_variance(features: torch.Tensor, grid) -> torch.Tensor:
+    """Variance of each token after removing its view's mean token: cvar[b, n] = token_variance(x[b, n] - m[b, v(n)]),
+    m[b, v] = mean of the H W tokens of view v of sample b.
+
+    The part of a token that every token of its view shares (the channel offsets that make background and outlier
+    tokens high-variance in a trained tower) drops out; what is left grows with how much a token differs from its
+    view's typical (background) token. (B, N, D), grid (H, W) or (V, H, W) -> (B, N) float32.
+    """
+    batch, num, channels = features.shape
+    views, _, _ = _view_grid(grid, num)
+    per_view = features.float().reshape(batch, views, num // views, channels)
+    return token_variance((per_view - per_view.mean(dim=2, keepdim=True)).reshape(batch, num, channels))
+
+
 def edge_density(features: torch.Tensor, grid) -> torch.Tensor:
     """Mean absolute Laplacian of the token map: e[b, n] = mean_d |(x_d * K)[b, n]|, K = [[0,1,0],[1,-4,1],[0,1,0]].
 
@@ -170,6 +189,70 @@ def edge_density(features: torch.Tensor, grid) -> torch.Tensor:
     kernel[1, 1] = -4.0
     laplacian = F.conv2d(grid_map, kernel.expand(channels, 1, 3, 3), groups=channels)
     return laplacian.abs().mean(dim=1).reshape(batch, num)
+
+
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of (R, G, B)
+
+
+def pixel_contrast(pixels: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
+    """Luminance contrast of each token's own pixels: c[b, n] = std over the p x p pixels of patch n of
+    Y = 0.299 R + 0.587 G + 0.114 B (no correction).
+
+    pixels (B V, 3, S, S): the views the (B, N) tokens were computed from (sample b's V views consecutive), in the
+    processor's normalisation (an affine map per channel; with equal per-channel maps, as SigLIP's, c is the contrast
+    of the image up to one factor, which the per-sample normalisation removes). Token (r, c) of a view is the
+    patch rows [r p, (r + 1) p) x columns [c p, (c + 1) p), as the patch embedding's stride-p convolution sees it
+    (pixels beyond floor(S / p) p are dropped). grid (H, W) or (V, H, W) with H = floor(S_h / p), W = floor(S_w / p).
+    Needs no pass through the tower. -> (B, N) float32.
+    """
+    _check_positive_int("patch_size", patch_size)
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"pixels must be a (B V, 3, S, S) tensor of the views the tokens come from, got {shape}")
+    views, height, width = (1, *grid) if len(grid) == 2 else grid
+    rows, cols = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
+    if (rows, cols) != (height, width) or pixels.shape[0] % views:
+        raise ValueError(f"pixels {tuple(pixels.shape)} with patch_size {patch_size} give {pixels.shape[0]} views of "
+                         f"{rows} x {cols} patches, not a multiple of the grid {tuple(grid)}")
+    pixels = pixels.float()[:, :, :rows * patch_size, :cols * patch_size]
+    luminance = sum(weight * pixels[:, channel] for channel, weight in enumerate(LUMINANCE))  # (B V, S, S)
+    blocks = luminance.reshape(-1, rows, patch_size, cols, patch_size)
+    contrast = blocks.var(dim=(2, 4), correction=0).sqrt()
+    return contrast.reshape(pixels.shape[0] // views, views * rows * cols)
+
+
+DETAIL_TERMS = ("variance", "centered-variance", "edge-density", "pixel-contrast")
+
+
+def detail_scores(detail: str, vision_features: torch.Tensor, grid=None, pixels=None,
+                  patch_size: Optional[int] = None) -> torch.Tensor:
+    """SHIRG's detail term d (B, N) float32 by name: "variance" = `token_variance(x)` (the seed's), "centered-variance"
+    = `centered_token_variance(x, grid)`, "edge-density" = `edge_density(x, grid)`, "pixel-contrast" =
+    `pixel_contrast(pixels, grid, patch_size)` (x: the pre-projector vision features (B, N, D)).
+
+    Raises ValueError naming `detail` and DETAIL_TERMS for an unknown name, and for a term whose inputs are missing.
+    """
+    if detail not in DETAIL_TERMS:
+        raise ValueError(f"detail must be one of {DETAIL_TERMS}, got {detail!r}")
+    if detail == "variance":
+        return token_variance(vision_features)
+    if grid is None:
+        raise ValueError(f"detail={detail!r} needs the token grid")
+    if detail == "centered-variance":
+        return centered_token_variance(vision_features, grid)
+    if detail == "edge-density":
+        return edge_density(vision_features, grid)
+    if pixels is None or patch_size is None:
+        raise ValueError("detail='pixel-contrast' needs pixels (the views the tokens come from) and patch_size")
+    _view_grid(grid, vision_features.shape[1])
+    return pixel_contrast(pixels, grid, patch_size)
+
+
+def _detail_term(weight, detail, vision_features, grid, pixels, patch_size):
+    """weight * norm(d) of `detail_scores`, or zeros (B, N) when weight = 0 (the term's inputs are then not needed)."""
+    if weight == 0:
+        return vision_features.new_zeros(vision_features.shape[:2], dtype=torch.float32)
+    return weight * normalize_per_sample(detail_scores(detail, vision_features, grid, pixels, patch_size))
 
 
 def relevance_scores(projected: torch.Tensor, question_embeds: torch.Tensor, question_mask: torch.Tensor,
@@ -309,15 +392,17 @@ def region_coverage(scores: torch.Tensor, grid, region_size: int) -> torch.Tenso
 
 def shirg_fixed_scores(vision_features, projected, question_embeds=None, question_mask=None, *,
                        relevance_weight: float = 0.7, variance_weight: float = 0.3, validate: bool = True,
-                       text_free: bool = False) -> torch.Tensor:
-    """SHIRG-Fixed score: s = w_r * norm(rel) + w_v * norm(var), w_r = 0.7, w_v = 0.3 (norm: per-sample min-max).
+                       text_free: bool = False, detail: str = "variance", grid=None, pixels=None,
+                       patch_size: Optional[int] = None) -> torch.Tensor:
+    """SHIRG-Fixed score: s = w_r * norm(rel) + w_v * norm(d), w_r = 0.7, w_v = 0.3 (norm: per-sample min-max).
 
-    rel = `relevance_scores(projected, question)` (or the token norm with `text_free=True`), var =
-    `token_variance(vision_features)`. A zero weight skips its term (no question needed with w_r = 0). (B, N) float32.
+    rel = `relevance_scores(projected, question)` (or the token norm with `text_free=True`), d = `detail_scores(detail,
+    vision_features, grid, pixels, patch_size)`; detail "variance" (d = `token_variance`) is the seed's formula, bit
+    for bit. A zero weight skips its term (no question needed with w_r = 0). (B, N) float32.
     """
     relevance_weight = _check_weight("relevance_weight", relevance_weight)
     variance_weight = _check_weight("variance_weight", variance_weight)
-    scores = variance_weight * normalize_per_sample(token_variance(vision_features))
+    scores = _detail_term(variance_weight, detail, vision_features, grid, pixels, patch_size)
     relevance = _relevance_term(projected, question_embeds, question_mask, relevance_weight, validate, text_free)
     if relevance is not None:
         scores = scores + relevance_weight * relevance
@@ -326,17 +411,19 @@ def shirg_fixed_scores(vision_features, projected, question_embeds=None, questio
 
 def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
                        region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
-                       validate: bool = True, text_free: bool = False) -> TokenSelection:
+                       validate: bool = True, text_free: bool = False, detail: str = "variance", pixels=None,
+                       patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-Fixed: keep = cover(s) ∪ top_{K - |cover|}(s), cover = {argmax_{n in R} s[b, n] : every r x r region R}.
 
-    s = `shirg_fixed_scores`. The coverage winners are taken for every sample independently; the global top-k of the
+    s = `shirg_fixed_scores` (detail term `detail`; pixels / patch_size for "pixel-contrast"). The coverage winners are taken for every sample independently; the global top-k of the
     remaining tokens fills the budget. K smaller than the region count: the K best-scoring region winners are kept
     (coverage cannot be complete; r = 1 then equals plain top-k). Returns indices (B, K) ascending, scores (B, N).
     """
     _check_inputs(vision_features, projected, grid, budget)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
                                 relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free)
+                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
+                                patch_size=patch_size)
     coverage = region_coverage(scores, grid, region_size)
     return TokenSelection(select_with_priority(scores, coverage, budget), None, scores)
 
@@ -347,18 +434,20 @@ def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds
 
 def shirg_v2_scores(vision_features, projected, grid, question_embeds=None, question_mask=None, *,
                     alpha: float = 0.25, beta: float = 0.15, validate: bool = True,
-                    text_free: bool = False) -> torch.Tensor:
-    """SHIRG-v2 score: s = a * norm(var) + (1 - a) * norm(rel) + b * norm(edge), a = 0.25, b = 0.15.
+                    text_free: bool = False, detail: str = "variance", pixels=None,
+                    patch_size: Optional[int] = None) -> torch.Tensor:
+    """SHIRG-v2 score: s = a * norm(d) + (1 - a) * norm(rel) + b * norm(edge), a = 0.25, b = 0.15.
 
-    var = `token_variance`, edge = `edge_density` (both of the pre-projector vision features), rel =
-    `relevance_scores` (or the token norm with `text_free=True`); norm: per-sample min-max. a = 1 drops the relevance
-    term (no question needed). (B, N) float32.
+    d = `detail_scores(detail, ...)` ("variance": `token_variance`, the seed's formula bit for bit), edge =
+    `edge_density` (of the pre-projector vision features), rel = `relevance_scores` (or the token norm with
+    `text_free=True`); norm: per-sample min-max. a = 1 drops the relevance term (no question needed), a = 0 the
+    detail term. (B, N) float32.
     """
     alpha = _check_weight("alpha", alpha)
     beta = _check_weight("beta", beta)
     if alpha > 1:
         raise ValueError(f"alpha must be in [0, 1] (relevance weight 1 - alpha), got {alpha}")
-    scores = alpha * normalize_per_sample(token_variance(vision_features))
+    scores = _detail_term(alpha, detail, vision_features, grid, pixels, patch_size)
     if beta:
         scores = scores + beta * normalize_per_sample(edge_density(vision_features, grid))
     relevance = _relevance_term(projected, question_embeds, question_mask, 1.0 - alpha, validate, text_free)
@@ -424,7 +513,8 @@ def dropped_token_summary(projected: torch.Tensor, indices: torch.Tensor) -> tor
 
 def shirg_v2_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
                     alpha: float = 0.25, beta: float = 0.15, region_size: int = 4, kmeans_iterations: int = 4,
-                    feature_weight: float = 0.5, validate: bool = True, text_free: bool = False) -> TokenSelection:
+                    feature_weight: float = 0.5, validate: bool = True, text_free: bool = False,
+                    detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-v2: keep = {argmax_{n in C} s[b, n] : every cluster C of spatial_kmeans} ∪ top_rest(s), + summary token.
 
     s = `shirg_v2_scores`; the clusters come from `spatial_kmeans` of the vision features (seed spacing
@@ -434,7 +524,8 @@ def shirg_v2_select(vision_features, projected, grid, budget, question_embeds=No
     """
     _check_inputs(vision_features, projected, grid, budget)
     scores = shirg_v2_scores(vision_features, projected, grid, question_embeds, question_mask, alpha=alpha,
-                             beta=beta, validate=validate, text_free=text_free)
+                             beta=beta, validate=validate, text_free=text_free, detail=detail, pixels=pixels,
+                             patch_size=patch_size)
     labels, num_clusters = spatial_kmeans(vision_features, grid, region_size, kmeans_iterations, feature_weight)
     winners, _ = top1_per_group(scores, labels, num_clusters)
     indices = select_with_priority(scores, _winners_mask(winners, scores.shape[1]), budget)
@@ -546,10 +637,11 @@ def token_coordinates(indices: torch.Tensor, grid, view_boxes=None) -> torch.Ten
 def shirg_x_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
                    region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
                    rounds: int = 4, radius: int = 1, penalty: float = 0.5, scaffold_size: int = 8,
-                   scaffold_mode: str = "area", validate: bool = True, text_free: bool = False) -> TokenSelection:
+                   scaffold_mode: str = "area", validate: bool = True, text_free: bool = False,
+                   detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-X: keep = cover(s) ∪ distance_aware_selection(s), + a g x g scaffold of the projected map.
 
-    s = `shirg_fixed_scores`, cover = the r x r region winners of every sample (`region_coverage`), which seed the
+    s = `shirg_fixed_scores` (detail term `detail`), cover = the r x r region winners of every sample (`region_coverage`), which seed the
     picked mask of `distance_aware_selection` that fills the budget; K <= region count keeps the K best winners.
     extra_tokens = `low_resolution_scaffold(projected, grid, g)` (B, g*g, E) (None when scaffold_size = 0); their
     coordinates are `grid_coordinates((g, g))` and those of the kept tokens `token_coordinates(indices, grid)`, for
@@ -559,7 +651,8 @@ def shirg_x_select(vision_features, projected, grid, budget, question_embeds=Non
     _check_positive_int("scaffold_size", scaffold_size, 0)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
                                 relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free)
+                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
+                                patch_size=patch_size)
     coverage = region_coverage(scores, grid, region_size)
     _, num_regions = region_labels(grid, region_size)
     if budget <= num_regions:

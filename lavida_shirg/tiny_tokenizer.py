@@ -1,6 +1,8 @@
-"""A tiny byte-level BPE tokenizer (512 tokens) for tests and the offline demo, built in memory, no download.
+"""A tiny byte-level BPE tokenizer (512 text tokens + `<image>`) for tests and the offline demo, built in memory.
 
-Its special tokens sit at fixed ids that the "tiny" preset of `ShirgConfig` uses (`SPECIAL_TOKENS`). It adds no
+Its special tokens sit at fixed ids that the "tiny" preset of `ShirgConfig` uses (`SPECIAL_TOKENS`); `<image>`
+takes id 512 = the preset's image_token_id, just past the LM vocabulary, so that tokens added later
+(`add_tokens`) can never take the image id. It adds no
 bos/eos by itself: LaViDa's chat template writes `<|startoftext|>` literally, and special tokens written in the
 text are matched as single ids. Byte-level BPE encodes any text; the merges are learned from `CORPUS`, words of
 LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens.
@@ -9,7 +11,8 @@ LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-VOCAB_SIZE = 512  # = configuration_lavida_shirg.TINY_TEXT_VOCAB
+VOCAB_SIZE = 512  # text tokens = configuration_lavida_shirg.TINY_TEXT_VOCAB
+IMAGE_TOKEN = "<image>"  # id VOCAB_SIZE = the tiny preset's image_token_id
 
 SPECIAL_TOKENS = {
     "<|endoftext|>": 0,  # eos and pad
@@ -66,18 +69,21 @@ def _trained_bpe() -> Tokenizer:
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """The 512-token tiny tokenizer; raises if training did not give exactly `VOCAB_SIZE` tokens at fixed ids."""
+    """The tiny tokenizer: 512 text tokens and `<image>` (id 512); raises if the ids are not the fixed ones."""
     backend = _trained_bpe()
     if backend.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"the tiny BPE has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
     for token, expected in SPECIAL_TOKENS.items():
         if backend.token_to_id(token) != expected:
             raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
+    backend.add_special_tokens([IMAGE_TOKEN])
+    if backend.token_to_id(IMAGE_TOKEN) != VOCAB_SIZE:
+        raise RuntimeError(f"{IMAGE_TOKEN} got id {backend.token_to_id(IMAGE_TOKEN)}, expected {VOCAB_SIZE}")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         mask_token="<|mdm_mask|>",
-        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN],
     )

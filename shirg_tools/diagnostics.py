@@ -19,6 +19,9 @@ Per image (`selection_diagnostics`):
   0 = flat scores, -> 1 = a few tokens carry the score.
 * answer_recall (synthetic set) = area of the answer's box covered by kept full-resolution tokens / area of the box
   covered by all full-resolution tokens.
+* text_auc, text_recall (synthetic set; `selection_quality`): with text tokens = the tokens whose cell overlaps a
+  text box, the AUC of the method's scores (P(a text token scores above a background token), ties 1/2; None
+  without scores) and the fraction of the text tokens kept.
 * token_area_px2 = original-image pixels one full-resolution token covers; for pooled, what one pooled token
   averages: {"global": h w / P^2, "crop": (v / P)^2 (h / h') (w / w')} with P = pooled_view_size.
 """
@@ -30,6 +33,7 @@ import torch
 
 from lavida_shirg.image_layout import anyres_grid, resized_size_in_canvas, select_best_resolution, source_grid
 from lavida_shirg.shirg_selection import normalize_per_sample, region_labels, relevance_scores
+from shirg_tools.selection_quality import box_token_mask, kept_recall, ranking_auc
 
 
 @dataclasses.dataclass
@@ -228,5 +232,12 @@ def selection_diagnostics(model, inputs: dict, settings: dict, samples: list, re
         }
         if sample.answer_box is not None:
             result["answer_recall"] = answer_recall(kept.numpy(), views, sample.text_boxes[sample.answer_box])
+        if sample.text_boxes:
+            text = torch.from_numpy(box_token_mask(sample.text_boxes, cell_boxes(views)))[None]
+            recall, auc = float(kept_recall(kept[None], text)[0]), None
+            if scores is not None:
+                auc = float(ranking_auc(scores[None], text)[0])
+            result["text_recall"] = None if np.isnan(recall) else recall
+            result["text_auc"] = None if auc is None or np.isnan(auc) else auc
         results.append(result)
     return results

@@ -99,11 +99,13 @@ def _random_value(rng: np.random.Generator) -> str:
 class _Canvas:
     """Places boxes without overlap (rejection sampling from the sample's generator) and records text boxes."""
 
-    def __init__(self, config: SyntheticOCRConfig, rng: np.random.Generator):
+    def __init__(self, config: SyntheticOCRConfig, rng: np.random.Generator, with_ink_mask: bool = False):
         self.width, self.height = config.canvas_size
         background = tuple(int(c) for c in rng.integers(225, 256, size=3))
         self.image = Image.new("RGB", (self.width, self.height), background)
         self.draw = ImageDraw.Draw(self.image)
+        # the same glyphs drawn in white on black (ground truth of where the text's ink is), or None
+        self.ink = Image.new("L", (self.width, self.height), 0) if with_ink_mask else None
         self.rng = rng
         self.occupied = []  # [x0, y0, x1, y1] of every placed element, margins included
         self.texts, self.boxes = [], []
@@ -125,6 +127,8 @@ class _Canvas:
         """Draw `text` with its ink box's top-left at (x, y); record it; return its index in `texts`."""
         left, top, _, _ = self.draw.textbbox((0, 0), text, font=font)
         self.draw.text((x - left, y - top), text, font=font, fill=fill)
+        if self.ink is not None:
+            ImageDraw.Draw(self.ink).text((x - left, y - top), text, font=font, fill=255)
         box = [int(v) for v in self.draw.textbbox((x - left, y - top), text, font=font)]
         self.texts.append(text)
         self.boxes.append(box)
@@ -188,19 +192,21 @@ def _place_table(canvas: _Canvas, rng: np.random.Generator, config: SyntheticOCR
     return questions
 
 
-def generate_sample(index: int, config: SyntheticOCRConfig) -> dict:
+def generate_sample(index: int, config: SyntheticOCRConfig, with_ink_mask: bool = False) -> dict:
     """Sample `index` of the synthetic OCR set of `config`: a deterministic function of (config, index).
 
     Returns image (PIL RGB, config.canvas_size), question (str), answers (list[str], the answer first),
     text_boxes (list of [x0, y0, x1, y1] ink boxes in pixels, one per rendered text, x1/y1 exclusive),
     texts (list[str], same order), answer_box (index into text_boxes of the text holding the answer) and
     question_type (one of QUESTION_TYPES). The question's target is placed first, so it is always present.
+    With `with_ink_mask`, also ink_mask: (height, width) bool numpy array, True where a text glyph covers at least half
+    of the pixel (the texts drawn again, anti-aliased, on a separate mask; the image is unchanged).
     Raises ValueError if the target cannot be placed (canvas too small for the fonts).
     """
     if not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be a non-negative integer, got {index!r}")
     rng = np.random.default_rng([config.seed, int(index)])
-    canvas = _Canvas(config, rng)
+    canvas = _Canvas(config, rng, with_ink_mask)
     low, high = config.font_size_range
 
     def font():
@@ -243,7 +249,7 @@ def generate_sample(index: int, config: SyntheticOCRConfig) -> dict:
             break
         standalone("coloured-box" if in_box else "key-value")  # distractors that do not fit are left out
     answer_box, question, answer = target
-    return {
+    sample = {
         "image": canvas.image,
         "question": question,
         "answers": [answer],
@@ -252,6 +258,9 @@ def generate_sample(index: int, config: SyntheticOCRConfig) -> dict:
         "answer_box": answer_box,
         "question_type": target_type,
     }
+    if with_ink_mask:
+        sample["ink_mask"] = np.asarray(canvas.ink) >= 128
+    return sample
 
 
 def synthetic_ocr_dataset(num_samples: int, config: SyntheticOCRConfig) -> datasets.Dataset:

@@ -1,7 +1,8 @@
 """Variant strings of the evaluation CLI: `METHOD[@BUDGET][:OPTION=VALUE]...`.
 
 Examples: `pooled`, `full`, `shirg-fixed@768`, `shirg-fixed@768:relevance_weight=1.0:variance_weight=0`,
-`shirg-v2@768:summary=false`, `shirg-v2@768:alpha=0.1`, `shirg-fixed@768:source=anyres-views`.
+`shirg-v2@768:summary=false`, `shirg-v2@768:alpha=0.1`, `shirg-fixed@768:source=anyres-views`,
+`shirg-x@768:detail=pixel-contrast`.
 METHOD is one of the config's SELECTION_METHODS; BUDGET the number of kept high-resolution tokens (selection
 methods only); each OPTION a SHIRG config field (SELECTION_FIELDS) or one of its short names (SHORT_NAMES).
 Values are parsed by the field's type: booleans true/false/1/0/yes/no, integers, numbers, strings, and lists of
@@ -22,6 +23,7 @@ SHORT_NAMES = {
     "hires_size": "hires_image_size",
     "relevance": "relevance_weight",
     "variance": "variance_weight",
+    "detail": "detail_term",
     "scaffold": "x_scaffold",
     "scaffold_size": "x_scaffold_size",
     "rounds": "x_suppression_rounds",

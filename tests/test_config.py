@@ -53,3 +53,52 @@ def test_inconsistent_values_raise(overrides, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'llava'; choose one of \\['lavida-llada', 'tiny'\\]"):
         ShirgConfig.from_preset("llava")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("relevance_weight", float("nan"), "relevance_weight must be a finite non-negative number"),
+    ("variance_weight", float("inf"), "variance_weight must be a finite non-negative number"),
+    ("v2_beta", float("nan"), "v2_beta must be a finite"),
+    ("hires_image_size", 66, r"hires_image_size must be a positive integer multiple of the patch size \(4\), got 66"),
+    ("hires_image_size", 64.0, "hires_image_size must be a positive integer multiple .* got 64.0"),
+    ("hires_image_size", "64", "hires_image_size must be a positive integer multiple .* got '64'"),
+    ("image_token_id", 2, r"image_token_id must be a non-negative integer other than the special ids"),
+])
+def test_bad_values_are_rejected_at_construction(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ShirgConfig.from_preset("tiny", **{field: value})
+
+
+def test_real_hires_size_must_be_a_multiple_of_the_patch():
+    assert ShirgConfig.from_preset("lavida-llada").hires_image_size == 672  # 48 x 14
+    with pytest.raises(ValueError, match=r"multiple of the patch size \(14\), got 670"):
+        ShirgConfig.from_preset("lavida-llada", hires_image_size=670)
+    with pytest.raises(ValueError, match="got 670"):
+        ShirgConfig.from_preset("lavida-llada").selection_settings("shirg-fixed", 512, {"hires_image_size": 670})
+
+
+def test_from_pretrained_overrides_are_validated(tmp_path):
+    ShirgConfig.from_preset("tiny").save_pretrained(tmp_path)
+    assert ShirgConfig.from_pretrained(tmp_path, selection_budget=32).selection_budget == 32
+    with pytest.raises(ValueError, match="selection_method must be one of"):
+        ShirgConfig.from_pretrained(tmp_path, selection_method="nope")
+    with pytest.raises(ValueError, match="selection_budget must be a positive integer"):
+        ShirgConfig.from_pretrained(tmp_path, selection_budget=-5)
+
+
+def test_model_from_pretrained_overrides_are_validated(tmp_path):
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="selection_method must be one of"):
+        LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path, selection_method="nope")
+    with pytest.raises(ValueError, match="hires_image_size must be a positive integer multiple"):
+        LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path, hires_image_size=66)
+
+
+def test_text_config_carries_the_special_ids_for_trainer():
+    config = ShirgConfig.from_preset("tiny")
+    text = config.get_text_config()
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (1, 0, 0)
+    with pytest.raises(ValueError, match=r"text_config.eos_token_id \(7\) must equal eos_token_id \(0\)"):
+        ShirgConfig.from_preset("tiny", text_config={**config.text_config.to_dict(), "eos_token_id": 7})

@@ -8,6 +8,7 @@ converted folder is then loaded with AutoModel(trust_remote_code=True) in a fres
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -181,8 +182,9 @@ def test_convert_cli_and_load_in_fresh_process(original, source, tmp_path, capsy
             "configuration_lavida_shirg.py", "image_layout.py", "masked_diffusion.py"} <= files
     assert not leftovers(tmp_path, "converted")
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_lavida_shirg.ShirgConfig",
-                                  "AutoModel": "modeling_lavida_shirg.LavidaShirgForMaskedDiffusion"}
+    assert {name: config["auto_map"][name] for name in ("AutoConfig", "AutoModel")} == {
+        "AutoConfig": "configuration_lavida_shirg.ShirgConfig",
+        "AutoModel": "modeling_lavida_shirg.LavidaShirgForMaskedDiffusion"}
     assert config["image_grid_pinpoints"] == [[64, 32], [32, 64], [64, 64], [32, 96], [96, 32]]  # (h, w), same order
     assert config["image_grid_pinpoints"] == original.config.image_grid_pinpoints
     assert config["pooled_view_size"] == 4 and config["text_config"]["rope_theta"] == 500000.0
@@ -295,10 +297,57 @@ def test_extra_llada_block_is_reported(original, tmp_path):
 
 
 def test_too_few_vision_layers_hint(original, tmp_path, source):
-    with pytest.raises(converter.ConversionError) as raised:
-        convert(source, tmp_path / "out", vision_config=dict(TINY_VISION, num_hidden_layers=4))
+    with pytest.raises(converter.ConversionError) as raised:  # 5: more than LaViDa's deletion of one layer explains
+        convert(source, tmp_path / "out", vision_config=dict(TINY_VISION, num_hidden_layers=5))
     assert "vision_tower.encoder.layers.3.mlp.fc2.bias" in str(raised.value)
-    assert "SigLIP encoder layers 0-2 but vision_config.num_hidden_layers=4" in str(raised.value)
+    assert "SigLIP encoder layers 0-2 but vision_config.num_hidden_layers=5" in str(raised.value)
+
+
+def test_plain_siglip_config_gets_lavidas_layer_deletion(original, tmp_path, capsys):
+    # as LaViDa's checkpoints: the tower's layers without SigLIP's last one (here 2 of 3, for so400m 26 of 27)
+    tensors = {name: tensor for name, tensor in lavida_tensors(original).items()
+               if not name.startswith(VISION + "encoder.layers.2.")}
+    src = write_lavida_checkpoint(tmp_path / "src", tensors)
+    siglip = tmp_path / "siglip-config.json"  # SigLIP's own config.json: the full tower, before LaViDa's deletion
+    siglip.write_text(json.dumps({"architectures": ["SiglipModel"], "model_type": "siglip",
+                                  "vision_config": dict(TINY_VISION, num_hidden_layers=3)}))
+    out = tmp_path / "out"
+    assert converter.main([str(src), str(out), "--vision-config", str(siglip)]) == 0
+    assert ("--vision-config has 3 SigLIP encoder layers and the checkpoint holds 2: LaViDa deletes SigLIP's last "
+            "layer, so the converted tower has 2") in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["vision_config"]["num_hidden_layers"] == 2
+    weights = {}
+    for file_name in set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        weights.update(load_file(str(out / file_name)))
+    assert weights.keys() == original.state_dict().keys()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in original.state_dict().items())
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_flag_that_sets_it(source, tmp_path, capsys):
+    with pytest.raises(converter.ConversionError) as raised:  # a tokenizer without LLaDA's <|startoftext|>
+        converter.build_config(lavida_config(), TINY_VISION, {"mask_token_id": 2})
+    assert str(raised.value) == (
+        "the configuration built from SRC is invalid: bos_token_id (126080) must be a token of the LM vocabulary "
+        "[0, 512); pass --config-overrides '{\"bos_token_id\": ID}' with the right id, or --tokenizer PATH with the "
+        "LLaDA tokenizer (its <|startoftext|> sets bos_token_id)")
+    arguments = [str(source), str(tmp_path / "out"), "--vision-config", json.dumps(TINY_VISION)]
+    assert converter.main(arguments + ["--config-overrides", '{"eos_token_id": 600}']) == 2
+    assert capsys.readouterr().err == (
+        "error: the configuration built from SRC is invalid: eos_token_id (600) must be a token of the LM vocabulary "
+        "[0, 512); pass --config-overrides '{\"eos_token_id\": ID}' with the right id\n")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_output_modes_follow_the_umask(source, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        convert(source, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    assert len(paths) > 10
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths} == {
+        path.name: 0o777 & ~umask if path.is_dir() else 0o666 & ~umask for path in paths}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_model, image_batch, prompt_ids
 
+from lavida_shirg import ShirgConfig
+from lavida_shirg.generation_lavida_shirg import LavidaShirgGenerationConfig
+
 from lavida_shirg.masked_diffusion import (
     commit_most_confident,
     sample_complementary_masks,
@@ -120,15 +123,51 @@ def test_shift_schedule_hand_computed():
     # a = 1/3, L = 8, S = 4: f(t) = [0, .1, .25, .5, 1] -> floor(8 f) = [0, 0, 2, 4, 8] -> deltas [0, 2, 2, 4]
     # -> at least 1: [1, 2, 2, 4] (sum 9) -> take one from the first > 1: [1, 1, 2, 4] -> reversed [4, 2, 1, 1]
     assert transfer_counts(8, 4, "shift", 1 / 3) == [4, 2, 1, 1]
+    # a = 3 (LaViDa's): f(t) = [0, .5, .75, .9, 1] -> floor(8 f) = [0, 4, 6, 7, 8] -> [4, 2, 1, 1] -> reversed
+    assert transfer_counts(8, 4, "shift") == [1, 1, 2, 4]
     # a = 1 is the linear schedule: floor(L i / S) differences, reversed
     assert transfer_counts(10, 4, "shift", 1.0) == [3, 2, 3, 2]
+
+
+def lavida_shift_counts(block_length, steps, shift=3):
+    """LaViDa's get_num_transfer_tokens_sch(schedule="shift") re-derived: sigma(t) = a t / (1 + (a - 1) t) on a
+    float32 linspace, int64(sigma * L) differences clamped at 1, the excess removed cyclically from entries above 1
+    starting at the first, and the result flipped."""
+    t = torch.linspace(0, 1, steps + 1)
+    sigma = shift * t / (1 + (shift - 1) * t)
+    cumulative = (sigma * torch.tensor([block_length])).to(torch.int64)
+    counts = torch.clamp(cumulative[1:] - cumulative[:-1], min=1)
+    excess, position = int(counts.sum()) - block_length, 0
+    while excess > 0:
+        position %= steps
+        if counts[position] > 1:
+            counts[position] -= 1
+            excess -= 1
+        position += 1
+    return counts.flip(0).tolist()
+
+
+@pytest.mark.parametrize("length,steps", [(8, 4), (64, 32), (32, 16), (16, 16), (32, 8), (7, 3), (128, 64), (5, 1),
+                                          (16, 5), (64, 64)])
+def test_shift_schedule_equals_lavida(length, steps):
+    counts = transfer_counts(length, steps, "shift")
+    assert counts == lavida_shift_counts(length, steps)
+    assert sum(counts) == length and min(counts) >= 1
+
+
+def test_shift_schedule_at_lavida_settings():
+    assert transfer_counts(8, 4, "shift") == [1, 1, 2, 4]
+    counts = transfer_counts(64, 32, "shift")  # LaViDa's predict.py: 64 tokens, 32 steps
+    assert counts[:8] == [1] * 8 and counts[-1] > counts[0]
+    assert LavidaShirgGenerationConfig().schedule_shift == 3
 
 
 @pytest.mark.parametrize("schedule", ["uniform", "shift"])
 @pytest.mark.parametrize("length,steps", [(32, 16), (16, 16), (64, 8), (7, 3), (128, 64), (5, 1)])
 def test_schedules_sum_to_block_length(schedule, length, steps):
-    counts = transfer_counts(length, steps, schedule, 1 / 3)
-    assert len(counts) == steps and sum(counts) == length and min(counts) >= 1
+    for shift in (1 / 3, 3.0):
+        counts = transfer_counts(length, steps, schedule, shift)
+        assert len(counts) == steps and sum(counts) == length and min(counts) >= 1
 
 
 def test_schedule_bad_arguments():
@@ -264,12 +303,47 @@ def test_sampler_bad_arguments(tiny_model):
         tiny_model.diffusion_generate(*args, gen_length=4, steps=4, temperature=-1)
 
 
-def test_sampler_defaults_come_from_the_config():
-    model = build_tiny_model(seed=9, sampler_defaults=dict(gen_length=6, steps=3, schedule="shift"))
+BAD_SAMPLER_VALUES = [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0.5"),
+    ("gen_length", 4.0), ("gen_length", "16"), ("gen_length", True), ("gen_length", -3),
+    ("block_length", 4.0), ("block_length", "4"), ("steps", 4.0), ("steps", "16"), ("steps", 0),
+    ("schedule", "cosine"), ("remasking", "entropy"), ("schedule_shift", float("nan")), ("schedule_shift", 0),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_SAMPLER_VALUES)
+def test_sampler_values_are_checked_in_calls_and_generation_configs(tiny_model, name, value):
+    """Each bad value is named, whether passed to diffusion_generate or to a generation config (max_new_tokens
+    is generate()'s name of gen_length; a temperature needs do_sample=True there)."""
+    input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(tiny_model)
+    call = dict(gen_length=8, block_length=8, steps=8)
+    with pytest.raises(ValueError, match=name):
+        tiny_model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, **{**call, name: value})
+    field = "max_new_tokens" if name == "gen_length" else name
+    sampling = dict(do_sample=True) if name == "temperature" else {}
+    with pytest.raises(ValueError, match=field):
+        LavidaShirgGenerationConfig(**{field: value}, **sampling)
+    with pytest.raises(ValueError, match=field):
+        tiny_model.generate(input_ids, padding, pixel_values, image_sizes, **{field: value}, **sampling)
+
+
+def test_sampler_accepts_numpy_and_torch_integers(tiny_model):
+    import numpy as np
+
+    input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(tiny_model)
+    plain = tiny_model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, gen_length=4, steps=4)
+    numpy_ints = tiny_model.diffusion_generate(input_ids, padding, pixel_values, image_sizes,
+                                               gen_length=np.int64(4), steps=np.int32(4))
+    assert torch.equal(plain, numpy_ints)
+
+
+def test_sampler_defaults_come_from_the_generation_config():
+    model = build_tiny_model(seed=9)
+    model.generation_config = LavidaShirgGenerationConfig(max_new_tokens=6, steps=3, schedule="shift")
     input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(model)
     default = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes)
     explicit = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, gen_length=6, steps=3,
-                                        schedule="shift", schedule_shift=1 / 3)
+                                        schedule="shift", schedule_shift=3)
     assert default.shape == (3, 6) and torch.equal(default, explicit)
-    with pytest.raises(ValueError, match="unknown sampler_defaults \\['length'\\]"):
-        build_tiny_model(sampler_defaults=dict(length=4))
+    other_shift = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, schedule_shift=1 / 3)
+    assert not torch.equal(default, other_shift), "the shift changes the commit order"

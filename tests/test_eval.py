@@ -4,7 +4,11 @@ overlays, resumable and atomic outputs, local datasets, and the errors raised be
 import io
 import json
 import os
+import select
 import shutil
+import signal
+import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -18,6 +22,7 @@ from shirg_tools.diagnostics import (answer_recall, coverage_kept, gini, pooled_
 from shirg_tools.overlays import kept_pixel_mask, render_panel
 from shirg_tools.variants import default_variants, parse_variant, parse_variants
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC = ["--synthetic", "canvas_size=96/96", "--synthetic", "font_size_range=7/9", "--synthetic", "num_texts=3"]
 FAST = ["--gen-length", "4", "--batch-size", "2", *SYNTHETIC]
 
@@ -47,7 +52,8 @@ def test_offline_run_writes_predictions_summary_and_table(offline_run):
     assert summary["accuracy_is_evidence"] is False and summary["device"].startswith("CPU")
     task = summary["tasks"]["synthetic-ocr"]
     assert task["prompt_template"] == "<image>\n{question}\nAnswer the question using a single word or phrase."
-    assert task["generation"] == {"gen_length": 4, "block_length": 4, "steps": 4, "schedule": "shift"}
+    assert task["generation"] == {"gen_length": 4, "block_length": 4, "steps": 4, "schedule": "shift",
+                                  "schedule_shift": 3.0}
     rows = task["variants"]
     assert list(rows) == ["pooled", "shirg-fixed@40", "random@40"]
     assert [rows[v]["image_tokens"] for v in rows] == [88, 40, 40]  # 96x96 image: 16 global + 8 x (8 + 1) pooled
@@ -183,11 +189,29 @@ def test_docvqa_from_a_hub_style_parquet_folder(tmp_path):
     (["--tasks", "textvqa"], "task textvqa: no --data textvqa=PATH given and the Hub is offline"),
     (["--data", "chartqa=/nowhere"], "--data names task(s) ['chartqa'] that --tasks does not run"),
     (["--step-ratio", "2"], "--step-ratio must be in (0, 1]"),
+    (["--schedule-shift", "nan"], "--schedule-shift must be a finite number > 0 (LaViDa: 3.0), got nan"),
+    (["--schedule-shift", "0"], "--schedule-shift must be a finite number > 0"),
+    (["--device", "gpu"], "--device 'gpu' is not a device: use cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device 'mps' is not supported: use cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert run_eval(tmp_path / "out", *args) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("cuda", 0, "--device 'cuda': CUDA is not available on this machine"),
+    ("cuda:0", 0, "--device 'cuda:0': CUDA is not available on this machine"),
+    ("cuda:3", 2, "--device 'cuda:3': this machine has 2 CUDA device(s), cuda:0 to cuda:1"),
+])
+def test_cuda_device_that_is_not_there(tmp_path, capsys, monkeypatch, device, cuda_devices, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    assert run_eval(tmp_path / "out", "--device", device) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "Traceback" not in error
     assert not (tmp_path / "out").exists()
 
 
@@ -226,6 +250,97 @@ def test_a_saved_model_folder_loads_through_remote_code(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "tiny preset: does not learn to read" in summary["model"] and not summary["accuracy_is_evidence"]
     assert summary["tasks"]["synthetic-ocr"]["variants"]["shirg-v2@40:v2_summary_token=false"]["image_tokens"] == 40
+
+
+# ---- sampler settings, output folder lock, file modes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gen_length, step_ratio, steps", [
+    (32, 0.3, 9), (16, 1.0, 16), (16, 0.5, 8), (32, 0.99, 31), (64, 0.55, 35), (4, 0.1, 1)])
+def test_step_ratio_truncates_like_lavida(gen_length, step_ratio, steps):
+    assert evaluation.diffusion_steps(gen_length, step_ratio) == steps
+
+
+def test_every_call_gets_lavidas_sampler_settings(tmp_path, monkeypatch):
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    generate, calls = LavidaShirgForMaskedDiffusion.diffusion_generate, []
+
+    def recorded(self, **kwargs):
+        calls.append({name: kwargs.get(name) for name in ("gen_length", "steps", "schedule", "schedule_shift")})
+        return generate(self, **kwargs)
+
+    monkeypatch.setattr(LavidaShirgForMaskedDiffusion, "diffusion_generate", recorded)
+    assert run_eval(tmp_path, "--limit", "2", "--variants", "pooled", "--overlays", "0", "--no-diagnostics",
+                    "--gen-length", "32", "--step-ratio", "0.3") == 0
+    assert calls and all(call == {"gen_length": 32, "steps": 9, "schedule": "shift", "schedule_shift": 3.0}
+                         for call in calls), calls
+    assert {json.loads(line)["steps"] for line in lines(tmp_path / "predictions" / "synthetic-ocr.jsonl")} == {9}
+    settings = json.loads((tmp_path / "run_config.json").read_text())
+    assert (settings["schedule"], settings["schedule_shift"], settings["step_ratio"]) == ("shift", 3.0, 0.3)
+    calls.clear()
+    assert run_eval(tmp_path / "other", "--limit", "1", "--variants", "pooled", "--overlays", "0",
+                    "--no-diagnostics", "--schedule-shift", "0.5") == 0
+    assert {call["schedule_shift"] for call in calls} == {0.5}
+    # a rerun with another shift into the same folder would mix results
+    assert run_eval(tmp_path, "--limit", "2", "--variants", "pooled", "--gen-length", "32", "--step-ratio", "0.3",
+                    "--schedule-shift", "1") == 2
+
+
+BLOCKED_EVAL = """
+import sys
+import eval
+run = eval.Evaluation.run
+def blocked_run(self):
+    print("locked", flush=True)
+    sys.stdin.readline()
+    run(self)
+eval.Evaluation.run = blocked_run
+sys.exit(eval.main(sys.argv[1:]))
+"""
+
+
+def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--output-dir", str(out), *FAST, "--limit", "3", "--variants", "pooled,random@40", "--overlays", "0",
+            "--no-diagnostics"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", BLOCKED_EVAL, *args], cwd=tmp_path, env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert select.select([first.stdout], [], [], 120)[0], "the first run did not start"
+        assert first.stdout.readline() == "locked\n"  # it holds the folder and waits in Evaluation.run
+        assert evaluation.main(args) == 2
+        error = capsys.readouterr().err
+        assert error == (f"error: --output-dir {str(out)!r} is in use by another eval.py run (process {first.pid}): "
+                         "wait for it to end or use another --output-dir\n")
+        assert not (out / "predictions").exists(), "the refused run wrote nothing"
+    finally:
+        first.kill()  # SIGKILL: the lock goes with the process
+        first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    assert evaluation.main(args) == 0
+    records = [json.loads(line) for line in lines(out / "predictions" / "synthetic-ocr.jsonl")]
+    assert sorted((r["variant"], r["id"]) for r in records) == sorted(
+        (variant, str(i)) for variant in ("pooled", "random@40") for i in range(3)), "every row once"
+    assert evaluation.main(args) == 0, "the lock is released when a run ends"
+    assert len(lines(out / "predictions" / "synthetic-ocr.jsonl")) == 6
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_outputs_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        assert run_eval(tmp_path / "out", "--limit", "1", "--variants", "shirg-fixed@40", "--overlays", "1") == 0
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    files = {str(path.relative_to(tmp_path / "out")) for path in paths if path.is_file()}
+    assert files == {"summary.json", "summary.md", "run_config.json", ".eval.lock", "predictions/synthetic-ocr.jsonl",
+                     "overlays/synthetic-ocr/0/sheet.png", "overlays/synthetic-ocr/0/shirg-fixed-40.png",
+                     "overlays/synthetic-ocr/0/sample.json"}
+    assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in paths} == {
+        str(path): 0o777 & ~umask if path.is_dir() else 0o666 & ~umask for path in paths}
 
 
 # ---- parts -------------------------------------------------------------------------------------------------------

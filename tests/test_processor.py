@@ -58,7 +58,8 @@ def processor(tokenizer):
 @pytest.fixture(scope="module")
 def real_geometry_processor(tokenizer):
     """The real preset's image geometry (view 384, pooled 14) with the tiny tokenizer's special ids."""
-    config = ShirgConfig.from_preset("lavida-llada", eos_token_id=0, pad_token_id=0, eot_token_id=5)
+    config = ShirgConfig.from_preset("lavida-llada", eos_token_id=0, pad_token_id=0, eot_token_id=5,
+                                     image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     return LavidaShirgProcessor.from_config(config, tokenizer)
 
 
@@ -67,7 +68,8 @@ def real_geometry_processor(tokenizer):
 
 def test_tokenizer_special_ids_match_tiny_preset(tokenizer):
     config = ShirgConfig.from_preset("tiny")
-    assert len(tokenizer) == config.text_config.vocab_size == 512
+    assert len(tokenizer) - 1 == config.text_config.vocab_size == 512
+    assert tokenizer.convert_tokens_to_ids("<image>") == config.image_token_id == 512
     assert SPECIAL_TOKENS == {"<|endoftext|>": 0, "<|startoftext|>": 1, "<|mdm_mask|>": 2,
                               "<|start_header_id|>": 3, "<|end_header_id|>": 4, "<|eot_id|>": 5}
     for token, token_id in SPECIAL_TOKENS.items():
@@ -174,7 +176,7 @@ def test_numpy_and_torch_inputs_match_pil(processor):
 
 
 def test_empty_image_raises(processor):
-    with pytest.raises(ValueError, match=r"`images` must have at least one pixel.*\(0, 5\)"):
+    with pytest.raises(ValueError, match=r"`images`\[0\] must have at least one pixel.*\(0, 5\)"):
         processor.image_processor(Image.new("RGB", (5, 0)))
 
 
@@ -183,8 +185,68 @@ def test_empty_image_raises(processor):
     torch.zeros(3, 8, 8), torch.zeros(8, 8, 3, dtype=torch.uint8), "image.png", 3,
 ])
 def test_unsupported_images_raise_type_error(processor, bad):
-    with pytest.raises(TypeError, match="`images` must be PIL images"):
+    with pytest.raises(TypeError, match=r"`images`\[0\] must be one of PIL images"):
         processor.image_processor([bad])
+
+
+def test_sixteen_bit_images_are_rescaled_to_eight_bits(processor):
+    levels = np.random.default_rng(3).integers(0, 65536, (30, 40), dtype=np.uint16)
+    eight_bits = np.round(levels / 257).astype(np.uint8)
+    expected = processor.image_processor(Image.fromarray(eight_bits))["pixel_values"]
+    sixteen_bit_pil = Image.fromarray(levels)
+    assert sixteen_bit_pil.mode == "I;16"
+    assert torch.equal(processor.image_processor(sixteen_bit_pil)["pixel_values"], expected)
+    assert torch.equal(processor.image_processor(levels)["pixel_values"], expected)
+    rgb_levels = np.stack([levels] * 3, axis=2)
+    assert torch.equal(processor.image_processor(rgb_levels)["pixel_values"], expected)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_ambiguous_wide_modes_are_refused(processor, mode):
+    image = Image.new(mode, (8, 8), 300)
+    with pytest.raises(ValueError, match=rf"`images`\[1\] has PIL mode '{mode}'"):
+        processor.image_processor([random_image(8, 8), image])
+
+
+def test_images_above_the_pixel_limit_are_refused_before_any_copy(processor, tokenizer):
+    # a read-only broadcast view: 20000 x 20000 x 3 pixels that occupy 1 byte; any copy would need 1.2 GB
+    huge = np.broadcast_to(np.zeros(1, np.uint8), (20000, 20000, 3))
+    with pytest.raises(ValueError, match=r"`images`\[0\] has 20000 x 20000 = 400,000,000 pixels, more than "
+                                         r"max_image_pixels \(89,478,485\)"):
+        processor.image_processor(huge)
+    small_limit = LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=[[32, 64]], max_image_pixels=100)
+    assert small_limit.preprocess(random_image(10, 10))["pixel_values"].shape == (3, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"11 x 10 = 110 pixels"):
+        small_limit.preprocess(random_image(10, 11))
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+        LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=[[32, 64]], max_image_pixels=0)
+
+
+def test_animated_images_warn_and_use_the_current_frame(processor):
+    import io
+
+    frames = [random_image(16, 16, seed=1), random_image(16, 16, seed=2)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    animation = Image.open(io.BytesIO(buffer.getvalue()))
+    first_frame = animation.convert("RGB")
+    with pytest.warns(UserWarning, match=r"`images`\[0\] is animated \(2 frames\): only its current frame"):
+        pixels = processor.image_processor(animation)["pixel_values"]
+    assert torch.equal(pixels, processor.image_processor(first_frame)["pixel_values"])
+
+
+def test_truncated_files_name_the_image(processor, monkeypatch):
+    import io
+
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # PIL's default (lmms-eval sets it on import)
+
+    buffer = io.BytesIO()
+    random_image(64, 64).save(buffer, format="JPEG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))
+    with pytest.raises(ValueError, match=r"`images`\[1\] could not be decoded"):
+        processor.image_processor([random_image(8, 8), truncated])
 
 
 # ---------------------------------------------------------------------------------------- prompts, tokens
@@ -230,7 +292,7 @@ def test_prompt_ids_join_text_segments_and_image_runs(processor, tokenizer):
     expected = (tokenizer(before, add_special_tokens=False)["input_ids"] + [processor.image_token_id] * count
                 + tokenizer(after, add_special_tokens=False)["input_ids"])
     assert ids == expected and ids[0] == SPECIAL_TOKENS["<|startoftext|>"]
-    assert "<image>" not in tokenizer.get_vocab()
+    assert tokenizer.get_vocab()["<image>"] == processor.image_token_id
 
 
 @pytest.mark.parametrize("method,budget,expected", [
@@ -273,6 +335,87 @@ def test_question_mask_marks_the_question_tokens(processor, tokenizer):
         for row, text in enumerate([question, "hi"]):
             marked = out["input_ids"][row][out["question_mask"][row]].tolist()
             assert tokenizer.decode(marked) == text
+@pytest.mark.parametrize("special", ["<|mdm_mask|>", "<|eot_id|>", "<|endoftext|>", "<|start_header_id|>",
+                                     "<|startoftext|>", "<image>x<|end_header_id|>"])
+def test_special_token_strings_in_user_text_stay_text(processor, tokenizer, special):
+    question = f"What does {special} mean?"
+    prompt = processor.build_prompt(question)
+    images = [random_image(60, 20)] * prompt.count("<image>")
+    out = processor(images=images, text=prompt, answers=[f"it is {special}"])
+    ids, labels, marked = out["input_ids"][0], out["labels"][0], out["question_mask"][0]
+    template_only = processor(images=images[:1], text=processor.build_prompt("What does it mean?"),
+                              answers=["it is"])["input_ids"][0]
+    special_ids = set(SPECIAL_TOKENS.values())
+    # the special ids of the template, and no more: user text never becomes a special id
+    assert sorted(i for i in ids.tolist() if i in special_ids) == sorted(
+        i for i in template_only.tolist() if i in special_ids)
+    assert tokenizer.decode(ids[marked].tolist()) == question.replace("<image>", "")
+    answer = labels[labels != IGNORE_INDEX].tolist()
+    assert tokenizer.decode(answer[:-1]) == f"it is {special}" and answer[-1] == SPECIAL_TOKENS["<|eot_id|>"]
+
+
+def test_ordinary_prompts_are_tokenized_in_one_piece(processor, tokenizer):
+    """Without special-token strings in the question, the text between images is one tokenizer call (LaViDa's)."""
+    prompt = processor.build_prompt("  What   is\n written?  ")
+    ids = processor(images=random_image(20, 20), text=prompt)["input_ids"][0].tolist()
+    before, after = prompt.split("<image>")
+    assert ids[-len(tokenizer(after, add_special_tokens=False)["input_ids"]):] == tokenizer(
+        after, add_special_tokens=False)["input_ids"]
+
+
+def test_image_placeholder_typed_in_the_question(processor, tokenizer):
+    """The question starts after the turn's leading placeholders; a literal <image> inside it is a placeholder
+    too (the counts must match) but the question text around it stays marked."""
+    question = "Is <image> the same picture as the first one?"
+    prompt = processor.build_prompt(question)
+    assert processor.question_text(prompt) == "Is  the same picture as the first one?"
+    out = processor(images=[random_image(20, 20), random_image(20, 20, seed=1)], text=prompt)
+    marked = tokenizer.decode(out["input_ids"][0][out["question_mask"][0]].tolist())
+    assert marked == "Is  the same picture as the first one?"
+    assert (out["input_ids"][0] == processor.image_token_id).sum() == 2 * processor.image_token_count((20, 20))
+
+
+def test_tokens_added_later_never_take_the_image_id(tmp_path):
+    """add_tokens + resize_token_embeddings: new ids come after <image>, the resized model saves and reloads, and
+    image positions are still filled with image features."""
+    from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+    grown = build_tiny_tokenizer()
+    grown.add_tokens(["zebra", "okapi"])
+    config = ShirgConfig.from_preset("tiny")
+    assert grown.convert_tokens_to_ids(["zebra", "okapi"]) == [513, 514] and config.image_token_id == 512
+    processor = LavidaShirgProcessor.from_config(config, grown)
+    out = processor(images=random_image(20, 20), text=processor.build_prompt("zebra okapi?"))
+    assert {513, 514} <= set(out["input_ids"][0].tolist())
+    assert (out["input_ids"][0] == 512).sum() == processor.image_token_count((20, 20))
+    model = LavidaShirgForMaskedDiffusion(config).eval()
+    model.resize_token_embeddings(len(grown), mean_resizing=False)
+    model.save_pretrained(tmp_path)
+    reloaded = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path).eval()
+    assert reloaded.config.text_config.vocab_size == 515 and reloaded.config.image_token_id == 512
+    inputs = {key: out[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+
+
+def test_tokenizer_without_image_token_is_checked_at_every_call(processor):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+
+    spec = json.loads(build_tiny_tokenizer().backend_tokenizer.to_str())
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] != "<image>"]
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    assert len(plain) == 512 and "<image>" not in plain.get_vocab()
+    proc = LavidaShirgProcessor(processor.image_processor, plain, image_token_id=512, pooled_view_size=4,
+                                model_max_length=2048, eos_token_id=0, pad_token_id=0, eot_token_id=5)
+    image, prompt = random_image(20, 20), proc.build_prompt("hi")
+    assert (proc(images=image, text=prompt)["input_ids"] == 512).any()
+    plain.add_tokens(["zebra"])  # takes id 512
+    with pytest.raises(ValueError, match=r"image_token_id \(512\) is the id of the tokenizer's token 'zebra'"):
+        proc(images=image, text=prompt)
+
+
 def test_generation_batch_is_left_padded(processor):
     prompts = [processor.build_prompt("What is the total price?"), processor.build_prompt("hi")]
     images = [random_image(60, 20), random_image(60, 20, seed=1)]
@@ -330,6 +473,8 @@ def test_placeholder_count_errors(processor):
         processor(images=[[image], [image, image]], text=[prompt, prompt])
     with pytest.raises(ValueError, match=r"nested `images` must be one list per prompt: 2 prompts in `text`, got 1"):
         processor(images=[[image, image]], text=[prompt, prompt])
+    with pytest.raises(ValueError, match=r"but `images`\[1\] is a Image, not a list"):
+        processor(images=[[image], image], text=[prompt, prompt])
 
 
 @pytest.mark.parametrize("text", ["", "   \n", "<image>\n ", EXPECTED_PROMPT.replace("What is written?", "  ")])
@@ -373,7 +518,7 @@ def test_special_id_mismatch_errors(tokenizer):
     with pytest.raises(ValueError, match=r"eot_token_id \(4\) is not the tokenizer's id \(5\)"):
         LavidaShirgProcessor.from_config(ShirgConfig.from_preset("tiny", eot_token_id=4), tokenizer)
     image_processor = LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=[[32, 64]])
-    with pytest.raises(ValueError, match="image_token_id .* outside the tokenizer's vocabulary"):
+    with pytest.raises(ValueError, match=r"image_token_id \(7\) is not the tokenizer's id of <image> \(512\)"):
         LavidaShirgProcessor(image_processor, tokenizer, image_token_id=7, pooled_view_size=4, model_max_length=64,
                              eos_token_id=0, pad_token_id=0, eot_token_id=5)
 
@@ -381,13 +526,24 @@ def test_special_id_mismatch_errors(tokenizer):
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def test_decoding_cuts_at_eot_or_eos(processor, tokenizer):
+def test_answers_decode_as_lavida_reports_them(processor, tokenizer):
+    """LaViDa's lmms-eval model: batch_decode(skip_special_tokens=True), lstrip("!"), strip. Special tokens
+    (eot, eos padding, masks) vanish; text after them stays, as in LaViDa."""
     red = tokenizer(" red ", add_special_tokens=False)["input_ids"]
     total = tokenizer("The total is $19.95", add_special_tokens=False)["input_ids"]
-    rows = [red + [5] + total, total + [0] + red, [2] + total]
-    assert processor.batch_decode(rows) == ["red", "The total is $19.95", "The total is $19.95"]
-    assert processor.batch_decode(torch.tensor([red + [0, 0], red + [5, 5]])) == ["red", "red"]
-    assert processor.decode(torch.tensor([5] + red)) == ""
+    bang = tokenizer("!!", add_special_tokens=False)["input_ids"]
+    rows = [red + [5, 0, 0], [2] + total + [5, 0], bang + red + [0]]
+    width = max(map(len, rows))
+    rows = torch.tensor([row + [0] * (width - len(row)) for row in rows])  # eos padding, as the sampler leaves it
+    expected = [tokenizer.decode(row, skip_special_tokens=True).lstrip("!").strip() for row in rows.tolist()]
+    assert processor.decode_answers(rows) == expected == ["red", "The total is $19.95", "red"]
+    assert processor.decode_answers(torch.tensor([red + [5] + red])) == ["red  red"]
+
+
+def test_decode_and_batch_decode_are_the_tokenizers(processor, tokenizer):
+    ids = tokenizer("<|startoftext|>hi<|eot_id|> there", add_special_tokens=False)["input_ids"]
+    assert processor.decode(ids) == tokenizer.decode(ids) == "<|startoftext|>hi<|eot_id|> there"
+    assert processor.batch_decode([ids], skip_special_tokens=True) == ["hi there"]
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -437,3 +593,83 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
     assert torch.equal(loaded["standalone_pixel_values"], expected["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------- transformers conventions
+
+
+def test_apply_chat_template_returns_model_inputs(processor):
+    red, blue = Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 50), (10, 10, 200))
+    messages = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "Colour?"}]}]
+    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    expected = processor(images=red, text=processor.build_prompt("Colour?"))
+    assert set(out) == set(expected)
+    for key in expected:
+        assert torch.equal(out[key], expected[key]), key
+    # a batch of conversations, one image each; images may also be passed beside the messages
+    other = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    batch = processor.apply_chat_template([messages, other], add_generation_prompt=True, tokenize=True,
+                                          return_dict=True, images=[[red], [blue]])
+    expected = processor(images=[[red], [blue]], text=[processor.build_prompt("Colour?"),
+                                                       processor.build_prompt("And this?")])
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+
+
+def test_chat_messages_and_images_must_match(processor):
+    red = Image.new("RGB", (40, 30), (200, 10, 10))
+    two_entries = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "image"},
+                                                {"type": "text", "text": "Same?"}]}]
+    with pytest.raises(ValueError, match=r"`text` sample 0 has 2 <image> placeholders but `images`\[0\] has 1"):
+        processor.apply_chat_template(two_entries, add_generation_prompt=True, tokenize=True, return_dict=True)
+    no_entry = [{"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
+    with pytest.raises(ValueError, match=r"`text` has 0 <image> placeholders but `images` has 1 images"):
+        processor.apply_chat_template(no_entry, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      images=[red])
+
+
+def test_padding_arguments(processor):
+    image, prompts = random_image(20, 20), [processor.build_prompt("hi"), processor.build_prompt("What is it?")]
+    longest = processor(images=[image, image], text=prompts)
+    assert torch.equal(processor(images=[image, image], text=prompts, padding="longest", padding_side="left")[
+        "input_ids"], longest["input_ids"])
+    width = longest["input_ids"].shape[1]
+    padded = processor(images=[image, image], text=prompts, padding="max_length", max_length=width + 5)
+    assert padded["input_ids"].shape == (2, width + 5)
+    assert torch.equal(padded["input_ids"][:, 5:], longest["input_ids"])
+    assert (padded["attention_mask"][:, :5] == 0).all() and (padded["input_ids"][:, :5] == 0).all()
+    single = processor(images=image, text=prompts[0], padding=False)  # one sample: nothing to pad
+    assert torch.equal(single["input_ids"][0], longest["input_ids"][0][longest["attention_mask"][0].bool()])
+    train = processor(images=[image, image], text=prompts, answers=["a", "bb"], padding_side="right",
+                      padding="max_length", max_length=width + 9)
+    assert train["input_ids"].shape == (2, width + 9) and (train["input_ids"][:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(padding=False), r"padding=False needs samples of one length, got lengths"),
+    (dict(padding="max_length"), "padding='max_length' needs max_length"),
+    (dict(padding="most"), "padding must be one of"),
+    (dict(padding_side="right"), "padding_side must be 'left' for a generation batch"),
+    (dict(truncation=True), "truncation=True is not supported"),
+    (dict(max_length=20), r"`text` sample 0 needs \d+ tokens .* more than max_length \(20\)"),
+    (dict(max_length=0), "max_length must be a positive integer"),
+    (dict(add_special_tokens=True), "add_special_tokens=True is not supported"),
+    (dict(videos=[np.zeros((2, 8, 8, 3), np.uint8)]), "`videos` is not supported"),
+])
+def test_bad_tokenizer_style_arguments(processor, kwargs, message):
+    image, prompts = random_image(20, 20), [processor.build_prompt("hi"), processor.build_prompt("What is it?")]
+    with pytest.raises(ValueError, match=message):
+        processor(images=[image, image], text=prompts, **kwargs)
+
+
+def test_image_processor_scaling_arguments(processor):
+    image = random_image(40, 30)
+    normalised = processor.image_processor(image)["pixel_values"]
+    rescaled = processor.image_processor(image, do_normalize=False)["pixel_values"]
+    raw = processor.image_processor(image, do_normalize=False, do_rescale=False)["pixel_values"]
+    torch.testing.assert_close(normalised, (rescaled - 0.5) / 0.5)
+    torch.testing.assert_close(rescaled, raw / 255)
+    assert raw.max() > 1 and raw.min() >= 0
+    custom = processor.image_processor(image, image_mean=[0, 0, 0], image_std=[1, 1, 1])["pixel_values"]
+    torch.testing.assert_close(custom, rescaled)

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -106,6 +107,26 @@ def test_adapter_publication(saved_model, tmp_path):
     assert "base_model_relation: adapter" in card and "library_name: peft" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("someone/shirg-lora", str(out))
     run_python(snippet + "\nprint(type(model).__name__)\n", tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_output_modes_follow_the_umask(saved_model, tmp_path, umask):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in publish.ADAPTER_FILES:
+        (adapter / name).write_text("{}")
+        (adapter / name).chmod(0o600)  # a private source file: the published copy still gets the umask's mode
+    previous = os.umask(umask)
+    try:
+        publish.export_model(saved_model[0], tmp_path / "model", "someone/m")
+        publish.export_adapter(adapter, tmp_path / "hub-adapter", "someone/a", base_model="someone/m")
+    finally:
+        os.umask(previous)
+    for out in (tmp_path / "model", tmp_path / "hub-adapter"):
+        paths = [out, *out.rglob("*")]
+        assert len(paths) > 3
+        assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in paths} == {
+            str(path): 0o777 & ~umask if path.is_dir() else 0o666 & ~umask for path in paths}
 
 
 def test_bad_publication_inputs(saved_model, tmp_path):

@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import torch
-from conftest import image_batch, prompt_ids
+from conftest import build_tiny_model, image_batch, prompt_ids
+
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
 LOAD_AND_RUN = """
 import sys, torch
@@ -32,7 +35,9 @@ def test_save_pretrained_loads_with_automodel_in_a_fresh_process(tiny_model, tmp
     assert config["auto_map"] == {
         "AutoConfig": "configuration_lavida_shirg.ShirgConfig",
         "AutoModel": "modeling_lavida_shirg.LavidaShirgForMaskedDiffusion",
+        "AutoModelForImageTextToText": "modeling_lavida_shirg.LavidaShirgForMaskedDiffusion",
     }
+    assert json.loads((folder / "generation_config.json").read_text())["schedule_shift"] == 3.0
     assert config["model_type"] == "lavida_shirg"
 
     pixel_values, image_sizes, counts = image_batch(tiny_model.config, [(40, 70), (20, 50)])
@@ -47,3 +52,40 @@ def test_save_pretrained_loads_with_automodel_in_a_fresh_process(tiny_model, tmp
     with torch.no_grad():
         torch.testing.assert_close(outputs["logits"], tiny_model(**inputs).logits, atol=0, rtol=0)
     assert torch.equal(outputs["answer"], tiny_model.diffusion_generate(**inputs, gen_length=8, steps=4))
+
+
+PIPELINE = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+folder, out_path = sys.argv[1:]
+image = Image.new("RGB", (40, 30), (200, 10, 10))
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+answer = pipeline("image-text-to-text", model=folder, trust_remote_code=True)(text=messages, max_new_tokens=8,
+                                                                             return_full_text=False)
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+sequences = model.generate(**inputs, max_new_tokens=8)
+new = sequences[:, inputs["input_ids"].shape[1]:]
+json.dump({"pipeline": answer[0]["generated_text"], "can_generate": model.can_generate(),
+           "direct": processor.batch_decode(new, skip_special_tokens=True)[0],
+           "class": type(model).__name__, "generation": type(model.generation_config).__name__},
+          open(out_path, "w"))
+"""
+
+
+def test_image_text_to_text_pipeline_in_a_fresh_process(tmp_path):
+    """pipeline("image-text-to-text") answers chat messages with an image, as model.generate does."""
+    model = build_tiny_model(seed=4)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).save_pretrained(folder)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", PIPELINE, str(folder), str(tmp_path / "out.json")], check=True,
+                   env=environment, cwd=tmp_path)
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["class"] == "LavidaShirgForMaskedDiffusion" and result["can_generate"]
+    assert result["generation"] == "LavidaShirgGenerationConfig"
+    assert result["pipeline"] == result["direct"] and len(result["direct"]) > 0

@@ -10,13 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFont
 
+from conftest import build_tiny_model
+from lavida_shirg import ShirgConfig
 from lavida_shirg import shirg_selection as sel
+from lavida_shirg.modeling_lavida_shirg import selection_options
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.shirg_selection import (
-    METHODS, AdaptiveBudgetHead, CoordinateEmbedding, TokenSelection, budget_statistics, distance_aware_selection,
-    dropped_token_summary, edge_density, gather_tokens, grid_coordinates, low_resolution_scaffold,
-    normalize_per_sample, region_coverage, region_labels, relevance_scores, select_tokens, shirg_fixed_scores,
-    shirg_v2_scores, spatial_kmeans, token_coordinates, token_variance, truncate_to_budget,
+    DETAIL_TERMS, METHODS, AdaptiveBudgetHead, CoordinateEmbedding, TokenSelection, budget_statistics,
+    centered_token_variance, detail_scores, distance_aware_selection, dropped_token_summary, edge_density,
+    gather_tokens, grid_coordinates, low_resolution_scaffold, normalize_per_sample, pixel_contrast, region_coverage,
+    region_labels, relevance_scores, select_tokens, shirg_fixed_scores, shirg_v2_scores, spatial_kmeans,
+    token_coordinates, token_variance, truncate_to_budget,
 )
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+from shirg_tools.variants import parse_variant
 
 ALL_METHODS = sorted(METHODS)
 SHIRG_METHODS = ["shirg-fixed", "shirg-v2", "shirg-x"]
@@ -610,3 +617,142 @@ def test_view_boxes_place_coordinates_in_the_canvas():
     # second view, cell (row 1, col 0): x = 0.5 + 0.5 * 0.25, y = 0.75, h = 1 / 2, w = 0.5 / 2
     torch.testing.assert_close(coordinates[4 + 2], torch.tensor([0.625, 0.75, 0.5, 0.25]))
     torch.testing.assert_close(coordinates[:4], grid_coordinates((2, 2)))
+
+
+# ------------------------------------------------------------------------------------------------ detail terms
+
+
+def test_centered_variance_and_pixel_contrast_by_hand():
+    # 3 tokens of one view, mean token [1, 1]: centred tokens [-1, 1], [0, 0], [1, -1] -> variances 1, 0, 1
+    features = torch.tensor([[[0.0, 2.0], [1.0, 1.0], [2.0, 0.0]]])
+    assert torch.equal(centered_token_variance(features, (1, 3)), torch.tensor([[1.0, 0.0, 1.0]]))
+    # two views of 1 x 2 tokens: each view is centred on its own mean token
+    features = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [5.0, 5.0], [5.0, 5.0]]])
+    assert torch.equal(centered_token_variance(features, (2, 1, 2)), torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    # a 4 x 5 view of patch 2 (the last pixel column is dropped, as by the stride-2 patch embedding): 2 x 2 tokens;
+    # grey values: patch (0, 1) holds 0, 0, 2, 2 -> std 1; patch (1, 0) holds 0, 4, 0, 4 -> std 2; the others flat
+    gray = torch.zeros(4, 5)
+    gray[0:2, 3] = 2.0
+    gray[2:4, 1] = 4.0
+    gray[:, 4] = 100.0
+    pixels = gray.expand(1, 3, 4, 5)
+    assert torch.equal(pixel_contrast(pixels, (2, 2), 2), torch.tensor([[0.0, 1.0, 2.0, 0.0]]))
+    # luminance weights: a pure-red stripe has 0.299 of the grey stripe's contrast
+    red = torch.zeros(1, 3, 4, 5)
+    red[0, 0] = gray
+    torch.testing.assert_close(pixel_contrast(red, (2, 2), 2), torch.tensor([[0.0, 0.299, 0.598, 0.0]]))
+
+
+def detail_inputs(batch, grid, patch=3, seed=0):
+    views, height, width = (1, *grid) if len(grid) == 2 else grid
+    generator = torch.Generator().manual_seed(seed)
+    vision = torch.randn(batch, views * height * width, 6, generator=generator)
+    pixels = torch.rand(batch * views, 3, height * patch + 1, width * patch, generator=generator)
+    return vision, pixels
+
+
+@pytest.mark.parametrize("detail", DETAIL_TERMS)
+@pytest.mark.parametrize("grid", [(5, 4), (3, 2, 4)])
+def test_detail_terms_are_per_sample(detail, grid):
+    batch = 3
+    vision, pixels = detail_inputs(batch, grid)
+    views = 1 if len(grid) == 2 else grid[0]
+    together = detail_scores(detail, vision, grid, pixels, 3)
+    assert together.dtype == torch.float32 and together.shape == vision.shape[:2]
+    alone = torch.cat([detail_scores(detail, vision[b:b + 1], grid, pixels[b * views:(b + 1) * views], 3)
+                       for b in range(batch)])
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(together[0], together[1])
+
+
+@pytest.mark.parametrize("method", SHIRG_METHODS)
+def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
+    vision, projected, question, mask, _ = make_batch(2, (12, 12))
+    # the seed's scores, written out: 0.7 norm(rel) + 0.3 norm(var) (v2: 0.25 norm(var) + 0.15 norm(edge) + 0.75 rel)
+    rel = normalize_per_sample(relevance_scores(projected, question, mask))
+    var = normalize_per_sample(token_variance(vision))
+    if method == "shirg-v2":
+        seed = 0.25 * var + 0.15 * normalize_per_sample(edge_density(vision, (12, 12))) + 0.75 * rel
+    else:
+        seed = 0.3 * var + 0.7 * rel
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail="variance")
+    assert torch.equal(result.scores, seed)
+    # the model's option mapping of a config with detail_term="variance" and the seed's weights gives the same call
+    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, variance_weight=0.3, v2_alpha=0.25, v2_beta=0.15,
+                                       detail_term="variance").selection_settings(method, 40)
+    options = selection_options(settings, None, torch.rand(2, 3, 36, 36), 3)
+    through_model = select_tokens(method, vision, projected, (12, 12), 40, question, mask, **options)
+    assert torch.equal(through_model.scores, seed) and torch.equal(through_model.indices, result.indices)
+
+
+@pytest.mark.parametrize("method", SHIRG_METHODS)
+@pytest.mark.parametrize("detail", DETAIL_TERMS)
+def test_every_shirg_method_takes_every_detail_term(method, detail):
+    vision, projected, question, mask, _ = make_batch(2, (12, 12))
+    pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail=detail, pixels=pixels,
+                           patch_size=4)
+    assert_valid_indices(result.indices, 2, 40, 144)
+    weights = (0.25, 0.75) if method == "shirg-v2" else (0.3, 0.7)
+    expected = weights[0] * normalize_per_sample(detail_scores(detail, vision, (12, 12), pixels, 4))
+    if method == "shirg-v2":
+        expected = expected + 0.15 * normalize_per_sample(edge_density(vision, (12, 12)))
+    expected = expected + weights[1] * normalize_per_sample(relevance_scores(projected, question, mask))
+    torch.testing.assert_close(result.scores, expected)
+
+
+def test_detail_term_errors_name_the_option():
+    vision, pixels = detail_inputs(1, (4, 4))
+    with pytest.raises(ValueError, match=r"detail must be one of \('variance', 'centered-variance'"):
+        detail_scores("norm", vision, (4, 4))
+    with pytest.raises(ValueError, match="detail must be one of"):
+        select_tokens("shirg-x", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="contrast")
+    with pytest.raises(ValueError, match="needs pixels"):
+        select_tokens("shirg-fixed", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="pixel-contrast")
+    with pytest.raises(ValueError, match="not a multiple of the grid"):
+        detail_scores("pixel-contrast", vision, (4, 4), pixels, 4)  # 13 x 12 pixels of patch 4: 3 x 3 patches
+    with pytest.raises(ValueError, match="patch_size must be an integer"):
+        pixel_contrast(pixels, (4, 4), 0)
+    # a zero weight skips the term and its inputs
+    scores = shirg_fixed_scores(vision, vision, relevance_weight=0.0, variance_weight=0.0, detail="pixel-contrast")
+    assert torch.equal(scores, torch.zeros(1, 16))
+    with pytest.raises(ValueError, match=r"detail_term must be one of \('variance'"):
+        ShirgConfig.from_preset("tiny", detail_term="edges")
+    assert parse_variant("shirg-x@64:detail=pixel-contrast").options == {"detail_term": "pixel-contrast"}
+
+
+def test_detail_terms_have_no_host_sync(no_host_sync):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vision, projected, question, mask, _ = [t.to(device) for t in make_batch(2, (12, 12))]
+    pixels = torch.rand(2, 3, 48, 48, device=device)
+    no_host_sync()
+    for method in SHIRG_METHODS:
+        for detail in DETAIL_TERMS:
+            select_tokens(method, vision, projected, (12, 12), 40, question, mask, validate=False, detail=detail,
+                          pixels=pixels, patch_size=4)
+
+
+@pytest.mark.parametrize("source", ["single-view", "anyres-views"])
+def test_model_feeds_the_source_pixels_to_the_pixel_contrast(source):
+    model = build_tiny_model()
+    processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
+    image = Image.new("RGB", (70, 50), (230, 230, 230))
+    ImageDraw.Draw(image).text((4, 10), "total 12.50", fill=(0, 0, 0))
+    options = {"relevance_weight": 0.0, "variance_weight": 1.0, "detail_term": "pixel-contrast",
+               "hires_source": source}
+    inputs = processor(images=[image, image.transpose(Image.FLIP_LEFT_RIGHT)],
+                       text=[processor.build_prompt("What is the total?")] * 2, selection_method="shirg-fixed",
+                       selection_budget=40, selection_options=options)
+    entries = model.inspect_selection(**inputs, selection_method="shirg-fixed", selection_budget=40,
+                                      selection_options=options)
+    patch = model.config.vision_config.patch_size
+    if source == "single-view":
+        (entry,) = entries
+        expected = normalize_per_sample(pixel_contrast(inputs["hires_pixel_values"], entry["grid"], patch))
+        torch.testing.assert_close(entry["scores"], expected)
+    else:
+        views = model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
+        for entry, ((rows, cols), _, start) in zip(entries, views):
+            own = inputs["pixel_values"][start:start + 1 + rows * cols]
+            torch.testing.assert_close(entry["scores"], normalize_per_sample(pixel_contrast(own, entry["grid"], patch)))
+    assert all(float(entry["scores"].max()) == 1.0 for entry in entries)

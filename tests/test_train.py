@@ -4,6 +4,7 @@ and a 2-process `accelerate launch --cpu` run. Everything on the tiny preset wit
 import dataclasses
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -133,6 +134,21 @@ def test_trainable_parameters_groups_and_schedule(tmp_path):
 def test_bad_arguments_are_named_before_training(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.build_run(arguments(tmp_path / "out", *extra))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budgets", "0,pooled"], "error: --budgets"),
+    (["--data_format", "vqa", "--data_path", "/no/such/folder"], "error: --data_path"),
+    (["--config_overrides", '{"min_mask_probability": 2}'], "error: min_mask_probability must be in (0, 1)"),
+    (["--config", "{folder}/bad.yaml"], "error: --config {folder}/bad.yaml is not valid YAML"),
+])
+def test_command_line_reports_bad_input_as_one_error_line(extra, message, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("budgets: [32, pooled\n")
+    extra = [item.replace("{folder}", str(tmp_path)) for item in extra]
+    assert train.command_line(arguments(tmp_path / "out", *extra)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message.replace("{folder}", str(tmp_path))) and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_file_yaml_and_json_with_command_line_overrides(tmp_path):
@@ -268,6 +284,36 @@ def test_adapter_and_merged_model_load_and_agree(straight_run):
     assert (adapted_logits - base_logits).abs().max() > 1e-3, "training changed the model"
 
 
+def test_a_published_folder_trains_without_a_prompt_or_a_special_token_warning(straight_run, tmp_path):
+    # a fresh process without a terminal: transformers' "[y/N]" trust prompt would hang a real job
+    _, summary = straight_run
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                   "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--model_name_or_path", summary["merged_dir"],
+               *arguments(tmp_path / "out", "--max_steps", "1")]
+    completed = subprocess.run(command, cwd=tmp_path, env=environment, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-3000:]
+    assert "trust_remote_code" not in output and "[y/N]" not in output
+    assert "PAD/BOS/EOS" not in output
+    assert json.loads((tmp_path / "out" / train.SUMMARY_FILE).read_text())["steps"] == 1
+
+
+def test_a_run_logs_no_special_token_warning(tmp_path):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    assert transformers_logger.getEffectiveLevel() <= logging.WARNING
+    transformers_logger.addHandler(handler)
+    try:
+        train.main(arguments(tmp_path, "--max_steps", "1"))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not [record.getMessage() for record in records if "PAD/BOS/EOS" in record.getMessage()]
+
+
 def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     original = LavidaShirgForMaskedDiffusion.diffusion_loss
     calls = []
@@ -279,7 +325,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LavidaShirgForMaskedDiffusion, "diffusion_loss", sometimes_nan)
     with pytest.raises(FloatingPointError, match=r"nan at step 2 \(micro-batch 0, budget"):
-        train.main(arguments(tmp_path, "--max_steps", "4"))
+        train.command_line(arguments(tmp_path, "--max_steps", "4"))  # an error in training keeps its traceback
 
 
 def test_budget_cost_trains_the_adaptive_head(tmp_path):

@@ -1,0 +1,262 @@
+"""Generation of LaViDa-SHIRG: LaViDa's masked-diffusion sampler behind transformers' `generate()` conventions.
+
+`LavidaShirgGenerationConfig` holds the sampler settings (written as generation_config.json); the model's
+`generate(**inputs, generation_config=None, **kwargs)` runs the sampler and returns prompt + answer ids (or a
+`MaskedDiffusionGenerateOutput` with the canvas after every step); `diffusion_generate` is the same sampler with
+LaViDa's argument names, returning the answer ids only.
+"""
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import ModelOutput
+
+from .masked_diffusion import (
+    LAVIDA_SCHEDULE_SHIFT,
+    commit_most_confident,
+    resolve_sampler_arguments,
+    sample_tokens,
+    token_confidence,
+    transfer_counts,
+)
+
+# what each field of the generation config means for the masked-diffusion sampler, and its default
+SAMPLER_FIELDS = {
+    "max_new_tokens": 32,  # answer length (LaViDa's gen_length)
+    "block_length": None,  # semi-autoregressive blocks (None: one block of max_new_tokens)
+    "steps": None,  # total denoising steps, split evenly over the blocks (None: max_new_tokens)
+    "steps_per_block": None,  # LaViDa's step_per_block: an alternative to `steps`
+    "do_sample": False,  # False: each step takes the argmax; True: Gumbel-max sampling at `temperature`
+    "temperature": None,  # with do_sample (None: 1.0)
+    "top_k": None,  # with do_sample: keep the k most probable tokens (TopKLogitsWarper)
+    "top_p": None,  # with do_sample: nucleus filtering (TopPLogitsWarper)
+    "remasking": "low_confidence",  # which predictions a step commits: "low_confidence" or "random"
+    "schedule": "uniform",  # tokens committed per step: "uniform" or LaViDa's "shift"
+    "schedule_shift": LAVIDA_SCHEDULE_SHIFT,  # a of the shift schedule
+    "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
+    "prefix_lm_mask": False,  # without the cache: hide the answer from the prefix (else LaViDa's bidirectional mode)
+    "kv_cache_dtype": None,  # store the prefix cache in "bfloat16", "float16" or "float8_e4m3fn"
+    "num_return_sequences": 1,  # answers per prompt
+    "return_dict_in_generate": False,  # True: a MaskedDiffusionGenerateOutput
+    "output_history": False,  # with return_dict_in_generate: the answer canvas after every step
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+METADATA_FIELDS = ("_commit_hash", "_from_model_config", "transformers_version")
+# standard generate() settings that have no meaning for a masked-diffusion sampler, with the reason
+UNSUPPORTED = {
+    "num_beams": "beam search is not defined for masked diffusion (every step predicts all masked positions)",
+    "num_beam_groups": "beam search is not defined for masked diffusion",
+    "penalty_alpha": "contrastive search is autoregressive",
+    "max_length": "the answer length is max_new_tokens (the prompt length does not count)",
+    "min_new_tokens": "every answer has exactly max_new_tokens positions (LaViDa pads the answer with EOS)",
+    "stop_strings": "the answer canvas is decoded all at once: there is no early stop",
+    "repetition_penalty": "penalties over earlier tokens are autoregressive",
+    "no_repeat_ngram_size": "n-gram blocking is autoregressive",
+    "assistant_model": "assisted decoding is autoregressive",
+    "streamer": "the answer is decoded all at once (output_history gives the canvas after every step)",
+    "logits_processor": "pass top_k / top_p (applied to each step's logits)",
+}
+UNSUPPORTED_VALUE_ALLOWED = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0}
+# every generate() keyword that names a generation setting (ours, the unsupported standard ones, transformers' alias)
+GENERATION_ARGUMENTS = (*SAMPLER_FIELDS, *UNSUPPORTED, "use_cache")
+# sampler argument names of diffusion_generate / resolve_sampler_arguments -> generation config names
+GENERATION_NAMES = {"gen_length": "max_new_tokens"}
+
+
+class LavidaShirgGenerationConfig(GenerationConfig):
+    """Settings of LaViDa's masked-diffusion sampler on transformers' GenerationConfig conventions (`SAMPLER_FIELDS`).
+
+    Only the fields that mean something for masked diffusion exist; autoregressive-only settings (beams,
+    penalties, `max_length`, stop strings, streamers) raise a ValueError saying why (`UNSUPPORTED`).
+    """
+
+    def __init__(self, **kwargs):
+        # GenerationConfig.__init__ is not called: most of its fields (beams, caches, penalties) mean nothing here
+        for name, default in SAMPLER_FIELDS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        for name in METADATA_FIELDS:
+            setattr(self, name, kwargs.pop(name, None))
+        check_supported(kwargs)
+        if kwargs:
+            raise ValueError(f"unknown generation settings {sorted(kwargs)}; known: {sorted(SAMPLER_FIELDS)}")
+        self.validate()
+
+    def validate(self, strict=False, **unused):
+        """Raise a ValueError naming the field for any setting the sampler cannot honour."""
+        self.sampler_arguments()
+        for name in ("do_sample", "use_prefix_cache", "prefix_lm_mask", "return_dict_in_generate", "output_history"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer (or None), got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
+        if not self.do_sample and (self.top_k is not None or self.top_p is not None):
+            raise ValueError("top_k / top_p filter sampled tokens: pass do_sample=True with them")
+        if self.kv_cache_dtype is not None and not self.use_prefix_cache:
+            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
+        if self.output_history and not self.return_dict_in_generate:
+            raise ValueError("output_history is returned in the output dataclass: pass return_dict_in_generate=True")
+
+    def update(self, defaults_only=False, allow_custom_entries=False, **kwargs):
+        """GenerationConfig.update for this config's fields; returns the kwargs it did not use.
+
+        `defaults_only` updates fill in transformers' global (autoregressive) defaults, such as temperature=1.0 and
+        top_k=50 that mean sampling here: they leave these settings alone; other fields are never added."""
+        if defaults_only:
+            return kwargs
+        used = {key: value for key, value in kwargs.items() if key in SAMPLER_FIELDS}
+        for key, value in used.items():
+            setattr(self, key, value)
+        self.validate()
+        return {key: value for key, value in kwargs.items() if key not in used}
+
+    def sampler_defaults(self, gen_length=None, block_length=None) -> dict:
+        """Defaults for diffusion_generate's arguments (LaViDa's names), unresolved: block_length / steps stay None
+        unless set here; steps_per_block becomes steps for the call's `gen_length` and `block_length`."""
+        settings = self.sampler_arguments()
+        defaults = {**settings, "block_length": self.block_length, "steps": self.steps}
+        if self.steps_per_block is not None:
+            length = gen_length or settings["gen_length"]
+            block = block_length or self.block_length or length
+            defaults["steps"] = self.steps_per_block * max(length // block, 1) if _is_int(length) and _is_int(
+                block) and block > 0 else None
+        return defaults
+
+    def sampler_arguments(self) -> dict:
+        """The sampler settings (resolve_sampler_arguments' names): gen_length, block_length, steps, temperature,
+        remasking, schedule, schedule_shift; validated, errors naming this config's fields."""
+        if self.steps is not None and self.steps_per_block is not None:
+            raise ValueError(f"pass steps ({self.steps}) or steps_per_block ({self.steps_per_block}), not both")
+        if self.do_sample:
+            temperature = 1.0 if self.temperature is None else self.temperature
+            if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature <= 0:
+                raise ValueError(f"temperature must be > 0 with do_sample=True, got {temperature!r}")
+        elif self.temperature not in (None, 0, 0.0):
+            raise ValueError(f"temperature={self.temperature!r} has no effect with do_sample=False: pass "
+                             "do_sample=True to sample")
+        else:
+            temperature = 0.0
+        given = dict(gen_length=self.max_new_tokens, block_length=self.block_length, temperature=temperature,
+                     remasking=self.remasking, schedule=self.schedule, schedule_shift=self.schedule_shift,
+                     steps=self.steps)
+        if self.steps_per_block is not None:
+            block_length = self.block_length or self.max_new_tokens
+            if not _is_int(self.steps_per_block) or self.steps_per_block <= 0:
+                raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
+            if _is_int(block_length) and _is_int(self.max_new_tokens) and block_length > 0:
+                given["steps"] = self.steps_per_block * max(self.max_new_tokens // block_length, 1)
+        defaults = {name: None for name in given}
+        return resolve_sampler_arguments(given, defaults, names=GENERATION_NAMES)
+
+    def to_json_string(self, *args, **kwargs) -> str:
+        """Every field, always (use_diff=False): GenerationConfig's diff is taken against its own defaults, which
+        differ from ours, so a diff would not reload to the same settings."""
+        return super().to_json_string(*args, **{**kwargs, "use_diff": False})
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "LavidaShirgGenerationConfig":
+        """The generation config of a model config: its special ids, and the sampler defaults that configs
+        written before generation_config.json existed kept in `sampler_defaults`."""
+        config = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        legacy = dict(config.get("sampler_defaults") or {})
+        fields = {GENERATION_NAMES.get(name, name): value for name, value in legacy.items() if name != "temperature"}
+        temperature = legacy.get("temperature") or 0
+        if temperature:
+            fields.update(do_sample=True, temperature=temperature)
+        ids = {name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id") if name in config}
+        return cls(**fields, **ids, _from_model_config=True)
+
+
+@dataclass
+class MaskedDiffusionGenerateOutput(ModelOutput):
+    """Output of `generate(..., return_dict_in_generate=True)`.
+
+    sequences: (B * num_return_sequences, P + G) prompt + answer ids.
+    history: with output_history, the answer canvas (B * num_return_sequences, G) after every step, in order
+        (masked positions hold the mask id), as LaViDa's predict.py prints it.
+    """
+
+    sequences: torch.LongTensor | None = None
+    history: tuple | None = None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_supported(settings: dict):
+    """Raise a ValueError naming any autoregressive-only generate() setting (beyond its neutral value)."""
+    for name, reason in UNSUPPORTED.items():
+        if name in settings and settings[name] is not None and settings[name] != UNSUPPORTED_VALUE_ALLOWED.get(name):
+            raise ValueError(f"{name}={settings[name]!r} is not supported by the masked-diffusion sampler: {reason}")
+        settings.pop(name, None)
+
+
+def generation_config_of_call(model_config: LavidaShirgGenerationConfig, generation_config=None, **kwargs):
+    """The settings of one generate() call: `generation_config` (ours, or a plain GenerationConfig whose non-default
+    fields are taken), else the model's, updated with `kwargs`; validated."""
+    if generation_config is None:
+        base = model_config.to_dict()
+    elif isinstance(generation_config, LavidaShirgGenerationConfig):
+        base = generation_config.to_dict()
+    elif isinstance(generation_config, GenerationConfig):
+        base = {**model_config.to_dict(), **plain_generation_settings(generation_config)}
+    else:
+        raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+    if "use_cache" in kwargs:  # transformers' name of the same switch
+        kwargs["use_prefix_cache"] = kwargs.pop("use_cache")
+    return LavidaShirgGenerationConfig(**{**base, **kwargs})
+
+
+def plain_generation_settings(generation_config: GenerationConfig) -> dict:
+    """The fields a plain GenerationConfig sets away from transformers' defaults (the others mean nothing here)."""
+    defaults = GenerationConfig().to_dict()
+    settings = {key: value for key, value in generation_config.to_dict().items()
+                if key not in METADATA_FIELDS and value != defaults.get(key, value if key in SAMPLER_FIELDS else None)}
+    if "use_cache" in settings:
+        settings["use_prefix_cache"] = settings.pop("use_cache")
+    return settings
+
+
+def logits_warpers(settings: LavidaShirgGenerationConfig) -> LogitsProcessorList:
+    """transformers' top-k / top-p warpers of a sampling call (empty without do_sample)."""
+    warpers = LogitsProcessorList()
+    if settings.do_sample and settings.top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+    if settings.do_sample and settings.top_p is not None and settings.top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+    return warpers
+
+
+def run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers=None, generator=None, history=None):
+    """LLaDA/LaViDa's sampler: the answer canvas starts as masks; per block, per step, predict every position
+    (`answer_logits(canvas)` -> (B, G, V), filtered by `warpers`), sample x0 (Gumbel-max at the temperature) and
+    commit the `count` most confident predictions of the block (counts from the schedule). Returns the canvas
+    (B, G); `history` (a list) receives the canvas after every step."""
+    gen_length, block_length = sampler["gen_length"], sampler["block_length"]
+    steps_per_block = sampler["steps"] // (gen_length // block_length)
+    counts = transfer_counts(block_length, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
+    canvas = torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)
+    answer_index = torch.arange(gen_length, device=device)
+    for block_start in range(0, gen_length, block_length):
+        in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
+        for count in counts:
+            logits = answer_logits(canvas)  # (B, G, V)
+            if warpers:
+                logits = warpers(canvas.reshape(-1, 1), logits.flatten(0, 1)).view_as(logits)
+            predictions = sample_tokens(logits, sampler["temperature"], generator)
+            confidence = token_confidence(logits, predictions, sampler["remasking"], generator)
+            eligible = (canvas == mask_token_id) & in_block
+            canvas = commit_most_confident(canvas, predictions, confidence, eligible, count)
+            if history is not None:
+                history.append(canvas)
+    return canvas

@@ -1,0 +1,114 @@
+"""Model loading and sampling settings shared by the evaluation front ends (eval.py and the lmms-eval plugin
+`lavida_shirg_lmms`): LaViDa's sampling as its evaluation runs it (steps = int(answer tokens x step ratio), the
+"shift" schedule with shift 3, one block), the model-folder rules, the device check and the check of a variant
+against a loaded model. Errors are ValueErrors naming the caller's argument (`argument`)."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
+
+DEFAULT_STEP_RATIO = 1.0  # one answer token per step, as LaViDa evaluates
+DEFAULT_SCHEDULE = "shift"  # LaViDa's schedule (with LAVIDA_SCHEDULE_SHIFT)
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on CPU
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def diffusion_steps(gen_length: int, step_ratio: float) -> int:
+    """LaViDa's step count: int(gen_length * step_ratio) (truncated, as LaViDa), at least 1."""
+    return max(1, int(gen_length * step_ratio))
+
+
+def generation_settings(gen_length: int, step_ratio: float = DEFAULT_STEP_RATIO, schedule: str = DEFAULT_SCHEDULE,
+                        schedule_shift: float = LAVIDA_SCHEDULE_SHIFT, block_length: int | None = None) -> dict:
+    """The sampler arguments of one diffusion_generate call for answers of `gen_length` tokens (block_length
+    None: one block, as LaViDa's evaluation)."""
+    return dict(gen_length=gen_length, block_length=block_length or gen_length,
+                steps=diffusion_steps(gen_length, step_ratio), schedule=schedule, schedule_shift=schedule_shift)
+
+
+def check_sampling(step_ratio, schedule, schedule_shift, names: dict | None = None):
+    """ValueError naming the argument (`names` maps step_ratio / schedule / schedule_shift to the caller's
+    argument names, e.g. --step-ratio) unless step_ratio is in (0, 1], schedule one of SCHEDULES and schedule_shift
+    finite and > 0."""
+    names = {name: (names or {}).get(name, name) for name in ("step_ratio", "schedule", "schedule_shift")}
+    if isinstance(step_ratio, bool) or not isinstance(step_ratio, (int, float)) or not 0 < step_ratio <= 1:
+        raise ValueError(f"{names['step_ratio']} must be in (0, 1], got {step_ratio!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{names['schedule']} must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if (isinstance(schedule_shift, bool) or not isinstance(schedule_shift, (int, float))
+            or not (math.isfinite(schedule_shift) and schedule_shift > 0)):
+        raise ValueError(f"{names['schedule_shift']} must be a finite number > 0 (LaViDa: {LAVIDA_SCHEDULE_SHIFT}), "
+                         f"got {schedule_shift!r}")
+
+
+def check_device(text: str, argument: str) -> torch.device:
+    """The device `text` names (cpu, cuda or cuda:N with that CUDA device present); ValueError naming `argument`
+    otherwise."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{argument} {text!r} is not a device: use cpu, cuda or cuda:N") from error
+    if device.type not in DEVICE_TYPES or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(f"{argument} {text!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{argument} {text!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, CUDA build: {torch.version.cuda}); use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{argument} {text!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
+
+
+def resolve_dtype(dtype: str, device: torch.device, argument: str) -> str:
+    """The model dtype's name: `dtype` itself, or for "auto" bfloat16 on CUDA and float32 on CPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{argument} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def model_folder(folder: Path, argument: str) -> Path:
+    """The folder holding a lavida_shirg model's config.json: `folder` itself, or the merged model a training run
+    wrote into folder/merged (train.py --save_merged_model). ValueError naming `argument` for anything else (no
+    config.json, an adapter-only folder, another model type)."""
+    if (folder / "config.json").is_file():
+        found = folder
+    elif (folder / "merged" / "config.json").is_file():
+        found = folder / "merged"
+    elif (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{argument} {str(folder)!r} holds a LoRA adapter only: train with --save_merged_model and "
+                         "pass the training output folder (its merged/ model is used)")
+    else:
+        raise ValueError(f"{argument} {str(folder)!r} is not a model folder (no config.json)")
+    model_type = json.loads((found / "config.json").read_text()).get("model_type")
+    if model_type != "lavida_shirg":
+        raise ValueError(f"{argument} {str(folder)!r} holds a {model_type!r} model, not a lavida_shirg one: convert a "
+                         "LaViDa checkpoint with convert_lavida_checkpoint.py first")
+    return found
+
+
+def load_pretrained(folder: Path, dtype: str, device: torch.device):
+    """(model in eval mode on `device` in `dtype`, processor) of a lavida_shirg folder (see `model_folder`), through
+    AutoModel / AutoProcessor with the folder's remote code."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=getattr(torch, dtype))
+    processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), processor
+
+
+def check_variant(model, processor, variant):
+    """ValueError naming the variant when the model or the processor refuses its settings (budget beyond the token
+    count, out-of-range option, a learned part the model lacks)."""
+    try:
+        model.selection_settings(variant.method, variant.budget, variant.options)
+        processor.selection(variant.method, variant.budget, variant.options)
+    except ValueError as error:
+        raise ValueError(f"variant {variant.label!r}: {error}") from error

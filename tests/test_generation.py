@@ -1,0 +1,163 @@
+"""generate() on transformers' conventions: LavidaShirgGenerationConfig, the output dataclass, step history,
+sampling controls, and equality with diffusion_generate."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model, image_batch, prompt_ids
+from transformers import GenerationConfig
+
+from lavida_shirg.generation_lavida_shirg import LavidaShirgGenerationConfig, MaskedDiffusionGenerateOutput
+from lavida_shirg.masked_diffusion import transfer_counts
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    sizes = [(40, 70), (64, 30)]
+    pixel_values, image_sizes, counts = image_batch(model.config, sizes, seed=2)
+    input_ids, attention_mask = prompt_ids(model.config, counts, [6, 11], seed=2)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_sizes=image_sizes)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=8),
+    dict(max_new_tokens=12, block_length=4, steps=6, schedule="shift"),
+    dict(max_new_tokens=8, steps=4, remasking="random", use_prefix_cache=False, prefix_lm_mask=True),
+])
+def test_generate_equals_diffusion_generate(model, inputs, settings):
+    lavida_names = {"max_new_tokens": "gen_length"}
+    answers = model.diffusion_generate(**inputs, **{lavida_names.get(k, k): v for k, v in settings.items()},
+                                       generator=torch.Generator().manual_seed(0))
+    sequences = model.generate(**inputs, **settings, generator=torch.Generator().manual_seed(0))
+    prompt_length = inputs["input_ids"].shape[1]
+    assert sequences.shape == (2, prompt_length + settings["max_new_tokens"])
+    assert torch.equal(sequences[:, :prompt_length], inputs["input_ids"])
+    assert torch.equal(sequences[:, prompt_length:], answers)
+
+
+def test_sampling_equals_diffusion_generate_at_the_same_temperature(model, inputs):
+    seeded = dict(generator=torch.Generator().manual_seed(5))
+    answers = model.diffusion_generate(**inputs, gen_length=8, temperature=0.7, **seeded)
+    sequences = model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=0.7,
+                               generator=torch.Generator().manual_seed(5))
+    assert torch.equal(sequences[:, -8:], answers)
+    greedy = model.generate(**inputs, max_new_tokens=8)
+    assert not torch.equal(sequences, greedy)
+
+
+def test_history_holds_the_canvas_after_every_step(model, inputs):
+    output = model.generate(**inputs, max_new_tokens=12, block_length=4, steps=6, schedule="shift",
+                            return_dict_in_generate=True, output_history=True)
+    assert isinstance(output, MaskedDiffusionGenerateOutput)
+    history = torch.stack(output.history)  # (steps, B, G)
+    assert history.shape == (6, 2, 12)
+    assert torch.equal(history[-1], output.sequences[:, -12:])
+    mask_id = model.config.mask_token_id
+    decoded = (history != mask_id).sum(dim=-1)  # (steps, B)
+    per_block = transfer_counts(4, 2, "shift")
+    expected = torch.tensor(per_block * 3).cumsum(0)
+    assert torch.equal(decoded, expected[:, None].expand(6, 2))
+    # committed tokens never change afterwards
+    for before, after in zip(history[:-1], history[1:]):
+        kept = before != mask_id
+        assert torch.equal(after[kept], before[kept])
+    plain = model.generate(**inputs, max_new_tokens=12, block_length=4, steps=6, schedule="shift",
+                           return_dict_in_generate=True)
+    assert plain.history is None and torch.equal(plain.sequences, output.sequences)
+
+
+def test_num_return_sequences(model, inputs):
+    prompt_length = inputs["input_ids"].shape[1]
+    greedy = model.generate(**inputs, max_new_tokens=8, num_return_sequences=3)
+    assert greedy.shape == (6, prompt_length + 8)
+    assert torch.equal(greedy[0], greedy[2]) and torch.equal(greedy[3], greedy[5])
+    assert torch.equal(greedy[::3], model.generate(**inputs, max_new_tokens=8))
+    sampled = model.generate(**inputs, max_new_tokens=8, num_return_sequences=3, do_sample=True, temperature=2.0,
+                             generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled[:3, :prompt_length], inputs["input_ids"][[0, 0, 0]])
+    assert len({tuple(row.tolist()) for row in sampled[:3, prompt_length:]}) > 1
+
+
+def test_top_k_and_top_p_filter_the_sampled_tokens(model, inputs):
+    """With top_k=1 (or a tiny top_p) one token survives per position: any seed gives the same answer."""
+    def sample(seed, **filters):
+        return model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=5.0,
+                              generator=torch.Generator().manual_seed(seed), **filters)
+
+    assert not torch.equal(sample(0), sample(1))
+    assert torch.equal(sample(0, top_k=1), sample(1, top_k=1))
+    assert torch.equal(sample(0, top_p=1e-6), sample(1, top_p=1e-6))
+    assert torch.equal(sample(0, top_k=1), sample(7, top_p=1e-6))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_beams=4), "num_beams=4 is not supported by the masked-diffusion sampler: beam search"),
+    (dict(max_length=40), "max_length=40 is not supported .* max_new_tokens"),
+    (dict(stop_strings=["."]), "stop_strings"),
+    (dict(max_new_tokens=12, block_length=5), "block_length must divide max_new_tokens=12, got 5"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(temperature=0.5), "temperature=0.5 has no effect with do_sample=False"),
+    (dict(top_k=5), "top_k / top_p filter sampled tokens: pass do_sample=True"),
+    (dict(steps=4, steps_per_block=2), "pass steps .* or steps_per_block .*, not both"),
+    (dict(output_history=True), "output_history .* return_dict_in_generate=True"),
+    (dict(num_return_sequences=0), "num_return_sequences must be a positive integer"),
+    (dict(colour="red"), r"unknown generation settings \['colour'\]"),
+])
+def test_bad_generate_arguments(model, inputs, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, **kwargs)
+
+
+def test_plain_generation_config_and_standard_names(model, inputs):
+    expected = model.generate(**inputs, max_new_tokens=8, use_prefix_cache=False)
+    plain = GenerationConfig(max_new_tokens=8, use_cache=False)
+    assert torch.equal(model.generate(**inputs, generation_config=plain), expected)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=8, use_cache=False), expected)
+    with pytest.raises(ValueError, match="num_beams=2"):
+        model.generate(**inputs, generation_config=GenerationConfig(num_beams=2))
+    ours = LavidaShirgGenerationConfig(max_new_tokens=8, steps_per_block=4)
+    assert torch.equal(model.generate(**inputs, generation_config=ours), model.generate(**inputs, max_new_tokens=8,
+                                                                                          steps=4))
+
+
+def test_generation_config_saves_and_loads_with_the_model(tmp_path):
+    model = build_tiny_model(seed=1)
+    model.generation_config = LavidaShirgGenerationConfig(max_new_tokens=16, block_length=8, schedule="shift")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (saved["max_new_tokens"], saved["block_length"], saved["schedule"], saved["schedule_shift"]) == (
+        16, 8, "shift", 3.0)
+    loaded = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, LavidaShirgGenerationConfig)
+    assert loaded.generation_config.to_dict() == model.generation_config.to_dict()
+    assert "sampler_defaults" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_folders_with_sampler_defaults_still_load(tmp_path):
+    """Configs written before generation_config.json kept the sampler defaults in config.json."""
+    build_tiny_model(seed=1).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sampler_defaults"] = {"gen_length": 12, "block_length": 4, "steps": 6, "temperature": 0.5,
+                                  "schedule": "shift", "schedule_shift": 0.3333333333333333}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
+    generation = loaded.generation_config
+    assert (generation.max_new_tokens, generation.block_length, generation.steps, generation.do_sample,
+            generation.temperature, generation.schedule, generation.schedule_shift) == (
+        12, 4, 6, True, 0.5, "shift", 0.3333333333333333)
+    resaved = tmp_path / "resaved"
+    loaded.save_pretrained(resaved)
+    assert "sampler_defaults" not in json.loads((resaved / "config.json").read_text())
+    assert json.loads((resaved / "generation_config.json").read_text())["max_new_tokens"] == 12
+    config["sampler_defaults"] = {"length": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unknown generation settings \['length'\]"):
+        LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)

@@ -1,0 +1,366 @@
+"""The lmms-eval plugin (lavida_shirg_lmms): entry-point registration; lmms-eval runs of a local TextVQA-style task
+that report eval.py's predictions and scores, in one process and in two (accelerate, gloo); batching and per-task
+answer lengths; and the errors raised before any sample runs. Tiny preset, offline."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from lmms_eval.api.instance import Instance
+from PIL import Image, ImageFile
+
+import eval as evaluation
+import lavida_shirg_lmms.model as plugin
+from conftest import build_tiny_model
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+from lavida_shirg_lmms.model import LavidaShirgLmms, variant_of
+from shirg_tools.variants import parse_variant
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANT = "shirg-fixed@40:relevance_weight=0.5"
+# the same variant as separate model_args keys (an option by its short name)
+VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance=0.5"
+# lmms-eval's textvqa prompt capitalises the question (str.capitalize); eval.py does not: these are unchanged by it
+QUESTIONS = ["What is written?", "Which brand is it?", "What colour is the sign?", "How many cars are there?",
+             "What time is it?", "Who is there?"]
+SIZES = [(96, 96), (64, 120), (120, 80), (100, 100), (72, 96), (96, 60)]  # (height, width): different token counts
+TASK = "textvqa_local"  # a name starting with textvqa: eval.py's TextVQA answer length (16) applies
+TASK_YAML = """task: {task}
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: validation
+output_type: generate_until
+doc_to_visual: !function {task}_utils.textvqa_doc_to_visual
+doc_to_text: !function {task}_utils.textvqa_doc_to_text
+doc_to_target: answers
+generation_kwargs:
+  until:
+    - "ASSISTANT:"
+process_results: !function {task}_utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "\\nAnswer the question using a single word or phrase."
+"""
+# lmms-eval's own TextVQA prompt, image and metric; its submission file left out
+TASK_UTILS = """from lmms_eval.tasks.textvqa.utils import textvqa_doc_to_text, textvqa_doc_to_visual, textvqa_process_results
+
+
+def process_results(doc, results):
+    return {"exact_match": textvqa_process_results(doc, results)["exact_match"]}
+"""
+
+
+@pytest.fixture(autouse=True)
+def strict_pil_decoding():
+    """Importing lmms_eval.api.task sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES = True for the whole process: undo it
+    after each test, so other test modules still see truncated files refused."""
+    strict = ImageFile.LOAD_TRUNCATED_IMAGES
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = strict
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny model folder (weights N(0, 0.2), so answers differ between samples) with its processor."""
+    folder = tmp_path_factory.mktemp("lmms") / "model"
+    model = build_tiny_model()
+    model.save_pretrained(folder)
+    LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lmms_model(model_dir):
+    """The plugin as lmms-eval builds it (model_args string + the CLI's batch_size)."""
+    return LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},{VARIANT_ARGS},step_ratio=0.5",
+                                                  {"batch_size": "3"})
+
+
+def images():
+    generator = np.random.default_rng(0)
+    return [Image.fromarray(generator.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+
+
+def write_textvqa(folder: Path, answers: list):
+    """A local copy of a TextVQA split with lmms-lab/textvqa's fields (a save_to_disk DatasetDict: validation)."""
+    features = datasets.Features({"question_id": datasets.Value("int64"), "question": datasets.Value("string"),
+                                  "answers": datasets.Sequence(datasets.Value("string")), "image": datasets.Image()})
+    rows = {"question_id": list(range(len(QUESTIONS))), "question": QUESTIONS, "answers": answers, "image": images()}
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(folder)
+
+
+def run_eval_py(model_dir, data, output) -> tuple:
+    """eval.py on the local TextVQA copy: {question id: record} of predictions/textvqa.jsonl, and the summary row."""
+    assert evaluation.main(["--model", str(model_dir), "--tasks", "textvqa", "--data", f"textvqa={data}",
+                            "--variants", VARIANT, "--batch-size", "2", "--overlays", "0", "--no-diagnostics",
+                            "--step-ratio", "0.5", "--device", "cpu", "--output-dir", str(output)]) == 0
+    records = [json.loads(line) for line in (output / "predictions" / "textvqa.jsonl").read_text().splitlines()]
+    summary = json.loads((output / "summary.json").read_text())
+    return {int(r["id"]): r for r in records}, summary["tasks"]["textvqa"]["variants"][parse_variant(VARIANT).label]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_lmms_eval(tmp_path, model_dir, data, name, batch_size, processes=1):
+    """Start `lmms_eval` on the local task (a subprocess; several processes through accelerate launch). Returns what
+    `lmms_eval_results` reads."""
+    tasks = tmp_path / f"tasks-{name}"
+    tasks.mkdir()
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    (tasks / f"{TASK}_utils.py").write_text(TASK_UTILS)
+    output = tmp_path / f"lmms-{name}"
+    arguments = ["-m", "lmms_eval", "--model", "lavida_shirg", "--model_args",
+                 f"pretrained={model_dir},dtype=float32,device=cpu,{VARIANT_ARGS},step_ratio=0.5", "--tasks", TASK,
+                 "--include_path", str(tasks), "--batch_size", str(batch_size), "--log_samples", "--output_path",
+                 str(output)]
+    if processes > 1:
+        # the torchrun launcher of --multi_gpu starts the processes; the plugin's device=cpu makes them gloo ones
+        arguments = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_port", str(free_port()), *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / f"hf-{name}")}
+    process = subprocess.Popen([sys.executable, *arguments], cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return process, output
+
+
+def lmms_eval_results(started):
+    """The task's results entry, {doc_id: logged sample} and the output of a finished `start_lmms_eval` run."""
+    process, output = started
+    try:
+        log = process.communicate(timeout=400)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and the processes it started
+        raise
+    assert process.returncode == 0 and "Error during evaluation" not in log, log[-4000:]
+    (results_file,) = output.glob("*/*_results.json")
+    (samples_file,) = output.glob(f"*/*_samples_{TASK}.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    return json.loads(results_file.read_text())["results"][TASK], {s["doc_id"]: s for s in samples}, log
+
+
+# ---- lmms-eval against eval.py -------------------------------------------------------------------------------------
+
+
+def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_processes(model_dir, tmp_path):
+    write_textvqa(tmp_path / "first", [["-"] * 10] * len(QUESTIONS))
+    predictions, _ = run_eval_py(model_dir, tmp_path / "first", tmp_path / "eval-first")
+    # references holding the prediction 0..5 times out of 10: VQA accuracies 0, 0.3, 0.6, 0.9, 1, 1
+    answers = [[predictions[i]["prediction"]] * i + ["zzz"] * (10 - i) for i in range(len(QUESTIONS))]
+    write_textvqa(tmp_path / "data", answers)
+    records, row = run_eval_py(model_dir, tmp_path / "data", tmp_path / "eval")
+    assert {i: r["prediction"] for i, r in records.items()} == {i: r["prediction"] for i, r in predictions.items()}
+    assert all(question == question.capitalize() for question in QUESTIONS), "the same prompt in both harnesses"
+    assert [records[i]["score"] for i in sorted(records)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])
+
+    # one process with batches of 4, two processes with batches of 2, side by side
+    started = [start_lmms_eval(tmp_path, model_dir, tmp_path / "data", "one", batch_size=4),
+               start_lmms_eval(tmp_path, model_dir, tmp_path / "data", "two", batch_size=2, processes=2)]
+    single, single_samples, _ = lmms_eval_results(started[0])
+    assert sorted(single_samples) == sorted(records)
+    for doc_id, sample in single_samples.items():
+        assert sample["filtered_resps"] == records[doc_id]["prediction"], doc_id
+        assert sample["exact_match"] == pytest.approx(records[doc_id]["score"], abs=1e-12), doc_id
+    assert 100 * single["exact_match,none"] == pytest.approx(row["score"], abs=1e-9)
+
+    double, double_samples, log = lmms_eval_results(started[1])
+    assert "Running on rank 1" in log, "two processes ran"
+    assert {d: (s["filtered_resps"], s["exact_match"]) for d, s in double_samples.items()} == {
+        d: (s["filtered_resps"], s["exact_match"]) for d, s in single_samples.items()}
+    assert double["exact_match,none"] == pytest.approx(single["exact_match,none"], abs=1e-12)
+
+
+# ---- registration, batching, answer lengths ------------------------------------------------------------------------
+
+
+def test_the_plugin_is_registered_through_the_lmms_eval_entry_point():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    assert declared == {"lavida_shirg": "lavida_shirg_lmms:manifest"}
+    (point,) = [point for point in entry_points(group="lmms_eval.models") if point.name == "lavida_shirg"]
+    assert point.value == declared["lavida_shirg"], "the installed project is this checkout (pip install -e .)"
+    from lmms_eval.models import get_model
+
+    assert get_model("lavida_shirg") is LavidaShirgLmms
+    assert Path(plugin.__file__).resolve().parent == ROOT / "lavida_shirg_lmms"
+
+
+def tiny_tasks() -> dict:
+    """lmms-eval's task_dict shape for three tasks of image documents and one text-only task."""
+    docs = [{"question": question, "image": image} for question, image in zip(QUESTIONS, images())]
+    return {"textvqa_val": {"validation": docs}, "docvqa_val": {"validation": docs[:2]},
+            "chartqa": {"test": docs[2:3]}, "mmlu_text": {"test": [{"question": "2 + 2?"}]}}
+
+
+def images_of(doc):
+    return [doc["image"]] if "image" in doc else []
+
+
+def request(task, doc_id, gen_kwargs=None, split=None, doc_to_visual=images_of):
+    """A generate_until Instance as lmms-eval builds it: (context, gen_kwargs, doc_to_visual, doc_id, task, split)."""
+    split = split or ("test" if task in ("chartqa", "mmlu_text") else "validation")
+    context = QUESTIONS[doc_id] + "\nAnswer the question using a single word or phrase."
+    return Instance("generate_until", (context, dict(gen_kwargs or {}), doc_to_visual, doc_id, task, split), 0,
+                    {"task": task, "doc_id": doc_id, "repeats": 1})
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every generate_answers call of the plugin: (batch size, the sampler arguments)."""
+    recorded, generate = [], plugin.generate_answers
+
+    def recording(model, processor, images, prompts, variant, generation):
+        recorded.append((len(prompts), generation))
+        return generate(model, processor, images, prompts, variant, generation)
+
+    monkeypatch.setattr(plugin, "generate_answers", recording)
+    return recorded
+
+
+def test_generate_until_batches_with_lavidas_per_task_lengths(lmms_model, model_dir, calls):
+    lmms_model.task_dict = tiny_tasks()
+    requests = [request("textvqa_val", i, {"until": ["ASSISTANT:"]}) for i in range(4)]
+    requests += [request("docvqa_val", 0), request("chartqa", 0, {"max_new_tokens": 8}), request("docvqa_val", 1)]
+    answers = lmms_model.generate_until(requests)
+    # batch_size 3 within each group of equal settings; TextVQA 16 and DocVQA 32 tokens from eval.py's tasks, the
+    # task's max_new_tokens (8) first; steps = int(tokens x step_ratio 0.5); LaViDa's shift schedule
+    assert [(size, call["gen_length"], call["steps"]) for size, call in calls] == [
+        (3, 16, 8), (1, 16, 8), (2, 32, 16), (1, 8, 4)]
+    assert all((call["block_length"], call["schedule"], call["schedule_shift"], call["temperature"])
+               == (call["gen_length"], "shift", 3.0, 0.0) for _, call in calls)
+    assert len(set(answers)) > 1 and all(isinstance(answer, str) for answer in answers)
+
+    one_by_one = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},variant={VARIANT},step_ratio=0.5")
+    one_by_one.task_dict = tiny_tasks()
+    calls.clear()
+    assert one_by_one.generate_until(requests) == answers, "batched answers equal one-by-one answers"
+    assert [size for size, _ in calls] == [1] * len(requests)
+
+    answer = next(answer for answer in answers[:4] if len(answer) > 3)
+    stop = answer[2:4]
+    (cut,) = lmms_model.generate_until([request("textvqa_val", answers.index(answer), {"until": [stop]})])
+    assert cut == answer.split(stop)[0], "gen_kwargs until cuts the answer at the first stop string"
+
+    fixed = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},gen_length=4", {"batch_size": 8})
+    fixed.task_dict = tiny_tasks()
+    calls.clear()
+    fixed.generate_until(requests)
+    assert [(size, call["gen_length"], call["steps"]) for size, call in calls] == [(7, 4, 4)]
+
+
+@pytest.mark.parametrize("task, length", [("textvqa_val", 16), ("docvqa_val", 32), ("docvqa_test", 32),
+                                          ("chartqa", 16), ("infovqa_val", 32), ("infovqa_test", 32)])
+def test_lmms_eval_task_configs_get_lavidas_answer_lengths(lmms_model, task, length):
+    import lmms_eval.tasks
+    from lmms_eval.utils import load_yaml_config
+
+    (path,) = Path(lmms_eval.tasks.__file__).parent.glob(f"*/{task}.yaml")
+    config = load_yaml_config(str(path), mode="simple")
+    assert lmms_model.answer_length(task, config.get("generation_kwargs") or {}) == length
+    __import__(f"lmms_eval.tasks.{path.parent.name}.utils")  # the task's functions import with our dependencies
+
+
+def test_variant_string_and_separate_keys_give_the_same_variant():
+    assert variant_of(VARIANT, None, None, {}) == variant_of(None, "shirg-fixed", 40, {"relevance": 0.5})
+    assert variant_of(None, None, None, {}).label == "pooled"
+    assert variant_of(None, "shirg-v2", 64, {"summary": False, "budget_choices": "32/64"}) == parse_variant(
+        "shirg-v2@64:summary=false:budget_choices=32/64")
+
+
+# ---- errors before any sample runs ---------------------------------------------------------------------------------
+
+
+def eval_py_refusal(variant: str) -> str:
+    with pytest.raises(ValueError) as refused:
+        parse_variant(variant)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("model_args, extra, message", [
+    ("foo=1", {}, "unknown model_args key(s) ['foo']; keys: pretrained, dtype, device, batch_size, variant"),
+    ("gamma=1", {}, "unknown model_args key(s) ['gamma']"),
+    ("", {"batch_size": "0"}, "batch_size must be a positive integer, got '0'"),
+    ("", {"batch_size": "auto"}, "batch_size must be a positive integer, got 'auto'"),
+    ("variant=best@64", {}, eval_py_refusal("best@64")),
+    ("variant=shirg-v2@64:gamma=1", {}, eval_py_refusal("shirg-v2@64:gamma=1")),
+    ("variant=pooled@64", {}, eval_py_refusal("pooled@64")),
+    ("selection_method=best", {}, "selection_method must be one of pooled, full, shirg-fixed"),
+    ("selection_method=shirg-fixed,selection_budget=0", {}, "selection_budget must be a positive integer, got 0"),
+    ("selection_method=shirg-fixed,relevance=high", {}, "relevance_weight takes a number, got 'high'"),
+    ("variant=pooled,selection_budget=64", {}, "pass the variant as variant=STRING or as selection_method"),
+    ("variant=shirg-fixed@300", {}, "variant 'shirg-fixed@300': selection_budget must be a positive integer at most "
+                                    "the 256 high-resolution tokens"),
+    ("step_ratio=2", {}, "step_ratio must be in (0, 1], got 2"),
+    ("schedule=cosine", {}, "schedule must be one of uniform, shift, got 'cosine'"),
+    ("schedule_shift=0", {}, "schedule_shift must be a finite number > 0 (LaViDa: 3.0), got 0"),
+    ("remasking=top", {}, "remasking must be one of low_confidence, random, got 'top'"),
+    ("kv_cache_dtype=int4", {}, "kv_cache_dtype must be one of bfloat16, float16, float8_e4m3fn, got 'int4'"),
+    ("temperature=-1", {}, "temperature must be a finite number >= 0, got -1.0"),
+    ("gen_length=0", {}, "gen_length must be a positive integer, got 0"),
+    ("dtype=int8", {}, "dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+    ("device=mps", {}, "device 'mps' is not supported: use cpu, cuda or cuda:N"),
+])
+def test_bad_model_args_are_named_before_any_sample(model_dir, model_args, extra, message):
+    with pytest.raises(ValueError) as refused:
+        LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},{model_args}", extra)
+    assert message in str(refused.value)
+
+
+def test_missing_or_wrong_model_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"pretrained=FOLDER is required"):
+        LavidaShirgLmms.create_from_arg_string("")
+    with pytest.raises(ValueError, match=r"pretrained '.*' is not a model folder \(no config.json\)"):
+        LavidaShirgLmms.create_from_arg_string(f"pretrained={tmp_path}")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (request("mmlu_text", 0), "task 'mmlu_text' document 0 has no image (doc_to_visual gave []): lavida_shirg "
+                              "answers questions about images"),
+    (request("chartqa", 0, {"num_beams": 4}), "task 'chartqa' gen_kwargs num_beams=4: a masked-diffusion sampler "
+                                              "has no beam search"),
+    (request("chartqa", 0, {"do_sample": True, "top_p": 0.9}), "task 'chartqa' gen_kwargs top_p=0.9"),
+    (request("chartqa", 0, {"max_new_tokens": 0}), "task 'chartqa' gen_kwargs max_new_tokens must be a positive "
+                                                   "integer, got 0"),
+    (request("docvqa_val", 1, doc_to_visual=lambda doc: ["clip.mp4"]), "task 'docvqa_val' document 1 has no image "
+                                                                       "(doc_to_visual gave ['str'])"),
+])
+def test_bad_requests_are_refused_before_any_sample_runs(lmms_model, calls, bad, message):
+    lmms_model.task_dict = tiny_tasks()
+    with pytest.raises(ValueError) as refused:
+        lmms_model.generate_until([request("textvqa_val", 0), request("textvqa_val", 1), bad])
+    assert message in str(refused.value) and calls == []
+
+
+def test_tasks_without_a_known_length_blocks_that_do_not_fit_and_loglikelihood_are_refused(lmms_model, model_dir,
+                                                                                              calls):
+    lmms_model.task_dict = {"ocrbench": {"test": tiny_tasks()["textvqa_val"]["validation"]}}
+    with pytest.raises(ValueError, match=r"task 'ocrbench' sets no max_new_tokens .* pass gen_length=N in "
+                                         r"--model_args or max_new_tokens=N in --gen_kwargs"):
+        lmms_model.generate_until([request("ocrbench", 0, split="test")])
+    with pytest.raises(NotImplementedError, match="loglikelihood is not supported by a masked-diffusion sampler"):
+        lmms_model.loglikelihood([])
+    blocks = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},block_length=5")
+    blocks.task_dict = tiny_tasks()
+    with pytest.raises(ValueError, match=r"task 'chartqa': block_length must divide gen_length=16, got 5"):
+        blocks.generate_until([request("textvqa_val", 0, {"max_new_tokens": 15}), request("chartqa", 0)])
+    assert calls == []
