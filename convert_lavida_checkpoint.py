@@ -121,8 +121,10 @@ TOKEN_FIELDS = {
     "start_header_token_id": "<|start_header_id|>",
     "end_header_token_id": "<|end_header_id|>",
     "eot_token_id": "<|eot_id|>",
+    "image_token_id": "<image>",  # registered by `register_image_token` when the tokenizer lacks it
 }
 MASK_TOKEN = "<|mdm_mask|>"
+IMAGE_TOKEN = "<image>"
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -657,6 +659,17 @@ def load_source_tokenizer(src, tokenizer=None):
         raise ConversionError(f"{argument} {str(location)!r}: cannot load its tokenizer: {error}") from error
 
 
+def register_image_token(tokenizer, notes: list):
+    """Add `<image>` to the tokenizer as a special token when it lacks one: image positions in input_ids then hold
+    a real token id (its first free id), which tokens added later can never take. The processor splits prompts at
+    `<image>` before tokenizing, so no other token changes."""
+    if IMAGE_TOKEN in tokenizer.get_vocab():
+        return
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    notes.append(f"registered {IMAGE_TOKEN} as a special token of the tokenizer, id "
+                 f"{tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)} (image_token_id)")
+
+
 def special_token_ids(tokenizer) -> dict:
     """ShirgConfig special-token fields found in the tokenizer's vocabulary, by their LLaDA token text."""
     vocab = tokenizer.get_vocab()
@@ -777,6 +790,7 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
     checkpoint = read_lavida_checkpoint(src)
     tok = load_source_tokenizer(src, tokenizer)
     notes = []
+    register_image_token(tok, notes)
     vision = lavida_vision_config(vision_config, checkpoint, notes)
     config, notes = build_config(checkpoint.config, vision, special_token_ids(tok), config_overrides, notes)
     plan = plan_conversion(checkpoint, config, expected_state(config))

@@ -51,6 +51,22 @@ def prompt_ids(config, image_token_counts, text_lengths, seed=0, pad_left=True):
     return input_ids, mask
 
 
+def tokenizer_without_image_token():
+    """The tiny tokenizer with `<image>` removed (512 tokens), like a tokenizer that never had one (LLaDA's)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+    spec = json.loads(build_tiny_tokenizer().backend_tokenizer.to_str())
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] != "<image>"]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|startoftext|>",
+                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mdm_mask|>",
+                                   extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     return build_tiny_model()

@@ -445,13 +445,36 @@ def test_tokenizer_required_when_source_has_none(original, tmp_path, source):
     assert report.tensors_converted == len(original.state_dict())
 
 
+def test_a_tokenizer_without_image_token_gets_one(original, tmp_path):
+    """LLaDA's tokenizer has no <image>: the converter registers it (first free id = image_token_id), so tokens
+    added later never take the image id; the weights and every other token are unchanged."""
+    from conftest import tokenizer_without_image_token
+
+    src = write_lavida_checkpoint(tmp_path / "src", lavida_tensors(original), tokenizer=False)
+    tokenizer_without_image_token().save_pretrained(str(src))
+    report = convert(src, tmp_path / "out")
+    assert any("registered <image> as a special token of the tokenizer, id 512" in note for note in report.notes)
+    from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+
+    processor = LavidaShirgProcessor.from_pretrained(str(tmp_path / "out"), trust_remote_code=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id == config[
+        "image_token_id"] == 512
+    assert "<image>" in processor.tokenizer.all_special_tokens
+    original_vocab = tokenizer_without_image_token().get_vocab()
+    assert {token: index for token, index in processor.tokenizer.get_vocab().items() if token != "<image>"} == (
+        original_vocab)
+    processor.tokenizer.add_tokens(["zebra"])
+    assert processor.tokenizer.convert_tokens_to_ids("zebra") == 513
+
+
 def test_save_processor_step(tmp_path, source):
     from lavida_shirg.tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     ids = converter.special_token_ids(tokenizer)
     assert ids == {"bos_token_id": 1, "start_header_token_id": 3, "end_header_token_id": 4, "eot_token_id": 5,
-                   "mask_token_id": 2}
+                   "image_token_id": 512, "mask_token_id": 2}
     config, _ = converter.build_config(lavida_config(), TINY_VISION, ids)
     saved = converter.save_processor(tmp_path, config, tokenizer)
     from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from conftest import tokenizer_without_image_token
+
 from lavida_shirg import ShirgConfig
 from lavida_shirg.processing_lavida_shirg import (
     DEFAULT_SYSTEM_PROMPT,
@@ -399,13 +401,7 @@ def test_tokens_added_later_never_take_the_image_id(tmp_path):
 
 
 def test_tokenizer_without_image_token_is_checked_at_every_call(processor):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer
-
-    spec = json.loads(build_tiny_tokenizer().backend_tokenizer.to_str())
-    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] != "<image>"]
-    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    plain = tokenizer_without_image_token()
     assert len(plain) == 512 and "<image>" not in plain.get_vocab()
     proc = LavidaShirgProcessor(processor.image_processor, plain, image_token_id=512, pooled_view_size=4,
                                 model_max_length=2048, eos_token_id=0, pad_token_id=0, eot_token_id=5)
