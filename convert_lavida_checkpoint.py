@@ -11,18 +11,18 @@ loads: config.json (with auto_map), the remote-code files, the converted safeten
 the processor (or the tokenizer alone when the processor module is not available).
 
 Tensor names, LaViDa -> ours:
-    model.vision_tower.vision_tower.vision_model.<X>  -> vision_tower.<X>         (HF SigLIP names below)
-    model.mm_projector.0.* / model.mm_projector.2.*   -> multi_modal_projector.linear_1.* / linear_2.*
-    model.image_newline                               -> image_newline
-    model.transformer.wte.weight                      -> language_model.embed_tokens.weight
-    model.transformer.blocks.N.attn_norm.weight       -> language_model.layers.N.input_layernorm.weight
-    model.transformer.blocks.N.{q,k,v}_proj.weight    -> language_model.layers.N.self_attn.{q,k,v}_proj.weight
-    model.transformer.blocks.N.attn_out.weight        -> language_model.layers.N.self_attn.o_proj.weight
-    model.transformer.blocks.N.ff_norm.weight         -> language_model.layers.N.post_attention_layernorm.weight
-    model.transformer.blocks.N.ff_proj.weight         -> language_model.layers.N.mlp.gate_proj.weight (SwiGLU gate)
-    model.transformer.blocks.N.up_proj.weight         -> language_model.layers.N.mlp.up_proj.weight
-    model.transformer.blocks.N.ff_out.weight          -> language_model.layers.N.mlp.down_proj.weight
-    model.transformer.ln_f.weight                     -> language_model.norm.weight
+    model.vision_tower.vision_tower.vision_model.<X>  -> model.vision_tower.<X>   (HF SigLIP names below)
+    model.mm_projector.0.* / model.mm_projector.2.*   -> model.multi_modal_projector.linear_1.* / linear_2.*
+    model.image_newline                               -> model.image_newline
+    model.transformer.wte.weight                      -> model.language_model.embed_tokens.weight
+    model.transformer.blocks.N.attn_norm.weight       -> model.language_model.layers.N.input_layernorm.weight
+    model.transformer.blocks.N.{q,k,v}_proj.weight    -> model.language_model.layers.N.self_attn.{q,k,v}_proj.weight
+    model.transformer.blocks.N.attn_out.weight        -> model.language_model.layers.N.self_attn.o_proj.weight
+    model.transformer.blocks.N.ff_norm.weight         -> model.language_model.layers.N.post_attention_layernorm.weight
+    model.transformer.blocks.N.ff_proj.weight         -> model.language_model.layers.N.mlp.gate_proj.weight (SwiGLU gate)
+    model.transformer.blocks.N.up_proj.weight         -> model.language_model.layers.N.mlp.up_proj.weight
+    model.transformer.blocks.N.ff_out.weight          -> model.language_model.layers.N.mlp.down_proj.weight
+    model.transformer.ln_f.weight                     -> model.language_model.norm.weight
     model.transformer.ff_out.weight                   -> lm_head.weight (a copy of wte when weight_tying is set)
 Known-unused LaViDa tensors (dropped and listed in the report): SigLIP's post_layernorm and pooling head, and vision
 encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). A --vision-config
@@ -66,7 +66,7 @@ DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
-# LLaDA tensor names inside a block -> ours inside `language_model.layers.N.`
+# LLaDA tensor names inside a block -> ours inside `model.language_model.layers.N.`
 BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "q_proj.weight": "self_attn.q_proj.weight",
@@ -79,13 +79,13 @@ BLOCK_NAMES = {
     "ff_out.weight": "mlp.down_proj.weight",
 }
 TOP_LEVEL_NAMES = {
-    "model.mm_projector.0.weight": "multi_modal_projector.linear_1.weight",
-    "model.mm_projector.0.bias": "multi_modal_projector.linear_1.bias",
-    "model.mm_projector.2.weight": "multi_modal_projector.linear_2.weight",
-    "model.mm_projector.2.bias": "multi_modal_projector.linear_2.bias",
-    "model.image_newline": "image_newline",
-    "model.transformer.wte.weight": "language_model.embed_tokens.weight",
-    "model.transformer.ln_f.weight": "language_model.norm.weight",
+    "model.mm_projector.0.weight": "model.multi_modal_projector.linear_1.weight",
+    "model.mm_projector.0.bias": "model.multi_modal_projector.linear_1.bias",
+    "model.mm_projector.2.weight": "model.multi_modal_projector.linear_2.weight",
+    "model.mm_projector.2.bias": "model.multi_modal_projector.linear_2.bias",
+    "model.image_newline": "model.image_newline",
+    "model.transformer.wte.weight": "model.language_model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "model.language_model.norm.weight",
     "model.transformer.ff_out.weight": "lm_head.weight",
 }
 BLOCK_PATTERN = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
@@ -527,7 +527,7 @@ def rename_key(name: str, num_vision_layers: int):
     if match:
         index, rest = match.groups()
         if rest in BLOCK_NAMES:
-            return f"language_model.layers.{int(index)}.{BLOCK_NAMES[rest]}", None
+            return f"model.language_model.layers.{int(index)}.{BLOCK_NAMES[rest]}", None
         return None, None
     if name.startswith(VISION_PREFIX):
         rest = name[len(VISION_PREFIX):]
@@ -541,7 +541,7 @@ def rename_key(name: str, num_vision_layers: int):
                           "vision_config (LaViDa drops SigLIP's last layer)")
         if rest == "embeddings.position_ids":
             return None, "SigLIP position_ids buffer (recomputed)"
-        return f"vision_tower.{rest}", None
+        return f"model.vision_tower.{rest}", None
     return None, None
 
 
@@ -582,7 +582,7 @@ def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected:
                     f"{name} -> {target}: checkpoint {list(checkpoint.shapes[name])}, model {list(expected[target])}"
                 )
             pairs.append((name, target))
-            if tied and target == "language_model.embed_tokens.weight":
+            if tied and target == "model.language_model.embed_tokens.weight":
                 placed["lm_head.weight"] = name
                 pairs.append((name, "lm_head.weight"))
     missing = sorted(set(expected) - set(placed))

@@ -89,7 +89,8 @@ def load(args):
         if not (folder / "config.json").is_file() and (folder / "merged" / "config.json").is_file():
             folder = folder / "merged"
         model = LavidaShirgForMaskedDiffusion.from_pretrained(str(folder))
-        processor = LavidaShirgProcessor.from_config(model.config, AutoTokenizer.from_pretrained(str(folder)))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # a plain tokenizer
+        processor = LavidaShirgProcessor.from_config(model.config, tokenizer)
         label = str(folder)
     return model.to(args.device).eval(), processor, label
 

@@ -111,7 +111,9 @@ class ShirgConfig(PreTrainedConfig):
     coverage_region_size: int = 4
     relevance_weight: float = 0.7
     variance_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
-    detail_term: str = "variance"  # shirg_selection.DETAIL_TERMS: the detail term of shirg-fixed, shirg-v2, shirg-x
+    # the detail term of shirg-fixed, shirg-v2 and shirg-x (shirg_selection.DETAIL_TERMS; "variance" = the seed's):
+    # chosen by benchmarks/bench_selection_quality.py, see README "Selection quality"
+    detail_term: str = "pixel-contrast"
     v2_alpha: float = 0.25
     v2_beta: float = 0.15
     v2_summary_token: bool = True

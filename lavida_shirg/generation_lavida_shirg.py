@@ -14,6 +14,8 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import ModelOutput
 
+from .modeling_llada import check_sequence_length, positions_from_mask
+
 from .masked_diffusion import (
     LAVIDA_SCHEDULE_SHIFT,
     commit_most_confident,
@@ -260,3 +262,179 @@ def run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers=No
             if history is not None:
                 history.append(canvas)
     return canvas
+
+
+PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype")
+
+
+class LavidaShirgGenerationMixin:
+    """generate() / diffusion_generate() of LavidaShirgForMaskedDiffusion (it provides embed_inputs,
+    selection_settings, language_model, lm_head and build_prefix_cache)."""
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """`generate()` runs the masked-diffusion sampler (transformers' GenerationMixin is autoregressive)."""
+        return True
+
+    def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
+                             cache_dir, force_download, proxies, local_files_only, token, revision, subfolder,
+                             trust_remote_code, **kwargs):
+        """from_pretrained's hook: the folder's generation_config.json read as a LavidaShirgGenerationConfig through
+        transformers' loader (a folder without one keeps the config derived in __init__, which folds in the
+        `sampler_defaults` that configs written before generation_config.json held)."""
+        if generation_config is not None:
+            self.generation_config = generation_config_of_call(self.generation_config, generation_config)
+            return
+        try:
+            self.generation_config = LavidaShirgGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download, proxies=proxies,
+                local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
+            )
+        except OSError:  # transformers' "no generation_config.json in this folder"
+            pass
+
+    def _prepare_generation_config(self, generation_config=None, use_model_defaults=None, **kwargs):
+        """transformers' hook, called by pipelines of transformers < 5.24: the call's LavidaShirgGenerationConfig
+        (the given one, else the model's, updated with the generation settings in kwargs) and the other kwargs."""
+        settings = {key: value for key, value in kwargs.items() if key in GENERATION_ARGUMENTS}
+        prepared = generation_config_of_call(self.generation_config, generation_config, **settings)
+        return prepared, {key: value for key, value in kwargs.items() if key not in settings}
+
+    def prefix_and_answer_logits(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                 question_mask, selection, settings, sequences_per_prompt=1, on_prefix_cache=None):
+        """Embed and (with the prefix cache) run the prompt + image prefix once, each prompt's prefix repeated
+        `sequences_per_prompt` times. Returns `answer_logits(canvas (B', G)) -> (B', G, V)`."""
+        gen_length = settings["gen_length"]
+        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prefix_embeds, attention_mask = self.embed_inputs(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection
+        )  # (B, P, E), (B, P)
+        prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(sequences_per_prompt, dim=0)
+        batch, prefix_length = attention_mask.shape
+        device = input_ids.device
+        answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
+        full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
+        answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
+        language_model, dtype = self.language_model, prefix_embeds.dtype
+        if settings["kv_cache_dtype"] is not None and not settings["use_prefix_cache"]:
+            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
+        if settings["use_prefix_cache"]:
+            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, settings["kv_cache_dtype"])
+            if on_prefix_cache is not None:
+                on_prefix_cache(prefix_key_values)
+            bias = language_model.attention_bias(full_mask, gen_length, dtype)
+        else:
+            prefix_lengths = torch.full((batch,), prefix_length, device=device) if settings["prefix_lm_mask"] else None
+            bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
+            full_positions = positions_from_mask(full_mask)
+
+        def answer_logits(canvas):
+            answer_embeds = language_model.embed_tokens(canvas)  # (B, G, E)
+            if settings["use_prefix_cache"]:
+                hidden = language_model(answer_embeds, bias, answer_positions, prefix_key_values).last_hidden_state
+            else:
+                sequence = torch.cat((prefix_embeds, answer_embeds), dim=1)
+                hidden = language_model(sequence, bias, full_positions).last_hidden_state[:, prefix_length:]
+            return self.lm_head(hidden)  # (B, G, V)
+
+        return answer_logits
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        hires_pixel_values=None,
+        question_mask=None,
+        generation_config=None,
+        selection_method=None,
+        selection_budget=None,
+        selection_options=None,
+        generator=None,
+        on_prefix_cache=None,
+        **kwargs,
+    ):
+        """Masked-diffusion generation on transformers' conventions: prompt + answer ids (B * n, P + G).
+
+        Settings: `generation_config` (default: the model's `generation_config`, see LavidaShirgGenerationConfig)
+        updated with `kwargs` (max_new_tokens, block_length, steps / steps_per_block, do_sample, temperature, top_k,
+        top_p, remasking, schedule, schedule_shift, use_prefix_cache (or use_cache), prefix_lm_mask,
+        kv_cache_dtype, num_return_sequences n, return_dict_in_generate, output_history). Autoregressive-only
+        settings (beams, penalties, max_length, stop strings) raise a ValueError. With return_dict_in_generate: a
+        MaskedDiffusionGenerateOutput (sequences, and the answer canvas after every step with output_history).
+        The image and selection arguments are those of `forward`; `generator` seeds sampling; `on_prefix_cache(cache)`
+        is called once the prefix cache is built.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (the processor's output)")
+        settings = generation_config_of_call(self.generation_config, generation_config, **kwargs)
+        sampler = settings.sampler_arguments()
+        n = settings.num_return_sequences
+        answer_logits = self.prefix_and_answer_logits(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+            self.selection_settings(selection_method, selection_budget, selection_options),
+            {**sampler, **{name: getattr(settings, name) for name in PREFIX_SETTINGS}}, n, on_prefix_cache,
+        )
+        history = [] if settings.output_history else None
+        answers = run_sampler(answer_logits, input_ids.shape[0] * n, sampler, self.config.mask_token_id,
+                              input_ids.device, logits_warpers(settings), generator, history)
+        sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
+        if not settings.return_dict_in_generate:
+            return sequences
+        return MaskedDiffusionGenerateOutput(sequences=sequences, history=None if history is None else tuple(history))
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        hires_pixel_values=None,
+        question_mask=None,
+        selection_method=None,
+        selection_budget=None,
+        selection_options=None,
+        gen_length=None,
+        block_length=None,
+        steps=None,
+        temperature=None,
+        remasking=None,
+        schedule=None,
+        schedule_shift=None,
+        use_prefix_cache=True,
+        prefix_lm_mask=False,
+        kv_cache_dtype=None,
+        generator=None,
+        on_prefix_cache=None,
+    ):
+        """LaViDa's sampler with LaViDa's argument names, returning the answer ids only (B, gen_length).
+
+        The same sampler as `generate` (identical answers for identical settings): the answer canvas starts as mask
+        tokens and is decoded block by block (`block_length`, default gen_length); each block takes
+        steps / num_blocks steps; each step predicts every masked position and commits the most confident
+        predictions of the current block (counts from `schedule`: "uniform" or LaViDa's "shift" with
+        `schedule_shift`); temperature > 0 samples by Gumbel-max. With `use_prefix_cache` the prefix runs once and
+        each step runs only the answer against its cached keys/values (Prefix-DLM); without it, prefix and answer
+        run together with full bidirectional attention, or with the prefix blind to the answer if
+        `prefix_lm_mask`. `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache).
+        Sampler arguments left None take the model's generation_config (max_new_tokens is gen_length; block_length
+        and steps left None there: gen_length; steps_per_block: steps = steps_per_block x blocks). Prompts are
+        left-padded.
+        """
+        given = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                     remasking=remasking, schedule=schedule, schedule_shift=schedule_shift)
+        sampler = resolve_sampler_arguments(given, self.generation_config.sampler_defaults(gen_length, block_length))
+        answer_logits = self.prefix_and_answer_logits(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+            self.selection_settings(selection_method, selection_budget, selection_options),
+            dict(sampler, use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask,
+                 kv_cache_dtype=kv_cache_dtype), on_prefix_cache=on_prefix_cache,
+        )
+        return run_sampler(answer_logits, input_ids.shape[0], sampler, self.config.mask_token_id, input_ids.device,
+                           generator=generator)

@@ -27,6 +27,7 @@ at the first stop string; `do_sample` with `temperature` samples (Gumbel-max); `
 task's context in LaViDa's chat template with the document's images first (`processor.build_prompt`).
 """
 
+import atexit
 import math
 from pathlib import Path
 
@@ -64,6 +65,14 @@ def generate_answers(model, processor, images: list, prompts: list, variant, gen
     inputs = processor(images=images, text=prompts, **settings).to(model.device)
     answers = model.diffusion_generate(**inputs, **settings, **generation)
     return processor.decode_answers(answers.cpu())
+
+
+def destroy_process_group():
+    """Destroy the default process group, if any. Registered at exit by multi-process runs: left to interpreter
+    teardown, a gloo group's worker threads abort the process about one run in four on 2 busy CPU cores ("terminate
+    called without an active exception", pytorch/pytorch#190489); destroyed first, none did in 30 runs."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _positive_int(name: str, value, allow_none: bool = False):
@@ -147,6 +156,8 @@ class LavidaShirgLmms(lmms):
         self.accelerator = Accelerator(cpu=requested.type == "cpu")
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = requested if self._world_size == 1 else self.accelerator.device
+        if self._world_size > 1:
+            atexit.register(destroy_process_group)  # runs after lmms-eval's last collective
         self.model, self.processor = load_pretrained(folder, dtype_name, self._device)
         check_variant(self.model, self.processor, self.variant)
 

@@ -37,6 +37,9 @@ class LoraPlan:
     modules_to_save: tuple = ()
 
 
+BASE = r"model\."  # LavidaShirgForMaskedDiffusion's base model (vision, projector, LM) lives under `model.`
+
+
 def _alternatives(values) -> str:
     return "|".join(re.escape(str(v)) for v in values)
 
@@ -44,13 +47,14 @@ def _alternatives(values) -> str:
 def target_patterns(plan: LoraPlan) -> dict:
     """Per adapter group (projector; vision unless vision_layers is empty; language_model when on), the regular
     expression its module names fully match."""
-    patterns = {"projector": rf"multi_modal_projector\.({_alternatives(PROJECTOR_TARGETS)})"}
+    patterns = {"projector": rf"{BASE}multi_modal_projector\.({_alternatives(PROJECTOR_TARGETS)})"}
     if plan.vision_layers:
-        patterns["vision"] = (rf"vision_tower\.encoder\.layers\.({_alternatives(plan.vision_layers)})\.self_attn\."
-                              rf"({_alternatives(plan.vision_targets)})")
+        patterns["vision"] = (rf"{BASE}vision_tower\.encoder\.layers\.({_alternatives(plan.vision_layers)})\."
+                              rf"self_attn\.({_alternatives(plan.vision_targets)})")
     if plan.language_model:
         layers = r"\d+" if plan.lm_layers is None else f"({_alternatives(plan.lm_layers)})"
-        patterns["language_model"] = rf"language_model\.layers\.{layers}\.self_attn\.({_alternatives(plan.lm_targets)})"
+        patterns["language_model"] = (rf"{BASE}language_model\.layers\.{layers}\.self_attn\."
+                                      rf"({_alternatives(plan.lm_targets)})")
     return patterns
 
 
@@ -80,7 +84,7 @@ def check_plan(model: nn.Module, plan: LoraPlan):
                    for target in plan.lm_targets]
     for argument, group, single, target in checks:
         if not any(re.fullmatch(target_patterns(single)[group], name) for name in names):
-            tower = "vision_tower.encoder" if group == "vision" else "language_model"
+            tower = "model.vision_tower.encoder" if group == "vision" else "model.language_model"
             prefix = f"{tower}.layers.0.self_attn."
             available = sorted(name[len(prefix):] for name in names if name.startswith(prefix))
             raise ValueError(f"{argument} entry {target!r} matches no linear layer of the model (the attention "
@@ -89,7 +93,9 @@ def check_plan(model: nn.Module, plan: LoraPlan):
     if not any(re.fullmatch(patterns["projector"], name) for name in names):
         raise ValueError("the model has no multi_modal_projector.linear_1/linear_2 layers to adapt")
     modules = dict(model.named_modules())
-    missing = [name for name in plan.modules_to_save if name not in modules or modules[name] is None]
+    missing = [name for name in plan.modules_to_save  # PEFT matches modules_to_save as name suffixes
+               if not any((key == name or key.endswith(f".{name}")) and module is not None
+                          for key, module in modules.items())]
     if missing:
         raise ValueError(f"--modules_to_save {list(plan.modules_to_save)}: {missing} are not modules of the model")
 

@@ -40,18 +40,18 @@ LLADA_BLOCK = {  # our name inside language_model.layers.N -> LLaDA's name insid
 
 def lavida_name(ours: str) -> str:
     """The LaViDa checkpoint name of one of our tensors."""
-    if ours.startswith("vision_tower."):
-        return VISION + ours[len("vision_tower."):]
-    if ours.startswith("multi_modal_projector.linear_"):
-        index = {"1": "0", "2": "2"}[ours[len("multi_modal_projector.linear_")]]
+    if ours.startswith("model.vision_tower."):
+        return VISION + ours[len("model.vision_tower."):]
+    if ours.startswith("model.multi_modal_projector.linear_"):
+        index = {"1": "0", "2": "2"}[ours[len("model.multi_modal_projector.linear_")]]
         return f"model.mm_projector.{index}.{ours.rsplit('.', 1)[1]}"
-    if ours.startswith("language_model.layers."):
-        _, _, layer, rest = ours.split(".", 3)
+    if ours.startswith("model.language_model.layers."):
+        _, _, _, layer, rest = ours.split(".", 4)
         return f"model.transformer.blocks.{layer}.{LLADA_BLOCK[rest]}"
     return {
-        "image_newline": "model.image_newline",
-        "language_model.embed_tokens.weight": "model.transformer.wte.weight",
-        "language_model.norm.weight": "model.transformer.ln_f.weight",
+        "model.image_newline": "model.image_newline",
+        "model.language_model.embed_tokens.weight": "model.transformer.wte.weight",
+        "model.language_model.norm.weight": "model.transformer.ln_f.weight",
         "lm_head.weight": "model.transformer.ff_out.weight",
     }[ours]
 
@@ -234,7 +234,7 @@ def test_bfloat16_output_and_single_shard(original, tmp_path):
     assert any("mixed dtypes" in note for note in report.notes)
     assert json.loads((tmp_path / "keep" / "config.json").read_text())["dtype"] == "bfloat16"
     kept = load_file(str(tmp_path / "keep" / "model.safetensors"))
-    assert kept["image_newline"].dtype == torch.float32
+    assert kept["model.image_newline"].dtype == torch.float32
     for name, tensor in original.state_dict().items():
         assert torch.equal(kept[name], tensor.to(kept[name].dtype).to(torch.bfloat16).to(kept[name].dtype)), name
 
@@ -254,9 +254,9 @@ def test_weight_tying_copies_the_embedding(original, tmp_path):
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     for file_name in set(index["weight_map"].values()):
         weights.update(load_file(str(tmp_path / "out" / file_name)))
-    embedding = original.state_dict()["language_model.embed_tokens.weight"]
+    embedding = original.state_dict()["model.language_model.embed_tokens.weight"]
     assert torch.equal(weights["lm_head.weight"], embedding)
-    assert torch.equal(weights["language_model.embed_tokens.weight"], embedding)
+    assert torch.equal(weights["model.language_model.embed_tokens.weight"], embedding)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,9 +276,9 @@ def test_tensor_errors_list_every_key(original, tmp_path):
     with pytest.raises(converter.ConversionError) as raised:
         convert(src, out)
     message = str(raised.value)
-    for key in ("language_model.layers.1.mlp.up_proj.weight", "multi_modal_projector.linear_2.bias",  # missing
+    for key in ("model.language_model.layers.1.mlp.up_proj.weight", "model.multi_modal_projector.linear_2.bias",  # missing
                 "model.transformer.blocks.0.extra_norm.weight", "model.vision_resampler.weight",  # unexpected
-                "model.image_newline -> image_newline: checkpoint [65], model [64]",  # shapes
+                "model.image_newline -> model.image_newline: checkpoint [65], model [64]",  # shapes
                 "model.transformer.blocks.0.q_proj.weight"):
         assert key in message, key
     assert "missing (model parameters without a tensor): 2" in message
@@ -299,7 +299,7 @@ def test_extra_llada_block_is_reported(original, tmp_path):
 def test_too_few_vision_layers_hint(original, tmp_path, source):
     with pytest.raises(converter.ConversionError) as raised:  # 5: more than LaViDa's deletion of one layer explains
         convert(source, tmp_path / "out", vision_config=dict(TINY_VISION, num_hidden_layers=5))
-    assert "vision_tower.encoder.layers.3.mlp.fc2.bias" in str(raised.value)
+    assert "model.vision_tower.encoder.layers.3.mlp.fc2.bias" in str(raised.value)
     assert "SigLIP encoder layers 0-2 but vision_config.num_hidden_layers=5" in str(raised.value)
 
 
@@ -501,11 +501,11 @@ def test_mask_token_disagreement(tmp_path):
 def test_rename_key():
     rename = converter.rename_key
     kept = rename(VISION + "encoder.layers.25.mlp.fc1.weight", 26)
-    assert kept == ("vision_tower.encoder.layers.25.mlp.fc1.weight", None)
+    assert kept == ("model.vision_tower.encoder.layers.25.mlp.fc1.weight", None)
     assert rename(VISION + "encoder.layers.26.mlp.fc1.weight", 26)[0] is None
     assert rename(VISION + "post_layernorm.bias", 26)[1] is not None
     assert rename(VISION + "head.probe", 26)[1] is not None
-    gate, down = "language_model.layers.31.mlp.gate_proj.weight", "language_model.layers.3.mlp.down_proj.weight"
+    gate, down = "model.language_model.layers.31.mlp.gate_proj.weight", "model.language_model.layers.3.mlp.down_proj.weight"
     assert rename("model.transformer.blocks.31.ff_proj.weight", 26) == (gate, None)
     assert rename("model.transformer.blocks.3.ff_out.weight", 26) == (down, None)
     assert rename("model.transformer.ff_out.weight", 26) == ("lm_head.weight", None)

@@ -161,3 +161,60 @@ def test_folders_with_sampler_defaults_still_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unknown generation settings \['length'\]"):
         LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
+
+
+# ---- forward on transformers conventions -------------------------------------------------------------------------
+
+
+def test_forward_return_dict_hidden_states_and_logits_with_the_loss(model, inputs):
+    with torch.no_grad():
+        plain = model(**inputs)
+        with_states = model(**inputs, output_hidden_states=True)
+        as_tuple = model(**inputs, return_dict=False)
+    layers = model.config.text_config.num_hidden_layers
+    assert plain.hidden_states is None and len(with_states.hidden_states) == layers + 1
+    batch, length = inputs["input_ids"].shape
+    assert all(state.shape == (batch, length, model.config.text_config.hidden_size)
+               for state in with_states.hidden_states)
+    torch.testing.assert_close(model.lm_head(with_states.hidden_states[-1]), plain.logits)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], plain.logits)
+    base = model.model(**inputs, output_hidden_states=True)
+    torch.testing.assert_close(base.last_hidden_state, with_states.hidden_states[-1])
+
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = inputs["input_ids"][:, -3:]
+    seeded = dict(generator=torch.Generator().manual_seed(0))
+    loss_only = model(**inputs, labels=labels, **seeded)
+    with_logits = model(**inputs, labels=labels, output_logits=True, generator=torch.Generator().manual_seed(0))
+    assert loss_only.logits is None and torch.isfinite(loss_only.loss)
+    torch.testing.assert_close(with_logits.loss, loss_only.loss)
+    assert with_logits.logits.shape == (2 * batch, length, model.config.text_config.vocab_size)
+    masks = with_logits.diffusion_masks  # (2B, T): each target masked in exactly one copy
+    assert torch.equal(masks[:batch] | masks[batch:], labels != -100) and not (masks[:batch] & masks[batch:]).any()
+    targets = labels.repeat(2, 1)[masks]
+    recomputed = torch.nn.functional.cross_entropy(with_logits.logits[masks].float(), targets, reduction="sum")
+    torch.testing.assert_close(recomputed / (labels != -100).sum(), with_logits.loss)
+
+
+def test_causal_labels_are_refused_with_what_diffusion_labels_are(model, inputs):
+    with pytest.raises(ValueError, match=r"labels mark \d+ image positions .* diffusion labels hold the answer's"):
+        model(**inputs, labels=inputs["input_ids"])
+    with pytest.raises(ValueError, match=r"labels must have the inputs' shape"):
+        model(**inputs, labels=inputs["input_ids"][:, :-1])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        model(**inputs, colour="red")
+
+
+def test_old_flat_weights_still_load(tmp_path):
+    """Folders written before the composite structure (base parts at the top level) load unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    model = build_tiny_model(seed=6)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    flat = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    assert "vision_tower.embeddings.patch_embedding.weight" in flat and "lm_head.weight" in flat
+    save_file(flat, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -29,11 +29,11 @@ def reference_llada(state, config, input_ids, padding):
         x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    x = state["language_model.embed_tokens.weight"][input_ids].double()
+    x = state["model.language_model.embed_tokens.weight"][input_ids].double()
     batch, length, _ = x.shape
     key_bias = torch.where(padding.bool(), 0.0, -1e30).double()[:, None, None, :]  # (B, 1, 1, T)
     for i in range(text.num_hidden_layers):
-        p = f"language_model.layers.{i}."
+        p = f"model.language_model.layers.{i}."
         h = rms(x, state[p + "input_layernorm.weight"].double())
         q = (h @ state[p + "self_attn.q_proj.weight"].double().T).view(batch, length, heads, d).transpose(1, 2)
         k = (h @ state[p + "self_attn.k_proj.weight"].double().T).view(batch, length, kv_heads, d).transpose(1, 2)
@@ -47,7 +47,7 @@ def reference_llada(state, config, input_ids, padding):
         gate = h @ state[p + "mlp.gate_proj.weight"].double().T
         up = h @ state[p + "mlp.up_proj.weight"].double().T
         x = x + (torch.nn.functional.silu(gate) * up) @ state[p + "mlp.down_proj.weight"].double().T
-    x = rms(x, state["language_model.norm.weight"].double())
+    x = rms(x, state["model.language_model.norm.weight"].double())
     return x @ state["lm_head.weight"].double().T
 
 
@@ -106,7 +106,7 @@ def test_attention_is_bidirectional(tiny_model):
 
 def test_rope_uses_float32_under_bfloat16():
     """In a bf16 model, cos/sin and the rotation are computed in float32 before the cast (LLaDA's full-precision RoPE)."""
-    from lavida_shirg.modeling_lavida_shirg import apply_rotary
+    from lavida_shirg.modeling_llada import apply_rotary
 
     model = build_tiny_model(seed=2).to(torch.bfloat16)
     positions = torch.arange(3000)[None]

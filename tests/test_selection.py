@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from conftest import build_tiny_model
 from lavida_shirg import ShirgConfig
 from lavida_shirg import shirg_selection as sel
-from lavida_shirg.modeling_lavida_shirg import selection_options
+from lavida_shirg.high_resolution_tokens import selection_options
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.shirg_selection import (
     DETAIL_TERMS, METHODS, AdaptiveBudgetHead, CoordinateEmbedding, TokenSelection, budget_statistics,

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lavida_shirg import ShirgConfig
 from lavida_shirg.image_layout import image_token_count
-from lavida_shirg.modeling_lavida_shirg import pool_view_features
+from lavida_shirg.pooling import pool_view_features
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.shirg_selection import gather_tokens, select_tokens
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
@@ -75,7 +75,8 @@ def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor,
     question_embeds = tiny_model.language_model.embed_tokens(inputs["input_ids"].masked_fill(
         inputs["input_ids"] == tiny_model.config.image_token_id, 0))
     selection = select_tokens("shirg-fixed", features, projected, (16, 16), 40, question_embeds,
-                              inputs["question_mask"], region_size=4)
+                              inputs["question_mask"], region_size=4, detail=tiny_model.config.detail_term,
+                              pixels=inputs["hires_pixel_values"], patch_size=tiny_model.config.vision_config.patch_size)
     assert torch.equal(selection.indices, selection.indices.sort(dim=1).values)
     is_image = inputs["input_ids"] == tiny_model.config.image_token_id
     for sample in range(2):
@@ -155,7 +156,7 @@ def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
     plain = build_tiny_model(seed=5)
     with_coordinates = build_tiny_model(seed=5, coordinate_embedding=True)
     missing, unexpected = with_coordinates.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["coordinate_embedding.bias", "coordinate_embedding.weight"] and not unexpected
+    assert sorted(missing) == ["model.coordinate_embedding.bias", "model.coordinate_embedding.weight"] and not unexpected
     with torch.no_grad():
         with_coordinates.coordinate_embedding.reset_parameters()  # the test helper randomised every parameter
     inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
@@ -332,7 +333,8 @@ def test_kv_cache_storage_dtypes(tiny_model, processor, batch_parts, storage, by
     full_mask = torch.cat((mask, torch.ones(2, 8, dtype=mask.dtype)), 1)
     positions = mask.sum(1, keepdim=True) + torch.arange(8)
     bias = tiny_model.language_model.attention_bias(full_mask, 8, answer.dtype)
-    logits = [tiny_model.lm_head(tiny_model.language_model(answer, bias, positions, cache)[0]) for cache in (full, small)]
+    logits = [tiny_model.lm_head(tiny_model.language_model(answer, bias, positions, cache).last_hidden_state)
+              for cache in (full, small)]
     change = (logits[1] - logits[0]).abs().amax() / logits[0].abs().amax()
     assert 0 < change < tolerance
     with pytest.raises(ValueError, match="kv_cache_dtype must be None or one of"):

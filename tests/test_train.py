@@ -91,8 +91,8 @@ def test_trainable_parameters_groups_and_schedule(tmp_path):
     assert trainable and all(("lora_" in name or "coordinate_embedding.modules_to_save" in name
                               or "budget_head.modules_to_save" in name) for name in trainable)
     adapted = {name.split(".lora_")[0].replace("base_model.model.", "") for name in trainable if "lora_" in name}
-    assert adapted == {"multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
-                       *(f"vision_tower.encoder.layers.1.self_attn.{t}" for t in ("q_proj", "k_proj", "v_proj"))}
+    assert adapted == {"model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2",
+                       *(f"model.vision_tower.encoder.layers.1.self_attn.{t}" for t in ("q_proj", "k_proj", "v_proj"))}
     base = model.get_base_model()
     assert base.multi_modal_projector.linear_1.lora_A["default"].weight.shape[0] == 16
     assert base.vision_tower.encoder.layers[1].self_attn.q_proj.lora_A["default"].weight.shape[0] == 64
@@ -320,8 +320,8 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
 
     def sometimes_nan(self, *args, **kwargs):
         calls.append(1)
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        loss, logits, masks = original(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) == 2 else loss), logits, masks
 
     monkeypatch.setattr(LavidaShirgForMaskedDiffusion, "diffusion_loss", sometimes_nan)
     with pytest.raises(FloatingPointError, match=r"nan at step 2 \(micro-batch 0, budget"):
@@ -332,7 +332,7 @@ def test_budget_cost_trains_the_adaptive_head(tmp_path):
     common = ["--adaptive_budget", "--budgets", "adaptive,32", "--max_steps", "2", "--modules_to_save", "none"]
     train.main(arguments(tmp_path / "cost", *common, "--budget_cost_weight", "1.0"))
     train.main(arguments(tmp_path / "plain", *common))
-    key = "base_model.model.budget_head.output_bias"
+    key = "base_model.model.model.budget_head.output_bias"
     initial = torch.tensor([0.0, 1.0, 0.0])  # the untrained head picks the default budget (64)
     assert not torch.equal(load_file(tmp_path / "cost" / "adapter_model.safetensors")[key], initial)
     logs = step_logs(tmp_path / "cost").values()

@@ -7,7 +7,8 @@ from conftest import image_batch, prompt_ids
 
 from lavida_shirg import ShirgConfig
 from lavida_shirg.image_layout import anyres_grid, unpad_bounds
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion, pool_view_features
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.pooling import pool_view_features
 
 
 def test_real_preset_has_lavidas_parameter_count():
