@@ -7,6 +7,7 @@ Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes) and `"t
 
 import dataclasses
 import math
+from collections.abc import Mapping
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
@@ -199,11 +200,11 @@ class ShirgConfig(PreTrainedConfig):
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"projector_hidden_act must be 'gelu' (LaViDa's mlp2x_gelu), got {self.projector_hidden_act!r}")
 
-    def selection_settings(self, method=None, budget=None, options=None) -> dict:
+    def selection_settings(self, method=None, budget=None, options=None) -> "SelectionSettings":
         """The SHIRG settings of one call: the config's fields, with `method`, `budget` and `options` (a dict of
-        field name -> value) overriding them; validated. Keys: the SELECTION_FIELDS names."""
+        field name -> value) overriding them; validated."""
         layout = with_selection_overrides(self.token_layout(), method, budget, options)
-        return {name: layout[name] for name in SELECTION_FIELDS}
+        return SelectionSettings(**{name: layout[name] for name in SELECTION_FIELDS})
 
     def token_layout(self) -> dict:
         """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
@@ -245,6 +246,30 @@ SELECTION_FIELDS = (
     "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
     "budget_choices",
 )
+
+
+class _SettingsMapping(Mapping):
+    """Read access by field name (settings["selection_method"], {**layout, **settings}) for a settings dataclass."""
+
+    def __getitem__(self, name):
+        if name not in SELECTION_FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self):
+        return iter(SELECTION_FIELDS)
+
+    def __len__(self):
+        return len(SELECTION_FIELDS)
+
+
+# The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with one typed field
+# per SELECTION_FIELDS entry (types from ShirgConfig), readable as a mapping too.
+SelectionSettings = dataclasses.make_dataclass(
+    "SelectionSettings", [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
+    bases=(_SettingsMapping,), frozen=True, eq=True,
+)
+SelectionSettings.__module__ = __name__
 
 
 def _is_int(value) -> bool:

@@ -1,28 +1,24 @@
 """Geometry of LaViDa's "anyres" image layout, in plain Python (shared by the processor and the model).
 
-All sizes are (height, width) pairs of integers. The arithmetic mirrors LLaVA-NeXT's `select_best_resolution`,
-`resize_and_pad_image` and `unpad_image` operation for operation (same float expressions, same integer floors),
-because a one-pixel difference changes the number of image tokens.
+All sizes are (height, width) pairs of integers. The best pinpoint is transformers' `select_best_resolution`
+(LaViDa's arithmetic exactly); resizing and unpadding mirror LaViDa's `resize_and_pad_image` and `unpad_image`
+operation for operation (integer floors), which transformers' LLaVA-NeXT helpers do not (its unpad rounds:
+int(round(h s, 7))): a one-pixel difference changes the number of image tokens.
 """
 
 import math
+
+from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
 
 def select_best_resolution(image_size, pinpoints):
     """Pick the pinpoint that keeps the most image pixels after an aspect-preserving resize, then wastes the least.
 
     effective = min(floor(w s) * floor(h s), w h) with s = min(W / w, H / h); wasted = W H - effective.
-    Ties keep the earlier pinpoint, so the order of `pinpoints` matters.
+    Ties keep the earlier pinpoint, so the order of `pinpoints` matters. This is transformers' LLaVA-NeXT
+    `select_best_resolution`, the same arithmetic as LaViDa's (test: equal on random sizes); returns (H, W).
     """
-    height, width = image_size
-    best, best_effective, best_wasted = None, 0, float("inf")
-    for target_h, target_w in pinpoints:
-        scale = min(target_w / width, target_h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = target_w * target_h - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (target_h, target_w), effective, wasted
-    return best
+    return tuple(hf_select_best_resolution(tuple(image_size), [tuple(pair) for pair in pinpoints]))
 
 
 def resized_size_in_canvas(image_size, canvas_size):

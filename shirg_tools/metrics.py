@@ -1,19 +1,24 @@
-"""OCR-VQA metrics as pure functions (no I/O, standard library only).
+"""OCR-VQA metrics as pure functions (no I/O, standard library only), computing exactly what lmms-eval computes (the
+harness LaViDa's published numbers come from), its quirks included, so that scores compare with LaViDa's.
 
-* `vqa_accuracy` (TextVQA): EvalAI answer normalisation (`normalize_vqa_answer`), then
-  acc = mean over the n leave-one-out subsets of the n human answers of min(1, #matches in the subset / 3),
-  as lmms-eval's textvqa task and the official VQA evaluation compute it.
-* `anls` (DocVQA, InfographicVQA): average normalised Levenshtein similarity of one question,
-  max over the ground truths of s = 1 - lev(gt, pred) / max(|gt|, |pred|) after lowercasing, stripping and
-  collapsing whitespace; s < 0.5 counts 0 (the official ANLS threshold, tau = 0.5; s = 0.5 is kept).
-* `relaxed_accuracy` (ChartQA): a number within 5% relative error of the target ("%" divides by 100 on both
-  sides), otherwise a case-insensitive exact match; max over the targets.
+Each function scores one model output as lmms-eval does: the output stripped of surrounding whitespace (lmms-eval's
+`Task.process_results` strips every generate_until output), then lmms-eval's metric of that task:
 
-Every function scores one prediction against its references and returns a float in [0, 1]; a benchmark score is
-the mean over questions (x 100 in tables).
+* `vqa_accuracy` (TextVQA, `lmms_eval.tasks.textvqa.utils.textvqa_process_results`): EvalAI answer normalisation
+  (`normalize_vqa_answer`), then acc = statistics.mean over the n leave-one-out subsets of the n human answers of
+  min(1, #matches in the subset / 3).
+* `anls` (DocVQA, InfographicVQA, `lmms_eval.api.metrics.anls`): max over the ground truths of
+  s = 1 - lev(gt', pred') / max(len(gt.upper()), len(pred.upper())), where gt', pred' are lowercased, stripped and
+  whitespace-collapsed but the lengths are the raw strings'; s < 0.5 counts 0 (tau = 0.5; s = 0.5 is kept).
+* `relaxed_accuracy` (ChartQA, `lmms_eval.tasks.chartqa.utils.relaxed_correctness`): a number within 5% relative
+  error of the target (a trailing "%" divides by 100), otherwise a case-insensitive exact match of the output with
+  the target as written (not stripped); max over the targets.
+
+Every function returns a float in [0, 1]; a benchmark score is the mean over questions (x 100 in tables).
 """
 
 import re
+import statistics
 
 # EvalAI's (pythia/mmf) normalisation tables, as lmms-eval and the official VQA evaluation use them.
 CONTRACTIONS = {
@@ -84,6 +89,7 @@ def vqa_accuracy(prediction: str, answers: list) -> float:
 
     With p and a_i normalised by `normalize_vqa_answer`: acc = (1/n) sum_i min(1, #{j != i : a_j = p} / 3),
     the mean over the n leave-one-out subsets of n - 1 answers. 3 or more matching humans (of 10) give 1.
+    The mean is statistics.mean's (an exact sum, rounded once), as lmms-eval's: sum / n can differ in the last bit.
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer, got none")
@@ -92,7 +98,7 @@ def vqa_accuracy(prediction: str, answers: list) -> float:
     matches = sum(reference == predicted for reference in references)
     # leaving out answer i removes one match exactly when a_i itself matches
     per_subset = [min(1.0, (matches - (reference == predicted)) / 3.0) for reference in references]
-    return sum(per_subset) / len(per_subset)
+    return statistics.mean(per_subset)
 
 
 def levenshtein(first: str, second: str) -> int:
@@ -114,46 +120,51 @@ def _anls_normalize(text: str) -> str:
 
 
 def anls(prediction: str, answers: list, threshold: float = 0.5) -> float:
-    """ANLS of one question: max over the ground truths g of s(g) = 1 - lev(g, p) / max(|g|, |p|) (both normalised
-    by lowercasing and collapsing whitespace; two empty strings give s = 1), and 0 when that best s < threshold."""
+    """ANLS of one question, as lmms-eval's `anls`: max over the ground truths g of
+    s(g) = 1 - lev(g', p') / max(len(g.upper()), len(p.upper())) (p: the stripped output; g', p': normalised by
+    `_anls_normalize`; two empty strings give s = 1), and 0 when that best s < threshold."""
     if not answers:
         raise ValueError("anls needs at least one reference answer, got none")
+    prediction = prediction.strip()
     predicted = _anls_normalize(prediction)
     best = 0.0
     for answer in answers:
-        reference = _anls_normalize(answer)
-        length = max(len(reference), len(predicted))
-        best = max(best, 1.0 if length == 0 else 1.0 - levenshtein(reference, predicted) / length)
+        # lmms-eval divides by the raw strings' lengths (of .upper(): "ß" counts 2), not the normalised ones the
+        # distance is taken between, unlike the official ANLS: a reference with extra spaces scores higher; matched
+        # for comparable numbers
+        length = max(len(answer.upper()), len(prediction.upper()))
+        best = max(best, 1.0 if length == 0 else 1.0 - levenshtein(_anls_normalize(answer), predicted) / length)
     return best if best >= threshold else 0.0
 
 
-def parse_number(text: str):
-    """The float value of `text` (surrounding spaces ignored), a trailing '%' meaning /100; None if not a number."""
-    text = text.strip()
-    scale = 1.0
-    if text.endswith("%"):
-        text, scale = text[:-1].strip(), 0.01
+def chartqa_number(text: str):
+    """lmms-eval's ChartQA number: float(text), or with a trailing '%' float(text.rstrip('%')) / 100 (every trailing
+    '%' goes: "5%%" is 0.05); None when float() refuses it."""
     try:
-        return float(text) * scale
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:  # not a number: the caller compares the strings instead
         return None
 
 
 def relaxed_accuracy(prediction: str, answers: list, max_relative_change: float = 0.05) -> float:
-    """ChartQA relaxed accuracy of one prediction: 1 if, for some target t, both parse as numbers (`parse_number`)
-    and |p - t| / |t| <= 5% (t != 0), or else lowercased stripped strings are equal; otherwise 0.
+    """ChartQA relaxed accuracy of one prediction, as lmms-eval's `relaxed_correctness` (max over the targets): with
+    p the stripped output, 1 if p and a target t parse as numbers (`chartqa_number`) and |p - t| / |t| <= 5%
+    (t != 0), or else p.lower() == t.lower(); otherwise 0.
 
-    A target of 0 needs an exact string match (the relative error is undefined), as in ChartQA's definition.
+    A target of 0 needs an exact string match (the relative error is undefined), as in ChartQA's definition. The
+    target is compared as written: lmms-eval does not strip it, so a non-numeric target with surrounding spaces
+    ("Blue ") never matches, which looks like a bug; matched for comparable numbers.
     """
     if not answers:
         raise ValueError("relaxed_accuracy needs at least one reference answer, got none")
-    predicted_value = parse_number(prediction)
+    prediction = prediction.strip()
+    predicted_value = chartqa_number(prediction)
     for answer in answers:
-        target_value = parse_number(answer)
+        target_value = chartqa_number(answer)
         if predicted_value is not None and target_value:
             if abs(predicted_value - target_value) / abs(target_value) <= max_relative_change:
                 return 1.0
-        elif prediction.strip().lower() == answer.strip().lower():
+        elif prediction.lower() == answer.lower():
             return 1.0
     return 0.0
 

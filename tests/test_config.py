@@ -102,3 +102,23 @@ def test_text_config_carries_the_special_ids_for_trainer():
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (1, 0, 0)
     with pytest.raises(ValueError, match=r"text_config.eos_token_id \(7\) must equal eos_token_id \(0\)"):
         ShirgConfig.from_preset("tiny", text_config={**config.text_config.to_dict(), "eos_token_id": 7})
+
+
+def test_selection_settings_are_one_typed_frozen_object():
+    import dataclasses
+
+    from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings
+
+    config = ShirgConfig.from_preset("tiny")
+    settings = config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})
+    assert isinstance(settings, SelectionSettings)
+    assert (settings.selection_method, settings.selection_budget, settings.x_suppression_rounds) == ("shirg-x", 32, 2)
+    assert settings["hires_image_size"] == settings.hires_image_size == 64
+    assert tuple(settings) == SELECTION_FIELDS and dict(settings)["relevance_weight"] == config.relevance_weight
+    fields = {field.name: field.type for field in dataclasses.fields(SelectionSettings)}
+    assert fields["selection_budget"] == ShirgConfig.__annotations__["selection_budget"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.selection_budget = 64
+    with pytest.raises(KeyError):
+        settings["pooled_view_size"]
+    assert settings == config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})

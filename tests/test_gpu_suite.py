@@ -43,7 +43,6 @@ def test_small_suite_writes_every_section_with_finite_positive_numbers(small_sui
     assert list(results) == list(gpu_suite.SECTIONS)
     assert not [name for name, section in results.items() if "error" in section]
     leaves = list(numbers(results))
-    assert len(leaves) > 300
     assert [(path, value) for path, value in leaves if not (math.isfinite(value) and value > 0)] == []
 
     variant_text, reference = gpu_suite.suite_variants(ShirgConfig.from_preset("tiny"))

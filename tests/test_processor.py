@@ -669,3 +669,24 @@ def test_image_processor_scaling_arguments(processor):
     assert raw.max() > 1 and raw.min() >= 0
     custom = processor.image_processor(image, image_mean=[0, 0, 0], image_std=[1, 1, 1])["pixel_values"]
     torch.testing.assert_close(custom, rescaled)
+
+
+def test_best_pinpoint_equals_lavidas_rule_on_random_sizes():
+    """image_layout.select_best_resolution (transformers' helper) against LaViDa's rule written out here."""
+    from lavida_shirg.image_layout import select_best_resolution
+
+    def lavida_rule(height, width, pinpoints):
+        best, most_effective, least_wasted = None, 0, float("inf")
+        for target_h, target_w in pinpoints:
+            scale = min(target_w / width, target_h / height)
+            effective = min(int(width * scale) * int(height * scale), width * height)
+            wasted = target_w * target_h - effective
+            if effective > most_effective or (effective == most_effective and wasted < least_wasted):
+                best, most_effective, least_wasted = (target_h, target_w), effective, wasted
+        return best
+
+    pinpoints = ShirgConfig.from_preset("lavida-llada").image_grid_pinpoints
+    sizes = np.random.default_rng(0).integers(1, 4000, (3000, 2)).tolist() + [[200, 300], [300, 200], [384, 384]]
+    for height, width in sizes:
+        assert select_best_resolution((height, width), pinpoints) == lavida_rule(height, width, pinpoints)
+    assert select_best_resolution((200, 300), pinpoints) == (768, 384)  # ties keep LaViDa's first pinpoint
