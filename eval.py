@@ -11,6 +11,7 @@ selection diagnostics, or the sample's error), summary.json and summary.md (task
 and overlays/TASK/SAMPLE/{VARIANT.png, sheet.png} for the first --overlays samples. Rerunning with the same
 settings skips the samples already written (errors are retried); lines and summaries are written atomically. A run
 holds a lock on its --output-dir (released when it ends or dies): a second run into the same folder is refused.
+Prompts and metrics are lmms-eval's, the harness of LaViDa's numbers (shirg_tools.eval_tasks, shirg_tools.metrics).
 Sampling as LaViDa's evaluation: steps = int(answer tokens x --step-ratio), the "shift" schedule with shift 3.
 Timings: one warm-up batch per task and variant, device synchronisation around timed regions, medians over
 samples of the batch time / batch size.
@@ -19,7 +20,6 @@ samples of the batch time / batch size.
 import argparse
 import fcntl
 import json
-import math
 import os
 import sys
 import tempfile
@@ -30,19 +30,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES  # noqa: E402
 from shirg_tools.diagnostics import selection_diagnostics, source_views, token_relevance  # noqa: E402
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
                                     synthetic_config)
 from shirg_tools.file_modes import umask_mode  # noqa: E402
+from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,  # noqa: E402
+                                   check_sampling, check_variant, generation_settings, load_pretrained, model_folder,
+                                   resolve_dtype)
 from shirg_tools.metrics import METRICS  # noqa: E402
 from shirg_tools.overlays import contact_sheet, render_panel  # noqa: E402
 from shirg_tools.timing import median, timed_generate  # noqa: E402
 from shirg_tools.variants import default_variants, option_names_help, parse_variants  # noqa: E402
 
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
-SCHEDULES = ("uniform", "shift")
-LAVIDA_SCHEDULE_SHIFT = 3.0  # LaViDa's generate: logit_normal_schedule(schedule_kwargs.get("shift", 3), t)
-DEVICE_TYPES = ("cpu", "cuda")
 LOCK_FILE = ".eval.lock"
 # settings that change the numbers: a rerun into the same output folder must use the same ones
 RESULT_SETTINGS = ("model", "model_label", "dtype", "device", "kv_cache_dtype", "step_ratio", "schedule",
@@ -70,15 +71,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gen-length", type=int, help="answer tokens for every task (default: the task's, "
                         "as LaViDa: TextVQA/ChartQA 16, DocVQA/InfoVQA 32, synthetic 16)")
-    parser.add_argument("--step-ratio", type=float, default=1.0, help="diffusion steps = int(answer tokens x this), "
-                        "at least 1, as LaViDa (1.0: one token per step)")
-    parser.add_argument("--schedule", default="shift", choices=SCHEDULES, help="tokens per step (LaViDa: shift)")
+    parser.add_argument("--step-ratio", type=float, default=DEFAULT_STEP_RATIO, help="diffusion steps = int(answer "
+                        "tokens x this), at least 1, as LaViDa (1.0: one token per step)")
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
+                        help="tokens per step (LaViDa: shift)")
     parser.add_argument("--schedule-shift", type=float, default=LAVIDA_SCHEDULE_SHIFT,
                         help=f"shift of the 'shift' schedule (LaViDa: {LAVIDA_SCHEDULE_SHIFT}); passed to every "
                         "call, whatever sampler settings the model folder saved")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="store the prefix KV cache in this dtype "
                         "(the table reports the bytes saved)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -105,36 +107,13 @@ def key_values(items: list, flag: str) -> dict:
     return result
 
 
-def check_device(text: str):
-    """EvalError naming --device unless `text` is cpu, cuda or cuda:N with that CUDA device present."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError) as error:
-        raise EvalError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from error
-    if device.type not in DEVICE_TYPES or (device.type == "cpu" and device.index not in (None, 0)):
-        raise EvalError(f"--device {text!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvalError(f"--device {text!r}: CUDA is not available on this machine (torch "
-                            f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise EvalError(f"--device {text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
-def diffusion_steps(gen_length: int, step_ratio: float) -> int:
-    """LaViDa's step count: int(gen_length * step_ratio) (truncated, as LaViDa), at least 1."""
-    return max(1, int(gen_length * step_ratio))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # model
 
 
-def load_model(args):
-    """(model, processor, label, is_tiny): the --model folder through AutoModel/AutoProcessor with remote code, or
-    the tiny preset with random weights."""
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+def load_model(args, device: torch.device, dtype: str):
+    """(model, processor, label, is_tiny) in `dtype` on `device`: the --model folder (`shirg_tools.inference`'s
+    model_folder / load_pretrained), or the tiny preset with random weights."""
     if args.model is None:
         from lavida_shirg import ShirgConfig
         from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
@@ -144,48 +123,16 @@ def load_model(args):
         torch.manual_seed(args.seed)
         model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny"))
         processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
+        model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         label = f"tiny preset, random weights (seed {args.seed}), UNTRAINED"
     else:
-        folder = model_folder(Path(args.model))
-        config_file = folder / "config.json"
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type != "lavida_shirg":
-            raise EvalError(f"--model {args.model!r} holds a {model_type!r} model, not a lavida_shirg one: convert a "
-                            "LaViDa checkpoint with convert_lavida_checkpoint.py first")
-        from transformers import AutoModel, AutoProcessor
-
-        model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, dtype=getattr(torch, dtype))
-        processor = AutoProcessor.from_pretrained(str(folder), trust_remote_code=True)
+        folder = model_folder(Path(args.model), "--model")
+        model, processor = load_pretrained(folder, dtype, device)
         label = str(folder)
-    model = model.to(device=args.device, dtype=getattr(torch, dtype)).eval()
     is_tiny = model.config.text_config.hidden_size <= TINY_HIDDEN_SIZE
     if is_tiny and args.model is not None:
         label += " (tiny preset: does not learn to read on CPU minutes)"
-    return model, processor, label, dtype, is_tiny
-
-
-def model_folder(folder: Path) -> Path:
-    """The folder holding the model's config.json: `folder` itself, or the merged model a training run wrote into
-    folder/merged (train.py --save_merged_model). EvalError for anything else, e.g. an adapter-only folder."""
-    if (folder / "config.json").is_file():
-        return folder
-    if (folder / "merged" / "config.json").is_file():
-        return folder / "merged"
-    if (folder / "adapter_config.json").is_file():
-        raise EvalError(f"--model {str(folder)!r} holds a LoRA adapter only: train with --save_merged_model and pass "
-                        f"the training output folder (its merged/ model is used)")
-    raise EvalError(f"--model {str(folder)!r} is not a model folder (no config.json)")
-
-
-def check_variants(model, processor, variants):
-    """EvalError naming the variant when the model or processor refuses its settings (budget beyond the token
-    count, out-of-range option, a learned part the model lacks)."""
-    for variant in variants:
-        try:
-            model.selection_settings(variant.method, variant.budget, variant.options)
-            processor.selection(variant.method, variant.budget, variant.options)
-        except ValueError as error:
-            raise EvalError(f"variant {variant.label!r}: {error}") from error
+    return model, processor, label, is_tiny
 
 
 def high_resolution_tokens(model) -> int:
@@ -306,21 +253,19 @@ class Evaluation:
                                  ("--gen-length", args.gen_length or 1, 1)):
             if value < low:
                 raise EvalError(f"{name} must be >= {low}, got {value}")
-        if not 0 < args.step_ratio <= 1:
-            raise EvalError(f"--step-ratio must be in (0, 1], got {args.step_ratio}")
-        if not (math.isfinite(args.schedule_shift) and args.schedule_shift > 0):
-            raise EvalError(f"--schedule-shift must be a finite number > 0 (LaViDa: {LAVIDA_SCHEDULE_SHIFT}), "
-                            f"got {args.schedule_shift}")
-        check_device(args.device)
-        variants_text = args.variants
-        self.model, self.processor, self.model_label, self.dtype, self.is_tiny = load_model(args)
-        self.variants = parse_variants(variants_text or default_variants(high_resolution_tokens(self.model)))
-        check_variants(self.model, self.processor, self.variants)
+        check_sampling(args.step_ratio, args.schedule, args.schedule_shift,
+                       {"step_ratio": "--step-ratio", "schedule": "--schedule", "schedule_shift": "--schedule-shift"})
+        device = check_device(args.device, "--device")
+        self.dtype = resolve_dtype(args.dtype, device, "--dtype")
+        self.model, self.processor, self.model_label, self.is_tiny = load_model(args, device, self.dtype)
+        self.variants = parse_variants(args.variants or default_variants(high_resolution_tokens(self.model)))
+        for variant in self.variants:
+            check_variant(self.model, self.processor, variant)
         self.datasets = {name: load_task_dataset(TASKS[name], self.data_paths.get(name), args.limit, self.synthetic)
                          for name in self.task_names}
         self.output = Path(args.output_dir)
         self.settings = {"model": args.model or "tiny-random", "model_label": self.model_label, "dtype": self.dtype,
-                         "device": torch.device(args.device).type, "kv_cache_dtype": args.kv_cache_dtype,
+                         "device": device.type, "kv_cache_dtype": args.kv_cache_dtype,
                          "step_ratio": args.step_ratio, "schedule": args.schedule,
                          "schedule_shift": args.schedule_shift, "gen_length": args.gen_length,
                          "synthetic": self.synthetic, "batch_size": args.batch_size}
@@ -349,10 +294,8 @@ class Evaluation:
 
     def generation_settings(self, name: str) -> dict:
         """gen_length / block_length / steps / schedule / schedule_shift of a task (every call passes them all)."""
-        gen_length = self.args.gen_length or TASKS[name].gen_length
-        steps = diffusion_steps(gen_length, self.args.step_ratio)
-        return dict(gen_length=gen_length, block_length=gen_length, steps=steps, schedule=self.args.schedule,
-                    schedule_shift=self.args.schedule_shift)
+        return generation_settings(self.args.gen_length or TASKS[name].gen_length, self.args.step_ratio,
+                                   self.args.schedule, self.args.schedule_shift)
 
     def run(self):
         write_json(self.output / "run_config.json", self.settings)
@@ -418,10 +361,10 @@ class Evaluation:
     def model_inputs(self, name, variant, samples, records):
         """(processor outputs on the model's device, the samples they hold). A batch the processor refuses is
         processed sample by sample to record the refused samples' errors; the others run."""
-        post_prompt = TASKS[name].post_prompt
+        spec = TASKS[name]
 
         def process(group):
-            prompts = [self.processor.build_prompt(sample.question + post_prompt) for sample in group]
+            prompts = [self.processor.build_prompt(spec.prompt(sample.question)) for sample in group]
             return self.processor(images=[sample.image for sample in group], text=prompts, **variant.call_settings())
 
         if not samples:

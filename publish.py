@@ -24,6 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from shirg_tools.file_modes import apply_umask
+from shirg_tools.run_record import RUN_RECORD
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TAGS = ["custom_code", "lavida", "shirg", "diffusion", "token-pruning", "multimodal", "ocr"]
@@ -60,18 +61,24 @@ def check_model_folder(model):
 
 
 def demo_snippet(repo_id, method, budget):
-    """The model card's demo (at most 12 lines): load model and processor, ask about an image, print the answer."""
+    """The model card's demo: the image-text-to-text pipeline, then generate() with a SHIRG budget."""
     return "\n".join([
         "from PIL import Image",
-        "from transformers import AutoModel, AutoProcessor",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline",
         "",
-        f'model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True).eval()',
-        f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
         'image = Image.new("RGB", (640, 480), "white")  # your image: Image.open("page.png")',
+        'messages = [{"role": "user", "content": [{"type": "image", "image": image},',
+        '                                         {"type": "text", "text": "What is the title?"}]}]',
+        f'reader = pipeline("image-text-to-text", model="{repo_id}", trust_remote_code=True)',
+        'print(reader(text=messages, max_new_tokens=32, return_full_text=False)[0]["generated_text"])',
+        "",
+        f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True).eval()',
+        f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
         f'shirg = dict(selection_method="{method}", selection_budget={budget})',
-        'inputs = processor(images=[image], text=[processor.build_prompt("What is the title?")], **shirg)',
-        "answer = model.diffusion_generate(**inputs, **shirg)",
-        "print(processor.decode_answers(answer)[0])",
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
+        '                                       return_dict=True, return_tensors="pt", **shirg)',
+        "sequences = model.generate(**inputs, **shirg, max_new_tokens=32)",
+        'print(processor.decode_answers(sequences[:, inputs["input_ids"].shape[1]:])[0])',
     ])
 
 
@@ -79,37 +86,103 @@ def adapter_snippet(repo_id, base_model):
     """The adapter card's demo: the base model with trust_remote_code, then the PEFT adapter on top."""
     return "\n".join([
         "from peft import PeftModel",
-        "from transformers import AutoModel, AutoProcessor",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
         "",
-        f'base = AutoModel.from_pretrained("{base_model}", trust_remote_code=True)',
+        f'base = AutoModelForImageTextToText.from_pretrained("{base_model}", trust_remote_code=True)',
         f'model = PeftModel.from_pretrained(base, "{repo_id}").eval()',
         f'processor = AutoProcessor.from_pretrained("{base_model}", trust_remote_code=True)',
     ])
 
 
-def card_text(repo_id, config, results_markdown, base_model, adapter):
+CITATIONS = """@inproceedings{li2025lavida,
+  title = {LaViDa: A Large Diffusion Language Model for Multimodal Understanding},
+  author = {Li, Shufan and Kallidromitis, Konstantinos and Bansal, Hritik and Gokul, Akash and Kato, Yusuke and
+            Kozuka, Kazuki and Kuen, Jason and Lin, Zhe and Chang, Kai-Wei and Grover, Aditya},
+  booktitle = {NeurIPS},
+  year = {2025}
+}
+@article{nie2025llada,
+  title = {Large Language Diffusion Models},
+  author = {Nie, Shen and Zhu, Fengqi and You, Zebin and Zhang, Xiaolu and Ou, Jingyang and Hu, Jun and Zhou, Jun and
+            Lin, Yankai and Wen, Ji-Rong and Li, Chongxuan},
+  journal = {arXiv preprint arXiv:2502.09992},
+  year = {2025}
+}
+@inproceedings{zhai2023siglip,
+  title = {Sigmoid Loss for Language Image Pre-Training},
+  author = {Zhai, Xiaohua and Mustafa, Basil and Kolesnikov, Alexander and Beyer, Lucas},
+  booktitle = {ICCV},
+  year = {2023}
+}"""
+
+
+def find_run_record(folder):
+    """train.py's run record (shirg_run.json) in `folder` or its parent (a merged model inside the run folder), or
+    None."""
+    for candidate in (Path(folder), Path(folder).parent):
+        if (candidate / RUN_RECORD).is_file():
+            return json.loads((candidate / RUN_RECORD).read_text())
+    return None
+
+
+def results_section(results_markdown) -> str:
+    """eval.py's summary as a part of the card: its headings demoted below the card's '## Results'."""
+    if not results_markdown:
+        return "No evaluation results were attached to this upload (publish.py --results SUMMARY.md)."
+    lines = [("##" + line) if line.startswith("#") else line for line in results_markdown.strip().splitlines()]
+    return "\n".join(lines)
+
+
+def training_section(record, datasets) -> str:
+    """Training data and procedure: from a train.py run record (shirg_run.json) when the upload has one."""
+    if not record:
+        listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
+        return ("Weights converted from LaViDa's released checkpoint (SigLIP-so400m, projector and LLaDA-8B as LaViDa "
+                "trained them); no further training in this upload, unless stated below." + listed)
+    data, shirg, lora = record.get("data", {}), record.get("shirg", {}), record.get("resolved", {})
+    training = record.get("training", {})
+    rows = [
+        ("data", f"{data.get('data_format')} {data.get('data_path') or ''}".strip()),
+        ("token budgets per step", ", ".join(map(str, lora.get("budgets", [])))),
+        ("selection method", shirg.get("selection_method")),
+        ("seed", training.get("seed")),
+        ("batch per device x accumulation x processes",
+         f"{training.get('per_device_train_batch_size')} x {training.get('gradient_accumulation_steps')} x "
+         f"{training.get('world_size')}"),
+        ("LoRA plan", json.dumps(lora.get("lora_plan"))),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return ("Mixed-budget LoRA fine-tuning with `train.py` (LaViDa's complementary-mask diffusion loss; each step "
+            "draws one token budget from a seeded schedule). From the run record:\n\n| setting | value |\n"
+            "| --- | --- |\n" + table)
+
+
+def card_text(repo_id, config, results_markdown, base_model, adapter, record=None, datasets=None):
     """Markdown body of the card (the YAML header comes from ModelCardData)."""
     budgets = ", ".join(str(b) for b in config["budget_choices"])
     method, budget = "shirg-fixed", config["selection_budget"]
     snippet = adapter_snippet(repo_id, base_model) if adapter else demo_snippet(repo_id, method, budget)
-    results = results_markdown.strip() if results_markdown else "No evaluation results were attached to this upload."
+    adapter_line = f"\nThis repository holds a LoRA adapter (PEFT) for the base model `{base_model}`.\n" if adapter else ""
     return f"""# {repo_id.split("/")[-1]}
 
 LaViDa-LLaDA (SigLIP-so400m + 2-layer MLP projector + LLaDA-8B masked-diffusion LM) with **SHIRG**, a
 text-conditioned, coverage-guaranteed selection of high-resolution vision tokens. Instead of pooling every 384px
 view to 14x14 tokens (which blurs small text), SHIRG looks at the image at high resolution (one
 {config["hires_image_size"]}px view through SigLIP with interpolated position embeddings) and keeps only K tokens:
-the ones most relevant to the question (cosine similarity with the question in the LM's embedding space) and most
-detailed (feature variance), with at least one token from every region of the image. The LM prefix, and the KV
-cache it reuses at every diffusion step, stays small.
-
-{"This repository holds a LoRA adapter (PEFT) for the base model `" + str(base_model) + "`." if adapter else ""}
-
+the ones most relevant to the question (cosine similarity with the question in the LM's embedding space) plus a
+detail term, with at least one token from every region of the image. The LM prefix, and the KV cache it reuses
+at every diffusion step, stays small.
+{adapter_line}
 ## Usage
 
 ```python
 {snippet}
 ```
+
+Answers come from LaViDa's masked-diffusion sampler behind `generate()`: every step predicts all masked answer
+positions and commits the most confident ones. Its settings (`max_new_tokens`, `steps`, `block_length`,
+`schedule="shift"` with LaViDa's a = 3, `do_sample`/`temperature`, `top_k`/`top_p`, `output_history`) live in
+`generation_config.json`. Defaults of this upload: `{json.dumps(config["generation"])}`.
 
 ## Variants and budgets
 
@@ -120,7 +193,7 @@ the processor and to the model:
 | --- | --- |
 | `pooled` | LaViDa's own pooled anyres layout (the baseline) |
 | `full` | every high-resolution token |
-| `shirg-fixed` | K tokens: every 4x4 region's best, then the top of 0.7 relevance + 0.3 variance |
+| `shirg-fixed` | K tokens: every 4x4 region's best, then the top of relevance + detail |
 | `shirg-v2` | K tokens from clustered coverage + a summary of the dropped tokens |
 | `shirg-x` | LaViDa's global-view tokens as a scaffold + K distance-aware tokens |
 | `random`, `top-norm`, `visionzip`, `divprune` | comparison baselines at budget K |
@@ -130,15 +203,32 @@ ones keep more fine text. `processor.image_token_count((height, width), method, 
 
 ## Results
 
-{results}
+{results_section(results_markdown)}
 
-Generation defaults of this upload (`generation_config.json`, overridable per `generate()` call):
-`{json.dumps(config["generation"])}`.
+## Intended use and limitations
+
+For research on visual question answering over text-heavy images (documents, charts, scene text) and on
+token pruning for diffusion vision-language models: comparing SHIRG's variants and budgets with LaViDa's pooled
+baseline and other pruning methods, e.g. with lmms-eval (`--model lavida_shirg`). Not for decisions about people
+or any use where a wrong answer causes harm: like LaViDa, the model can misread text and state wrong answers
+fluently. SHIRG's scores are a plan being measured, not a guarantee that text is kept: check the kept-patch
+overlays (`eval.py`) on your own data. English prompts only were evaluated. Inference of the 8B model needs a GPU
+with about 17 GB of memory in bf16.
+
+## Training data and procedure
+
+{training_section(record, datasets)}
+
+## Citation
+
+```bibtex
+{CITATIONS}
+```
 """
 
 
 def build_card(repo_id, config, results_markdown=None, base_model=None, datasets=None, license_name="apache-2.0",
-               adapter=False):
+               adapter=False, record=None):
     """The ModelCard of a model (or adapter) upload."""
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
@@ -150,7 +240,7 @@ def build_card(repo_id, config, results_markdown=None, base_model=None, datasets
         base_model_relation="adapter" if adapter else None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(repo_id, config, results_markdown, base_model,
-                                                                   adapter))
+                                                                   adapter, record, datasets))
 
 
 def prepare_output(out, overwrite):
@@ -188,7 +278,8 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
         config = {**json.loads((tmp / "config.json").read_text()),
                   "generation": {key: value for key, value in generation.items() if not key.startswith("_")
                                  and key != "transformers_version" and value is not None}}
-        build_card(repo_id, config, results_markdown, base_model, datasets, license_name).save(tmp / "README.md")
+        build_card(repo_id, config, results_markdown, base_model, datasets, license_name,
+                   record=find_run_record(model_path)).save(tmp / "README.md")
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,7 +301,8 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
         for name in os.listdir(adapter_path):
             if name.startswith("adapter_") or name == "training_args.json":
                 shutil.copy2(Path(adapter_path) / name, tmp / name)
-        build_card(repo_id, DEFAULT_CARD_CONFIG, results_markdown, base_model, datasets, license_name, adapter=True).save(
+        build_card(repo_id, DEFAULT_CARD_CONFIG, results_markdown, base_model, datasets, license_name, adapter=True,
+                   record=find_run_record(adapter_path)).save(
             tmp / "README.md"
         )
         move_into_place(tmp, out)

@@ -11,7 +11,9 @@ Tasks (lmms-eval's prompts and splits; answer lengths as LaViDa evaluates them):
 | chartqa | lmms-lab/ChartQA (test) | relaxed accuracy | 16 | 64.6 (test) |
 | synthetic-ocr | shirg_tools.synthetic_ocr, fixed evaluation seed | ANLS | 16 | - |
 
-The model sees the image and `question + post_prompt`; OCR tokens are never added to the prompt.
+The model sees the image and the task's prompt (`TaskSpec.prompt`), lmms-eval's doc_to_text with its default
+lmms_eval_specific_kwargs: pre_prompt (empty for all four) + question + post_prompt, the TextVQA question through
+str.capitalize() ("What is the BRAND?" -> "What is the brand?"); OCR tokens are never added (textvqa's `ocr: false`).
 """
 
 import dataclasses
@@ -36,7 +38,8 @@ class TaskError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """How to read one benchmark: columns, metric, answer length, prompt suffix and the LaViDa reference."""
+    """How to read one benchmark: columns, metric, answer length, prompt (suffix; whether lmms-eval capitalises the
+    question) and the LaViDa reference."""
 
     name: str
     hub_path: str | None
@@ -51,20 +54,26 @@ class TaskSpec:
     image_column: str = "image"
     extra_columns: tuple = ()
     reference: str = "-"
+    capitalize_question: bool = False
 
     def required_columns(self) -> list:
         """The columns a dataset of this task must have."""
         columns = [self.image_column, self.question_column, self.answers_column, *self.extra_columns]
         return columns + ([self.id_column] if self.id_column else [])
 
+    def prompt(self, question: str) -> str:
+        """The text of the user turn for `question`, as lmms-eval's doc_to_text of the task writes it."""
+        return (question.capitalize() if self.capitalize_question else question) + self.post_prompt
+
     def prompt_template(self) -> str:
         """The user turn the model sees ({question} replaced; the image comes first, as LaViDa's template puts it)."""
-        return "<image>\n{question}" + self.post_prompt
+        question = "{question.capitalize()}" if self.capitalize_question else "{question}"
+        return "<image>\n" + question + self.post_prompt
 
 
 TASKS = {
     "textvqa": TaskSpec("textvqa", "lmms-lab/textvqa", None, "validation", "vqa_accuracy", 16, SHORT_ANSWER,
-                        id_column="question_id", reference="56.3 (val)"),
+                        id_column="question_id", reference="56.3 (val)", capitalize_question=True),
     "docvqa": TaskSpec("docvqa", "lmms-lab/DocVQA", "DocVQA", "validation", "anls", 32, SHORT_ANSWER,
                        id_column="questionId", reference="59.0 (test, server-scored)"),
     "infovqa": TaskSpec("infovqa", "lmms-lab/DocVQA", "InfographicVQA", "validation", "anls", 32, SHORT_ANSWER,

@@ -19,6 +19,7 @@ from PIL import Image
 import eval as evaluation
 from shirg_tools.diagnostics import (answer_recall, coverage_kept, gini, pooled_token_area, relevance_lift,
                                      source_views)
+from shirg_tools.inference import diffusion_steps
 from shirg_tools.overlays import kept_pixel_mask, render_panel
 from shirg_tools.variants import default_variants, parse_variant, parse_variants
 
@@ -258,7 +259,7 @@ def test_a_saved_model_folder_loads_through_remote_code(tmp_path):
 @pytest.mark.parametrize("gen_length, step_ratio, steps", [
     (32, 0.3, 9), (16, 1.0, 16), (16, 0.5, 8), (32, 0.99, 31), (64, 0.55, 35), (4, 0.1, 1)])
 def test_step_ratio_truncates_like_lavida(gen_length, step_ratio, steps):
-    assert evaluation.diffusion_steps(gen_length, step_ratio) == steps
+    assert diffusion_steps(gen_length, step_ratio) == steps
 
 
 def test_every_call_gets_lavidas_sampler_settings(tmp_path, monkeypatch):

@@ -24,14 +24,15 @@ from conftest import build_tiny_model
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from lavida_shirg_lmms.model import LavidaShirgLmms, variant_of
+from shirg_tools.eval_tasks import TASKS
 from shirg_tools.variants import parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = "shirg-fixed@40:relevance_weight=0.5"
 # the same variant as separate model_args keys (an option by its short name)
 VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance=0.5"
-# lmms-eval's textvqa prompt capitalises the question (str.capitalize); eval.py does not: these are unchanged by it
-QUESTIONS = ["What is written?", "Which brand is it?", "What colour is the sign?", "How many cars are there?",
+# lmms-eval's textvqa prompt capitalises the question (str.capitalize), and so does eval.py's: half of these change
+QUESTIONS = ["what is written?", "Which BRAND is it?", "What colour is the sign?", "how many cars are there?",
              "What time is it?", "Who is there?"]
 SIZES = [(96, 96), (64, 120), (120, 80), (100, 100), (72, 96), (96, 60)]  # (height, width): different token counts
 TASK = "textvqa_local"  # a name starting with textvqa: eval.py's TextVQA answer length (16) applies
@@ -171,7 +172,7 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
     write_textvqa(tmp_path / "data", answers)
     records, row = run_eval_py(model_dir, tmp_path / "data", tmp_path / "eval")
     assert {i: r["prediction"] for i, r in records.items()} == {i: r["prediction"] for i, r in predictions.items()}
-    assert all(question == question.capitalize() for question in QUESTIONS), "the same prompt in both harnesses"
+    assert sum(question != question.capitalize() for question in QUESTIONS) == 3, "prompts capitalize() changes"
     assert [records[i]["score"] for i in sorted(records)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])
 
     # one process with batches of 4, two processes with batches of 2, side by side
@@ -180,8 +181,9 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
     single, single_samples, _ = lmms_eval_results(started[0])
     assert sorted(single_samples) == sorted(records)
     for doc_id, sample in single_samples.items():
+        assert sample["arguments"][0] == TASKS["textvqa"].prompt(QUESTIONS[doc_id]), "the same prompt in both"
         assert sample["filtered_resps"] == records[doc_id]["prediction"], doc_id
-        assert sample["exact_match"] == pytest.approx(records[doc_id]["score"], abs=1e-12), doc_id
+        assert sample["exact_match"] == records[doc_id]["score"], doc_id
     assert 100 * single["exact_match,none"] == pytest.approx(row["score"], abs=1e-9)
 
     double, double_samples, log = lmms_eval_results(started[1])
@@ -268,16 +270,35 @@ def test_generate_until_batches_with_lavidas_per_task_lengths(lmms_model, model_
     assert [(size, call["gen_length"], call["steps"]) for size, call in calls] == [(7, 4, 4)]
 
 
-@pytest.mark.parametrize("task, length", [("textvqa_val", 16), ("docvqa_val", 32), ("docvqa_test", 32),
-                                          ("chartqa", 16), ("infovqa_val", 32), ("infovqa_test", 32)])
-def test_lmms_eval_task_configs_get_lavidas_answer_lengths(lmms_model, task, length):
+def lmms_eval_task(task: str) -> tuple:
+    """(the installed lmms-eval task's YAML config, its utils module: the task's functions, imported with our
+    dependencies)."""
+    import importlib
+
     import lmms_eval.tasks
     from lmms_eval.utils import load_yaml_config
 
     (path,) = Path(lmms_eval.tasks.__file__).parent.glob(f"*/{task}.yaml")
-    config = load_yaml_config(str(path), mode="simple")
+    return (load_yaml_config(str(path), mode="simple"),
+            importlib.import_module(f"lmms_eval.tasks.{path.parent.name}.utils"))
+
+
+@pytest.mark.parametrize("task, length", [("textvqa_val", 16), ("docvqa_val", 32), ("docvqa_test", 32),
+                                          ("chartqa", 16), ("infovqa_val", 32), ("infovqa_test", 32)])
+def test_lmms_eval_task_configs_get_lavidas_answer_lengths(lmms_model, task, length):
+    config, _ = lmms_eval_task(task)
     assert lmms_model.answer_length(task, config.get("generation_kwargs") or {}) == length
-    __import__(f"lmms_eval.tasks.{path.parent.name}.utils")  # the task's functions import with our dependencies
+
+
+@pytest.mark.parametrize("name, task", [("textvqa", "textvqa_val"), ("docvqa", "docvqa_val"),
+                                        ("infovqa", "infovqa_val"), ("chartqa", "chartqa")])
+def test_eval_py_prompts_are_lmms_evals_doc_to_text(name, task):
+    """eval.py's prompt of a task == lmms-eval's doc_to_text of it with its default lmms_eval_specific_kwargs."""
+    config, utils = lmms_eval_task(task)
+    doc_to_text = getattr(utils, config["doc_to_text"].value.removeprefix("utils."))
+    kwargs = config["lmms_eval_specific_kwargs"]["default"]
+    for question in [*QUESTIONS, "what is the BRAND of the camera?", "  who signed?", "iPhone or TV?", "Total (%)?"]:
+        assert TASKS[name].prompt(question) == doc_to_text({"question": question}, kwargs), question
 
 
 def test_variant_string_and_separate_keys_give_the_same_variant():

@@ -1,8 +1,18 @@
-"""The OCR-VQA metrics on hand-made cases with exact expected values."""
+"""The OCR-VQA metrics on hand-made cases with exact expected values, and equal to lmms-eval's own functions."""
 
 import pytest
+from lmms_eval.api.metrics import anls as lmms_eval_anls
+from lmms_eval.tasks._task_utils.vqa_eval_metric import EvalAIAnswerProcessor
+from PIL import ImageFile
 
 from shirg_tools.metrics import anls, exact_match, levenshtein, normalize_vqa_answer, relaxed_accuracy, vqa_accuracy
+
+STRICT_PIL = ImageFile.LOAD_TRUNCATED_IMAGES
+# importing an lmms-eval task module sets PIL's LOAD_TRUNCATED_IMAGES = True for the process (lmms_eval.api.task)
+from lmms_eval.tasks.chartqa.utils import relaxed_correctness  # noqa: E402
+from lmms_eval.tasks.textvqa.utils import textvqa_process_results  # noqa: E402
+
+ImageFile.LOAD_TRUNCATED_IMAGES = STRICT_PIL
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -21,7 +31,7 @@ from shirg_tools.metrics import anls, exact_match, levenshtein, normalize_vqa_an
     ("None", "0"),
 ])
 def test_evalai_normalisation(raw, expected):
-    assert normalize_vqa_answer(raw) == expected
+    assert normalize_vqa_answer(raw) == expected == EvalAIAnswerProcessor()(raw)
 
 
 @pytest.mark.parametrize("matching,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
@@ -53,6 +63,8 @@ def test_levenshtein(first, second, distance):
     ("hello world", ["wrong", "Hello World"], 1.0),  # max over the ground truths
     ("", [""], 1.0),
     ("12 May", ["12 may 2020"], 1 - 5 / 11),
+    ("helo world", ["hello  world"], 1 - 1 / 12),  # lmms-eval: one edit over the raw length 12, not 11
+    ("strasse", ["Straße"], 1 - 2 / 7),  # lev("straße", "strasse") = 2 over len("STRASSE") = 7
 ])
 def test_anls(prediction, answers, expected):
     assert anls(prediction, answers) == pytest.approx(expected, abs=1e-12)
@@ -68,10 +80,37 @@ def test_anls(prediction, answers, expected):
     ("0", ["0"], 1.0),  # target 0: string comparison
     ("0.01", ["0"], 0.0),
     ("1,000", ["1000"], 0.0),  # not parsed as a number: strings differ
-    ("blue", ["Red", " BLUE "], 1.0),
+    ("blue", ["Red", "BLUE"], 1.0),
+    ("blue", [" BLUE "], 0.0),  # lmms-eval compares the target unstripped
+    (" 45% ", ["0.45"], 1.0),  # the output is stripped (lmms-eval strips every output)
+    ("5%%", ["0.05"], 1.0),  # rstrip("%"): every trailing '%' goes
 ])
 def test_relaxed_accuracy(prediction, answers, expected):
     assert relaxed_accuracy(prediction, answers) == expected
+
+
+# (prediction, answers) of every metric above, and a few more, for the comparison with lmms-eval
+LMMS_EVAL_CASES = [
+    ("Hello  World ", ["hello world"]), ("helo world", ["hello world"]), ("helo world", ["hello  world"]),
+    ("abcd", ["abxy"]), ("abcde", ["axyze"]), ("hello world", ["wrong", "Hello World"]), ("", [""]),
+    ("12 May", ["12 may 2020"]), ("strasse", ["Straße"]), ("ßx", ["ßy"]), ("  1 May ", [" 1  May"]), ("x", ["y"]),
+    ("12.5", ["12"]), ("12.7", ["12"]), ("12.6", ["12"]), ("45%", ["0.45"]), ("45", ["45%"]), ("Yes", ["yes"]),
+    ("0", ["0"]), ("0.01", ["0"]), ("1,000", ["1000"]), ("blue", ["Red", " BLUE "]), (" 45% ", ["0.45"]),
+    ("5%%", ["0.05"]), ("50 %", ["0.5"]), ("12", [" 12 "]), ("nan", ["nan"]), ("1e3", ["1000"]),
+    ("Two", ["2"] * 3 + ["3"] * 7), ("Two", ["2"] * 3 + ["3"] * 2), ("The Coca-Cola.", ["coca cola"] * 2 + ["x"] * 4),
+    ("pepsi", ["Pepsi"]), (" no ", ["no"] * 10),
+]
+
+
+@pytest.mark.parametrize("prediction,answers", LMMS_EVAL_CASES)
+def test_metrics_equal_lmms_evals_own_functions(prediction, answers):
+    """Each metric == lmms-eval's function of its task on the output lmms-eval scores (Task.process_results strips
+    it first); exactly, to the last bit."""
+    output = prediction.strip()
+    assert anls(prediction, answers) == lmms_eval_anls(answers, [output])["anls"]
+    assert relaxed_accuracy(prediction, answers) == float(any(relaxed_correctness(output, t) for t in answers))
+    doc = {"question_id": 0, "answers": list(answers)}
+    assert vqa_accuracy(prediction, answers) == textvqa_process_results(doc, [output])["exact_match"]
 
 
 def test_exact_match():

@@ -619,6 +619,9 @@ def test_chat_messages_and_images_must_match(processor):
                                                 {"type": "text", "text": "Same?"}]}]
     with pytest.raises(ValueError, match=r"`text` sample 0 has 2 <image> placeholders but `images`\[0\] has 1"):
         processor.apply_chat_template(two_entries, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with pytest.raises(ValueError, match=r"`text` has 1 <image> placeholders but `images` has 0 images"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A?"}]}],
+                                      add_generation_prompt=True, tokenize=True, return_dict=True)
     no_entry = [{"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
     with pytest.raises(ValueError, match=r"`text` has 0 <image> placeholders but `images` has 1 images"):
         processor.apply_chat_template(no_entry, add_generation_prompt=True, tokenize=True, return_dict=True,
