@@ -746,13 +746,16 @@ def write_weights(checkpoint: LavidaCheckpoint, plan: ConversionPlan, folder: Pa
 
 
 def write_config_and_code(config: ShirgConfig, folder: Path):
-    """config.json with auto_map, and the remote-code files (the model's and config's modules and their siblings)."""
+    """config.json with auto_map, generation_config.json, and the remote-code files (the model's and config's modules
+    and their siblings)."""
     from transformers.dynamic_module_utils import custom_object_save
 
     with torch.device("meta"):
         model = LavidaShirgForMaskedDiffusion(config)
     custom_object_save(model, folder, config=config)  # copies modeling_*.py + relative imports, sets auto_map
     config.save_pretrained(str(folder))  # copies configuration_*.py, adds AutoConfig to auto_map
+    # the sampler defaults of LaViDa's lmms-eval runs: greedy, one token per step, uniform schedule
+    model.generation_config.save_pretrained(str(folder))
 
 
 def _swap_into_place(tmp: Path, out: Path):

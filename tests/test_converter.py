@@ -131,6 +131,12 @@ def convert(src, out, **kwargs):
     return converter.convert_checkpoint(src, out, **kwargs)
 
 
+def config_auto_map_includes_pipeline(folder: Path) -> bool:
+    """config.json maps AutoModelForImageTextToText (the image-text-to-text pipeline) to the generating class."""
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    return auto_map.get("AutoModelForImageTextToText") == "modeling_lavida_shirg.LavidaShirgForMaskedDiffusion"
+
+
 def leftovers(parent: Path, name: str):
     """Temporary siblings the converter may have left next to OUT."""
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
@@ -178,8 +184,13 @@ def test_convert_cli_and_load_in_fresh_process(original, source, tmp_path, capsy
     assert f"parameters total:  {sum(p.numel() for p in original.parameters()):,}" in report
 
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors.index.json", "modeling_lavida_shirg.py",
-            "configuration_lavida_shirg.py", "image_layout.py", "masked_diffusion.py"} <= files
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "modeling_lavida_shirg.py",
+            "configuration_lavida_shirg.py", "image_layout.py", "masked_diffusion.py", "modeling_llada.py",
+            "generation_lavida_shirg.py", "high_resolution_tokens.py"} <= files
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["max_new_tokens"], generation["do_sample"], generation["schedule"], generation["steps"]) == (
+        32, False, "uniform", None)
+    assert config_auto_map_includes_pipeline(out)
     assert not leftovers(tmp_path, "converted")
     config = json.loads((out / "config.json").read_text())
     assert {name: config["auto_map"][name] for name in ("AutoConfig", "AutoModel")} == {
