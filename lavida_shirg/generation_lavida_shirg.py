@@ -125,13 +125,21 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         """Defaults for diffusion_generate's arguments (LaViDa's names), unresolved: block_length / steps stay None
         unless set here; steps_per_block becomes steps for the call's `gen_length` and `block_length`."""
         settings = self.sampler_arguments()
-        defaults = {**settings, "block_length": self.block_length, "steps": self.steps}
-        if self.steps_per_block is not None:
-            length = gen_length or settings["gen_length"]
-            block = block_length or self.block_length or length
-            defaults["steps"] = self.steps_per_block * max(length // block, 1) if _is_int(length) and _is_int(
-                block) and block > 0 else None
-        return defaults
+        length = gen_length or settings["gen_length"]
+        per_block = self.steps_from_per_block(length, block_length or self.block_length)
+        return {**settings, "block_length": self.block_length, "steps": self.steps if per_block is None else per_block}
+
+    def steps_from_per_block(self, gen_length, block_length):
+        """steps = steps_per_block x (gen_length / block_length), or None without steps_per_block (or when the
+        lengths are invalid: resolve_sampler_arguments names them)."""
+        if self.steps_per_block is None:
+            return None
+        if not _is_int(self.steps_per_block) or self.steps_per_block <= 0:
+            raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
+        block_length = block_length or gen_length
+        if not (_is_int(gen_length) and _is_int(block_length) and 0 < block_length <= gen_length):
+            return None
+        return self.steps_per_block * (gen_length // block_length)
 
     def sampler_arguments(self) -> dict:
         """The sampler settings (resolve_sampler_arguments' names): gen_length, block_length, steps, temperature,
@@ -147,17 +155,11 @@ class LavidaShirgGenerationConfig(GenerationConfig):
                              "do_sample=True to sample")
         else:
             temperature = 0.0
+        per_block = self.steps_from_per_block(self.max_new_tokens, self.block_length)
         given = dict(gen_length=self.max_new_tokens, block_length=self.block_length, temperature=temperature,
                      remasking=self.remasking, schedule=self.schedule, schedule_shift=self.schedule_shift,
-                     steps=self.steps)
-        if self.steps_per_block is not None:
-            block_length = self.block_length or self.max_new_tokens
-            if not _is_int(self.steps_per_block) or self.steps_per_block <= 0:
-                raise ValueError(f"steps_per_block must be a positive integer, got {self.steps_per_block!r}")
-            if _is_int(block_length) and _is_int(self.max_new_tokens) and block_length > 0:
-                given["steps"] = self.steps_per_block * max(self.max_new_tokens // block_length, 1)
-        defaults = {name: None for name in given}
-        return resolve_sampler_arguments(given, defaults, names=GENERATION_NAMES)
+                     steps=self.steps if per_block is None else per_block)
+        return resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
 
     def to_json_string(self, *args, **kwargs) -> str:
         """Every field, always (use_diff=False): GenerationConfig's diff is taken against its own defaults, which
