@@ -568,7 +568,7 @@ def markdown_table(summary: dict) -> str:
     device = summary["device"]
     unit = " (CPU)" if device.startswith("CPU") else ""
     score_header = "score" if summary["accuracy_is_evidence"] else "score (NOT evidence)"
-    lines = [f"# SHIRG evaluation", "", f"model: {summary['model']}  ", f"device: {device}  ",
+    lines = ["# SHIRG evaluation", "", f"model: {summary['model']}  ", f"device: {device}  ",
              f"settings: {json.dumps(summary['settings'])}", ""]
     if not summary["accuracy_is_evidence"]:
         lines += ["**The accuracy column comes from a tiny model that cannot read (random or CPU-minutes weights): it "

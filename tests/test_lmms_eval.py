@@ -181,7 +181,7 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
     single, single_samples, _ = lmms_eval_results(started[0])
     assert sorted(single_samples) == sorted(records)
     for doc_id, sample in single_samples.items():
-        assert sample["arguments"][0] == TASKS["textvqa"].prompt(QUESTIONS[doc_id]), "the same prompt in both"
+        assert sample["input"] == TASKS["textvqa"].prompt(QUESTIONS[doc_id]), "the same prompt in both"
         assert sample["filtered_resps"] == records[doc_id]["prediction"], doc_id
         assert sample["exact_match"] == records[doc_id]["score"], doc_id
     assert 100 * single["exact_match,none"] == pytest.approx(row["score"], abs=1e-9)
