@@ -21,8 +21,8 @@ model_args (anything else is refused, naming the key):
 
 `--batch_size N` (any N >= 1) batches the sampler. Answer length per request: model_args gen_length, else the
 task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its name starts with
-(shirg_tools.eval_tasks.TASKS: textvqa 16, docvqa 32, infovqa 32, chartqa 16). gen_kwargs `until` cuts the answer
-at the first stop string; `do_sample` with `temperature` samples (Gumbel-max); `num_beams` > 1 is refused, and so are
+(shirg_tools.eval_tasks.TASKS: textvqa 16, docvqa 32, infovqa 32, chartqa 16). gen_kwargs `until` is ignored,
+as LaViDa's own lmms-eval model ignores it (the whole answer is decoded, as in eval.py); `do_sample` with `temperature` samples (Gumbel-max); `num_beams` > 1 is refused, and so are
 `top_p` / `top_k` when sampling (the sampler has no beams or filtering); other keys are ignored. The prompt is the
 task's context in LaViDa's chat template with the document's images first (`processor.build_prompt`).
 """
@@ -250,9 +250,6 @@ class LavidaShirgLmms(lmms):
                 texts = generate_answers(self.model, self.processor, images, prompts, self.variant, dict(key))
                 for index, text in zip(batch, texts):
                     context, gen_kwargs = requests[index].args[:2]
-                    until = gen_kwargs.get("until") or []
-                    for stop in [until] if isinstance(until, str) else until:
-                        text = text.split(stop)[0] if stop else text
                     answers[index] = text
                     self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 progress.update(len(batch))
