@@ -4,6 +4,7 @@ real LaViDa-LLaDA architecture with random weights (nothing is downloaded; the m
     python benchmarks/bench_latency.py                 # CUDA, bf16, real sizes (SigLIP-so400m + LLaDA-8B)
     python benchmarks/bench_latency.py --small         # CPU-sized: real image geometry, small widths and depths
     python benchmarks/bench_latency.py --real-width    # real widths and vocabulary, --layers 2 of each tower, bf16
+    python benchmarks/bench_latency.py --compile-step  # each diffusion step one compiled graph (CUDA graphs on CUDA)
 
 One 768x768 image, a 32-token answer in 16 diffusion steps (LaViDa's shift schedule), prefix cache on. Latency
 mode (batch 1): prefill ms (vision + selection + prefix LM), ms per diffusion step, total ms, peak GB
@@ -72,6 +73,9 @@ def parse_args(argv=None):
                         help="throughput batches (default 1,8,32; --small: 1,8; --real-width: 2)")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--kv-cache-dtype", choices=("bfloat16", "float16", "float8_e4m3fn"))
+    parser.add_argument("--compile-step", action="store_true",
+                        help="run every diffusion step as one compiled graph (compile_step: CUDA graphs on CUDA); "
+                             "the warm-up runs compile")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 gives steadier CPU "
                         "timings on a machine shared with other work")
     args = parser.parse_args(argv)
@@ -156,7 +160,7 @@ def random_image(size: int) -> Image.Image:
 
 def generation_call(args) -> dict:
     return dict(gen_length=args.gen_length, block_length=args.gen_length, schedule="shift",
-                kv_cache_dtype=args.kv_cache_dtype)
+                kv_cache_dtype=args.kv_cache_dtype, compile_step=args.compile_step)
 
 
 def summarize(runs) -> dict:
@@ -271,16 +275,14 @@ def activation_bytes(config: ShirgConfig, settings: dict, image_size, batch: int
     The phases run one after the other: the peak is the largest."""
     vision, text = config.vision_config, config.text_config
     b = torch.empty((), dtype=dtype).element_size()
-    e, d = text.hidden_size, text.head_dim
-    width = vision.hidden_size
+    e, width = text.hidden_size, vision.hidden_size
+    qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * text.head_dim
     tokens = batch * vision_tokens(config, settings, image_size)
-    phases = {
+    return {
         "vision": tokens * b * max(6 * width, 2 * width + 2 * vision.intermediate_size, width + 3 * e),
-        "prefill": batch * prefix_tokens * b * (e + max(4 * e + (text.num_attention_heads + 2 * text.num_key_value_heads)
-                                                        * d, 2 * e + 3 * text.intermediate_size)),
+        "prefill": batch * prefix_tokens * b * (e + max(4 * e + qkv, 2 * e + 3 * text.intermediate_size)),
         "step": batch * gen_length * text.vocab_size * (b + 2 * FLOAT64_BYTES),
     }
-    return phases
 
 
 def memory_estimate(config: ShirgConfig, variants, image_size, batch_sizes, gen_length: int, dtype: torch.dtype,
@@ -397,7 +399,8 @@ def main(argv=None):
     print(f"LM {text.num_hidden_layers} layers x {text.hidden_size} (vocabulary {text.vocab_size}), SigLIP "
           f"{model.config.vision_config.num_hidden_layers} layers x {model.config.vision_config.hidden_size}; one "
           f"{args.image_size}x{args.image_size} image; {args.gen_length}-token answer, {args.steps} steps, prefix "
-          f"cache on{', KV cache in ' + args.kv_cache_dtype if args.kv_cache_dtype else ''}; medians of "
+          f"cache on{', KV cache in ' + args.kv_cache_dtype if args.kv_cache_dtype else ''}"
+          f"{', compiled step' if args.compile_step else ''}; medians of "
           f"{args.repeats} runs; baseline {variants[0].label}\n")
     print("\n".join(latency_table(latency(model, variants, args), unit)), flush=True)
     if args.no_throughput:

@@ -7,17 +7,18 @@ Sections, in order (each written to <output>/gpu_suite.json and gpu_suite.md as 
 short keeps what it measured; a section that fails records its error and the next one runs):
     environment  device, versions, the device-to-device copy bandwidth (bytes read + written per second)
     memory       bench_latency.memory_estimate of the suite's model per variant
-    latency      bench_latency.latency at batch 1, every variant (medians; ratios to pooled)
+    latency      bench_latency.latency at batch 1, every variant (medians; ratios to pooled), with the eager and the
+                 compiled diffusion step (compile_step: CUDA graphs on CUDA; its warm-up runs compile)
     selection    bench_selection.measure_selection: the vision tower, the projector and every selection method
     sampler      bench_sampler.compare_modes: prefix cache vs no cache on a text prefix
     training     a LoRA training smoke of the suite's model through train.py under `accelerate launch` with
                  configs/accelerate/single_gpu.yaml (bf16), --train-steps optimizer steps
-    throughput   bench_latency.throughput: images per second at each batch size, every variant (stops at
-                 --time-budget-s, the variants left are listed as not run)
+    throughput   bench_latency.throughput: images per second at each batch size, every variant, eager and compiled
+                 (stops at --time-budget-s, the runs left are listed as not run)
     targets      issue 13's targets, each value against its limit: ms per step at batch 1 over the weight-read floor
                  (bytes one step reads: the LM weights and the prefix KV, over the copy bandwidth), SHIRG total
                  latency over pooled, selection ms of shirg-fixed / v2 / x at batch 1, and SHIRG images per second
-                 over pooled at the largest batch.
+                 over pooled at the largest batch (latency and throughput of the compiled step).
 Real size: the lavida-llada preset with random weights in bf16 on CUDA, 768x768 images, 32-token answers in 16
 steps, batches 1 / 8 / 32. --small: the tiny preset on CPU, the same variants with budgets scaled to its 256
 high-resolution tokens, a few steps. The tokenizer is the tiny one at both sizes (nothing is downloaded): the model's
@@ -57,6 +58,7 @@ ACCELERATE_CONFIG = os.path.join(ROOT, "configs", "accelerate", "single_gpu.yaml
 SECTIONS = ("environment", "memory", "latency", "selection", "sampler", "training", "throughput", "targets")
 REFERENCE_VARIANT = "shirg-fixed@768"  # the SHIRG variant the targets compare with pooled (scaled with --small)
 BASELINE_VARIANT = "pooled"
+MODES = {"eager": [], "compiled": ["--compile-step"]}  # bench_latency's arguments of each step mode
 # issue 13's targets: name -> (limit, "max" (value <= limit) or "min" (value >= limit), what the value is)
 TARGETS = {
     "step_over_floor": (1.3, "max", "ms per step at batch 1 / weight-read floor ms"),
@@ -93,7 +95,7 @@ class SuiteSize:
 REAL = SuiteSize("real", image_size=768, gen_length=32, steps=16, batch_sizes=(1, 8, 32), latency_repeats=3,
                  throughput_repeats=2, selection_batches=(1, 8), selection_repeats=10, sampler_prefix=1000,
                  sampler_repeats=3, train_steps=20, train_batch=2, train_canvas=672, copy_bytes=2**32,
-                 time_budget_s=540)
+                 time_budget_s=450)
 SMALL = SuiteSize("small", image_size=768, gen_length=8, steps=4, batch_sizes=(1, 2), latency_repeats=1,
                   throughput_repeats=1, selection_batches=(1, 2), selection_repeats=1, sampler_prefix=100,
                   sampler_repeats=1, train_steps=3, train_batch=2, train_canvas=96, copy_bytes=2**26,
@@ -110,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default with --small: 1, "
                         "steadier on a machine shared with other work)")
     parser.add_argument("--time-budget-s", type=float,
-                        help="throughput stops starting variants once the suite has run this long (default 540; "
+                        help="throughput stops starting variants once the suite has run this long (default 450; "
                              "--small: 120)")
     args = parser.parse_args(argv)
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -158,6 +160,7 @@ class Suite:
         self.started = time.perf_counter()
         self.time_budget_s = time_budget_s
         self.results = {}
+        self.current = None  # (name, start) of the running section
         os.makedirs(output, exist_ok=True)
 
     def elapsed(self) -> float:
@@ -166,6 +169,7 @@ class Suite:
     def run(self, name: str, function):
         """Run one section; its result (or its error) and seconds are recorded and both reports rewritten."""
         started = time.perf_counter()
+        self.current = (name, started)
         print(f"[gpu_suite] {name} ...", flush=True)
         try:
             result = function()
@@ -176,6 +180,12 @@ class Suite:
         self.results[name] = result
         self.write()
         print(f"[gpu_suite] {name} done in {result['elapsed_s']:.1f} s", flush=True)
+
+    def progress(self, result: dict):
+        """Record the running section's partial result and rewrite both reports (a run cut short keeps it)."""
+        name, started = self.current
+        self.results[name] = {**result, "elapsed_s": time.perf_counter() - started, "partial": True}
+        self.write()
 
     def write(self):
         with open(os.path.join(self.output, "gpu_suite.json"), "w") as handle:
@@ -205,12 +215,12 @@ def environment(size: SuiteSize, device: str, dtype: torch.dtype, config: ShirgC
     }
 
 
-def latency_args(size: SuiteSize, variants: str, device: str, dtype: torch.dtype, repeats: int):
-    """bench_latency's arguments for the suite's sizes."""
+def latency_args(size: SuiteSize, variants: str, device: str, dtype: torch.dtype, repeats: int, mode: str):
+    """bench_latency's arguments for the suite's sizes and a step mode of MODES."""
     return bench_latency.parse_args([
         "--variants", variants, "--image-size", str(size.image_size), "--gen-length", str(size.gen_length),
         "--steps", str(size.steps), "--repeats", str(repeats), "--device", device,
-        "--dtype", str(dtype).replace("torch.", ""),
+        "--dtype", str(dtype).replace("torch.", ""), *MODES[mode],
     ])
 
 
@@ -230,8 +240,9 @@ def sampler(model, size: SuiteSize) -> dict:
     result = bench_sampler.compare_modes(model, size.sampler_prefix, size.gen_length, size.steps, 1,
                                          size.sampler_repeats)
     cached = result["seconds"][bench_sampler.BASELINE]
-    return {"prefix_tokens": size.sampler_prefix, "cache_equals_prefix_dlm": result["cache_equals_prefix_dlm"], "modes": {
-        name: {"ms": seconds * 1000, "over_cache": seconds / cached} for name, seconds in result["seconds"].items()}}
+    modes = {name: {"ms": seconds * 1000, "over_cache": seconds / cached} for name, seconds in result["seconds"].items()}
+    return {"prefix_tokens": size.sampler_prefix, "cache_equals_prefix_dlm": result["cache_equals_prefix_dlm"],
+            "modes": modes}
 
 
 def training(model, size: SuiteSize, steps: int, small: bool, threads=None) -> dict:
@@ -250,7 +261,8 @@ def training(model, size: SuiteSize, steps: int, small: bool, threads=None) -> d
         ]
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG,
                    os.path.join(ROOT, "train.py"), *arguments]
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
+        path = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))  # carried packages stay visible
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
                        "HF_MODULES_CACHE": os.path.join(folder, "modules"),
                        **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         completed = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True)
@@ -266,22 +278,57 @@ def training(model, size: SuiteSize, steps: int, small: bool, threads=None) -> d
             "train_runtime_s": final["train_runtime"], "samples_per_s": final["train_samples_per_second"]}
 
 
-def throughput(model, variants, size: SuiteSize, args, suite: Suite) -> dict:
-    """bench_latency.throughput, one variant at a time until the suite's time budget is spent."""
-    rates, not_run = {}, []
+def error_text(error: Exception) -> str:
+    traceback.print_exc()
+    return f"{type(error).__name__}: {error}"
+
+
+def latency(model, variants, variant_text: str, size: SuiteSize, device: str, dtype: torch.dtype) -> dict:
+    """bench_latency.latency with each step mode of MODES; a mode that fails records its error, the other runs."""
+    results = {}
+    for mode in MODES:
+        try:
+            results[mode] = as_json(bench_latency.latency(
+                model, variants, latency_args(size, variant_text, device, dtype, size.latency_repeats, mode)))
+        except Exception as error:  # recorded in the reports
+            results[mode] = {"error": error_text(error)}
+    return results
+
+
+def throughput(model, variants, size: SuiteSize, mode_args: dict, suite: Suite) -> dict:
+    """bench_latency.throughput per step mode (`mode_args`: mode -> bench_latency arguments), one variant at a time,
+    until the suite's time budget is spent; a (mode, variant) that fails is listed with its error."""
+    rates, not_run, failed = {mode: {} for mode in mode_args}, [], []
+
+    def result():
+        return {"images_per_s": {mode: {label: {str(b): "OOM" if rate is None else rate for b, rate in batches.items()}
+                                        for label, batches in mode_rates.items()}
+                                 for mode, mode_rates in rates.items()}, "not_run": list(not_run),
+                "failed": list(failed)}
+
     for variant in variants:
-        if suite.elapsed() > suite.time_budget_s:
-            not_run.append(variant.label)
-            continue
-        rates.update(bench_latency.throughput(model, [variant], size.batch_sizes, args))
-    return {"images_per_s": {label: {str(b): "OOM" if rate is None else rate for b, rate in batches.items()}
-                             for label, batches in rates.items()}, "not_run": not_run}
+        for mode, args in mode_args.items():
+            if suite.elapsed() > suite.time_budget_s:
+                not_run.append(f"{mode} {variant.label}")
+                continue
+            try:
+                rates[mode].update(bench_latency.throughput(model, [variant], size.batch_sizes, args))
+            except Exception as error:  # recorded in the reports
+                failed.append(f"{mode} {variant.label}: {error_text(error)}")
+        suite.progress(result())
+    return result()
+
+
+def fastest_mode(section: dict) -> dict:
+    """The compiled results of a section by step mode when it holds them (without error), else the eager ones."""
+    compiled = section.get("compiled")
+    return compiled if compiled and "error" not in compiled else section.get("eager", {})
 
 
 def target_values(results: dict, reference: str, config: ShirgConfig) -> dict:
     """The values of TARGETS that the recorded sections allow, each {value, limit, met, meaning}."""
     values = {}
-    latency_result = results.get("latency", {}).get("variants", {})
+    latency_result = fastest_mode(results.get("latency", {}))
     memory = results.get("memory", {}).get("variants", {})
     bandwidth = results.get("environment", {}).get("copy_bytes_per_s")
     if reference in latency_result and reference in memory and bandwidth:
@@ -295,7 +342,7 @@ def target_values(results: dict, reference: str, config: ShirgConfig) -> dict:
         row = f"{method} detail={config.detail_term}"
         if row in rows:
             values[f"selection_{method.replace('-', '_')}_ms"] = rows[row]
-    rates = results.get("throughput", {}).get("images_per_s", {})
+    rates = fastest_mode(results.get("throughput", {}).get("images_per_s", {}))
     if reference in rates and BASELINE_VARIANT in rates:
         largest = max(rates[reference], key=int)
         if "OOM" not in (rates[reference][largest], rates[BASELINE_VARIANT].get(largest, "OOM")):
@@ -315,7 +362,7 @@ def markdown(results: dict) -> str:
     """The report of the recorded sections."""
     lines = ["# gpu_suite"]
     for name, result in results.items():
-        lines += ["", f"## {name} ({result['elapsed_s']:.1f} s)", ""]
+        lines += ["", f"## {name} ({result['elapsed_s']:.1f} s{', partial' if result.get('partial') else ''})", ""]
         if "error" in result:
             lines.append(f"FAILED: {result['error']}")
         elif name == "environment":
@@ -325,29 +372,49 @@ def markdown(results: dict) -> str:
         elif name == "memory":
             lines += bench_latency.memory_table(result["variants"])
         elif name == "latency":
-            lines += bench_latency.latency_table(result["variants"], "")
+            lines += latency_lines(result)
         elif name == "selection":
             lines += selection_lines(result)
         elif name == "sampler":
             lines += [f"prefix {result['prefix_tokens']} tokens; cached answer == uncached prefix-DLM answer: "
                       f"{result['cache_equals_prefix_dlm']}", "", "| mode | ms / answer | / prefix cache |",
                       "| --- | --- | --- |"]
-            lines += [f"| {mode} | {row['ms']:.1f} | {row['over_cache']:.2f}x |" for mode, row in result["modes"].items()]
+            lines += [f"| {mode} | {row['ms']:.1f} | {row['over_cache']:.2f}x |"
+                      for mode, row in result["modes"].items()]
         elif name == "training":
             lines += ["| field | value |", "| --- | --- |"]
             lines += [f"| {key} | {value:.4g} |" for key, value in result.items() if key != "elapsed_s"]
         elif name == "throughput":
-            rates = {label: {int(b): None if rate == "OOM" else rate for b, rate in batches.items()}
-                     for label, batches in result["images_per_s"].items()}
-            lines += bench_latency.throughput_table(rates, "") if rates else []
+            for mode, mode_rates in result["images_per_s"].items():
+                rates = {label: {int(b): None if rate == "OOM" else rate for b, rate in batches.items()}
+                         for label, batches in mode_rates.items()}
+                lines += [f"### {mode}", "", *(bench_latency.throughput_table(rates, "") if rates else []), ""]
             if result["not_run"]:
                 lines += ["", f"not run (time budget spent): {', '.join(result['not_run'])}"]
+            lines += [f"FAILED: {failure}" for failure in result["failed"]]
         elif name == "targets":
             lines += [f"reference variant: {result['reference_variant']}", "", "| target | value | limit | met |",
                       "| --- | --- | --- | --- |"]
             lines += [f"| {row['meaning']} | {row['value']:.3f} | {'<=' if TARGETS[key][1] == 'max' else '>='} "
                       f"{row['limit']} | {'yes' if row['met'] else 'NO'} |" for key, row in result["targets"].items()]
     return "\n".join(lines)
+
+
+def latency_lines(result: dict) -> list:
+    """The latency table of each step mode, then compiled / eager per variant."""
+    lines = []
+    for mode in MODES:
+        table = [f"FAILED: {result[mode]['error']}"] if "error" in result[mode] else bench_latency.latency_table(
+            result[mode], "")
+        lines += [f"### {mode}", "", *table, ""]
+    if any("error" in result[mode] for mode in MODES):
+        return lines
+    lines += ["### compiled / eager", "", "| variant | prefill | ms/step | total |", "| --- | --- | --- | --- |"]
+    for label, eager in result["eager"].items():
+        compiled = result["compiled"][label]
+        lines.append(f"| {label} | " + " | ".join(f"{compiled[key] / eager[key]:.2f}x"
+                                                for key in ("prefill_ms", "step_ms", "total_ms")) + " |")
+    return lines
 
 
 def selection_lines(result: dict) -> list:
@@ -383,13 +450,13 @@ def main(argv=None) -> dict:
         "environment": lambda: environment(size, device, dtype, config),
         "memory": lambda: {"variants": as_json(bench_latency.memory_estimate(
             config, variants, image_size, sorted({1, *size.batch_sizes}), size.gen_length, dtype))},
-        "latency": lambda: {"variants": as_json(bench_latency.latency(
-            model, variants, latency_args(size, variant_text, device, dtype, size.latency_repeats)))},
+        "latency": lambda: latency(model, variants, variant_text, size, device, dtype),
         "selection": lambda: selection(config, size, device, dtype),
         "sampler": lambda: sampler(model, size),
         "training": lambda: training(model, size, args.train_steps or size.train_steps, args.small, args.threads),
-        "throughput": lambda: throughput(model, variants, size, latency_args(
-            size, variant_text, device, dtype, size.throughput_repeats), suite),
+        "throughput": lambda: throughput(model, variants, size, {
+            mode: latency_args(size, variant_text, device, dtype, size.throughput_repeats, mode) for mode in MODES},
+            suite),
         "targets": lambda: target_values(suite.results, reference, config),
     }
     for name in args.sections:

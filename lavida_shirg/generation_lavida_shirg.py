@@ -6,6 +6,7 @@
 LaViDa's argument names, returning the answer ids only.
 """
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .masked_diffusion import (
     commit_most_confident,
     resolve_sampler_arguments,
     sample_tokens,
+    step_noise,
     token_confidence,
     transfer_counts,
 )
@@ -41,6 +43,7 @@ SAMPLER_FIELDS = {
     "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
     "prefix_lm_mask": False,  # without the cache: hide the answer from the prefix (else LaViDa's bidirectional mode)
     "kv_cache_dtype": None,  # store the prefix cache in "bfloat16", "float16" or "float8_e4m3fn"
+    "compile_step": False,  # run each step as one torch.compile graph (CUDA graphs on CUDA; see compiled_step)
     "num_return_sequences": 1,  # answers per prompt
     "return_dict_in_generate": False,  # True: a MaskedDiffusionGenerateOutput
     "output_history": False,  # with return_dict_in_generate: the answer canvas after every step
@@ -91,7 +94,8 @@ class LavidaShirgGenerationConfig(GenerationConfig):
     def validate(self, strict=False, **unused):
         """Raise a ValueError naming the field for any setting the sampler cannot honour."""
         self.sampler_arguments()
-        for name in ("do_sample", "use_prefix_cache", "prefix_lm_mask", "return_dict_in_generate", "output_history"):
+        for name in ("do_sample", "use_prefix_cache", "prefix_lm_mask", "return_dict_in_generate", "output_history",
+                     "compile_step"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
@@ -105,6 +109,8 @@ class LavidaShirgGenerationConfig(GenerationConfig):
             raise ValueError("top_k / top_p filter sampled tokens: pass do_sample=True with them")
         if self.kv_cache_dtype is not None and not self.use_prefix_cache:
             raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
+        if self.compile_step and not self.use_prefix_cache:
+            raise ValueError(COMPILE_NEEDS_CACHE)
         if self.output_history and not self.return_dict_in_generate:
             raise ValueError("output_history is returned in the output dataclass: pass return_dict_in_generate=True")
 
@@ -241,32 +247,116 @@ def logits_warpers(settings: LavidaShirgGenerationConfig) -> LogitsProcessorList
     return warpers
 
 
-def run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers=None, generator=None, history=None):
-    """LLaDA/LaViDa's sampler: the answer canvas starts as masks; per block, per step, predict every position
-    (`answer_logits(canvas)` -> (B, G, V), filtered by `warpers`), sample x0 (Gumbel-max at the temperature) and
-    commit the `count` most confident predictions of the block (counts from the schedule). Returns the canvas
-    (B, G); `history` (a list) receives the canvas after every step."""
+class AnswerLogits:
+    """answer_logits(canvas (B, G)) -> logits (B, G, V) of the answer canvas at `positions` (B, G): against the
+    cached prefix (`prefix_key_values`, a PrefixCache) or, without the cache, after the prefix embeddings
+    `prefix_embeds` (B, P, E) run again (`positions` then cover prefix + answer). `bias`: the attention mask."""
+
+    def __init__(self, language_model, lm_head, bias, positions, prefix_key_values=None, prefix_embeds=None):
+        self.language_model, self.lm_head = language_model, lm_head
+        self.bias, self.positions = bias, positions
+        self.prefix_key_values, self.prefix_embeds = prefix_key_values, prefix_embeds
+        self.vocab_size = lm_head.weight.shape[0]
+
+    def __call__(self, canvas):
+        answer_embeds = self.language_model.embed_tokens(canvas)  # (B, G, E)
+        if self.prefix_key_values is not None:
+            hidden = self.language_model(answer_embeds, self.bias, self.positions,
+                                         self.prefix_key_values).last_hidden_state
+        else:
+            sequence = torch.cat((self.prefix_embeds, answer_embeds), dim=1)
+            hidden = self.language_model(sequence, self.bias, self.positions).last_hidden_state
+            hidden = hidden[:, self.prefix_embeds.shape[1]:]
+        return self.lm_head(hidden)  # (B, G, V)
+
+    def mark_for_compile(self):
+        """For the compiled step: the prefix length is a dynamic dimension (one compilation serves every prefix
+        length). Under CUDA graphs the prefix tensors are copied into the graph's inputs at each replay (the KV
+        bytes once per step), which keeps one recording per shape across calls."""
+        for pair in self.prefix_key_values.layers:
+            for stored, _ in pair:
+                torch._dynamo.maybe_mark_dynamic(stored, 2)  # (B, Hkv, P, d)
+        torch._dynamo.maybe_mark_dynamic(self.bias, self.bias.dim() - 1)  # keys: P + G
+
+
+def denoise_step(answer_logits, canvas, in_block, count, mask_token_id, temperature, remasking, warpers=(),
+                 gumbel=None, remask=None):
+    """One sampler step: l = answer_logits(canvas) (B, G, V), filtered by each of `warpers`; x0 = sample_tokens(l)
+    with the Gumbel draws `gumbel`; confidence = token_confidence(l, x0) (the draws `remask` for random remasking);
+    then the `count` (0-d tensor) most confident masked positions of the block (`in_block` (G,) bool) take x0.
+    No host reads and static shapes: it compiles as one graph (`compiled_step`)."""
+    logits = answer_logits(canvas)
+    for warper in warpers:  # transformers' TopK / TopP warpers on (B G, V)
+        logits = warper(canvas.reshape(-1, 1), logits.flatten(0, 1)).view_as(logits)
+    predictions = sample_tokens(logits, temperature, noise=gumbel)
+    confidence = token_confidence(logits, predictions, remasking, noise=remask)
+    eligible = (canvas == mask_token_id) & in_block
+    return commit_most_confident(canvas, predictions, confidence, eligible, count)
+
+
+COMPILE_DEVICES = ("cpu", "cuda")
+COMPILE_NEEDS_CACHE = ("compile_step compiles the answer step against the cached prefix: it needs "
+                       "use_prefix_cache=True")
+
+
+@functools.cache
+def _compiled_denoise_step(mode):
+    return torch.compile(denoise_step, fullgraph=True, mode=mode)
+
+
+def compiled_step(device, dtype, kv_cache_dtype=None):
+    """`denoise_step` under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
+    cloned, since a replay overwrites the graph's outputs) on CUDA, the default mode on CPU. Refused up front, with a
+    ValueError naming the setting, where it cannot run: a device other than COMPILE_DEVICES, bfloat16 on a GPU
+    without bf16, a float8 prefix cache (kv_cache_dtype) on a GPU below compute capability 8.9 (Triton has no
+    float8-e4m3 conversion there)."""
+    if device.type not in COMPILE_DEVICES:
+        raise ValueError(f"compile_step runs on the devices {COMPILE_DEVICES}, not {device.type!r}: pass "
+                         "compile_step=False")
+    if device.type == "cpu":
+        return _compiled_denoise_step(None)
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"compile_step: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; load the "
+                         "model in float16 or float32, or pass compile_step=False")
+    capability = torch.cuda.get_device_capability(device)
+    if kv_cache_dtype == "float8_e4m3fn" and capability < (8, 9):
+        raise ValueError(f"compile_step with kv_cache_dtype='float8_e4m3fn' needs a GPU of compute capability >= 8.9, "
+                         f"this one has {capability[0]}.{capability[1]}: pass kv_cache_dtype None, 'bfloat16' or "
+                         "'float16', or compile_step=False")
+    compiled = _compiled_denoise_step("reduce-overhead")
+
+    def replayed(*args, **kwargs):
+        return compiled(*args, **kwargs).clone()
+
+    return replayed
+
+
+def run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers=(), generator=None, history=None,
+                step=denoise_step):
+    """LLaDA/LaViDa's sampler: the answer canvas starts as masks; per block, per step, `step` (`denoise_step` or
+    its compiled form) predicts every position with `answer_logits` (an AnswerLogits), samples x0 (Gumbel-max at
+    the temperature) and commits the `count` most confident predictions of the block (counts from the schedule,
+    moved to the device before the loop: the loop reads nothing back). The random draws of every step come from
+    `generator` (`step_noise`). Returns the canvas (B, G); `history` (a list) receives the canvas after every step."""
     gen_length, block_length = sampler["gen_length"], sampler["block_length"]
     steps_per_block = sampler["steps"] // (gen_length // block_length)
-    counts = transfer_counts(block_length, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
+    schedule = transfer_counts(block_length, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
+    counts = torch.tensor(schedule).to(device, non_blocking=True).unbind()  # 0-d tensors, one per step
     canvas = torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)
     answer_index = torch.arange(gen_length, device=device)
+    shape = (batch, gen_length, answer_logits.vocab_size)
     for block_start in range(0, gen_length, block_length):
         in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
         for count in counts:
-            logits = answer_logits(canvas)  # (B, G, V)
-            if warpers:
-                logits = warpers(canvas.reshape(-1, 1), logits.flatten(0, 1)).view_as(logits)
-            predictions = sample_tokens(logits, sampler["temperature"], generator)
-            confidence = token_confidence(logits, predictions, sampler["remasking"], generator)
-            eligible = (canvas == mask_token_id) & in_block
-            canvas = commit_most_confident(canvas, predictions, confidence, eligible, count)
+            gumbel, remask = step_noise(shape, sampler["temperature"], sampler["remasking"], device, generator)
+            canvas = step(answer_logits, canvas, in_block, count, mask_token_id, sampler["temperature"],
+                          sampler["remasking"], warpers, gumbel, remask)
             if history is not None:
                 history.append(canvas)
     return canvas
 
 
-PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype")
+PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "compile_step")
 
 
 class LavidaShirgGenerationMixin:
@@ -305,7 +395,8 @@ class LavidaShirgGenerationMixin:
     def prefix_and_answer_logits(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
                                  question_mask, selection, settings, sequences_per_prompt=1, on_prefix_cache=None):
         """Embed and (with the prefix cache) run the prompt + image prefix once, each prompt's prefix repeated
-        `sequences_per_prompt` times. Returns `answer_logits(canvas (B', G)) -> (B', G, V)`."""
+        `sequences_per_prompt` times. Returns the AnswerLogits of the answer (`mark_for_compile` under
+        compile_step)."""
         gen_length = settings["gen_length"]
         check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
         if attention_mask is None:
@@ -328,21 +419,22 @@ class LavidaShirgGenerationMixin:
             if on_prefix_cache is not None:
                 on_prefix_cache(prefix_key_values)
             bias = language_model.attention_bias(full_mask, gen_length, dtype)
-        else:
-            prefix_lengths = torch.full((batch,), prefix_length, device=device) if settings["prefix_lm_mask"] else None
-            bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
-            full_positions = positions_from_mask(full_mask)
+            answer_logits = AnswerLogits(language_model, self.lm_head, bias, answer_positions, prefix_key_values)
+            if settings["compile_step"]:
+                answer_logits.mark_for_compile()
+            return answer_logits
+        prefix_lengths = torch.full((batch,), prefix_length, device=device) if settings["prefix_lm_mask"] else None
+        bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
+        return AnswerLogits(language_model, self.lm_head, bias, positions_from_mask(full_mask),
+                            prefix_embeds=prefix_embeds)
 
-        def answer_logits(canvas):
-            answer_embeds = language_model.embed_tokens(canvas)  # (B, G, E)
-            if settings["use_prefix_cache"]:
-                hidden = language_model(answer_embeds, bias, answer_positions, prefix_key_values).last_hidden_state
-            else:
-                sequence = torch.cat((prefix_embeds, answer_embeds), dim=1)
-                hidden = language_model(sequence, bias, full_positions).last_hidden_state[:, prefix_length:]
-            return self.lm_head(hidden)  # (B, G, V)
-
-        return answer_logits
+    def sampler_step(self, compile_step, use_prefix_cache, kv_cache_dtype):
+        """`denoise_step`, or with `compile_step` its compiled form, checked before any work (see compiled_step)."""
+        if not compile_step:
+            return denoise_step
+        if not use_prefix_cache:
+            raise ValueError(COMPILE_NEEDS_CACHE)
+        return compiled_step(self.device, self.dtype, kv_cache_dtype)
 
     @torch.no_grad()
     def generate(
@@ -366,8 +458,9 @@ class LavidaShirgGenerationMixin:
         Settings: `generation_config` (default: the model's `generation_config`, see LavidaShirgGenerationConfig)
         updated with `kwargs` (max_new_tokens, block_length, steps / steps_per_block, do_sample, temperature, top_k,
         top_p, remasking, schedule, schedule_shift, use_prefix_cache (or use_cache), prefix_lm_mask,
-        kv_cache_dtype, num_return_sequences n, return_dict_in_generate, output_history). Autoregressive-only
-        settings (beams, penalties, max_length, stop strings) raise a ValueError. With return_dict_in_generate: a
+        kv_cache_dtype, compile_step, num_return_sequences n, return_dict_in_generate, output_history).
+        Autoregressive-only settings (beams, penalties, max_length, stop strings) raise a ValueError. With
+        return_dict_in_generate: a
         MaskedDiffusionGenerateOutput (sequences, and the answer canvas after every step with output_history).
         The image and selection arguments are those of `forward`; `generator` seeds sampling; `on_prefix_cache(cache)`
         is called once the prefix cache is built.
@@ -377,6 +470,7 @@ class LavidaShirgGenerationMixin:
         settings = generation_config_of_call(self.generation_config, generation_config, **kwargs)
         sampler = settings.sampler_arguments()
         n = settings.num_return_sequences
+        step = self.sampler_step(settings.compile_step, settings.use_prefix_cache, settings.kv_cache_dtype)
         answer_logits = self.prefix_and_answer_logits(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
             self.selection_settings(selection_method, selection_budget, selection_options),
@@ -384,7 +478,7 @@ class LavidaShirgGenerationMixin:
         )
         history = [] if settings.output_history else None
         answers = run_sampler(answer_logits, input_ids.shape[0] * n, sampler, self.config.mask_token_id,
-                              input_ids.device, logits_warpers(settings), generator, history)
+                              input_ids.device, logits_warpers(settings), generator, history, step)
         sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
         if not settings.return_dict_in_generate:
             return sequences
@@ -414,6 +508,7 @@ class LavidaShirgGenerationMixin:
         kv_cache_dtype=None,
         generator=None,
         on_prefix_cache=None,
+        compile_step=None,
     ):
         """LaViDa's sampler with LaViDa's argument names, returning the answer ids only (B, gen_length).
 
@@ -425,6 +520,8 @@ class LavidaShirgGenerationMixin:
         each step runs only the answer against its cached keys/values (Prefix-DLM); without it, prefix and answer
         run together with full bidirectional attention, or with the prefix blind to the answer if
         `prefix_lm_mask`. `kv_cache_dtype` stores the cached prefix in a smaller dtype (see prefix_cache).
+        `compile_step` (None: the generation config's) runs every step as one compiled graph (`compiled_step`:
+        CUDA graphs on CUDA, the same answers as eager; needs the prefix cache).
         Sampler arguments left None take the model's generation_config (max_new_tokens is gen_length; block_length
         and steps left None there: gen_length; steps_per_block: steps = steps_per_block x blocks). Prompts are
         left-padded.
@@ -432,11 +529,16 @@ class LavidaShirgGenerationMixin:
         given = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                      remasking=remasking, schedule=schedule, schedule_shift=schedule_shift)
         sampler = resolve_sampler_arguments(given, self.generation_config.sampler_defaults(gen_length, block_length))
+        compile_step = self.generation_config.compile_step if compile_step is None else compile_step
+        if not isinstance(compile_step, bool):
+            raise ValueError(f"compile_step must be true or false (or None: the generation config's), got "
+                             f"{compile_step!r}")
+        step = self.sampler_step(compile_step, use_prefix_cache, kv_cache_dtype)
         answer_logits = self.prefix_and_answer_logits(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
             self.selection_settings(selection_method, selection_budget, selection_options),
             dict(sampler, use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask,
-                 kv_cache_dtype=kv_cache_dtype), on_prefix_cache=on_prefix_cache,
+                 kv_cache_dtype=kv_cache_dtype, compile_step=compile_step), on_prefix_cache=on_prefix_cache,
         )
         return run_sampler(answer_logits, input_ids.shape[0], sampler, self.config.mask_token_id, input_ids.device,
-                           generator=generator)
+                           generator=generator, step=step)

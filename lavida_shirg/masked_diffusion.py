@@ -64,42 +64,62 @@ def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDU
     return counts[::-1]
 
 
-def sample_tokens(logits, temperature, generator=None):
-    """x0 = argmax(log softmax(l) + T g), g ~ Gumbel(0, 1), computed in float64 (T = 0: plain argmax).
+def sample_tokens(logits, temperature, generator=None, noise=None):
+    """x0 = argmax(log softmax(l) + T g), g = -log(-log u), u ~ U(0, 1), computed in float64 (T = 0: plain argmax).
 
     Equivalent to LLaDA's argmax(exp(l) / (-log u)^T); the log form avoids overflowing exp.
-    logits: (B, G, V). Returns (B, G) int64.
+    logits: (B, G, V); noise: u (B, G, V) float64 drawn by the caller (`step_noise`), else drawn here from
+    `generator`. Returns (B, G) int64.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    return (logits - temperature * torch.log(-torch.log(u))).argmax(dim=-1)
+    if noise is None:
+        noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return (logits - temperature * torch.log(-torch.log(noise))).argmax(dim=-1)
 
 
-def token_confidence(logits, tokens, remasking, generator=None):
+def token_confidence(logits, tokens, remasking, generator=None, noise=None):
     """Confidence used to choose which predictions to commit.
 
-    low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1).
+    low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1) (`noise` (B, G) float64 drawn by the
+    caller, else drawn here from `generator`).
     logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
     """
     if remasking == "low_confidence":
         probabilities = F.softmax(logits.to(torch.float64), dim=-1)
         return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
-        return torch.rand(tokens.shape, dtype=torch.float64, device=tokens.device, generator=generator)
+        if noise is None:
+            noise = torch.rand(tokens.shape, dtype=torch.float64, device=tokens.device, generator=generator)
+        return noise
     raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+
+
+def step_noise(shape, temperature, remasking, device, generator=None):
+    """The uniform draws of one sampler step, in the order the step uses them: u (B, G, V) float64 of the Gumbel
+    noise (None at temperature 0), then u (B, G) float64 of random remasking (None for low_confidence).
+    shape: (B, G, V). Drawn outside the step so that a compiled step and the eager one read the same numbers."""
+    gumbel = None if temperature == 0 else torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+    remask = None if remasking != "random" else torch.rand(shape[:2], dtype=torch.float64, device=device,
+                                                           generator=generator)
+    return gumbel, remask
 
 
 def commit_most_confident(canvas, predictions, confidence, eligible, count):
     """Write the `count` most confident eligible predictions into the canvas; committed tokens are never remasked.
 
+    rank(b, g) = position of g in row b sorted by confidence, descending (ties: the lower index first; ineligible
+    positions last); commit where rank < count. `count` is an int or a 0-d tensor (the same rule in one static-shape
+    graph for every count, no host read).
     canvas, predictions: (B, G) int64; confidence: (B, G); eligible: (B, G) bool (masked and inside the current block,
     at least `count` per row). Returns the new canvas (B, G).
     """
     confidence = confidence.masked_fill(~eligible, float("-inf"))
-    chosen = confidence.topk(count, dim=-1).indices  # (B, count)
-    return canvas.scatter(1, chosen, predictions.gather(1, chosen))
+    order = confidence.argsort(dim=-1, descending=True, stable=True)  # (B, G)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, G)
+    return torch.where(rank < count, predictions, canvas)
 
 
 def _is_int(value) -> bool:

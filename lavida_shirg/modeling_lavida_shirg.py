@@ -153,6 +153,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         per view), one selection per image (their token counts differ). See `select_high_resolution_tokens`.
         question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
         receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
+        image_sizes: (I, 2), a tensor or its rows as lists (see `views_of_images`).
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
@@ -169,7 +170,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
             if question_mask is None:
                 raise ValueError(f"selection_method={settings['selection_method']!r} is text-conditioned: pass "
                                  "question_mask (the processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
-            check_question_mask(question_mask)
+            check_question_mask(question_mask)  # host read: a sample without question tokens is a ValueError
         with_attention = settings["selection_method"] == "visionzip"
         groups = []  # (vision features, attention received, images, their source views' pixels) of each selection
         if single_view:
@@ -197,11 +198,13 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         return torch.cat(tokens), torch.cat(valid)
 
     def views_of_images(self, pixel_values, image_sizes):
-        """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count."""
+        """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count.
+        image_sizes: (I, 2) tensor, or its rows already read as [height, width] lists (`embed_inputs`)."""
         config = self.config
         p, view_size = config.pooled_view_size, config.vision_config.image_size
         layouts, start = [], 0
-        for size in image_sizes.tolist():
+        # host read (unless done already): each image's crop grid, bounds and view count depend on its size
+        for size in image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes:
             (rows, cols), bounds = pooled_layout(size, config.image_grid_pinpoints, view_size, p)
             layouts.append(((rows, cols), bounds, start))
             start += 1 + rows * cols
@@ -230,11 +233,15 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
             tokens += [pooled[start], torch.cat((crops, newline), dim=1).flatten(0, 1)]
         return torch.cat(tokens)
 
-    def image_samples(self, is_image, image_sizes, settings):
-        """Index of the sample each image belongs to (images fill samples in order); checks the per-sample counts."""
+    def image_samples(self, is_image, image_sizes, settings, positions=None):
+        """Index of the sample each image belongs to (images fill samples in order); checks the per-sample counts.
+        image_sizes: (I, 2) tensor or its rows as lists; positions: the image tokens of each sample when already
+        read to the host (`embed_inputs`), else read here from is_image (B, T)."""
         layout = {**self.config.token_layout(), **settings}
-        counts = [image_token_count(size, layout) for size in image_sizes.tolist()]
-        positions = is_image.sum(dim=1).tolist()
+        # host reads (unless done already): the image tokens of each sample are checked against its images' counts
+        sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
+        positions = is_image.sum(dim=1).tolist() if positions is None else positions
+        counts = [image_token_count(size, layout) for size in sizes]
         owners, remaining, sample = [], list(positions), 0
         for count in counts:
             while sample < len(remaining) and remaining[sample] == 0:
@@ -258,16 +265,20 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         is_image = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
-            if bool(is_image.any()):
+            if bool(is_image.any()):  # host read: image tokens without images are a ValueError
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no pixel_values were given")
             return embeds, attention_mask
         if image_sizes is None:
             raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
         settings = self.selection_settings() if settings is None else settings
-        owners = self.image_samples(is_image, image_sizes, settings)
+        # the one host read of the layout, before any image work: each image's layout depends on its size, and the
+        # image tokens of every sample are checked against its images' counts
+        host = torch.cat((image_sizes.to(is_image.device).flatten(), is_image.sum(dim=1))).tolist()
+        sizes = [host[2 * i : 2 * i + 2] for i in range(image_sizes.shape[0])]
+        owners = self.image_samples(is_image, sizes, settings, positions=host[2 * len(sizes):])
         image_question_mask = None if question_mask is None else question_mask.bool()[owners]
         features, valid = self.get_image_features(
-            pixel_values, image_sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
+            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
         )
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)

@@ -114,8 +114,8 @@ def attention_bias(key_padding_mask, query_length, dtype, attn_implementation, p
 
     visible(b, q, k) = key_padding_mask[b, k] and (prefix_lengths is None or k < P_b or q >= P_b),
     with queries aligned to the last `query_length` keys. Flash kernels take the (B, K) padding mask itself;
-    eager/sdpa take an additive (B, 1, Q, K) bias (0 where visible, the dtype's minimum elsewhere), or None when
-    every key is visible.
+    eager/sdpa take an additive (B, 1, Q, K) bias (0 where visible, the dtype's minimum elsewhere), always a tensor:
+    whether every key is visible is never read back to the host.
     """
     if attn_implementation.startswith("flash"):
         if prefix_lengths is not None:
@@ -132,8 +132,6 @@ def attention_bias(key_padding_mask, query_length, dtype, attn_implementation, p
         query_index = torch.arange(key_length - query_length, key_length, device=device)  # (Q,)
         lengths = prefix_lengths[:, None, None, None]  # (B, 1, 1, 1)
         visible = visible & ((key_index < lengths) | (query_index[:, None] >= lengths))  # (B, 1, Q, K)
-    elif bool(visible.all()):
-        return None
     bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     return bias.masked_fill(~visible, torch.finfo(dtype).min).expand(-1, -1, query_length, -1)
 

@@ -298,8 +298,8 @@ class LavidaShirgProcessor(ProcessorMixin):
         chat_template: str = LLADA_CHAT_TEMPLATE,
         selection_layout: dict | None = None,
     ):
-        # a processor saved before a SHIRG field existed gets the field's default (e.g. detail_term; none of them
-        # changes a token count)
+        # a processor saved before a SHIRG field was added (detail_term) gets the field's default: the fields added
+        # since choose which tokens are kept, not how many
         self.selection_layout = None if selection_layout is None else {
             **{name: getattr(ShirgConfig, name) for name in SELECTION_FIELDS}, **selection_layout}
         self.image_token = image_token

@@ -49,13 +49,15 @@ def test_small_suite_writes_every_section_with_finite_positive_numbers(small_sui
     labels = [variant.label for variant in parse_variants(variant_text)]
     assert reference == "shirg-fixed@85" and len(labels) == 10
     batches = [str(batch) for batch in gpu_suite.SMALL.batch_sizes]
-    assert list(results["latency"]["variants"]) == labels == list(results["memory"]["variants"])
-    assert {label: list(rates) for label, rates in results["throughput"]["images_per_s"].items()} == {
-        label: batches for label in labels}
-    assert results["throughput"]["not_run"] == []
-    for label in labels:  # the analytic prefix cache of the (full-size) small model = the bytes measured
-        analytic = results["memory"]["variants"][label]["batches"]["1"]["kv_bytes"]
-        assert results["latency"]["variants"][label]["kv_mb"] == pytest.approx(analytic / 2**20, rel=1e-6)
+    assert list(results["memory"]["variants"]) == labels
+    for mode in gpu_suite.MODES:
+        assert list(results["latency"][mode]) == labels
+        assert {label: list(rates) for label, rates in results["throughput"]["images_per_s"][mode].items()} == {
+            label: batches for label in labels}
+        for label in labels:  # the analytic prefix cache of the (full-size) small model = the bytes measured
+            analytic = results["memory"]["variants"][label]["batches"]["1"]["kv_bytes"]
+            assert results["latency"][mode][label]["kv_mb"] == pytest.approx(analytic / 2**20, rel=1e-6)
+    assert results["throughput"]["not_run"] == results["throughput"]["failed"] == []
     assert set(results["selection"]["batches"]) == {str(b) for b in gpu_suite.SMALL.selection_batches}
     assert results["sampler"]["cache_equals_prefix_dlm"] is True
     assert set(results["sampler"]["modes"]) == {"prefix cache", "no cache (prefix-DLM mask)",
@@ -68,8 +70,8 @@ def test_small_suite_writes_every_section_with_finite_positive_numbers(small_sui
     for name in gpu_suite.SECTIONS:
         assert f"\n## {name} (" in report
     assert "FAILED" not in report
-    for label in labels:
-        assert report.count(f"| {label} |") == 3  # memory, latency and throughput tables
+    for label in labels:  # memory; latency eager, compiled, compiled / eager; throughput eager, compiled
+        assert report.count(f"| {label} |") == 6
 
 
 def test_analytic_memory_matches_the_models_it_describes():

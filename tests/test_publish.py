@@ -71,12 +71,15 @@ def test_folder_has_everything_a_hub_repo_needs(hub_folder):
 def test_card_sections(hub_folder):
     body = (hub_folder / "README.md").read_text().split("---", 2)[2]
     headings = [line for line in body.splitlines() if line.startswith("#")]
-    assert headings == ["# lavida-shirg-tiny", "## Usage", "## Variants and budgets", "## Results",
-                        "### SHIRG evaluation", "## Intended use and limitations", "## Training data and procedure",
-                        "## Citation"], headings
+    assert headings == ["# lavida-shirg-tiny", "## Usage", "## Variants and budgets", "## Selection quality",
+                        "## Results", "### SHIRG evaluation", "## Intended use and limitations",
+                        "## Training data and procedure", "## Citation"], headings
     for key in ("@inproceedings{li2025lavida", "@article{nie2025llada", "@inproceedings{zhai2023siglip"):
         assert key in body
     assert "Weights converted from LaViDa's released checkpoint" in body
+    # the model's detail term, and the measurements that chose it
+    assert "detail term (the luminance contrast of a token's own pixel patch)" in body
+    assert "| shirg-fixed, seed formula (0.7 relevance + 0.3 variance) | 0.510 | 0.447 |" in body
     assert '"max_new_tokens": 32' in body and '"schedule_shift": 3.0' in body
 
 
