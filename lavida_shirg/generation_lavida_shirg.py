@@ -213,28 +213,22 @@ def check_supported(settings: dict):
 
 def generation_config_of_call(model_config: LavidaShirgGenerationConfig, generation_config=None, **kwargs):
     """The settings of one generate() call: `generation_config` (ours, or a plain GenerationConfig whose non-default
-    fields are taken), else the model's, updated with `kwargs`; validated."""
+    fields are taken over the model's), else the model's, updated with `kwargs`; transformers' `use_cache` is
+    `use_prefix_cache`; validated."""
     if generation_config is None:
         base = model_config.to_dict()
     elif isinstance(generation_config, LavidaShirgGenerationConfig):
         base = generation_config.to_dict()
     elif isinstance(generation_config, GenerationConfig):
-        base = {**model_config.to_dict(), **plain_generation_settings(generation_config)}
+        defaults = GenerationConfig().to_dict()
+        base = {**model_config.to_dict(), **{key: value for key, value in generation_config.to_dict().items()
+                                             if key not in METADATA_FIELDS and value != defaults.get(key)}}
     else:
         raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
-    if "use_cache" in kwargs:  # transformers' name of the same switch
-        kwargs["use_prefix_cache"] = kwargs.pop("use_cache")
-    return LavidaShirgGenerationConfig(**{**base, **kwargs})
-
-
-def plain_generation_settings(generation_config: GenerationConfig) -> dict:
-    """The fields a plain GenerationConfig sets away from transformers' defaults (the others mean nothing here)."""
-    defaults = GenerationConfig().to_dict()
-    settings = {key: value for key, value in generation_config.to_dict().items()
-                if key not in METADATA_FIELDS and value != defaults.get(key, value if key in SAMPLER_FIELDS else None)}
+    settings = {**base, **kwargs}
     if "use_cache" in settings:
         settings["use_prefix_cache"] = settings.pop("use_cache")
-    return settings
+    return LavidaShirgGenerationConfig(**settings)
 
 
 def logits_warpers(settings: LavidaShirgGenerationConfig) -> LogitsProcessorList:
@@ -428,13 +422,23 @@ class LavidaShirgGenerationMixin:
         return AnswerLogits(language_model, self.lm_head, bias, positions_from_mask(full_mask),
                             prefix_embeds=prefix_embeds)
 
-    def sampler_step(self, compile_step, use_prefix_cache, kv_cache_dtype):
-        """`denoise_step`, or with `compile_step` its compiled form, checked before any work (see compiled_step)."""
-        if not compile_step:
-            return denoise_step
-        if not use_prefix_cache:
-            raise ValueError(COMPILE_NEEDS_CACHE)
-        return compiled_step(self.device, self.dtype, kv_cache_dtype)
+    def sample_answers(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+                       selection, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None, history=None,
+                       on_prefix_cache=None):
+        """The answer ids (B * sequences_per_prompt, G) of generate and diffusion_generate: the step (`denoise_step`,
+        or with prefix["compile_step"] its compiled form, checked before any work), the prefix (PREFIX_SETTINGS in
+        `prefix`), then `run_sampler` with the resolved `sampler` settings."""
+        step = denoise_step
+        if prefix["compile_step"]:
+            if not prefix["use_prefix_cache"]:
+                raise ValueError(COMPILE_NEEDS_CACHE)
+            step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"])
+        answer_logits = self.prefix_and_answer_logits(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
+            {**sampler, **prefix}, sequences_per_prompt, on_prefix_cache,
+        )
+        return run_sampler(answer_logits, input_ids.shape[0] * sequences_per_prompt, sampler,
+                           self.config.mask_token_id, input_ids.device, warpers, generator, history, step)
 
     @torch.no_grad()
     def generate(
@@ -468,17 +472,14 @@ class LavidaShirgGenerationMixin:
         if input_ids is None:
             raise ValueError("generate needs input_ids (the processor's output)")
         settings = generation_config_of_call(self.generation_config, generation_config, **kwargs)
-        sampler = settings.sampler_arguments()
         n = settings.num_return_sequences
-        step = self.sampler_step(settings.compile_step, settings.use_prefix_cache, settings.kv_cache_dtype)
-        answer_logits = self.prefix_and_answer_logits(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options),
-            {**sampler, **{name: getattr(settings, name) for name in PREFIX_SETTINGS}}, n, on_prefix_cache,
-        )
         history = [] if settings.output_history else None
-        answers = run_sampler(answer_logits, input_ids.shape[0] * n, sampler, self.config.mask_token_id,
-                              input_ids.device, logits_warpers(settings), generator, history, step)
+        answers = self.sample_answers(
+            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+            self.selection_settings(selection_method, selection_budget, selection_options), settings.sampler_arguments(),
+            {name: getattr(settings, name) for name in PREFIX_SETTINGS}, n, logits_warpers(settings), generator,
+            history, on_prefix_cache,
+        )
         sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
         if not settings.return_dict_in_generate:
             return sequences
@@ -533,12 +534,10 @@ class LavidaShirgGenerationMixin:
         if not isinstance(compile_step, bool):
             raise ValueError(f"compile_step must be true or false (or None: the generation config's), got "
                              f"{compile_step!r}")
-        step = self.sampler_step(compile_step, use_prefix_cache, kv_cache_dtype)
-        answer_logits = self.prefix_and_answer_logits(
+        prefix = dict(use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask, kv_cache_dtype=kv_cache_dtype,
+                      compile_step=compile_step)
+        return self.sample_answers(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options),
-            dict(sampler, use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask,
-                 kv_cache_dtype=kv_cache_dtype, compile_step=compile_step), on_prefix_cache=on_prefix_cache,
+            self.selection_settings(selection_method, selection_budget, selection_options), sampler, prefix,
+            generator=generator, on_prefix_cache=on_prefix_cache,
         )
-        return run_sampler(answer_logits, input_ids.shape[0], sampler, self.config.mask_token_id, input_ids.device,
-                           generator=generator, step=step)

@@ -64,34 +64,27 @@ def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDU
     return counts[::-1]
 
 
-def sample_tokens(logits, temperature, generator=None, noise=None):
+def sample_tokens(logits, temperature, noise=None):
     """x0 = argmax(log softmax(l) + T g), g = -log(-log u), u ~ U(0, 1), computed in float64 (T = 0: plain argmax).
 
     Equivalent to LLaDA's argmax(exp(l) / (-log u)^T); the log form avoids overflowing exp.
-    logits: (B, G, V); noise: u (B, G, V) float64 drawn by the caller (`step_noise`), else drawn here from
-    `generator`. Returns (B, G) int64.
+    logits: (B, G, V); noise: u (B, G, V) float64 from `step_noise` (required when T > 0). Returns (B, G) int64.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.to(torch.float64)
-    if noise is None:
-        noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    return (logits - temperature * torch.log(-torch.log(noise))).argmax(dim=-1)
+    return (logits.to(torch.float64) - temperature * torch.log(-torch.log(noise))).argmax(dim=-1)
 
 
-def token_confidence(logits, tokens, remasking, generator=None, noise=None):
+def token_confidence(logits, tokens, remasking, noise=None):
     """Confidence used to choose which predictions to commit.
 
-    low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1) (`noise` (B, G) float64 drawn by the
-    caller, else drawn here from `generator`).
-    logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
+    low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1), the (B, G) float64 `noise` from
+    `step_noise`. logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
     """
     if remasking == "low_confidence":
         probabilities = F.softmax(logits.to(torch.float64), dim=-1)
         return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
-        if noise is None:
-            noise = torch.rand(tokens.shape, dtype=torch.float64, device=tokens.device, generator=generator)
         return noise
     raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
 

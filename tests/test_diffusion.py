@@ -12,6 +12,7 @@ from lavida_shirg.masked_diffusion import (
     commit_most_confident,
     sample_complementary_masks,
     sample_tokens,
+    step_noise,
     transfer_counts,
 )
 
@@ -192,11 +193,14 @@ def test_commit_writes_the_most_confident_eligible_positions():
 def test_gumbel_sampling_is_seeded_and_tempered():
     logits = torch.randn(2, 3, 50)
     assert torch.equal(sample_tokens(logits, 0.0), logits.argmax(-1))
-    a = sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
-    b = sample_tokens(logits, 1.0, torch.Generator().manual_seed(0))
+    def noise(shape, seed):
+        return step_noise(shape, 1.0, "low_confidence", "cpu", torch.Generator().manual_seed(seed))[0]
+
+    a = sample_tokens(logits, 1.0, noise(logits.shape, 0))
+    b = sample_tokens(logits, 1.0, noise(logits.shape, 0))
     assert torch.equal(a, b)
     # with a huge temperature the draw is nearly uniform: over many draws more than one token appears
-    draws = sample_tokens(logits[:1].expand(200, 3, 50), 100.0, torch.Generator().manual_seed(1))
+    draws = sample_tokens(logits[:1].expand(200, 3, 50), 100.0, noise((200, 3, 50), 1))
     assert draws[:, 0].unique().numel() > 10
 
 
