@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -31,15 +32,15 @@ from peft import PeftModel
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from lavida_shirg.configuration_lavida_shirg import PRESETS, SELECTION_METHODS, ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import PRESETS, SELECTION_METHODS, TINY_TOKENIZER_PRESETS, ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
 from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, validate_entries
-from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, trainable_summary
+from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
 from shirg_tools.run_record import check_resume, write_run_record
-from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig
+from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
 from shirg_tools.trainer import RunRecordCallback, ShirgTrainer
 from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
 
@@ -85,11 +86,22 @@ class DataArguments:
     prompt_suffix: str | None = dataclasses.field(default=None, metadata={
         "help": "Appended to every question; default: the short-answer instruction for vqa and synthetic-ocr, "
                 "nothing for llava-json."})
+    answer_window: int = dataclasses.field(default=0, metadata={
+        "help": "Pad every sample's labels with EOS to at least this many answer positions (answer + <|eot_id|> + "
+                "EOS), as a LaViDa batch pads short answers to its longest one: a model whose answers all have one "
+                "length learns to fill a generation window of this size with EOS. 0: the batch's longest only."})
+    synthetic_task: str = dataclasses.field(default="ocr", metadata={
+        "help": f"synthetic-ocr: the generator's settings {sorted(SYNTHETIC_TASKS)} (ocr: 672 px, 8 mixed texts; "
+                "reading: 64 px, two coloured boxes of 3-digit numbers), which the options below override."})
     synthetic_num_samples: int = dataclasses.field(default=6400, metadata={"help": "synthetic-ocr: samples per epoch."})
-    synthetic_canvas_size: int = dataclasses.field(default=672, metadata={"help": "synthetic-ocr: canvas side (px)."})
-    synthetic_num_texts: int = dataclasses.field(default=8, metadata={"help": "synthetic-ocr: texts per image."})
-    synthetic_font_min: int = dataclasses.field(default=10, metadata={"help": "synthetic-ocr: smallest font (px)."})
-    synthetic_font_max: int = dataclasses.field(default=16, metadata={"help": "synthetic-ocr: largest font (px)."})
+    synthetic_canvas_size: int | None = dataclasses.field(default=None, metadata={
+        "help": "synthetic-ocr: canvas side (px); default: the task's."})
+    synthetic_num_texts: int | None = dataclasses.field(default=None, metadata={
+        "help": "synthetic-ocr: texts per image; default: the task's."})
+    synthetic_font_min: int | None = dataclasses.field(default=None, metadata={
+        "help": "synthetic-ocr: smallest font (px); default: the task's."})
+    synthetic_font_max: int | None = dataclasses.field(default=None, metadata={
+        "help": "synthetic-ocr: largest font (px); default: the task's."})
     synthetic_seed: int = dataclasses.field(default=0, metadata={"help": "synthetic-ocr: the generator's seed."})
 
 
@@ -109,8 +121,15 @@ class ShirgArguments:
                 "smallest budget. Keep 0 unless the head gets an LM-loss signal."})
 
 
+TRAINING_MODES = ("lora", "full")
+
+
 @dataclasses.dataclass
 class LoraArguments:
+    training_mode: str = dataclasses.field(default="lora", metadata={
+        "help": f"One of {TRAINING_MODES}. lora: PEFT adapters (the --lora_* arguments) plus --modules_to_save; "
+                "full: every parameter trains at --learning_rate (SHIRG's learned modules at their own rates), no "
+                "adapter, the trained model saved in output_dir (for a preset trained from scratch)."})
     lora_projector_rank: int = dataclasses.field(default=64, metadata={"help": "Projector LoRA rank (16/32/64)."})
     lora_projector_alpha: int = 32
     lora_projector_dropout: float = 0.05
@@ -223,13 +242,7 @@ def build_source(data_args: DataArguments, seed: int):
     if data_args.max_samples is not None and data_args.max_samples < 1:
         raise ValueError(f"--max_samples must be positive, got {data_args.max_samples}")
     if fmt == "synthetic-ocr":
-        config = SyntheticOCRConfig(
-            canvas_size=(data_args.synthetic_canvas_size, data_args.synthetic_canvas_size),
-            num_texts=data_args.synthetic_num_texts,
-            font_size_range=(data_args.synthetic_font_min, data_args.synthetic_font_max),
-            seed=data_args.synthetic_seed,
-        )
-        return SyntheticOCRSource(data_args.synthetic_num_samples, config)
+        return SyntheticOCRSource(data_args.synthetic_num_samples, synthetic_data_config(data_args))
     if fmt == "llava-json":
         if data_args.data_path is None:
             raise ValueError("--data_format llava-json needs --data_path (the JSON file) and --image_folder")
@@ -238,6 +251,23 @@ def build_source(data_args: DataArguments, seed: int):
         raise ValueError("pass either --data_path or --hub_dataset, not both")
     table = load_vqa_table(data_args.data_path, data_args.hub_dataset, data_args.hub_config, data_args.split)
     return VQASource(table, "--data_path" if data_args.data_path else "--hub_dataset")
+
+
+def synthetic_data_config(data_args: DataArguments) -> SyntheticOCRConfig:
+    """The generator config of --synthetic_task with the --synthetic_* options given (None keeps the task's)."""
+    if data_args.synthetic_task not in SYNTHETIC_TASKS:
+        raise ValueError(f"--synthetic_task must be one of {sorted(SYNTHETIC_TASKS)}, got {data_args.synthetic_task!r}")
+    task = SYNTHETIC_TASKS[data_args.synthetic_task]
+    side = data_args.synthetic_canvas_size
+    font_min, font_max = task.font_size_range
+    overrides = {
+        "canvas_size": task.canvas_size if side is None else (side, side),
+        "num_texts": task.num_texts if data_args.synthetic_num_texts is None else data_args.synthetic_num_texts,
+        "font_size_range": (font_min if data_args.synthetic_font_min is None else data_args.synthetic_font_min,
+                            font_max if data_args.synthetic_font_max is None else data_args.synthetic_font_max),
+        "seed": data_args.synthetic_seed,
+    }
+    return synthetic_task(data_args.synthetic_task, **overrides)
 
 
 def prompt_suffix(data_args: DataArguments) -> str:
@@ -296,10 +326,10 @@ def load_model(model_args: ModelArguments, seed: int):
     preset = model_args.preset or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if preset == "tiny" and model_args.tokenizer_name_or_path is None:
+    if preset in TINY_TOKENIZER_PRESETS and model_args.tokenizer_name_or_path is None:
         tokenizer = build_tiny_tokenizer()
     elif model_args.tokenizer_name_or_path is None:
-        raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only the tiny preset builds its own)")
+        raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only {', '.join(TINY_TOKENIZER_PRESETS)} build their own)")
     else:
         # the preset's model runs no remote code: neither does its tokenizer (and no interactive prompt asks)
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, trust_remote_code=False)
@@ -324,7 +354,7 @@ def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> Lo
     learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model, name) is not None)
     if lora_args.lora_language_model and "language_model" in extra_modules:
         raise ValueError("--lora_language_model adapts the LM that --modules_to_save trains in full: choose one")
-    return LoraPlan(
+    plan = LoraPlan(
         projector_rank=lora_args.lora_projector_rank, projector_alpha=lora_args.lora_projector_alpha,
         projector_dropout=lora_args.lora_projector_dropout,
         vision_layers=vision_layers, vision_targets=name_list(lora_args.lora_vision_targets, "--lora_vision_targets"),
@@ -335,6 +365,41 @@ def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> Lo
         lm_alpha=lora_args.lora_lm_alpha, lm_dropout=lora_args.lora_lm_dropout,
         modules_to_save=learned + tuple(name for name in extra_modules if name not in learned),
     )
+    check_full_modules(model, plan)
+    return plan
+
+
+def check_full_modules(model, plan: LoraPlan):
+    """A module trained in full (--modules_to_save) must not hold a LoRA target: PEFT cannot wrap one module both
+    ways. Raises ValueError naming the module and the targets it holds, pointing at --training_mode full."""
+    targets = [name for name, _ in model.named_modules()
+               if any(re.fullmatch(pattern, name) for pattern in target_patterns(plan).values())]
+    for module in plan.modules_to_save:
+        inside = [name for name in targets if re.search(rf"(^|\.){re.escape(module)}(\.|$)", name)]
+        if inside:
+            raise ValueError(f"--modules_to_save {module!r} holds LoRA targets ({inside[0]}, ... {len(inside)} in "
+                             "all): a module cannot train both in full and through adapters. Remove it from "
+                             "--modules_to_save, or train every parameter with --training_mode full")
+
+
+def check_training_mode(lora_args: LoraArguments) -> bool:
+    """True for --training_mode full, False for lora; ValueError for another mode, or for full training with
+    LoRA arguments set (they would be silently unused) or --save_merged_model (there is no adapter to merge)."""
+    if lora_args.training_mode not in TRAINING_MODES:
+        raise ValueError(f"--training_mode must be one of {TRAINING_MODES}, got {lora_args.training_mode!r}")
+    if lora_args.training_mode == "lora":
+        return False
+    defaults = LoraArguments()
+    kept = {"training_mode", "coordinate_learning_rate", "budget_head_learning_rate"}
+    changed = [f"--{field.name}" for field in dataclasses.fields(LoraArguments)
+               if field.name not in kept and getattr(lora_args, field.name) != getattr(defaults, field.name)]
+    if "--save_merged_model" in changed:
+        raise ValueError("--save_merged_model merges a LoRA adapter; --training_mode full saves the trained model "
+                         "itself in --output_dir")
+    if changed:
+        raise ValueError(f"{', '.join(changed)} configure LoRA and are unused by --training_mode full (every "
+                         "parameter trains at --learning_rate): remove them or use --training_mode lora")
+    return True
 
 
 def learning_rates(lora_args: LoraArguments, training_args: TrainingArguments) -> dict:
@@ -371,7 +436,7 @@ def run_record(model_args, data_args, shirg_args, lora_args, training_args, plan
         "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
         "shirg": dataclasses.asdict(shirg_args),
         "lora": {k: v for k, v in dataclasses.asdict(lora_args).items() if k != "save_merged_model"},
-        "resolved": {"budgets": [entry.label for entry in entries], "lora_plan": dataclasses.asdict(plan)},
+        "resolved": {"budgets": [entry.label for entry in entries], "lora_plan": dataclasses.asdict(plan) if plan else None},
         "training": {"seed": training_args.seed, "world_size": training_args.world_size,
                      "per_device_train_batch_size": training_args.per_device_train_batch_size,
                      "gradient_accumulation_steps": training_args.gradient_accumulation_steps},
@@ -409,7 +474,8 @@ def build_run(argv=None) -> Run:
     model, tokenizer, randomly_initialised = load_model(model_args, seed)
     processor = LavidaShirgProcessor.from_config(model.config, tokenizer)
     entries = budget_entries(shirg_args, model, processor)
-    plan = lora_plan(lora_args, model, randomly_initialised)
+    full_training = check_training_mode(lora_args)
+    plan = None if full_training else lora_plan(lora_args, model, randomly_initialised)
     record = run_record(model_args, data_args, shirg_args, lora_args, training_args, plan, entries)
     resume = training_args.resume_from_checkpoint
     if resume == "last":
@@ -421,18 +487,23 @@ def build_run(argv=None) -> Run:
 
     output_dir = training_args.output_dir
     base_model = model_args.model_name_or_path
-    if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
-        base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
-        if training_args.process_index == 0:
-            model.save_pretrained(base_model)
-            processor.save_pretrained(base_model)
-    base_parameters = sum(p.numel() for p in model.parameters())
-    peft_model = apply_lora(model, plan)
-    peft_model.peft_config["default"].base_model_name_or_path = base_model
-    for parameter in peft_model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
-    print(trainable_summary(peft_model, base_parameters), flush=True)
+    if full_training:
+        trained_model = model.float().requires_grad_(True)
+        count = sum(p.numel() for p in model.parameters())
+        print(f"trainable parameters: {count:,} of {count:,} (100%, --training_mode full)", flush=True)
+    else:
+        if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
+            base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
+            if training_args.process_index == 0:
+                model.save_pretrained(base_model)
+                processor.save_pretrained(base_model)
+        base_parameters = sum(p.numel() for p in model.parameters())
+        trained_model = apply_lora(model, plan)
+        trained_model.peft_config["default"].base_model_name_or_path = base_model
+        for parameter in trained_model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        print(trainable_summary(trained_model, base_parameters), flush=True)
     print(f"budgets per step (seeded shuffle of each cycle): {[entry.label for entry in entries]}; numeric budgets "
           f"use {shirg_args.selection_method}", flush=True)
 
@@ -443,9 +514,10 @@ def build_run(argv=None) -> Run:
         os.makedirs(output_dir, exist_ok=True)
         write_run_record(output_dir, record)
     trainer = ShirgTrainer(
-        model=peft_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
+        model=trained_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
         processing_class=processor, callbacks=[RunRecordCallback(record)], schedule=BudgetSchedule(entries, seed),
-        batch_builder=BatchBuilder(processor), learning_rates=learning_rates(lora_args, training_args),
+        batch_builder=BatchBuilder(processor, data_args.answer_window),
+        learning_rates=learning_rates(lora_args, training_args),
         budget_cost_weight=shirg_args.budget_cost_weight,
     )
     return Run(trainer, model_args, lora_args, processor, resume, base_model)
@@ -453,7 +525,7 @@ def build_run(argv=None) -> Run:
 
 def train_and_save(run: Run) -> dict:
     """Train; save the adapter (PEFT format, + processor) into output_dir and, with --save_merged_model, the merged
-    model into output_dir/merged; write and print the summary (budgets, skipped samples, losses, folders)."""
+    model into output_dir/merged (--training_mode full: the trained model itself into output_dir); write and print the summary (budgets, skipped samples, losses, folders)."""
     trainer = run.trainer
     output_dir = trainer.args.output_dir
     started = time.time()
@@ -476,8 +548,12 @@ def write_summary(run: Run, summary: dict, result, started: float) -> dict:
     summary.update({
         "steps": trainer.state.global_step, "wall_time_s": round(time.time() - started, 1),
         "first_logged_loss": losses[0] if losses else math.nan, "last_logged_loss": losses[-1] if losses else math.nan,
-        "train_loss": result.training_loss, "adapter_dir": os.path.abspath(output_dir), "base_model": run.base_model,
+        "train_loss": result.training_loss,
     })
+    if run.lora_args.training_mode == "full":
+        summary["model_dir"] = os.path.abspath(output_dir)
+    else:
+        summary.update({"adapter_dir": os.path.abspath(output_dir), "base_model": run.base_model})
     if run.lora_args.save_merged_model:
         merged_dir = os.path.abspath(os.path.join(output_dir, "merged"))
         load_trained(run.base_model, output_dir, run.model_args).merge_and_unload().save_pretrained(merged_dir)
@@ -491,7 +567,10 @@ def write_summary(run: Run, summary: dict, result, started: float) -> dict:
         print(f"  {reason}: " + "; ".join(f"#{index} {detail}" for index, detail in examples), flush=True)
     print(f"steps: {summary['steps']}, logged loss {summary['first_logged_loss']:.4f} -> "
           f"{summary['last_logged_loss']:.4f}, {summary['wall_time_s']} s", flush=True)
-    print(f"adapter saved to {summary['adapter_dir']} (base model: {summary['base_model']})", flush=True)
+    if "model_dir" in summary:
+        print(f"model saved to {summary['model_dir']} (AutoModel-loadable)", flush=True)
+    else:
+        print(f"adapter saved to {summary['adapter_dir']} (base model: {summary['base_model']})", flush=True)
     if "merged_dir" in summary:
         print(f"merged model saved to {summary['merged_dir']}", flush=True)
     return summary

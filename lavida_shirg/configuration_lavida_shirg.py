@@ -2,7 +2,8 @@
 
 `ShirgConfig` = SigLIP vision config + LLaDA-style text config + the projector, the "anyres" image layout,
 the special tokens of the LLaDA tokenizer and the masked-diffusion training options.
-Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes) and `"tiny"` (a few MB, tests and demo).
+Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes), `"tiny"` (a few MB, tests and demo) and
+`"reader"` (the shipped reading demo's sizes, trained from scratch on the synthetic reading task).
 """
 
 import dataclasses
@@ -223,7 +224,7 @@ class ShirgConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ShirgConfig":
-        """Build a named preset ("lavida-llada": the real sizes, "tiny": tests and the offline demo)."""
+        """Build a named preset ("lavida-llada": the real sizes, "tiny": tests, "reader": the reading demo)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -354,6 +355,9 @@ REAL_VISION = dict(
 )
 
 TINY_TEXT_VOCAB = 512  # the size of the byte-level BPE tokenizer built by `lavida_shirg.tiny_tokenizer`
+# ids of the special tokens in the tiny tokenizer (see lavida_shirg.tiny_tokenizer.SPECIAL_TOKENS)
+TINY_TOKENIZER_IDS = dict(eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2, start_header_token_id=3,
+                          end_header_token_id=4, eot_token_id=5)
 
 PRESETS = {
     "lavida-llada": dict(vision_config=REAL_VISION, text_config={}),
@@ -369,11 +373,29 @@ PRESETS = {
         pooled_view_size=4,
         hires_image_size=64, selection_budget=64, budget_choices=[32, 64, 96], x_scaffold_size=4,
         visionzip_contextual_tokens=8,
-        # ids of the special tokens in the tiny tokenizer (see lavida_shirg.tiny_tokenizer.SPECIAL_TOKENS)
-        eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2,
-        start_header_token_id=3, end_header_token_id=4, eot_token_id=5,
+        **TINY_TOKENIZER_IDS,
+    ),
+    # the shipped reading demo (reader/): 32 px views of 4 px patches, each crop pooled to 2 x 2 tokens of 16 px,
+    # a 64 px high-resolution view of 16 x 16 tokens of 4 px; text 8-9 px tall is below one pooled token and two
+    # high-resolution patches tall; budgets 32 / 64 / 85 keep 1/8, 1/4, 1/3 of the 256 (see README "The reading demo")
+    "reader": dict(
+        vision_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+            patch_size=4, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        ),
+        text_config=dict(
+            vocab_size=TINY_TEXT_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        ),
+        pooled_view_size=2,
+        hires_image_size=64, selection_budget=64, budget_choices=[32, 64, 85], x_scaffold_size=2,
+        visionzip_contextual_tokens=4,
+        **TINY_TOKENIZER_IDS,
     ),
 }
 
+# presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer) with TINY_TOKENIZER_IDS
+TINY_TOKENIZER_PRESETS = ("tiny", "reader")
 
 ShirgConfig.register_for_auto_class()
+

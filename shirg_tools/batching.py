@@ -10,9 +10,11 @@ per optimizer step. So:
      `LavidaShirgProcessor.__call__` does.
 """
 
+import numpy as np
 import torch
 
 from lavida_shirg.image_layout import image_token_count
+from lavida_shirg.processing_lavida_shirg import IGNORE_INDEX
 
 
 class SkippedSample(Exception):
@@ -90,20 +92,38 @@ def collate_samples(samples: list) -> dict:
 class BatchBuilder:
     """Model inputs of a collated batch for one budget entry (the second stage of the module docstring)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, answer_window: int = 0):
+        if not isinstance(answer_window, int) or answer_window < 0:
+            raise ValueError(f"--answer_window must be a non-negative integer, got {answer_window!r}")
         self.processor = processor
+        self.answer_window = answer_window
 
     def build(self, batch: dict, entry) -> dict:
         """input_ids, attention_mask, labels, question_mask (B, T) for `entry`, plus the batch's pixel tensors
         (hires_pixel_values only when the entry selects from them) and the entry's selection keyword arguments.
-        Same ids, labels and padding as `processor(images, prompts, answers, **entry.call_kwargs())`."""
+        Same ids, labels and padding as `processor(images, prompts, answers, **entry.call_kwargs())`, then, with an
+        `answer_window` W > 0, right-padded (EOS ids and labels, attended) until every sample has >= W answer
+        positions after its prompt, as a LaViDa batch pads its short answers to its longest one."""
         processor = self.processor
         layout = processor.selection(entry.method, entry.budget, entry.options)
         sizes = [[tuple(size)] for size in batch["image_sizes"].tolist()]
         text = processor.text_inputs(batch["prompts"], sizes, batch["answers"], layout)
+        if self.answer_window:
+            text = self.pad_answer_window(text)
         inputs = {name: torch.from_numpy(value) for name, value in text.items()}
         inputs["pixel_values"] = batch["pixel_values"]
         inputs["image_sizes"] = batch["image_sizes"]
         if layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view":
             inputs["hires_pixel_values"] = batch["hires_pixel_values"]
         return {**inputs, **entry.call_kwargs()}
+
+    def pad_answer_window(self, text: dict) -> dict:
+        """Extend the (B, T) arrays on the right so that T - prompt_length >= answer_window for every row: input_ids
+        and labels EOS, attention_mask 1, question_mask False (the padding of `processor.text_inputs`)."""
+        prompt_lengths = (text["labels"] == IGNORE_INDEX).sum(axis=1)
+        extra = int(prompt_lengths.max()) + self.answer_window - text["input_ids"].shape[1]
+        if extra <= 0:
+            return text
+        eos = self.processor.eos_token_id
+        fill = {"input_ids": eos, "labels": eos, "attention_mask": 1, "question_mask": False}
+        return {name: np.pad(value, ((0, 0), (0, extra)), constant_values=fill[name]) for name, value in text.items()}

@@ -110,15 +110,22 @@ def parse_task_names(text: str) -> list:
 
 def synthetic_config(overrides: dict):
     """The synthetic OCR generator's config with the evaluation seed and `overrides` (field -> text, parsed by the
-    type of the field's default); unknown fields raise TaskError listing the fields."""
-    from shirg_tools.synthetic_ocr import SyntheticOCRConfig
+    type of the field's default) on the settings of the named task (option "task", default "ocr"; see
+    synthetic_ocr.SYNTHETIC_TASKS); unknown fields or tasks raise TaskError listing the valid ones."""
+    from shirg_tools.synthetic_ocr import SYNTHETIC_TASKS, SyntheticOCRConfig
 
+    overrides = dict(overrides)
+    task = overrides.pop("task", "ocr")
+    if task not in SYNTHETIC_TASKS:
+        raise TaskError(f"--synthetic task={task}: unknown task; tasks: {', '.join(sorted(SYNTHETIC_TASKS))}")
     fields = {field.name: field for field in dataclasses.fields(SyntheticOCRConfig)}
-    defaults = SyntheticOCRConfig()
+    defaults = SYNTHETIC_TASKS[task]
     values = {"seed": SYNTHETIC_EVAL_SEED}
     for name, text in overrides.items():
         if name not in fields:
-            raise TaskError(f"unknown --synthetic option {name!r}; SyntheticOCRConfig fields: {', '.join(fields)}")
+            raise TaskError(f"unknown --synthetic option {name!r}; options: task (one of "
+                            f"{', '.join(sorted(SYNTHETIC_TASKS))}) and the SyntheticOCRConfig fields "
+                            f"{', '.join(fields)}")
         values[name] = _parse_like(getattr(defaults, name), text, name)
     return dataclasses.replace(defaults, **values)
 

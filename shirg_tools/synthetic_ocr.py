@@ -5,8 +5,8 @@ words or numbers inside coloured boxes, and sometimes a small table. The questio
 needs reading that text. Every sample also carries the pixel box of every rendered text and which box holds the
 answer, so that an evaluation can measure what a token-selection variant keeps.
 
-Public API (also used by eval.py; keep it stable): `SyntheticOCRConfig`, `generate_sample(index, config)`,
-`synthetic_ocr_dataset(num_samples, config)`, `SYNTHETIC_OCR_PROMPT_SUFFIX`.
+Public API (also used by eval.py; keep it stable): `SyntheticOCRConfig`, `SYNTHETIC_TASKS` / `synthetic_task(name)`,
+`generate_sample(index, config)`, `synthetic_ocr_dataset(num_samples, config)`, `SYNTHETIC_OCR_PROMPT_SUFFIX`.
 """
 
 import dataclasses
@@ -30,6 +30,8 @@ BOX_COLOURS = {
 }
 TABLE_COLUMNS = ("price", "qty", "code")
 INK_COLOURS = ((0, 0, 0), (40, 40, 40), (20, 30, 90), (80, 20, 20))
+BOX_CONTENTS = ("words-or-values", "values")
+MAX_VALUE_DIGITS = 12
 PLACEMENT_ATTEMPTS = 200
 MARGIN = 2  # pixels kept free between placed elements
 
@@ -43,7 +45,10 @@ class SyntheticOCRConfig:
     coloured box. table_probability: probability that an image also holds a table (table_rows rows of an item and
     one value column). font_size_range: (min, max) font size in pixels, inclusive, drawn per text (PIL's built-in
     font). question_types: the kinds of question asked (QUESTION_TYPES); a sample asks about one element of a kind
-    present in its image. seed: with the sample index, fixes everything about a sample.
+    present in its image. value_digits: 0 draws numbers as an integer in [1, 9999] or a price with two decimals; k > 0
+    draws every number as exactly k digits (leading zeros kept, e.g. "042"). box_content: what a coloured box holds,
+    one of BOX_CONTENTS ("words-or-values": a word or a number, even odds; "values": a number). seed: with the sample
+    index, fixes everything about a sample.
     """
 
     canvas_size: tuple = (672, 672)
@@ -53,6 +58,8 @@ class SyntheticOCRConfig:
     table_rows: tuple = (2, 4)
     font_size_range: tuple = (10, 16)
     question_types: tuple = QUESTION_TYPES
+    value_digits: int = 0
+    box_content: str = "words-or-values"
     seed: int = 0
 
     def __post_init__(self):
@@ -77,8 +84,31 @@ class SyntheticOCRConfig:
         if not self.question_types or unknown:
             raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got "
                              f"{self.question_types!r}")
+        if not isinstance(self.value_digits, int) or not 0 <= self.value_digits <= MAX_VALUE_DIGITS:
+            raise ValueError(f"value_digits must be an integer in [0, {MAX_VALUE_DIGITS}] (0: mixed numbers and "
+                             f"prices), got {self.value_digits!r}")
+        if self.box_content not in BOX_CONTENTS:
+            raise ValueError(f"box_content must be one of {BOX_CONTENTS}, got {self.box_content!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+
+# Named generator settings. "ocr": the default mixed OCR set (672 px, 8 texts). "reading": the reading demo's task:
+# a 64 px canvas with two coloured boxes holding 3-digit numbers, 10-12 px fonts (digits 8-9 px tall, 6-8 px wide),
+# the question naming a box's colour; the colour is visible at any resolution, the digits only at 4 px patches.
+SYNTHETIC_TASKS = {
+    "ocr": SyntheticOCRConfig(),
+    "reading": SyntheticOCRConfig(canvas_size=(64, 64), num_texts=2, box_fraction=1.0, table_probability=0.0,
+                                  font_size_range=(10, 12), question_types=("coloured-box",), value_digits=3,
+                                  box_content="values"),
+}
+
+
+def synthetic_task(name: str, **overrides) -> SyntheticOCRConfig:
+    """The config of task `name` (SYNTHETIC_TASKS) with `overrides` (SyntheticOCRConfig fields) applied."""
+    if name not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(SYNTHETIC_TASKS)}")
+    return dataclasses.replace(SYNTHETIC_TASKS[name], **overrides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,8 +119,11 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _random_value(rng: np.random.Generator) -> str:
-    """A short number: an integer in [1, 9999] or a price with two decimals."""
+def _random_value(rng: np.random.Generator, digits: int = 0) -> str:
+    """A short number: with `digits` > 0, exactly that many decimal digits; else an integer in [1, 9999] or a price
+    with two decimals (even odds)."""
+    if digits:
+        return "".join(str(d) for d in rng.integers(0, 10, size=digits))
     if rng.random() < 0.5:
         return str(int(rng.integers(1, 10000)))
     return f"{int(rng.integers(0, 100))}.{int(rng.integers(0, 100)):02d}"
@@ -170,7 +203,7 @@ def _place_table(canvas: _Canvas, rng: np.random.Generator, config: SyntheticOCR
     column = TABLE_COLUMNS[int(rng.integers(len(TABLE_COLUMNS)))]
     num_rows = int(rng.integers(config.table_rows[0], config.table_rows[1] + 1))
     items = [WORDS[i] for i in rng.choice(len(WORDS), size=num_rows, replace=False)]
-    values = [_random_value(rng) for _ in items]
+    values = [_random_value(rng, config.value_digits) for _ in items]
     cells = [("item", column)] + list(zip(items, values))
     _, line_height = _text_size("Ag0", font)
     pad = max(2, line_height // 3)
@@ -224,9 +257,10 @@ def generate_sample(index: int, config: SyntheticOCRConfig, with_ink_mask: bool 
 
     def standalone(kind):
         if kind == "coloured-box":
-            content = WORDS[int(rng.integers(len(WORDS)))] if rng.random() < 0.5 else _random_value(rng)
+            word = config.box_content == "words-or-values" and rng.random() < 0.5
+            content = WORDS[int(rng.integers(len(WORDS)))] if word else _random_value(rng, config.value_digits)
             return _place_coloured_box(canvas, colours.pop(), content, font())
-        return _place_key_value(canvas, keys.pop(), _random_value(rng), font(), ink)
+        return _place_key_value(canvas, keys.pop(), _random_value(rng, config.value_digits), font(), ink)
 
     if target_type == "table":
         candidates = _place_table(canvas, rng, config, font())

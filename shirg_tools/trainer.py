@@ -20,6 +20,7 @@ import collections
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 
 from .budget_schedule import ADAPTIVE
@@ -99,7 +100,7 @@ class ShirgTrainer(Trainer):
         self._window_steps = [0] * len(schedule.entries)
         self._window_cost = torch.zeros((), dtype=torch.float64, device=self.args.device)
         self._budget_logits = []
-        base_model = self.model.get_base_model()
+        base_model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         self._budget_values = None
         if base_model.budget_head is not None:  # its budgets are config.budget_choices (the model checks it)
             self._budget_values = torch.tensor(base_model.config.budget_choices, dtype=torch.float32)

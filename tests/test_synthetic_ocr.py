@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hashlib
+
+from lavida_shirg.configuration_lavida_shirg import ShirgConfig
 from shirg_tools.synthetic_ocr import (
     BOX_COLOURS,
     QUESTION_TYPES,
     SyntheticOCRConfig,
     generate_sample,
     synthetic_ocr_dataset,
+    synthetic_task,
 )
 
 SMALL = SyntheticOCRConfig(canvas_size=(96, 96), num_texts=3, font_size_range=(8, 10), seed=3)
@@ -86,6 +90,9 @@ def test_dataset_has_image_feature_and_same_samples():
     (dict(font_size_range=(12, 10)), "font_size_range"),
     (dict(question_types=("price",)), "question_types"),
     (dict(box_fraction=1.5), "box_fraction"),
+    (dict(value_digits=-1), "value_digits"),
+    (dict(value_digits=2.0), "value_digits"),
+    (dict(box_content="words"), "box_content must be one of"),
 ])
 def test_bad_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -96,3 +103,52 @@ def test_a_target_that_cannot_fit_is_an_error():
     config = SyntheticOCRConfig(canvas_size=(20, 20), font_size_range=(16, 16), question_types=("key-value",))
     with pytest.raises(ValueError, match="does not fit"):
         generate_sample(0, config)
+
+
+def test_the_default_set_is_unchanged_by_the_new_options():
+    """value_digits / box_content at their defaults draw exactly the samples of the set before they existed
+    (fingerprint of samples 0-19 of the default config, taken before the options were added)."""
+    digest = hashlib.sha256()
+    for index in range(20):
+        sample = generate_sample(index, SyntheticOCRConfig())
+        digest.update(sample["image"].tobytes())
+        digest.update(repr((sample["question"], sample["answers"], sample["text_boxes"])).encode())
+    assert digest.hexdigest() == "29bf871bb7ba506a22cb2a210f0760b186292d1de68e4bad0fff101c0d039bf9"
+
+
+def test_value_digits_and_box_content():
+    config = SyntheticOCRConfig(canvas_size=(192, 192), num_texts=6, box_fraction=0.5, table_probability=1.0,
+                                value_digits=4, box_content="values", seed=1)
+    numbers = 0
+    for index in range(20):
+        sample = generate_sample(index, config)
+        for text in sample["texts"]:
+            value = text.split(": ")[-1]
+            if value.isdigit():
+                assert len(value) == 4
+                numbers += 1
+        answer = sample["answers"][0]
+        assert answer.isdigit() and len(answer) == 4, "every question of this config asks a number"
+    assert numbers > 40
+
+
+def test_reading_task_geometry_matches_the_reader_preset():
+    """The reading task: two coloured boxes of 3-digit numbers on a 64 px canvas; the question names the target's
+    colour. Its digits are shorter than one pooled token of the reader preset and at least two of its
+    high-resolution patches tall (the pooled layout cannot resolve them, the high-resolution one can)."""
+    config, model = synthetic_task("reading"), ShirgConfig.from_preset("reader")
+    vision = model.vision_config
+    pooled_token_px = vision.image_size / model.pooled_view_size  # a crop token at the 64 px pinpoint (no resize)
+    hires_patch_px = config.canvas_size[0] / model.hires_image_size * vision.patch_size
+    heights, two_boxes = [], 0
+    for index in range(50):
+        sample = generate_sample(index, config)
+        assert sample["question_type"] == "coloured-box" and len(sample["texts"]) <= 2
+        two_boxes += len(sample["texts"]) == 2
+        assert all(len(text) == 3 and text.isdigit() for text in sample["texts"])
+        colour = sample["question"][len("What is written in the "):-len(" box?")]
+        x0, y0, _, _ = sample["text_boxes"][sample["answer_box"]]
+        assert sample["image"].getpixel((x0 - 1, y0 - 1)) == BOX_COLOURS[colour]
+        heights += [y1 - y0 for _, y0, _, y1 in sample["text_boxes"]]
+    assert two_boxes >= 45, "nearly every image holds a distractor box"
+    assert 2 * hires_patch_px <= min(heights) and max(heights) < pooled_token_px, (heights, pooled_token_px)

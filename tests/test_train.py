@@ -26,7 +26,7 @@ from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
 from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries
 from shirg_tools.lora import LoraPlan, apply_lora
-from shirg_tools.synthetic_ocr import SyntheticOCRConfig, generate_sample
+from shirg_tools.synthetic_ocr import SYNTHETIC_TASKS, SyntheticOCRConfig, generate_sample
 from shirg_tools.training_data import VQASource, load_vqa_table, majority_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +130,13 @@ def test_trainable_parameters_groups_and_schedule(tmp_path):
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint"),
     (["--config", "/no/such/config.yaml"], "--config"),
     (["--selection_method", "pooled"], "--selection_method"),
+    (["--modules_to_save", "language_model,lm_head,vision_tower,multi_modal_projector"],
+     "--modules_to_save 'vision_tower' holds LoRA targets .*--training_mode full"),
+    (["--modules_to_save", "multi_modal_projector"], "'multi_modal_projector' holds LoRA targets"),
+    (["--training_mode", "partial"], r"--training_mode must be one of \('lora', 'full'\)"),
+    (["--training_mode", "full", "--lora_vision_rank", "8"], "--lora_vision_rank configure LoRA"),
+    (["--training_mode", "full", "--save_merged_model"], "--save_merged_model merges a LoRA adapter"),
+    (["--synthetic_task", "poems"], "--synthetic_task must be one of"),
 ])
 def test_bad_arguments_are_named_before_training(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -173,6 +180,72 @@ def test_config_file_yaml_and_json_with_command_line_overrides(tmp_path):
 
 
 # ---- batches -------------------------------------------------------------------------------------------------------
+
+
+def test_full_training_trains_every_parameter_and_saves_a_loadable_model(tmp_path):
+    """--training_mode full: no adapter, every parameter in the optimizer at --learning_rate, every tensor moves;
+    output_dir holds the trained model, which AutoModel loads (remote code) with the same weights."""
+    folder = tmp_path / "full"
+    run = train.build_run(arguments(folder, "--preset", "reader", "--training_mode", "full", "--synthetic_task",
+                                    "reading", "--synthetic_canvas_size", "64", "--budgets", "24,pooled",
+                                    "--max_steps", "2", "--learning_rate", "1e-3", "--warmup_steps", "0"))
+    model = run.trainer.model
+    assert isinstance(model, LavidaShirgForMaskedDiffusion)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    optimizer = run.trainer.create_optimizer()
+    assert {group["group"] for group in optimizer.param_groups} == {"full"}
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == model.num_parameters()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    summary = train.execute(run)
+    assert summary["model_dir"] == str(folder.resolve()) and "adapter_dir" not in summary
+    assert not (folder / "adapter_model.safetensors").exists() and not (folder / "base_model").exists()
+    saved = load_file(folder / "model.safetensors")
+    moved = [name for name, value in before.items() if not torch.equal(saved[name], value)]
+    assert len(moved) == len(before), "every parameter tensor trained"
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.config.vision_config.hidden_size == ShirgConfig.from_preset("reader").vision_config.hidden_size
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert processor.tokenizer.convert_ids_to_tokens(loaded.config.image_token_id) == "<image>"
+
+
+def test_synthetic_task_options_override_the_named_settings():
+    reading = train.synthetic_data_config(train.DataArguments(synthetic_task="reading"))
+    assert reading == SYNTHETIC_TASKS["reading"]
+    changed = train.synthetic_data_config(train.DataArguments(synthetic_task="reading", synthetic_font_max=14,
+                                                              synthetic_canvas_size=80, synthetic_seed=3))
+    assert changed == dataclasses.replace(SYNTHETIC_TASKS["reading"], font_size_range=(10, 14),
+                                          canvas_size=(80, 80), seed=3)
+    assert train.synthetic_data_config(train.DataArguments()) == SyntheticOCRConfig()
+
+
+def test_answer_window_pads_labels_with_eos_to_the_window():
+    """--answer_window W: every sample gets >= W label positions after its prompt (answer, eot, then EOS ids and
+    labels, attended); the prompt part is the processor's batch unchanged."""
+    config = ShirgConfig.from_preset("reader")
+    processor = LavidaShirgProcessor.from_config(config, build_tiny_tokenizer())
+    entries = parse_budget_entries("32,pooled", "shirg-fixed", {}, has_budget_head=False)
+    encoder = SampleEncoder(processor, entries)
+    samples = [generate_sample(index, SYNTHETIC_TASKS["reading"]) for index in range(4)]
+    batch = collate_samples([{**encoder.encode(s["image"], s["question"], s["answers"][0]), "skipped": []}
+                             for s in samples])
+    for entry in entries:
+        plain, padded = BatchBuilder(processor).build(batch, entry), BatchBuilder(processor, 16).build(batch, entry)
+        width = plain["input_ids"].shape[1]
+        for name in ("input_ids", "labels", "attention_mask", "question_mask"):
+            assert torch.equal(padded[name][:, :width], plain[name]), name
+        prompt = (padded["labels"] == -100).sum(dim=1)
+        assert int((padded["labels"].shape[1] - prompt).min()) == 16
+        for row, sample in enumerate(samples):
+            answer = padded["labels"][row, prompt[row]:]
+            digits = processor.tokenizer(sample["answers"][0], add_special_tokens=False)["input_ids"]
+            assert answer[:4].tolist() == digits + [config.eot_token_id]
+            assert set(answer[4:].tolist()) == {config.eos_token_id} and len(answer) >= 16
+        assert bool(padded["attention_mask"].all()) and not bool(padded["question_mask"][:, width:].any())
+    with pytest.raises(ValueError, match="--answer_window"):
+        BatchBuilder(processor, -1)
 
 
 def test_batch_builder_equals_the_processor_for_every_budget():
