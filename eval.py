@@ -31,15 +31,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES  # noqa: E402
-from shirg_tools.diagnostics import selection_diagnostics, source_views, token_relevance  # noqa: E402
+from shirg_tools.diagnostics import variant_diagnostics  # noqa: E402
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
                                     synthetic_config)
 from shirg_tools.file_modes import umask_mode  # noqa: E402
 from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,  # noqa: E402
-                                   check_sampling, check_variant, generation_settings, load_pretrained, model_folder,
-                                   resolve_dtype)
-from shirg_tools.metrics import METRICS  # noqa: E402
-from shirg_tools.overlays import contact_sheet, render_panel  # noqa: E402
+                                   check_sampling, check_variant, generation_settings, high_resolution_tokens,
+                                   load_pretrained, model_folder, resolve_dtype)
+from shirg_tools.metrics import METRICS, exact_match  # noqa: E402
+from shirg_tools.overlays import contact_sheet, variant_panel  # noqa: E402
 from shirg_tools.timing import median, timed_generate  # noqa: E402
 from shirg_tools.variants import default_variants, option_names_help, parse_variants  # noqa: E402
 
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-diagnostics", action="store_true", help="skip the selection diagnostics "
                         "(they re-run the vision tower once per batch and variant, outside the timed region)")
     parser.add_argument("--synthetic", action="append", default=[], metavar="FIELD=VALUE",
-                        help="SyntheticOCRConfig field for the synthetic set, e.g. canvas_size=96/96")
+                        help="setting of the synthetic set: task=ocr|reading (the generator's named settings, default "
+                        "ocr) or a SyntheticOCRConfig field, e.g. canvas_size=96/96")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of the default model")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 gives steadier CPU "
                         "timings on a machine shared with other work")
@@ -133,12 +134,6 @@ def load_model(args, device: torch.device, dtype: str):
     if is_tiny and args.model is not None:
         label += " (tiny preset: does not learn to read on CPU minutes)"
     return model, processor, label, is_tiny
-
-
-def high_resolution_tokens(model) -> int:
-    """The default single-view token count of the model (what the default variant budgets scale with)."""
-    config = model.config
-    return (config.hires_image_size // config.vision_config.patch_size) ** 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +336,7 @@ class Evaluation:
                     record = records[sample.id]
                     record.update(
                         prediction=prediction, score=METRICS[spec.metric](prediction, sample.answers),
+                        exact=exact_match(prediction, sample.answers),
                         batch_size=len(ready), batch_prefill_ms=timing.prefill_s * 1000,
                         batch_step_ms=timing.step_s * 1000, batch_total_ms=timing.total_s * 1000,
                         batch_kv_bytes=timing.kv_bytes, batch_kv_bytes_compute_dtype=timing.kv_bytes_compute_dtype,
@@ -402,11 +398,7 @@ class Evaluation:
         """Selection diagnostics per sample (empty dicts with --no-diagnostics)."""
         if self.args.no_diagnostics:
             return [{} for _ in samples]
-        settings = self.model.selection_settings(variant.method, variant.budget, variant.options)
-        relevance = None
-        if variant.method != "pooled":
-            relevance = token_relevance(self.model, inputs, settings)
-        return selection_diagnostics(self.model, inputs, settings, samples, relevance)
+        return variant_diagnostics(self.model, inputs, variant, samples)
 
     # ---- overlays ---------------------------------------------------------------------------------------------
 
@@ -415,46 +407,14 @@ class Evaluation:
 
     def write_overlay(self, name, variant, sample, record, diagnostics):
         """The variant's panel of one sample (PNG, written atomically)."""
-        settings = self.model.selection_settings(variant.method, variant.budget, variant.options)
-        layout = {**self.model.config.token_layout(), **settings}
-        size = (sample.image.height, sample.image.width)
-        info = record["diagnostics"]
         caption = [f"{variant.label}"[:48], f"{record['image_tokens']} image tokens; pred: {record['prediction']!r}"[:48]]
         answer_box = None if sample.answer_box is None else sample.text_boxes[sample.answer_box]
-        if variant.method == "pooled":
-            pooled = layout["pooled_view_size"]
-            crops = source_views(size, {**layout, "hires_source": "anyres-views"})[1:]
-            grids = [(view.box, pooled, pooled) for view in crops]
-            area = info.get("token_area_px2", {})
-            caption.append(f"pooled px2/token: crop {area.get('crop', 0):.0f}, global {area.get('global', 0):.0f}")
-            panel = render_panel(sample.image, caption, pooled_grids=grids, answer_box=answer_box)
-        else:
-            views, kept = diagnostics.get("_views"), diagnostics.get("_kept")
-            if views is None:
-                views = source_views(size, layout)
-            scaffold = self.scaffold_grid(layout, size, views)
-            recall = info.get("answer_recall")
-            caption.append(f"coverage {info.get('coverage_kept', 1.0):.2f}" +
-                           ("" if recall is None else f"; answer recall {recall:.2f}") +
-                           ("; + scaffold (cyan)" if scaffold else ""))
-            panel = render_panel(sample.image, caption, views=views, kept=kept,
-                                 region_size=layout["coverage_region_size"] if kept is not None else None,
-                                 scaffold=scaffold, answer_box=answer_box)
+        panel = variant_panel(self.model, sample.image, variant, caption, diagnostics, answer_box)
         folder = self.overlay_folder(name, sample.id)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / f"{variant_slug(variant.label)}.png", png_bytes(panel))
         header = {"id": sample.id, "question": sample.question, "answers": sample.answers}
         write_json(folder / "sample.json", header)
-
-    @staticmethod
-    def scaffold_grid(layout, size, views):
-        """SHIRG-X's scaffold as (box, rows, cols) in image pixels, or None."""
-        if layout["selection_method"] != "shirg-x" or layout["x_scaffold"] == "none":
-            return None
-        if layout["x_scaffold"] == "grid":
-            return views[0].box, layout["x_scaffold_size"], layout["x_scaffold_size"]
-        height, width = size
-        return (0.0, 0.0, float(width), float(height)), layout["pooled_view_size"], layout["pooled_view_size"]
 
     def write_sheets(self, name, sample_ids):
         """One side-by-side sheet per overlaid sample, from the variant panels on disk (in --variants order)."""
@@ -529,6 +489,7 @@ def summarize_records(records: list) -> dict:
     row = {
         "samples": len(good), "errors": len(records) - len(good),
         "score": 100 * sum(r["score"] for r in good) / len(good) if good else None,
+        "exact_match": 100 * sum(r["exact"] for r in good) / len(good) if good else None,
         "image_tokens": sum(r["image_tokens"] for r in good) / len(good) if good else None,
         "prefill_ms": median(per_sample["prefill_ms"]),
         "step_ms": median([r["batch_step_ms"] / r["batch_size"] for r in good]),
@@ -574,7 +535,8 @@ def markdown_table(summary: dict) -> str:
         lines += ["**The accuracy column comes from a tiny model that cannot read (random or CPU-minutes weights): it "
                   "is not evidence for or against any variant. The answer-region recall and the selection "
                   "diagnostics are.**", ""]
-    header = (f"| task | variant | {score_header} | n | errors | image tokens | prefill ms{unit} | ms/step{unit} | "
+    header = (f"| task | variant | {score_header} | exact match | n | errors | image tokens | prefill ms{unit} | "
+              f"ms/step{unit} | "
               f"total ms/sample{unit} | peak MB | KV MB | KV MB saved | relevance lift | coverage | score Gini | "
               "answer recall | text AUC | text recall | px2/token |")
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
@@ -584,14 +546,16 @@ def markdown_table(summary: dict) -> str:
             area_text = (f"crop {area['crop']:.0f} / global {area['global']:.0f}" if isinstance(area, dict)
                          else _number(area, 0))
             lines.append(
-                f"| {name} | {label} | {_number(row['score'])} | {row['samples']} | {row['errors']} | "
+                f"| {name} | {label} | {_number(row['score'])} | {_number(row['exact_match'])} | {row['samples']} | "
+                f"{row['errors']} | "
                 f"{_number(row['image_tokens'], 0)} | {_number(row['prefill_ms'])} | {_number(row['step_ms'], 2)} | "
                 f"{_number(row['total_ms'])} | {_number(row['peak_mb'], 0)} | {_number(row['kv_mb'], 2)} | "
                 f"{_number(row['kv_mb_saved'], 2)} | {_number(row['relevance_lift'], 2)} | "
                 f"{_number(row['coverage_kept'], 2)} | {_number(row['score_gini'], 2)} | "
                 f"{_number(row['answer_recall'], 2)} | {_number(row['text_auc'], 2)} | "
                 f"{_number(row['text_recall'], 2)} | {area_text} |")
-    lines += ["", "Timings: medians over samples of (batch time / batch size), after one warm-up batch per task and "
+    lines += ["", "exact match: % of predictions equal to a reference answer after EvalAI's normalisation (the "
+              "score column uses the task's metric). Timings: medians over samples of (batch time / batch size), after one warm-up batch per task and "
               "variant; peak MB: torch.cuda.max_memory_allocated (n/a on CPU); KV MB: prefix-cache bytes per sample "
               "read from the cache tensors (saved: vs the compute dtype). relevance lift: mean normalised question "
               "relevance of kept tokens / that of a random selection of the same size (1 = random). coverage: "

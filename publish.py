@@ -1,14 +1,20 @@
-"""Publish a lavida-shirg model (or a LoRA adapter) as a Hub-ready folder, and optionally push it.
+"""Publish a lavida-shirg model (or a LoRA adapter) as a Hub-ready folder, and optionally push it; or write a
+Hugging Face Space folder running the Gradio app (app.py) on a model.
 
     python publish.py --model ./lavida-shirg-llada ./hub-folder --results eval_out/summary.md
     python publish.py --model ./lavida-shirg-llada ./hub-folder --push_to_hub org/lavida-shirg --private
     python publish.py --adapter ./train_out/adapter --base_model org/lavida-shirg-llada ./hub-adapter
+    python publish.py --model ./reader_model --space ./space-folder      # then: hf upload --repo-type space ...
 
 The folder holds the weights (safetensors, sharded above --max_shard_size), config.json with auto_map, every
 remote-code file, the processor and tokenizer files, and a model card (README.md) made with huggingface_hub's
 ModelCard: what SHIRG does, the variants and budgets, the results table when one is given, and a runnable demo.
 The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written. Its
 folders and files get the modes of the user's umask.
+
+The Space folder (--space) holds app.py, the project packages it imports (lavida_shirg, shirg_tools), the model
+as app.py's default model folder, requirements.txt (the runtime requirements; Gradio comes with the Space's SDK) and
+a README.md whose front matter declares a Gradio Space (sdk_version: the installed Gradio's, app_file: app.py).
 """
 
 import argparse
@@ -17,9 +23,10 @@ import os
 import shutil
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -27,7 +34,9 @@ from lavida_shirg.configuration_lavida_shirg import ShirgConfig
 from shirg_tools.file_modes import apply_umask
 from shirg_tools.run_record import RUN_RECORD
 
+ROOT = Path(__file__).resolve().parent
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SPACE_PACKAGES = ("lavida_shirg", "shirg_tools")  # the project packages app.py imports, copied whole
 TAGS = ["custom_code", "lavida", "shirg", "diffusion", "token-pruning", "multimodal", "ocr"]
 
 
@@ -357,6 +366,58 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
     return Path(out)
 
 
+def space_requirements() -> str:
+    """requirements.txt of a Space: the project's runtime requirements (requirements-runtime.txt without its
+    comments); Gradio itself is installed by the Space's SDK at the README's sdk_version."""
+    lines = (ROOT / "requirements-runtime.txt").read_text().splitlines()
+    kept = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return "# the runtime requirements of lavida-shirg; gradio comes with the Space (README sdk_version)\n" + \
+        "\n".join(kept) + "\n"
+
+
+def space_card(model_folder: str, license_name: str) -> SpaceCard:
+    """The Space's README.md: Gradio Space front matter (installed Gradio version, app.py) and what the page does."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"  # the interpreter the app ran under here
+    data = SpaceCardData(title="LaViDa-SHIRG token selection", sdk="gradio", sdk_version=version("gradio"),
+                         python_version=python, app_file="app.py", license=license_name, tags=TAGS,
+                         emoji="🔍", colorFrom="indigo", colorTo="yellow", pinned=False,
+                         short_description="Which image tokens each LaViDa-SHIRG variant keeps, and its answer")
+    body = f"""# LaViDa-SHIRG: which image tokens does each variant keep?
+
+Upload an image (or pick a built-in synthetic example), ask a question, tick variants (LaViDa's pooled layout, all
+high-resolution tokens, SHIRG-Fixed / v2 / X and the baselines random, top-norm, VisionZip and DivPrune at the budget
+of the slider) and run. Per variant the page shows the answer, the image tokens the language model received, the
+latency of the call, the prefix KV cache, and the overlay of the high-resolution patches it kept (bright, orange
+outline) and dropped (dim).
+
+The model is the folder `{model_folder}/` of this Space. Run the page locally with `python app.py` (`--help` for the
+model folder, device, dtype, host and port).
+"""
+    return SpaceCard(f"---\n{data.to_yaml()}\n---\n\n" + body)
+
+
+def export_space(model_path, out, repo_id, license_name="apache-2.0", overwrite=False):
+    """Write the Space folder (see the module docstring) running app.py on the saved model `model_path`. Returns
+    `out`."""
+    import app  # its default model folder is where the Space's model goes
+
+    check_model_folder(model_path)
+    tmp = prepare_output(out, overwrite)
+    try:
+        shutil.copy2(ROOT / "app.py", tmp / "app.py")
+        for package in SPACE_PACKAGES:
+            shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        model_name = app.DEFAULT_MODEL.name
+        export_model(model_path, tmp / model_name, repo_id, license_name=license_name)
+        (tmp / "requirements.txt").write_text(space_requirements())
+        space_card(model_name, license_name).save(tmp / "README.md")
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out)
+
+
 # what an adapter card shows about the base model's selection settings (the real preset's defaults)
 DEFAULT_CARD_CONFIG = {"hires_image_size": 672, "budget_choices": [512, 768, 1024], "selection_budget": 768,
                        "generation": {"max_new_tokens": 32}}
@@ -391,7 +452,9 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a saved lavida_shirg model folder (save_pretrained output or converted)")
     source.add_argument("--adapter", help="a PEFT adapter folder (train.py's output)")
-    parser.add_argument("out", help="the Hub-ready folder to write")
+    parser.add_argument("out", nargs="?", help="the Hub-ready folder to write (optional with --space)")
+    parser.add_argument("--space", metavar="FOLDER", help="also (or only) write a Hugging Face Space folder running "
+                        "the Gradio app (app.py) on --model")
     parser.add_argument("--repo_id", default=None, help="repository id shown in the card (default: --push_to_hub)")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     parser.add_argument("--private", action="store_true")
@@ -408,11 +471,24 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.out is None and args.space is None:
+            raise PublishError("give OUT (the Hub folder to write) or --space FOLDER (a Space folder), or both")
+        if args.space and not args.model:
+            raise PublishError("--space runs the app on a model: pass --model FOLDER (not --adapter)")
         if args.push_to_hub:
             check_repo_id(args.push_to_hub)
+            if args.out is None:
+                raise PublishError("--push_to_hub uploads OUT: give the folder to write (the Space folder is "
+                                   "uploaded with `hf upload --repo-type space`)")
         repo_id = args.repo_id or args.push_to_hub or "your-namespace/lavida-shirg"
         if args.results and not Path(args.results).is_file():
             raise PublishError(f"--results {args.results!r} is not a file")
+        if args.space:
+            space = export_space(args.model, args.space, repo_id, args.license, args.overwrite)
+            print(f"wrote the Space folder {space}: upload it with `hf upload --repo-type space NAMESPACE/NAME "
+                  f"{space}`")
+        if args.out is None:
+            return 0
         if args.model:
             folder = export_model(args.model, args.out, repo_id, args.results, args.base_model, args.datasets,
                                   args.license, args.max_shard_size, args.overwrite)

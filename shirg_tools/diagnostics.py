@@ -241,3 +241,11 @@ def selection_diagnostics(model, inputs: dict, settings: dict, samples: list, re
             result["text_auc"] = None if auc is None or np.isnan(auc) else auc
         results.append(result)
     return results
+
+
+def variant_diagnostics(model, inputs: dict, variant, samples: list) -> list:
+    """`selection_diagnostics` of `variant` (a shirg_tools.variants.Variant) on a batch of processor outputs, its
+    relevance computed by `token_relevance` (none for pooled)."""
+    settings = model.selection_settings(variant.method, variant.budget, variant.options)
+    relevance = None if variant.method == "pooled" else token_relevance(model, inputs, settings)
+    return selection_diagnostics(model, inputs, settings, samples, relevance)

@@ -104,6 +104,13 @@ def load_pretrained(folder: Path, dtype: str, device: torch.device):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval(), processor
 
 
+def high_resolution_tokens(model) -> int:
+    """The model's single-view high-resolution token count, (hires_image_size // patch_size)^2: what `full` keeps of
+    one image and the largest selection budget (default variant budgets and the app's budget slider scale with it)."""
+    config = model.config
+    return (config.hires_image_size // config.vision_config.patch_size) ** 2
+
+
 def check_variant(model, processor, variant):
     """ValueError naming the variant when the model or the processor refuses its settings (budget beyond the token
     count, out-of-range option, a learned part the model lacks)."""

@@ -1,14 +1,18 @@
-"""Kept-vs-dropped overlays (PIL and numpy only).
+"""Kept-vs-dropped overlays.
 
-`render_panel` draws one variant on one image: kept full-resolution patches at full brightness with an orange
-outline, dropped ones dimmed to 30%, the coverage regions as thin yellow lines, the SHIRG-X scaffold (or LaViDa's
-pooled cells) as cyan lines, the synthetic answer box in green, and a caption. For anyres-views sources the
-global view's kept tokens (low resolution) appear as an inset at the top-right corner. `contact_sheet` puts the
-panels of one sample side by side under a header (the "kept vs dropped" figure).
+`render_panel` (PIL and numpy only) draws one variant on one image: kept full-resolution patches at full brightness
+with an orange outline, dropped ones dimmed to 30%, the coverage regions as thin yellow lines, the SHIRG-X scaffold
+(or LaViDa's pooled cells) as cyan lines, the synthetic answer box in green, and a caption. For anyres-views
+sources the global view's kept tokens (low resolution) appear as an inset at the top-right corner. `variant_panel`
+builds the panel of one variant of a loaded model from its selection diagnostics (the geometry of its tokens, its
+pooled cells or its scaffold); eval.py and the Gradio app (app.py) both use it. `contact_sheet` puts the panels of
+one sample side by side under a header (the "kept vs dropped" figure).
 """
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from shirg_tools.diagnostics import source_views
 
 KEPT_OUTLINE = (255, 140, 0)
 REGION_LINE = (255, 230, 0, 110)
@@ -129,6 +133,50 @@ def _with_caption(panel, caption, width):
     for number, line in enumerate(caption):
         draw.text((3, panel.height + 3 + number * CAPTION_LINE_HEIGHT), line, fill=(0, 0, 0), font=_font())
     return out
+
+
+def scaffold_grid(layout: dict, size, views):
+    """SHIRG-X's scaffold as (box, rows, cols) in image pixels, or None (another method, or x_scaffold "none").
+    layout: a token layout with a call's settings; size: the image's (h, w); views: its token geometry."""
+    if layout["selection_method"] != "shirg-x" or layout["x_scaffold"] == "none":
+        return None
+    if layout["x_scaffold"] == "grid":
+        return views[0].box, layout["x_scaffold_size"], layout["x_scaffold_size"]
+    height, width = size
+    return (0.0, 0.0, float(width), float(height)), layout["pooled_view_size"], layout["pooled_view_size"]
+
+
+def variant_panel(model, image: Image.Image, variant, caption: list, diagnostics: dict,
+                  answer_box=None) -> Image.Image:
+    """The overlay panel of `variant` (shirg_tools.variants.Variant) of `model` on `image`: `caption` lines, then a
+    line of the diagnostics (pooled: the pixels one pooled token averages; a selection: the coverage kept, the
+    answer recall when known and whether a scaffold is drawn).
+
+    diagnostics: the image's entry of diagnostics.selection_diagnostics (with its "_kept" mask and "_views"
+    geometry), or {} when they were not computed (the token grid is then drawn without a kept mask).
+    answer_box: (x0, y0, x1, y1) in image pixels, drawn in green, or None.
+    """
+    settings = model.selection_settings(variant.method, variant.budget, variant.options)
+    layout = {**model.config.token_layout(), **settings}
+    size = (image.height, image.width)
+    if variant.method == "pooled":
+        pooled = layout["pooled_view_size"]
+        crops = source_views(size, {**layout, "hires_source": "anyres-views"})[1:]
+        grids = [(view.box, pooled, pooled) for view in crops]
+        area = diagnostics.get("token_area_px2", {})
+        lines = [*caption, f"pooled px2/token: crop {area.get('crop', 0):.0f}, global {area.get('global', 0):.0f}"]
+        return render_panel(image, lines, pooled_grids=grids, answer_box=answer_box)
+    views, kept = diagnostics.get("_views"), diagnostics.get("_kept")
+    if views is None:
+        views = source_views(size, layout)
+    scaffold = scaffold_grid(layout, size, views)
+    recall = diagnostics.get("answer_recall")
+    lines = [*caption, f"coverage {diagnostics.get('coverage_kept', 1.0):.2f}" +
+             ("" if recall is None else f"; answer recall {recall:.2f}") +
+             ("; + scaffold (cyan)" if scaffold else "")]
+    return render_panel(image, lines, views=views, kept=kept,
+                        region_size=layout["coverage_region_size"] if kept is not None else None,
+                        scaffold=scaffold, answer_box=answer_box)
 
 
 def contact_sheet(panels: list, header: list, columns: int = 4) -> Image.Image:

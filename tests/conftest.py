@@ -1,5 +1,11 @@
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -65,6 +71,41 @@ def tokenizer_without_image_token():
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|startoftext|>",
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mdm_mask|>",
                                    extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(arguments: list, cwd, env: dict, timeout: float = 120):
+    """Run `python app.py ARGUMENTS --port P` (arguments: app.py's path, then its options) in `cwd` until the block
+    ends; yields (URL, process) once the page answers 200. Its output goes to cwd/app.log, shown if it fails."""
+    port = free_port()
+    log_path = os.path.join(cwd, "app.log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, *arguments, "--port", str(port)], cwd=cwd, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert process.poll() is None, f"app.py exited ({process.returncode}):\n{open(log_path).read()}"
+                assert time.monotonic() < deadline, f"app.py did not serve {url} in {timeout} s:\n" \
+                                                    f"{open(log_path).read()}"
+                try:
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError):
+                    time.sleep(0.5)
+            yield url, process
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

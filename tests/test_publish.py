@@ -1,5 +1,6 @@
-"""Hub publication, offline: the folder loads in a fresh process, the card's demo runs as written, and the upload
-goes through the real huggingface_hub client to a small Hub stand-in on 127.0.0.1."""
+"""Hub publication, offline: the folder loads in a fresh process, the card's demo runs as written, the upload
+goes through the real huggingface_hub client to a small Hub stand-in on 127.0.0.1, and the Space folder (--space)
+serves the Gradio app from its own files."""
 
 import base64
 import json
@@ -10,10 +11,12 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, build_tiny_model
+import yaml
+from conftest import ROOT, build_tiny_model, served_app
 from PIL import Image
 
 import publish
@@ -275,3 +278,71 @@ def test_push_errors_leave_the_folder_intact(saved_model, tmp_path):
         hub.close()
     assert refused.returncode == 2 and "the Hub refused the push" in refused.stderr
     assert (tmp_path / "again" / "pushed-folder" / "README.md").is_file()
+
+
+# ---- Space folder ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def space_folder(saved_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("space") / "folder"
+    assert publish.main(["--model", str(saved_model[0]), "--space", str(out)]) == 0
+    return out
+
+
+def python_files(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def test_space_folder_declares_a_gradio_space(space_folder):
+    from importlib.metadata import version
+
+    assert sorted(os.listdir(space_folder)) == ["README.md", "app.py", "lavida_shirg", "reader_model",
+                                                "requirements.txt", "shirg_tools"]
+    assert (space_folder / "app.py").read_bytes() == open(os.path.join(ROOT, "app.py"), "rb").read()
+    for package in ("lavida_shirg", "shirg_tools"):
+        assert python_files(space_folder / package) == python_files(Path(ROOT) / package)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "modeling_lavida_shirg.py"} <= set(os.listdir(space_folder / "reader_model"))
+    _, header, body = (space_folder / "README.md").read_text().split("---", 2)
+    front = yaml.safe_load(header)
+    assert {key: front[key] for key in ("sdk", "sdk_version", "app_file", "python_version")} == {
+        "sdk": "gradio", "sdk_version": version("gradio"), "app_file": "app.py",
+        "python_version": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    assert front["title"] and front["short_description"] and "`reader_model/`" in body
+    requirements = (space_folder / "requirements.txt").read_text().splitlines()
+    assert "torch>=2.4" in requirements and "transformers>=5.17,<6" in requirements
+    assert not any(line.startswith("gradio") for line in requirements), "the Space's SDK installs Gradio"
+
+
+def test_space_app_serves_from_its_own_files(space_folder, saved_model, tmp_path):
+    from gradio_client import Client, handle_file
+
+    code = """
+import sys
+import app
+names = ("lavida_shirg", "shirg_tools", "app")
+print("\\n".join(module.__file__ for name, module in list(sys.modules.items()) if name.split(".")[0] in names))
+"""
+    files = run_python(code, space_folder).split()
+    assert len(files) > 10 and all(file.startswith(str(space_folder)) for file in files), files
+    processor = LavidaShirgProcessor.from_config(saved_model[1].config, build_tiny_tokenizer())
+    Image.new("RGB", (70, 50), "white").save(tmp_path / "page.png")
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    with served_app(["app.py", "--device", "cpu"], space_folder, env) as (url, _):  # its default model folder
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        table, gallery, status = client.predict(handle_file(str(tmp_path / "page.png")), "What is written?",
+                                                ["pooled"], 64, api_name="/run")
+    assert status.startswith("Ran 1 variant(s) on a 70 x 50 image")
+    label, answer, tokens = table["data"][0][:3]
+    assert (label, tokens) == ("pooled", processor.image_token_count((50, 70), "pooled"))
+    assert isinstance(answer, str) and len(gallery) == 1
+
+
+def test_space_needs_a_model(saved_model, tmp_path, capsys):
+    assert publish.main(["--adapter", str(saved_model[0]), "--base_model", "a/b", "--space", str(tmp_path / "s")]) == 2
+    assert "--space runs the app on a model: pass --model FOLDER" in capsys.readouterr().err
+    assert publish.main(["--model", str(saved_model[0])]) == 2
+    assert "give OUT (the Hub folder to write) or --space FOLDER" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
