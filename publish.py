@@ -151,20 +151,25 @@ def training_section(record, datasets) -> str:
                 "trained them); no further training in this upload, unless stated below." + listed)
     data, shirg, lora = record.get("data", {}), record.get("shirg", {}), record.get("resolved", {})
     training = record.get("training", {})
+    full = record.get("lora", {}).get("training_mode") == "full"
+    source = data.get("data_path") or ""
+    if data.get("data_format") == "synthetic-ocr":
+        source = f"task {data.get('synthetic_task', 'ocr')!r}, seed {data.get('synthetic_seed')}"
     rows = [
-        ("data", f"{data.get('data_format')} {data.get('data_path') or ''}".strip()),
+        ("model", record.get("model", {}).get("model_name_or_path") or f"preset {record.get('model', {}).get('preset')}"),
+        ("data", f"{data.get('data_format')} {source}".strip()),
         ("token budgets per step", ", ".join(map(str, lora.get("budgets", [])))),
         ("selection method", shirg.get("selection_method")),
         ("seed", training.get("seed")),
         ("batch per device x accumulation x processes",
          f"{training.get('per_device_train_batch_size')} x {training.get('gradient_accumulation_steps')} x "
          f"{training.get('world_size')}"),
-        ("LoRA plan", json.dumps(lora.get("lora_plan"))),
+        ("trained parameters", "all (--training_mode full)" if full else f"LoRA plan {json.dumps(lora.get('lora_plan'))}"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return ("Mixed-budget LoRA fine-tuning with `train.py` (LaViDa's complementary-mask diffusion loss; each step "
-            "draws one token budget from a seeded schedule). From the run record:\n\n| setting | value |\n"
-            "| --- | --- |\n" + table)
+    kind = "Mixed-budget full training" if full else "Mixed-budget LoRA fine-tuning"
+    return (f"{kind} with `train.py` (LaViDa's complementary-mask diffusion loss; each step draws one token budget "
+            "from a seeded schedule). From the run record:\n\n| setting | value |\n| --- | --- |\n" + table)
 
 
 # what each SHIRG detail term measures (config field detail_term), in the card's words
