@@ -51,7 +51,7 @@ def test_inconsistent_values_raise(overrides, match):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'llava'; choose one of \\['lavida-llada', 'tiny'\\]"):
+    with pytest.raises(ValueError, match="unknown preset 'llava'; choose one of \\['lavida-llada', 'reader', 'tiny'\\]"):
         ShirgConfig.from_preset("llava")
 
 
