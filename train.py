@@ -128,8 +128,9 @@ TRAINING_MODES = ("lora", "full")
 class LoraArguments:
     training_mode: str = dataclasses.field(default="lora", metadata={
         "help": f"One of {TRAINING_MODES}. lora: PEFT adapters (the --lora_* arguments) plus --modules_to_save; "
-                "full: every parameter trains at --learning_rate (SHIRG's learned modules at their own rates), no "
-                "adapter, the trained model saved in output_dir (for a preset trained from scratch)."})
+                "full: every parameter trains, no adapter (the vision tower at --vision_learning_rate, the projector "
+                "at --projector_learning_rate, SHIRG's learned modules at theirs, the LM at --learning_rate), the "
+                "trained model saved in output_dir (for a preset trained from scratch)."})
     lora_projector_rank: int = dataclasses.field(default=64, metadata={"help": "Projector LoRA rank (16/32/64)."})
     lora_projector_alpha: int = 32
     lora_projector_dropout: float = 0.05
@@ -390,7 +391,8 @@ def check_training_mode(lora_args: LoraArguments) -> bool:
     if lora_args.training_mode == "lora":
         return False
     defaults = LoraArguments()
-    kept = {"training_mode", "coordinate_learning_rate", "budget_head_learning_rate"}
+    kept = {"training_mode", "projector_learning_rate", "vision_learning_rate", "coordinate_learning_rate",
+            "budget_head_learning_rate"}
     changed = [f"--{field.name}" for field in dataclasses.fields(LoraArguments)
                if field.name not in kept and getattr(lora_args, field.name) != getattr(defaults, field.name)]
     if "--save_merged_model" in changed:
@@ -398,7 +400,7 @@ def check_training_mode(lora_args: LoraArguments) -> bool:
                          "itself in --output_dir")
     if changed:
         raise ValueError(f"{', '.join(changed)} configure LoRA and are unused by --training_mode full (every "
-                         "parameter trains at --learning_rate): remove them or use --training_mode lora")
+                         "parameter trains): remove them or use --training_mode lora")
     return True
 
 

@@ -129,9 +129,14 @@ def apply_lora(model: nn.Module, plan: LoraPlan):
     return peft_model
 
 
-def parameter_group_name(name: str) -> str:
+def parameter_group_name(name: str, full_training: bool = False) -> str:
     """The learning-rate group of a trainable parameter, from its name: projector, vision, language_model (LoRA
-    adapters), coordinate_embedding, budget_head, or full (other modules trained in full)."""
+    adapters; with `full_training`, no adapters: the projector's and the vision tower's own weights),
+    coordinate_embedding, budget_head, or full (other modules trained in full)."""
+    if full_training:
+        for group, prefix in (("projector", "multi_modal_projector."), ("vision", "vision_tower.")):
+            if prefix in name:
+                return group
     if "lora_" in name:
         for group, prefix in (("projector", "multi_modal_projector."), ("vision", "vision_tower."),
                               ("language_model", "language_model.")):
@@ -143,14 +148,15 @@ def parameter_group_name(name: str) -> str:
     return "full"
 
 
-def parameter_groups(model: nn.Module, learning_rates: dict, weight_decay: float, decay_names) -> list:
+def parameter_groups(model: nn.Module, learning_rates: dict, weight_decay: float, decay_names,
+                     full_training: bool = False) -> list:
     """Optimizer groups of the trainable parameters: per `parameter_group_name` group, one with `weight_decay`
     (names in `decay_names`) and one without; each with lr = learning_rates[group]. Empty groups are left out."""
     groups = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        group = parameter_group_name(name)
+        group = parameter_group_name(name, full_training)
         decay = name in decay_names
         key = (group, decay)
         if key not in groups:

@@ -169,7 +169,8 @@ class ShirgTrainer(Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = parameter_groups(opt_model, self.learning_rates, self.args.weight_decay,
-                                      set(self.get_decay_parameter_names(opt_model)))
+                                      set(self.get_decay_parameter_names(opt_model)),
+                                      full_training=not isinstance(opt_model, PeftModel))
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             unsupported = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
             if unsupported:

@@ -183,7 +183,8 @@ def test_config_file_yaml_and_json_with_command_line_overrides(tmp_path):
 
 
 def test_full_training_trains_every_parameter_and_saves_a_loadable_model(tmp_path):
-    """--training_mode full: no adapter, every parameter in the optimizer at --learning_rate, every tensor moves;
+    """--training_mode full: no adapter, every parameter in the optimizer (tower and projector at their own rates),
+    every tensor moves;
     output_dir holds the trained model, which AutoModel loads (remote code) with the same weights."""
     folder = tmp_path / "full"
     run = train.build_run(arguments(folder, "--preset", "reader", "--training_mode", "full", "--synthetic_task",
@@ -193,8 +194,14 @@ def test_full_training_trains_every_parameter_and_saves_a_loadable_model(tmp_pat
     assert isinstance(model, LavidaShirgForMaskedDiffusion)
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
     optimizer = run.trainer.create_optimizer()
-    assert {group["group"] for group in optimizer.param_groups} == {"full"}
-    assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
+    rates = {group["group"]: group["lr"] for group in optimizer.param_groups}
+    assert rates == {"projector": 2e-4, "vision": 1e-4, "full": 1e-3}, "the tower and projector at their own rates"
+    names = {id(p): n for n, p in model.named_parameters()}
+    prefixes = {"projector": "model.multi_modal_projector.", "vision": "model.vision_tower."}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            owner = [key for key, prefix in prefixes.items() if names[id(parameter)].startswith(prefix)]
+            assert owner == ([group["group"]] if group["group"] in prefixes else []), names[id(parameter)]
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == model.num_parameters()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     summary = train.execute(run)
