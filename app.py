@@ -1,7 +1,8 @@
 """A web page to compare the token-selection variants of one LaViDa-SHIRG model on one image (Gradio).
 
-    python app.py                                     # the shipped reader (reader_model/) on http://127.0.0.1:7860
+    python app.py --model runs/demo/train             # the model `python demo.py` trains, on http://127.0.0.1:7860
     python app.py --model ./lavida-shirg-llada --device cuda --host 0.0.0.0 --port 7860
+    python app.py                                     # reader_model/ beside app.py (a publish.py --space folder)
 
 Upload an image or pick a built-in example (held-out samples of the synthetic reading task), ask a question,
 tick variants (LaViDa's pooled layout, all high-resolution tokens, SHIRG-Fixed / v2 / X and the baselines at the
@@ -118,7 +119,8 @@ def build_app(backend: DemoBackend, examples: list) -> gr.Blocks:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a lavida_shirg model folder (converted checkpoint, or a train.py output "
-                        f"folder with its merged/ model); default: the shipped reader, {DEFAULT_MODEL.name}/")
+                        f"folder with its merged/ model); default: {DEFAULT_MODEL.name}/ beside app.py, where publish.py --space "
+                        "puts the model")
     parser.add_argument("--host", help="address to serve on, e.g. 0.0.0.0 for every interface (default: Gradio's, "
                         "$GRADIO_SERVER_NAME or 127.0.0.1; a Hugging Face Space sets 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to serve on (default: Gradio's, $GRADIO_SERVER_PORT or the "
@@ -133,8 +135,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.model is None and not DEFAULT_MODEL.is_dir():
-        print(f"error: the default model folder {DEFAULT_MODEL} (the shipped reader) does not exist; pass "
-              "--model FOLDER", file=sys.stderr)
+        print(f"error: no --model given and no {DEFAULT_MODEL} folder; pass --model FOLDER (`python demo.py` "
+              "trains one into runs/demo/train)", file=sys.stderr)
         return 2
     try:
         backend = DemoBackend.from_folder(Path(args.model or DEFAULT_MODEL), args.device, args.dtype)

@@ -187,7 +187,7 @@ def test_a_browser_runs_an_example_and_shows_the_answers(client, server, example
 def test_cli_errors_name_the_model_argument(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(app, "DEFAULT_MODEL", tmp_path / "reader_model")
     assert app.main([]) == 2
-    assert capsys.readouterr().err == (f"error: the default model folder {tmp_path / 'reader_model'} (the shipped "
-                                       "reader) does not exist; pass --model FOLDER\n")
+    assert capsys.readouterr().err == (f"error: no --model given and no {tmp_path / 'reader_model'} folder; pass "
+                                       "--model FOLDER (`python demo.py` trains one into runs/demo/train)\n")
     assert app.main(["--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: --model {str(tmp_path)!r} is not a model folder (no config.json)\n"
