@@ -375,9 +375,9 @@ PRESETS = {
         visionzip_contextual_tokens=8,
         **TINY_TOKENIZER_IDS,
     ),
-    # the shipped reading demo (reader/): 32 px views of 4 px patches, each crop pooled to 2 x 2 tokens of 16 px,
-    # a 64 px high-resolution view of 16 x 16 tokens of 4 px; text 8-9 px tall is below one pooled token and two
-    # high-resolution patches tall; budgets 32 / 64 / 85 keep 1/8, 1/4, 1/3 of the 256 (see README "The reading demo")
+    # the reading demo (configs/train_reader.yaml, README "The reading demo"): 32 px views of 4 px patches, each crop
+    # pooled to 2 x 2 tokens of 16 px, a 64 px high-resolution view of 16 x 16 tokens of 4 px; text 8-9 px tall is
+    # below one pooled token and two high-resolution patches tall; budgets 32 / 64 / 85 keep 1/8, 1/4, 1/3 of the 256
     "reader": dict(
         vision_config=dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32,
