@@ -63,7 +63,7 @@ def _font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def draw_chart(title: str, series: dict, y_label: str, y_range=None) -> Image.Image:
+def draw_chart(title: str, series: dict, y_range=None) -> Image.Image:
     """A line chart of {name: [[x, y], ...]} with axes, ticks and a legend, on white."""
     width, height = PANEL
     left, top, right, bottom = MARGIN
@@ -90,7 +90,6 @@ def draw_chart(title: str, series: dict, y_label: str, y_range=None) -> Image.Im
         draw.text((pixel_x - 12, height - bottom + 6), f"{x:.0f}", fill=(0, 0, 0), font=_font(11))
     draw.text((left, 8), title, fill=(0, 0, 0), font=_font(14))
     draw.text((width // 2 - 30, height - 18), "optimizer step", fill=(0, 0, 0), font=_font(11))
-    draw.text((width - right - 120, 8), y_label, fill=(80, 80, 80), font=_font(11))
     for index, (name, values) in enumerate(series.items()):
         colour = COLOURS[index % len(COLOURS)]
         pixels = [place(x, min(max(y, y_low), y_high)) for x, y in values]
@@ -99,15 +98,16 @@ def draw_chart(title: str, series: dict, y_label: str, y_range=None) -> Image.Im
         for x, y in pixels:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         legend_y = top + 6 + 15 * index
-        draw.line((width - right - 150, legend_y + 6, width - right - 132, legend_y + 6), fill=colour, width=3)
-        draw.text((width - right - 126, legend_y), name, fill=(0, 0, 0), font=_font(12))
+        legend_x = width - right - 40 - int(draw.textlength(name, font=_font(12)))
+        draw.line((legend_x, legend_y + 6, legend_x + 18, legend_y + 6), fill=colour, width=3)
+        draw.text((legend_x + 24, legend_y), name, fill=(0, 0, 0), font=_font(12))
     return image
 
 
 def curve_image(losses: dict, accuracy: dict) -> Image.Image:
     """Loss per budget (left) and held-out exact match per variant (right), side by side."""
-    left = draw_chart("training loss per budget (window means)", {f"loss {k}": v for k, v in losses.items()}, "loss")
-    right = draw_chart("held-out exact match (%)", accuracy, "exact match %", (0, 100))
+    left = draw_chart("training loss per budget (window means)", {f"loss {k}": v for k, v in losses.items()})
+    right = draw_chart("held-out exact match (%)", accuracy, (0, 100))
     sheet = Image.new("RGB", (2 * PANEL[0], PANEL[1]), "white")
     sheet.paste(left, (0, 0))
     sheet.paste(right, (PANEL[0], 0))
