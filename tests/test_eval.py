@@ -249,7 +249,7 @@ def test_a_saved_model_folder_loads_through_remote_code(tmp_path):
     assert run_eval(tmp_path / "out", "--model", str(tmp_path / "train-output"), "--limit", "2", "--variants",
                     "shirg-v2@40:summary=false", "--overlays", "0") == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert "tiny preset: does not learn to read" in summary["model"] and not summary["accuracy_is_evidence"]
+    assert "tiny/reader-sized LM: did not learn to read" in summary["model"] and not summary["accuracy_is_evidence"]
     assert summary["tasks"]["synthetic-ocr"]["variants"]["shirg-v2@40:v2_summary_token=false"]["image_tokens"] == 40
 
 
