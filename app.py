@@ -119,8 +119,8 @@ def build_app(backend: DemoBackend, examples: list) -> gr.Blocks:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a lavida_shirg model folder (converted checkpoint, or a train.py output "
-                        f"folder with its merged/ model); default: {DEFAULT_MODEL.name}/ beside app.py, where publish.py --space "
-                        "puts the model")
+                        f"folder with its merged/ model); default: {DEFAULT_MODEL.name}/ beside app.py, where "
+                        "publish.py --space puts the model")
     parser.add_argument("--host", help="address to serve on, e.g. 0.0.0.0 for every interface (default: Gradio's, "
                         "$GRADIO_SERVER_NAME or 127.0.0.1; a Hugging Face Space sets 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port to serve on (default: Gradio's, $GRADIO_SERVER_PORT or the "

@@ -557,7 +557,8 @@ def markdown_table(summary: dict) -> str:
                 f"{_number(row['answer_recall'], 2)} | {_number(row['text_auc'], 2)} | "
                 f"{_number(row['text_recall'], 2)} | {area_text} |")
     lines += ["", "exact match: % of predictions equal to a reference answer after EvalAI's normalisation (the "
-              "score column uses the task's metric). Timings: medians over samples of (batch time / batch size), after one warm-up batch per task and "
+              "score column uses the task's metric). Timings: medians over samples of (batch time / batch size), "
+              "after one warm-up batch per task and "
               "variant; peak MB: torch.cuda.max_memory_allocated (n/a on CPU); KV MB: prefix-cache bytes per sample "
               "read from the cache tensors (saved: vs the compute dtype). relevance lift: mean normalised question "
               "relevance of kept tokens / that of a random selection of the same size (1 = random). coverage: "

@@ -152,11 +152,12 @@ def training_section(record, datasets) -> str:
     data, shirg, lora = record.get("data", {}), record.get("shirg", {}), record.get("resolved", {})
     training = record.get("training", {})
     full = record.get("lora", {}).get("training_mode") == "full"
+    model = record.get("model", {})
     source = data.get("data_path") or ""
     if data.get("data_format") == "synthetic-ocr":
         source = f"task {data.get('synthetic_task', 'ocr')!r}, seed {data.get('synthetic_seed')}"
     rows = [
-        ("model", record.get("model", {}).get("model_name_or_path") or f"preset {record.get('model', {}).get('preset')}"),
+        ("model", model.get("model_name_or_path") or f"preset {model.get('preset')}"),
         ("data", f"{data.get('data_format')} {source}".strip()),
         ("token budgets per step", ", ".join(map(str, lora.get("budgets", [])))),
         ("selection method", shirg.get("selection_method")),
@@ -164,7 +165,8 @@ def training_section(record, datasets) -> str:
         ("batch per device x accumulation x processes",
          f"{training.get('per_device_train_batch_size')} x {training.get('gradient_accumulation_steps')} x "
          f"{training.get('world_size')}"),
-        ("trained parameters", "all (--training_mode full)" if full else f"LoRA plan {json.dumps(lora.get('lora_plan'))}"),
+        ("trained parameters",
+         "all (--training_mode full)" if full else f"LoRA plan {json.dumps(lora.get('lora_plan'))}"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     kind = "Mixed-budget full training" if full else "Mixed-budget LoRA fine-tuning"

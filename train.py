@@ -330,7 +330,8 @@ def load_model(model_args: ModelArguments, seed: int):
     if preset in TINY_TOKENIZER_PRESETS and model_args.tokenizer_name_or_path is None:
         tokenizer = build_tiny_tokenizer()
     elif model_args.tokenizer_name_or_path is None:
-        raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only {', '.join(TINY_TOKENIZER_PRESETS)} build their own)")
+        raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only "
+                         f"{', '.join(TINY_TOKENIZER_PRESETS)} build their own)")
     else:
         # the preset's model runs no remote code: neither does its tokenizer (and no interactive prompt asks)
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path, trust_remote_code=False)
@@ -438,7 +439,8 @@ def run_record(model_args, data_args, shirg_args, lora_args, training_args, plan
         "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
         "shirg": dataclasses.asdict(shirg_args),
         "lora": {k: v for k, v in dataclasses.asdict(lora_args).items() if k != "save_merged_model"},
-        "resolved": {"budgets": [entry.label for entry in entries], "lora_plan": dataclasses.asdict(plan) if plan else None},
+        "resolved": {"budgets": [entry.label for entry in entries],
+                     "lora_plan": dataclasses.asdict(plan) if plan else None},
         "training": {"seed": training_args.seed, "world_size": training_args.world_size,
                      "per_device_train_batch_size": training_args.per_device_train_batch_size,
                      "gradient_accumulation_steps": training_args.gradient_accumulation_steps},
@@ -527,7 +529,8 @@ def build_run(argv=None) -> Run:
 
 def train_and_save(run: Run) -> dict:
     """Train; save the adapter (PEFT format, + processor) into output_dir and, with --save_merged_model, the merged
-    model into output_dir/merged (--training_mode full: the trained model itself into output_dir); write and print the summary (budgets, skipped samples, losses, folders)."""
+    model into output_dir/merged (--training_mode full: the trained model itself into output_dir); write and print
+    the summary (budgets, skipped samples, losses, folders)."""
     trainer = run.trainer
     output_dir = trainer.args.output_dir
     started = time.time()

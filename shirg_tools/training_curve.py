@@ -34,7 +34,8 @@ def checkpoints(run_dir: Path) -> list:
 def loss_curves(run_dir: Path) -> dict:
     """{budget label: [[step, loss], ...]} from the `loss_<budget>` entries of the latest trainer_state.json (the
     run folder's own when training finished, else the last checkpoint's)."""
-    states = [run_dir / "trainer_state.json"] + [folder / "trainer_state.json" for _, folder in checkpoints(run_dir)[::-1]]
+    latest_first = [folder / "trainer_state.json" for _, folder in checkpoints(run_dir)[::-1]]
+    states = [run_dir / "trainer_state.json", *latest_first]
     state = next((path for path in states if path.is_file()), None)
     if state is None:
         raise ValueError(f"{run_dir} holds no trainer_state.json (not a train.py output folder)")

@@ -51,7 +51,8 @@ def test_inconsistent_values_raise(overrides, match):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'llava'; choose one of \\['lavida-llada', 'reader', 'tiny'\\]"):
+    message = "unknown preset 'llava'; choose one of \\['lavida-llada', 'reader', 'tiny'\\]"
+    with pytest.raises(ValueError, match=message):
         ShirgConfig.from_preset("llava")
 
 
