@@ -19,6 +19,7 @@ CPU budgets measured (README "The reading demo: a measured negative result"); it
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,13 +63,24 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     model = args.model
+    eval_dir = os.path.join(args.output, "eval")
+    hub_dir = os.path.join(args.output, "hub-folder")
+    # eval.py resumes a folder by (variant, sample): results of an earlier model there would be reported as this one's
+    stale = {eval_dir: "run_config.json"}
+    if model is None:
+        stale[os.path.join(args.output, "train")] = "shirg_run.json"
+    for folder, marker in stale.items():
+        if os.path.exists(folder) and os.listdir(folder):
+            if not os.path.isfile(os.path.join(folder, marker)):
+                sys.exit(f"error: {folder} holds files that are not a previous demo's output (no {marker}); choose "
+                         "another --output")
+            print(f"removing the previous demo output {folder}", flush=True)
+            shutil.rmtree(folder)
     if model is None:
         model = os.path.join(args.output, "train")
         # a short run saves once, at its end; checkpoints every 250 steps otherwise
         run("train", ["train.py", "--config", TRAIN_CONFIG, "--output_dir", model, "--max_steps", str(args.train_steps),
                       "--save_steps", str(min(250, args.train_steps))])
-    eval_dir = os.path.join(args.output, "eval")
-    hub_dir = os.path.join(args.output, "hub-folder")
     run("evaluate", ["eval.py", "--model", model, "--synthetic", "task=reading", "--limit", str(args.eval_limit),
                      "--variants", args.variants, "--batch-size", "16", "--output-dir", eval_dir])
     run("publish", ["publish.py", "--model", model, hub_dir, "--results", os.path.join(eval_dir, "summary.md"),

@@ -28,8 +28,22 @@ def test_steps_train_then_evaluate_the_reading_task_then_publish(monkeypatch, tm
     assert eval_command[eval_command.index("--variants") + 1] == demo.VARIANTS
     assert publish_command[:3] == ["publish.py", "--model", model]
     calls.clear()
+    for name, marker in (("train", "shirg_run.json"), ("eval", "run_config.json")):  # a previous demo's outputs
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    demo.main(["--output", str(tmp_path)])
+    assert not (tmp_path / "train").exists() and not (tmp_path / "eval").exists(), "eval.py would resume from them"
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a previous demo's output"):
+        demo.main(["--output", str(tmp_path)])
+    assert (tmp_path / "eval" / "notes.txt").read_text() == "mine", "a user's files are never removed"
+    (tmp_path / "eval" / "notes.txt").unlink()
+    calls.clear()
+    (tmp_path / "train").mkdir()
     folder = tmp_path / "given"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     demo.main(["--output", str(tmp_path), "--model", str(folder)])
     assert [step for step, _ in calls] == ["evaluate", "publish"], "a given model is evaluated, not retrained"
+    assert (tmp_path / "train").exists(), "a given model keeps the earlier demo's training folder"
