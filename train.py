@@ -491,23 +491,21 @@ def build_run(argv=None) -> Run:
 
     output_dir = training_args.output_dir
     base_model = model_args.model_name_or_path
+    base_parameters = sum(p.numel() for p in model.parameters())
     if full_training:
         trained_model = model.float().requires_grad_(True)
-        count = sum(p.numel() for p in model.parameters())
-        print(f"trainable parameters: {count:,} of {count:,} (100%, --training_mode full)", flush=True)
     else:
         if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
             base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
             if training_args.process_index == 0:
                 model.save_pretrained(base_model)
                 processor.save_pretrained(base_model)
-        base_parameters = sum(p.numel() for p in model.parameters())
         trained_model = apply_lora(model, plan)
         trained_model.peft_config["default"].base_model_name_or_path = base_model
         for parameter in trained_model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
-        print(trainable_summary(trained_model, base_parameters), flush=True)
+    print(trainable_summary(trained_model, base_parameters, full_training), flush=True)
     print(f"budgets per step (seeded shuffle of each cycle): {[entry.label for entry in entries]}; numeric budgets "
           f"use {shirg_args.selection_method}", flush=True)
 

@@ -167,13 +167,13 @@ def parameter_groups(model: nn.Module, learning_rates: dict, weight_decay: float
     return [groups[key] for key in sorted(groups, key=lambda key: (order.index(key[0]), not key[1]))]
 
 
-def trainable_summary(peft_model, base_parameters: int) -> str:
+def trainable_summary(peft_model, base_parameters: int, full_training: bool = False) -> str:
     """Trainable / total parameters (total = the base model + the adapters, counting a module trained in full
-    once), with the count of each learning-rate group."""
+    once), with the count of each learning-rate group (see `parameter_group_name`)."""
     counts = {}
     for name, parameter in peft_model.named_parameters():
         if parameter.requires_grad:
-            group = parameter_group_name(name)
+            group = parameter_group_name(name, full_training)
             counts[group] = counts.get(group, 0) + parameter.numel()
     adapters = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     trainable = sum(counts.values())
