@@ -338,7 +338,6 @@ class Evaluation:
                     record = records[sample.id]
                     record.update(
                         prediction=prediction, score=METRICS[spec.metric](prediction, sample.answers),
-                        exact=exact_match(prediction, sample.answers),
                         batch_size=len(ready), batch_prefill_ms=timing.prefill_s * 1000,
                         batch_step_ms=timing.step_s * 1000, batch_total_ms=timing.total_s * 1000,
                         batch_kv_bytes=timing.kv_bytes, batch_kv_bytes_compute_dtype=timing.kv_bytes_compute_dtype,
@@ -491,7 +490,8 @@ def summarize_records(records: list) -> dict:
     row = {
         "samples": len(good), "errors": len(records) - len(good),
         "score": 100 * sum(r["score"] for r in good) / len(good) if good else None,
-        "exact_match": 100 * sum(r["exact"] for r in good) / len(good) if good else None,
+        "exact_match": (100 * sum(exact_match(r["prediction"], r["answers"]) for r in good) / len(good)
+                        if good else None),
         "image_tokens": sum(r["image_tokens"] for r in good) / len(good) if good else None,
         "prefill_ms": median(per_sample["prefill_ms"]),
         "step_ms": median([r["batch_step_ms"] / r["batch_size"] for r in good]),

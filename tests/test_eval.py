@@ -71,6 +71,10 @@ def test_offline_run_writes_predictions_summary_and_table(offline_run):
     records = [json.loads(line) for line in lines(offline_run / "predictions" / "synthetic-ocr.jsonl")]
     assert len(records) == 12 and all(r["error"] is None for r in records)
     assert {r["variant"] for r in records} == set(rows)
+    for label, row in rows.items():  # exact match: % of the variant's predictions equal to an answer
+        mine = [r for r in records if r["variant"] == label]
+        equal = sum(r["prediction"].strip().lower() in [a.strip().lower() for a in r["answers"]] for r in mine)
+        assert row["exact_match"] == pytest.approx(100 * equal / len(mine))
     table = (offline_run / "summary.md").read_text()
     assert "score (NOT evidence)" in table and "prefill ms (CPU)" in table and "| synthetic-ocr | random@40 |" in table
 
