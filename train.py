@@ -353,7 +353,7 @@ def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> Lo
         extra_modules = ()
     else:
         extra_modules = name_list(extra, "--modules_to_save")
-    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model, name) is not None)
+    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model.token_selector, name) is not None)
     if lora_args.lora_language_model and "language_model" in extra_modules:
         raise ValueError("--lora_language_model adapts the LM that --modules_to_save trains in full: choose one")
     plan = LoraPlan(
@@ -424,7 +424,7 @@ def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
     if shirg_args.selection_method in ("pooled", "full"):
         raise ValueError(f"--selection_method must be a selection method (not {shirg_args.selection_method!r}); "
                          "'pooled' is a budget-list entry")
-    has_head = model.budget_head is not None
+    has_head = model.token_selector.budget_head is not None
     text = shirg_args.budgets
     if text is None:
         text = ",".join([*map(str, model.config.budget_choices), "pooled", *(["adaptive"] if has_head else [])])

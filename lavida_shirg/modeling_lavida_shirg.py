@@ -5,7 +5,7 @@ Data flow (shapes for the real checkpoint):
     -> projector -> (V, 729, 4096) -> bilinear pool 27x27 -> 14x14 -> (V, 196, 4096)
     -> anyres layout (global view, then stitched crops, unpadded, with a newline token per row)
     -> written into the image positions of the token embeddings -> LLaDA -> logits over the vocabulary.
-Token selection (SHIRG) plugs in between the vision features and the projector's output (high_resolution_tokens).
+Token selection (SHIRG) plugs in between the vision features and the projector's output (shirg_selection).
 
 Classes, on transformers' composite template (LlavaModel / LlavaForConditionalGeneration):
     LavidaShirgModel: vision tower, selection, projector, LLaDA -> hidden states.
@@ -24,13 +24,13 @@ from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 
 from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
-from .high_resolution_tokens import HighResolutionTokensMixin, attention_received, uses_relevance
-from .image_layout import image_token_count, pooled_layout
+from .image_layout import pooled_layout, source_grid
 from .masked_diffusion import sample_complementary_masks
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
 from .pooling import pool_view_features
 from .prefix_cache import PrefixCache
-from .shirg_selection import AdaptiveBudgetHead, CoordinateEmbedding, check_question_mask
+from .shirg_selection import (METHODS, AdaptiveBudgetHead, CoordinateEmbedding, SelectionInputs, TokenSelector,
+                              image_token_count)
 
 IGNORE_INDEX = -100  # label of positions that are not diffusion targets (prompt, image, template)
 
@@ -46,6 +46,32 @@ class LavidaMultiModalProjector(nn.Module):
 
     def forward(self, features):
         return self.linear_2(self.act(self.linear_1(features)))
+
+
+def attention_received(layer, hidden_states):
+    """Attention each token receives in a SigLIP encoder layer: a[b, n] = mean_{h, q} softmax(q k^T / sqrt(d))[q, n].
+
+    Recomputed from the layer's input `hidden_states` (B, N, D) one head at a time (memory B N^2). Returns (B, N).
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    batch, num, _ = normed.shape
+    queries = attention.q_proj(normed).view(batch, num, attention.num_heads, -1)
+    keys = attention.k_proj(normed).view(batch, num, attention.num_heads, -1)
+    received = torch.zeros(batch, num, dtype=torch.float32, device=normed.device)
+    for head in range(attention.num_heads):
+        scores = torch.bmm(queries[:, :, head].float(), keys[:, :, head].float().transpose(1, 2)) * attention.scale
+        received += scores.softmax(dim=-1).mean(dim=1)
+    return received / attention.num_heads
+
+
+def anyres_view_boxes(rows, cols):
+    """Canvas boxes (x0, y0, w, h) of one image's anyres views (1 + rows cols, 4): the global view covers the canvas,
+    crop (r, c) covers (c / cols, r / rows, 1 / cols, 1 / rows)."""
+    r = torch.arange(rows, dtype=torch.float32).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=torch.float32).repeat(rows)
+    crops = torch.stack([c / cols, r / rows, torch.full_like(r, 1 / cols), torch.full_like(r, 1 / rows)], dim=-1)
+    return torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), crops])
 
 
 @dataclass
@@ -80,7 +106,7 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
             module.reset_parameters()  # zero coordinate embedding / default-budget head (after their Linear layers)
 
 
-class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
+class LavidaShirgModel(LavidaShirgPreTrainedModel):
     """Vision tower + token selection + projector + LLaDA: input ids and images -> the LM's hidden states.
 
     Image positions in `input_ids` hold `config.image_token_id` (one per image token, as the processor writes them);
@@ -95,10 +121,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         self.multi_modal_projector = LavidaMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = LladaModel(config.text_config)
-        hidden = config.text_config.hidden_size
-        self.coordinate_embedding = CoordinateEmbedding(hidden) if config.coordinate_embedding else None
-        default_budget = config.selection_budget if config.selection_budget in config.budget_choices else None
-        self.budget_head = AdaptiveBudgetHead(config.budget_choices, default_budget) if config.adaptive_budget else None
+        self.token_selector = TokenSelector(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -130,69 +153,80 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         """The SHIRG settings of a call (config defaults overridden by `method`, `budget`, `options`), validated
         against the learned modules this model has."""
         settings = self.config.selection_settings(method, budget, options)
-        for name, module in (("coordinate_embedding", self.coordinate_embedding), ("adaptive_budget", self.budget_head)):
+        selector = self.token_selector
+        for name, module in (("coordinate_embedding", selector.coordinate_embedding),
+                             ("adaptive_budget", selector.budget_head)):
             if settings[name] and module is None:
                 raise ValueError(f"{name}=True needs a model built with config.{name}=True (it has no such module)")
-        if settings["adaptive_budget"] and tuple(settings["budget_choices"]) != self.budget_head.budgets:
-            raise ValueError(f"budget_choices must be the budget head's {list(self.budget_head.budgets)} under "
-                             f"adaptive_budget, got {settings['budget_choices']}")
+        if settings.adaptive_budget and tuple(settings.budget_choices) != selector.budget_head.budgets:
+            raise ValueError(f"budget_choices must be the budget head's {list(selector.budget_head.budgets)} under "
+                             f"adaptive_budget, got {settings.budget_choices}")
         return settings
 
     def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
         """Image tokens the LM receives for one (height, width) image under the given selection settings."""
-        settings = self.selection_settings(method, budget, options)
-        return image_token_count(image_size, {**self.config.token_layout(), **settings})
+        return image_token_count(image_size, self.selection_settings(method, budget, options))
 
     def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
                            question_mask=None, settings=None, record=None):
         """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
 
-        pooled (default): LaViDa's layout. Other methods select among high-resolution tokens: hires_source
-        'single-view': the view `hires_pixel_values` (I, 3, S, S) through SigLIP (interpolated positions), all images
-        in one batched selection; 'anyres-views': each image's own anyres views left unpooled (V x P tokens, coverage
-        per view), one selection per image (their token counts differ). See `select_high_resolution_tokens`.
+        pooled (default): LaViDa's layout. Other methods select among high-resolution tokens (shirg_selection.METHODS,
+        run by `token_selector`): hires_source 'single-view': the view `hires_pixel_values` (I, 3, S, S) through
+        SigLIP (interpolated positions), all images in one batched selection; 'anyres-views': each image's own anyres
+        views left unpooled (V x P tokens, coverage per view), one selection per image (their token counts differ).
         question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
         receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
         image_sizes: (I, 2), a tensor or its rows as lists (see `views_of_images`).
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
-        if settings["selection_method"] == "pooled":
+        if settings.selection_method == "pooled":
             features = self.pooled_image_features(pixel_values, views)
             return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-        expected = (len(views), 3, settings["hires_image_size"], settings["hires_image_size"])
-        single_view = settings["hires_source"] == "single-view"
+        method = METHODS[settings.selection_method]
+        expected = (len(views), 3, settings.hires_image_size, settings.hires_image_size)
+        single_view = settings.hires_source == "single-view"
         if single_view and (hires_pixel_values is None or tuple(hires_pixel_values.shape) != expected):
             shape = None if hires_pixel_values is None else tuple(hires_pixel_values.shape)
-            raise ValueError(f"selection_method={settings['selection_method']!r} needs hires_pixel_values of shape "
+            raise ValueError(f"selection_method={settings.selection_method!r} needs hires_pixel_values of shape "
                              f"{expected} (the processor's, called with the same method), got {shape}")
-        if uses_relevance(settings):
+        if method.uses_question(settings):
             if question_mask is None:
-                raise ValueError(f"selection_method={settings['selection_method']!r} is text-conditioned: pass "
+                raise ValueError(f"selection_method={settings.selection_method!r} is text-conditioned: pass "
                                  "question_mask (the processor's) or set relevance_weight=0 (v2: v2_detail_weight=1)")
-            check_question_mask(question_mask)  # host read: a sample without question tokens is a ValueError
-        with_attention = settings["selection_method"] == "visionzip"
-        groups = []  # (vision features, attention received, images, their source views' pixels) of each selection
+            has_question = question_mask.bool().any(dim=1)
+            if not bool(has_question.all()):  # host read: relevance needs a question in every sample
+                raise ValueError(f"question_mask marks no usable question token for sample(s) "
+                                 f"{(~has_question).nonzero().flatten().tolist()}: relevance needs a question "
+                                 "(select a text-free method such as 'top-norm', or set relevance_weight=0)")
+        features, received = self.vision_features(hires_pixel_values if single_view else pixel_values,
+                                                  method.needs_attention)  # (V, P, D), (V, P)
+        groups = []  # (images, vision features, attention received, source views' pixels, grid, view boxes)
         if single_view:
-            features, received = self.vision_features(hires_pixel_values, with_attention)
-            groups.append((features, received, list(range(len(views))), hires_pixel_values))
+            groups.append((list(range(len(views))), features, received, hires_pixel_values,
+                           source_grid(None, settings)[1:], None))
         else:
-            features, received = self.vision_features(pixel_values, with_attention)  # (V_all, P, D)
+            side = self.config.patches_per_side
             for image, ((rows, cols), _, start) in enumerate(views):
                 group = slice(start, start + 1 + rows * cols)
-                groups.append((features[group].flatten(0, 1)[None],
-                               None if received is None else received[group].flatten()[None], [image],
-                               pixel_values[group]))
+                groups.append(([image], features[group].flatten(0, 1)[None],
+                               None if received is None else received[group].flatten()[None], pixel_values[group],
+                               (1 + rows * cols, side, side), anyres_view_boxes(rows, cols)))
         tokens, valid = [], []
-        for features, received, images, source_pixels in groups:
+        for images, group_features, group_received, pixels, grid, boxes in groups:
+            global_view = None
+            if method.needs_global_view(settings):  # SHIRG-X's scaffold: the images' pooled LaViDa global views
+                global_views = pixel_values[[views[i][2] for i in images]]
+                global_view = pool_view_features(self.encode_views(global_views), self.config.pooled_view_size)
             question = (None, None) if question_mask is None else (question_embeds[images], question_mask[images])
-            entry = {"images": images}
-            group_tokens, group_valid = self.select_high_resolution_tokens(
-                features, received, *question, pixel_values, [views[i] for i in images], settings, entry,
-                source_pixels=source_pixels,
-            )
+            inputs = SelectionInputs(group_features, self.multi_modal_projector(group_features), grid, boxes,
+                                     *question, pixels, self.config.vision_config.patch_size, group_received,
+                                     global_view)
+            group_tokens, group_valid, selection = self.token_selector(inputs, settings)
             if record is not None:
-                record.append(entry)
+                record.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
+                                   scores=selection.scores))
             tokens.append(group_tokens.flatten(0, 1))
             valid.append(group_valid.flatten())
         return torch.cat(tokens), torch.cat(valid)
@@ -237,11 +271,10 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         """Index of the sample each image belongs to (images fill samples in order); checks the per-sample counts.
         image_sizes: (I, 2) tensor or its rows as lists; positions: the image tokens of each sample when already
         read to the host (`embed_inputs`), else read here from is_image (B, T)."""
-        layout = {**self.config.token_layout(), **settings}
         # host reads (unless done already): the image tokens of each sample are checked against its images' counts
         sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         positions = is_image.sum(dim=1).tolist() if positions is None else positions
-        counts = [image_token_count(size, layout) for size in sizes]
+        counts = [image_token_count(size, settings) for size in sizes]
         owners, remaining, sample = [], list(positions), 0
         for count in counts:
             while sample < len(remaining) and remaining[sample] == 0:
@@ -292,14 +325,15 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
 
         Returns one dict per selection call (single-view: one for the whole batch; anyres-views: one per image):
         images (their indices), grid ((H, W) or (V, H, W)), view_boxes ((V, 4) canvas boxes or None), indices
-        (I, K) kept token indices in raster order, scores (I, N) float32 or None. pooled and full return [].
+        (I, K) kept token indices in raster order (full: all of them), scores (I, N) float32 or None. pooled returns
+        [].
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         settings = self.selection_settings(selection_method, selection_budget, selection_options)
         record = []
         self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
                           settings, record)
-        return [entry for entry in record if "indices" in entry]
+        return record
 
     def run_language_model(self, inputs_embeds, attention_mask, prefix_lengths=None, output_hidden_states=False):
         """LladaOutput of a whole sequence (B, T, E) with padding mask (B, T) and optional Prefix-DLM lengths."""
@@ -480,8 +514,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         return loss, all_logits, copies if output_logits else None
 
 
-BASE_PARTS = ("vision_tower", "multi_modal_projector", "image_newline", "language_model", "coordinate_embedding",
-              "budget_head")
+BASE_PARTS = ("vision_tower", "multi_modal_projector", "image_newline", "language_model", "token_selector")
 
 
 def check_diffusion_labels(labels, input_ids, inputs_embeds, config):

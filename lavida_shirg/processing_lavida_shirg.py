@@ -20,7 +20,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
 from .configuration_lavida_shirg import SELECTION_FIELDS, ShirgConfig, with_selection_overrides
-from .image_layout import image_token_count, resized_size_in_canvas, select_best_resolution
+from .image_layout import resized_size_in_canvas, select_best_resolution
+from .shirg_selection import image_token_count
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
 PADDING_CHOICES = (True, False, "longest", "max_length", "do_not_pad")

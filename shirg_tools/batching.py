@@ -13,7 +13,7 @@ per optimizer step. So:
 import numpy as np
 import torch
 
-from lavida_shirg.image_layout import image_token_count
+from lavida_shirg.shirg_selection import image_token_count
 from lavida_shirg.processing_lavida_shirg import IGNORE_INDEX
 
 

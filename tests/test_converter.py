@@ -186,7 +186,7 @@ def test_convert_cli_and_load_in_fresh_process(original, source, tmp_path, capsy
     files = set(os.listdir(out))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "modeling_lavida_shirg.py",
             "configuration_lavida_shirg.py", "image_layout.py", "masked_diffusion.py", "modeling_llada.py",
-            "generation_lavida_shirg.py", "high_resolution_tokens.py"} <= files
+            "generation_lavida_shirg.py", "shirg_selection.py", "pooling.py"} <= files
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["max_new_tokens"], generation["do_sample"], generation["schedule"], generation["steps"]) == (
         32, False, "uniform", None)

@@ -389,7 +389,7 @@ def tiny_layout(**settings):
     from lavida_shirg import ShirgConfig
 
     config = ShirgConfig.from_preset("tiny")
-    return {**config.token_layout(), **config.selection_settings("shirg-fixed", 1, settings or None)}
+    return config.selection_settings("shirg-fixed", 1, settings or None)
 
 
 def test_token_geometry_and_answer_recall():

@@ -7,10 +7,9 @@ from conftest import build_tiny_model
 from PIL import Image
 
 from lavida_shirg import ShirgConfig
-from lavida_shirg.image_layout import image_token_count
 from lavida_shirg.pooling import pool_view_features
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from lavida_shirg.shirg_selection import gather_tokens, select_tokens
+from lavida_shirg.shirg_selection import gather_tokens, image_token_count, select_tokens
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
 METHODS = ["full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip", "divprune"]
@@ -148,7 +147,7 @@ def test_gradients_reach_projector_through_kept_tokens():
                  generator=torch.Generator().manual_seed(0)).loss
     loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-    assert model.coordinate_embedding.weight.grad.abs().sum() > 0
+    assert model.token_selector.coordinate_embedding.weight.grad.abs().sum() > 0
     assert model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
@@ -156,9 +155,10 @@ def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
     plain = build_tiny_model(seed=5)
     with_coordinates = build_tiny_model(seed=5, coordinate_embedding=True)
     missing, unexpected = with_coordinates.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["model.coordinate_embedding.bias", "model.coordinate_embedding.weight"] and not unexpected
+    assert sorted(missing) == ["model.token_selector.coordinate_embedding.bias",
+                              "model.token_selector.coordinate_embedding.weight"] and not unexpected
     with torch.no_grad():
-        with_coordinates.coordinate_embedding.reset_parameters()  # the test helper randomised every parameter
+        with_coordinates.token_selector.coordinate_embedding.reset_parameters()  # the test helper randomised every parameter
     inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
     torch.testing.assert_close(with_coordinates(**inputs, **call_args("shirg-x", 40)).logits,
                                plain(**inputs, **call_args("shirg-x", 40)).logits)
@@ -166,8 +166,8 @@ def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
     from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
     model = LavidaShirgForMaskedDiffusion(fresh)
-    assert model.coordinate_embedding.weight.abs().sum() == 0, "post_init keeps the zero initialisation"
-    assert model.budget_head.output_bias.argmax() == 1, "the untrained head picks the default budget (64)"
+    assert model.token_selector.coordinate_embedding.weight.abs().sum() == 0, "post_init keeps the zero initialisation"
+    assert model.token_selector.budget_head.output_bias.argmax() == 1, "the untrained head picks the default budget (64)"
 
 
 def test_adaptive_budget_masks_the_positions_beyond_each_images_budget(processor, batch_parts):
@@ -241,9 +241,9 @@ def test_learned_parts_start_neutral_when_added_to_a_converted_checkpoint(tiny_m
 
     tiny_model.save_pretrained(tmp_path)
     model = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path, coordinate_embedding=True, adaptive_budget=True)
-    assert model.coordinate_embedding.weight.abs().sum() == 0 and model.coordinate_embedding.bias.abs().sum() == 0
-    assert model.budget_head.output_weight.abs().sum() == 0
-    assert model.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
+    assert model.token_selector.coordinate_embedding.weight.abs().sum() == 0 and model.token_selector.coordinate_embedding.bias.abs().sum() == 0
+    assert model.token_selector.budget_head.output_weight.abs().sum() == 0
+    assert model.token_selector.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
     torch.testing.assert_close(model.lm_head.weight, tiny_model.lm_head.weight)
 
 
@@ -276,12 +276,17 @@ def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
     assert sorted(region.tolist()) == list(range(20))
 
 
-def test_anyres_budget_beyond_an_images_tokens(tiny_model, processor, batch_parts):
+def test_anyres_budget_must_fit_every_image(tiny_model, processor, batch_parts):
+    """The budget is checked once, with the settings: it must fit the image with the fewest views (global + 2 crops
+    of 8 x 8 tokens in the tiny preset's pinpoints), whatever the images of a call."""
     wide = ([page(96, 30, 5)], [processor.build_prompt("What?")])  # 1 x 3 crops: 4 views x 64 = 256 tokens
-    with pytest.raises(ValueError, match="selection_budget 300 exceeds the 256 high-resolution tokens of a 30x96"):
-        inputs_for(processor, wide, "shirg-fixed", 300, ANYRES)
-    with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 320"):
-        inputs_for(processor, wide, "shirg-fixed", 321, ANYRES)
+    for budget in (193, 300):
+        with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 192 high-"
+                                             f"resolution tokens of the image with the fewest anyres views, "
+                                             f"got {budget}"):
+            inputs_for(processor, wide, "shirg-fixed", budget, ANYRES)
+    inputs = inputs_for(processor, wide, "shirg-fixed", 192, ANYRES)
+    assert int((inputs["input_ids"] == tiny_model.config.image_token_id).sum()) == 192
     with pytest.raises(ValueError, match="x_scaffold='grid' pools a single high-resolution view"):
         tiny_model.selection_settings("shirg-x", 40, dict(ANYRES, x_scaffold="grid"))
 

@@ -412,7 +412,7 @@ def test_budget_cost_trains_the_adaptive_head(tmp_path):
     common = ["--adaptive_budget", "--budgets", "adaptive,32", "--max_steps", "2", "--modules_to_save", "none"]
     train.main(arguments(tmp_path / "cost", *common, "--budget_cost_weight", "1.0"))
     train.main(arguments(tmp_path / "plain", *common))
-    key = "base_model.model.model.budget_head.output_bias"
+    key = "base_model.model.model.token_selector.budget_head.output_bias"
     initial = torch.tensor([0.0, 1.0, 0.0])  # the untrained head picks the default budget (64)
     assert not torch.equal(load_file(tmp_path / "cost" / "adapter_model.safetensors")[key], initial)
     logs = step_logs(tmp_path / "cost").values()
