@@ -453,6 +453,7 @@ class LavidaShirgGenerationMixin:
         selection_method=None,
         selection_budget=None,
         selection_options=None,
+        selection=None,
         generator=None,
         on_prefix_cache=None,
         **kwargs,
@@ -476,7 +477,8 @@ class LavidaShirgGenerationMixin:
         history = [] if settings.output_history else None
         answers = self.sample_answers(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options), settings.sampler_arguments(),
+            self.selection_settings(selection_method, selection_budget, selection_options, selection),
+            settings.sampler_arguments(),
             {name: getattr(settings, name) for name in PREFIX_SETTINGS}, n, logits_warpers(settings), generator,
             history, on_prefix_cache,
         )
@@ -497,6 +499,7 @@ class LavidaShirgGenerationMixin:
         selection_method=None,
         selection_budget=None,
         selection_options=None,
+        selection=None,
         gen_length=None,
         block_length=None,
         steps=None,
@@ -538,6 +541,6 @@ class LavidaShirgGenerationMixin:
                       compile_step=compile_step)
         return self.sample_answers(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options), sampler, prefix,
+            self.selection_settings(selection_method, selection_budget, selection_options, selection), sampler, prefix,
             generator=generator, on_prefix_cache=on_prefix_cache,
         )

@@ -126,10 +126,21 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         """SigLIP features of each view, projected to the LM width: (V, 3, S, S) -> (V, (S/patch)^2, E)."""
         return self.multi_modal_projector(self.vision_features(pixel_values)[0])
 
-    def selection_settings(self, method=None, budget=None, options=None):
-        """The SHIRG settings of a call (config defaults overridden by `method`, `budget`, `options`), validated
-        against the learned modules this model has."""
-        settings = self.config.selection_settings(method, budget, options)
+    def selection_settings(self, method=None, budget=None, options=None, selection=None):
+        """The SHIRG settings of a call, validated against the learned modules this model has: `selection` (the
+        settings the processor built the inputs for, carried by its output), else the config's; `method`, `budget`
+        and `options` override the config's and, with `selection`, must agree with it."""
+        if selection is None:
+            settings = self.config.selection_settings(method, budget, options)
+        else:
+            settings = selection
+            asked = {**(options or {}), **{name: value for name, value in (("selection_method", method),
+                                                                           ("selection_budget", budget)) if value is not None}}
+            differing = {name: value for name, value in asked.items() if name not in settings or settings[name] != value}
+            if differing:
+                built = {name: settings[name] if name in settings else "unknown" for name in differing}
+                raise ValueError(f"the inputs were built for {built} (the processor's `selection`) but this call asks "
+                                 f"for {differing}: give the settings once, to the processor")
         for name, module in (("coordinate_embedding", self.coordinate_embedding), ("adaptive_budget", self.budget_head)):
             if settings[name] and module is None:
                 raise ValueError(f"{name}=True needs a model built with config.{name}=True (it has no such module)")
@@ -287,7 +298,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
     @torch.no_grad()
     def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                           hires_pixel_values=None, question_mask=None, selection_method=None, selection_budget=None,
-                          selection_options=None, **unused_inputs):
+                          selection_options=None, selection=None, **unused_inputs):
         """What a selection method keeps, for diagnostics and overlays (no LM run).
 
         Returns one dict per selection call (single-view: one for the whole batch; anyres-views: one per image):
@@ -295,7 +306,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         (I, K) kept token indices in raster order, scores (I, N) float32 or None. pooled and full return [].
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        settings = self.selection_settings(selection_method, selection_budget, selection_options)
+        settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
         record = []
         self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
                           settings, record)
@@ -321,19 +332,21 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
                 hires_pixel_values=None, question_mask=None, selection_method=None, selection_budget=None,
-                selection_options=None, inputs_embeds=None, output_hidden_states=None, return_dict=None):
+                selection_options=None, selection=None, inputs_embeds=None, output_hidden_states=None,
+                return_dict=None):
         """The LM's final hidden states (B, T, E) of the sequence with the image tokens written in (and, with
         output_hidden_states, every layer's). Arguments as LavidaShirgForMaskedDiffusion.forward."""
         inputs_embeds, attention_mask = self.inputs_and_mask(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            selection_method, selection_budget, selection_options, inputs_embeds)
+            selection_method, selection_budget, selection_options, inputs_embeds, selection)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         outputs = self.run_language_model(inputs_embeds, attention_mask, output_hidden_states=output_hidden_states)
         output = BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def inputs_and_mask(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
-                        question_mask, selection_method, selection_budget, selection_options, inputs_embeds):
+                        question_mask, selection_method, selection_budget, selection_options, inputs_embeds,
+                        selection=None):
         """(inputs_embeds (B, T, E), attention_mask (B, T)) of a forward call: the embedded ids with the image
         tokens of the call's selection settings written in, or the given inputs_embeds; length-checked."""
         if inputs_embeds is None:
@@ -341,7 +354,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
                 raise ValueError("pass input_ids (or inputs_embeds)")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            settings = self.selection_settings(selection_method, selection_budget, selection_options)
+            settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
             inputs_embeds, attention_mask = self.embed_inputs(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, settings
             )
@@ -405,6 +418,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         selection_method=None,
         selection_budget=None,
         selection_options=None,
+        selection=None,
         inputs_embeds=None,
         num_items_in_batch=None,
         generator=None,
@@ -425,7 +439,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         """
         inputs_embeds, attention_mask = self.model.inputs_and_mask(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            selection_method, selection_budget, selection_options, inputs_embeds)
+            selection_method, selection_budget, selection_options, inputs_embeds, selection)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is None:

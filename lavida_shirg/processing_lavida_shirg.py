@@ -19,7 +19,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_lavida_shirg import SELECTION_FIELDS, ShirgConfig, with_selection_overrides
+from .configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings, ShirgConfig, with_selection_overrides
 from .image_layout import image_token_count, resized_size_in_canvas, select_best_resolution
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
@@ -454,7 +454,10 @@ class LavidaShirgProcessor(ProcessorMixin):
         sizes = iter([tuple(size) for size in image_inputs["image_sizes"].tolist()] if flat_images else [])
         image_sizes = [[next(sizes) for _ in group] for group in images_per_prompt]
         batch = self.text_inputs(prompts, image_sizes, answer_list, layout, **batch_shape)
-        return BatchFeature({**batch, **image_inputs}, tensor_type=return_tensors)
+        encoded = BatchFeature({**batch, **image_inputs}, tensor_type=return_tensors)
+        if all(name in layout for name in SELECTION_FIELDS):  # the model reads the settings from the inputs
+            encoded["selection"] = SelectionSettings(**{name: layout[name] for name in SELECTION_FIELDS})
+        return encoded
 
     def apply_chat_template(self, conversation, chat_template=None, images=None, **kwargs):
         """ProcessorMixin.apply_chat_template (images from the messages' image entries); `images` may also be passed
