@@ -424,7 +424,7 @@ def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
     if shirg_args.selection_method in ("pooled", "full"):
         raise ValueError(f"--selection_method must be a selection method (not {shirg_args.selection_method!r}); "
                          "'pooled' is a budget-list entry")
-    has_head = model.budget_head is not None
+    has_head = model.model.budget_head is not None
     text = shirg_args.budgets
     if text is None:
         text = ",".join([*map(str, model.config.budget_choices), "pooled", *(["adaptive"] if has_head else [])])

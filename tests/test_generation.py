@@ -140,32 +140,6 @@ def test_generation_config_saves_and_loads_with_the_model(tmp_path):
     assert "sampler_defaults" not in json.loads((tmp_path / "config.json").read_text())
 
 
-def test_folders_with_sampler_defaults_still_load(tmp_path):
-    """Configs written before generation_config.json kept the sampler defaults in config.json."""
-    build_tiny_model(seed=1).save_pretrained(tmp_path)
-    (tmp_path / "generation_config.json").unlink()
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["sampler_defaults"] = {"gen_length": 12, "block_length": 4, "steps": 6, "temperature": 0.5,
-                                  "schedule": "shift", "schedule_shift": 0.3333333333333333}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
-    generation = loaded.generation_config
-    assert (generation.max_new_tokens, generation.block_length, generation.steps, generation.do_sample,
-            generation.temperature, generation.schedule, generation.schedule_shift) == (
-        12, 4, 6, True, 0.5, "shift", 0.3333333333333333)
-    resaved = tmp_path / "resaved"
-    loaded.save_pretrained(resaved)
-    assert "sampler_defaults" not in json.loads((resaved / "config.json").read_text())
-    assert json.loads((resaved / "generation_config.json").read_text())["max_new_tokens"] == 12
-    config["sampler_defaults"] = {"length": 4}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unknown generation settings \['length'\]"):
-        LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path)
-
-
-# ---- forward on transformers conventions -------------------------------------------------------------------------
-
-
 def test_forward_return_dict_hidden_states_and_logits_with_the_loss(model, inputs):
     with torch.no_grad():
         plain = model(**inputs)
