@@ -353,7 +353,7 @@ def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> Lo
         extra_modules = ()
     else:
         extra_modules = name_list(extra, "--modules_to_save")
-    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model, name) is not None)
+    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model.model, name) is not None)
     if lora_args.lora_language_model and "language_model" in extra_modules:
         raise ValueError("--lora_language_model adapts the LM that --modules_to_save trains in full: choose one")
     plan = LoraPlan(

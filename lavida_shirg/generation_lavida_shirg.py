@@ -102,6 +102,9 @@ class LavidaShirgGenerationConfig(GenerationConfig):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(f"num_return_sequences={self.num_return_sequences} without do_sample=True gives identical "
+                             "answers: pass do_sample=True (with a temperature) to draw different ones")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer (or None), got {self.top_k!r}")
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
@@ -275,6 +278,14 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
         raise ValueError(f"compile_step runs on the devices {COMPILE_DEVICES}, not {device.type!r}: pass "
                          "compile_step=False")
     if device.type == "cpu":
+        from torch._inductor import cpp_builder  # imported here: only the compiled step needs inductor
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:  # inductor compiles the CPU graph with a C++ compiler: a missing one fails here, before any work
+            cpp_builder.get_cpp_compiler()
+        except InvalidCxxCompiler as error:
+            raise ValueError("compile_step on CPU needs a C++ compiler (g++ or clang++, or the one in $CXX): install "
+                             "one or pass compile_step=False") from error
         return _compiled_denoise_step(None)
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"compile_step: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; load the "
@@ -392,6 +403,11 @@ class LavidaShirgGenerationMixin:
         prefix embedded once (images written in, each prompt repeated `sequences_per_prompt` times), then
         `run_sampler` with the resolved `sampler` settings. inputs: the model inputs (input_ids, attention_mask,
         images, selection settings)."""
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != self.device.type):
+            raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device}), got "
+                             f"{generator!r}" + (f" on {generator.device}" if isinstance(generator, torch.Generator)
+                                                 else ""))
         step = denoise_step
         if prefix["compile_step"]:
             if not prefix["use_prefix_cache"]:

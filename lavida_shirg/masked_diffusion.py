@@ -41,17 +41,11 @@ def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDU
              per-step counts c_{i+1} - c_i raised to at least 1, the excess taken back one token at a time from the
              first steps that hold more than one, then the order reversed. With LaViDa's a = 3 the first steps commit
              the fewest tokens (8 tokens in 4 steps: [1, 1, 2, 4]).
-    Returns a list of S Python ints that sums to L.
+    Returns a list of S Python ints that sums to L. Arguments as resolve_sampler_arguments validated them.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 1 <= steps <= block_length:
-        raise ValueError(f"steps per block must be in [1, block_length={block_length}], got {steps}")
     if schedule == "uniform":
         base, remainder = divmod(block_length, steps)
         return [base + (i < remainder) for i in range(steps)]
-    if not shift > 0:
-        raise ValueError(f"schedule_shift must be > 0, got {shift}")
     t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
     cumulative = (shift * t / (1 + (shift - 1) * t) * block_length).to(torch.int64).tolist()
     counts = [max(b - a, 1) for a, b in zip(cumulative[:-1], cumulative[1:])]
@@ -81,12 +75,10 @@ def token_confidence(logits, tokens, remasking, noise=None):
     low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1), the (B, G) float64 `noise` from
     `step_noise`. logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
     """
-    if remasking == "low_confidence":
-        probabilities = F.softmax(logits.to(torch.float64), dim=-1)
-        return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
         return noise
-    raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+    probabilities = F.softmax(logits.to(torch.float64), dim=-1)
+    return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def step_noise(shape, temperature, remasking, device, generator=None):

@@ -102,9 +102,9 @@ class ShirgTrainer(Trainer):
         self._budget_logits = []
         base_model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         self._budget_values = None
-        if base_model.budget_head is not None:  # its budgets are config.budget_choices (the model checks it)
+        if base_model.model.budget_head is not None:  # its budgets are config.budget_choices (the model checks it)
             self._budget_values = torch.tensor(base_model.config.budget_choices, dtype=torch.float32)
-            base_model.budget_head.register_forward_hook(
+            base_model.model.budget_head.register_forward_hook(
                 lambda module, inputs, output: self._budget_logits.append(output))
 
     # ---- batches -------------------------------------------------------------------------------------------------

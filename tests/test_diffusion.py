@@ -173,13 +173,6 @@ def test_schedules_sum_to_block_length(schedule, length, steps):
         assert len(counts) == steps and sum(counts) == length and min(counts) >= 1
 
 
-def test_schedule_bad_arguments():
-    with pytest.raises(ValueError, match="schedule"):
-        transfer_counts(8, 4, "cosine")
-    with pytest.raises(ValueError, match="steps per block"):
-        transfer_counts(4, 8)
-
-
 # ---- sampler rules ---------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ sampling controls, and equality with diffusion_generate."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model, image_batch, prompt_ids
@@ -75,14 +76,27 @@ def test_history_holds_the_canvas_after_every_step(model, inputs):
 
 def test_num_return_sequences(model, inputs):
     prompt_length = inputs["input_ids"].shape[1]
-    greedy = model.generate(**inputs, max_new_tokens=8, num_return_sequences=3)
-    assert greedy.shape == (6, prompt_length + 8)
-    assert torch.equal(greedy[0], greedy[2]) and torch.equal(greedy[3], greedy[5])
-    assert torch.equal(greedy[::3], model.generate(**inputs, max_new_tokens=8))
+    # greedy answers would be identical copies: refused, as transformers refuses it for greedy decoding
+    with pytest.raises(ValueError, match="num_return_sequences=3 without do_sample=True gives identical answers"):
+        model.generate(**inputs, max_new_tokens=8, num_return_sequences=3)
     sampled = model.generate(**inputs, max_new_tokens=8, num_return_sequences=3, do_sample=True, temperature=2.0,
                              generator=torch.Generator().manual_seed(1))
     assert torch.equal(sampled[:3, :prompt_length], inputs["input_ids"][[0, 0, 0]])
     assert len({tuple(row.tolist()) for row in sampled[:3, prompt_length:]}) > 1
+    assert sampled.shape == (6, prompt_length + 8)
+
+
+@pytest.mark.parametrize("generator, shown", [(0, "0"), (np.random.default_rng(0), "Generator\\(PCG64\\)")])
+def test_a_generator_that_is_not_one_on_the_models_device_is_named(model, inputs, generator, shown):
+    with pytest.raises(ValueError, match=rf"generator must be a torch.Generator on the model's device \(cpu\), got "
+                                         rf".*{shown}"):
+        model.generate(**inputs, max_new_tokens=8, do_sample=True, generator=generator)
+
+
+def test_compile_step_without_a_cxx_compiler_is_refused_up_front(model, inputs, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler++",))
+    with pytest.raises(ValueError, match="compile_step on CPU needs a C\\+\\+ compiler"):
+        model.generate(**inputs, max_new_tokens=8, compile_step=True)
 
 
 def test_top_k_and_top_p_filter_the_sampled_tokens(model, inputs):
