@@ -245,8 +245,8 @@ def logits_warpers(settings: LavidaShirgGenerationConfig) -> LogitsProcessorList
 
 def denoise_step(answer_logits, canvas, in_block, count, mask_token_id, temperature, remasking, warpers=(),
                  gumbel=None, remask=None):
-    """One sampler step: l = answer_logits(canvas) (B, G, V) (the model's forward on the answer canvas), filtered by each of `warpers`; x0 = sample_tokens(l)
-    with the Gumbel draws `gumbel`; confidence = token_confidence(l, x0) (the draws `remask` for random remasking);
+    """One sampler step: l = answer_logits(canvas) (B, G, V) (the model's forward on the answer canvas), filtered
+    by each of `warpers`; x0 = sample_tokens(l) with the Gumbel draws `gumbel`; confidence = token_confidence(l, x0) (the draws `remask` for random remasking);
     then the `count` (0-d tensor) most confident masked positions of the block (`in_block` (G,) bool) take x0.
     No host reads and static shapes: it compiles as one graph (`compiled_step`)."""
     logits = answer_logits(canvas)
@@ -350,8 +350,9 @@ class LavidaShirgGenerationMixin:
             return
         location = dict(cache_dir=cache_dir, force_download=force_download, proxies=proxies,
                         local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder)
-        if cached_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False,
-                       **location) is not None:
+        found = cached_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME,
+                            _raise_exceptions_for_missing_entries=False, **location)
+        if found is not None:
             self.generation_config = LavidaShirgGenerationConfig.from_pretrained(pretrained_model_name_or_path,
                                                                                  **location)
 
@@ -387,7 +388,9 @@ class LavidaShirgGenerationMixin:
                             past_key_values=cache, return_dict=True).logits
 
             return logits_with_cache, cache
-        prefix_lengths = torch.full((batch,), prefix_length, device=full_mask.device) if prefix["prefix_lm_mask"] else None
+        prefix_lengths = None
+        if prefix["prefix_lm_mask"]:
+            prefix_lengths = torch.full((batch,), prefix_length, device=full_mask.device)
 
         def logits_without_cache(canvas):
             sequence = torch.cat((prefix_embeds, embed(canvas)), dim=1)  # (B, P + G, E)
@@ -398,9 +401,10 @@ class LavidaShirgGenerationMixin:
 
     def sample_answers(self, inputs, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None,
                        keep_history=False):
-        """(answer ids (B * sequences_per_prompt, G), history (see run_sampler), prefix cache or None) of generate and diffusion_generate: the
-        step (`denoise_step`, or with prefix["compile_step"] its compiled form, checked before any work), the
-        prefix embedded once (images written in, each prompt repeated `sequences_per_prompt` times), then
+        """(answer ids (B * sequences_per_prompt, G), history (see run_sampler), prefix cache or None) of generate
+        and diffusion_generate: the step (`denoise_step`, or with prefix["compile_step"] its compiled form, checked
+        before any work), the prefix embedded once (images written in, each prompt repeated `sequences_per_prompt`
+        times), then
         `run_sampler` with the resolved `sampler` settings. inputs: the model inputs (input_ids, attention_mask,
         images, selection settings)."""
         if generator is not None and (not isinstance(generator, torch.Generator)

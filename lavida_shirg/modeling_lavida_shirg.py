@@ -146,9 +146,9 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
             settings = self.config.selection_settings(method, budget, options)
         else:
             settings = selection
-            asked = {**(options or {}), **{name: value for name, value in (("selection_method", method),
-                                                                           ("selection_budget", budget)) if value is not None}}
-            differing = {name: value for name, value in asked.items() if name not in settings or settings[name] != value}
+            asked = {**(options or {}), "selection_method": method, "selection_budget": budget}
+            differing = {name: value for name, value in asked.items()
+                         if value is not None and (name not in settings or settings[name] != value)}
             if differing:
                 built = {name: settings[name] if name in settings else "unknown" for name in differing}
                 raise ValueError(f"the inputs were built for {built} (the processor's `selection`) but this call asks "
