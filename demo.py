@@ -28,8 +28,8 @@ TRAIN_CONFIG = os.path.join("configs", "train_reader.yaml")
 # default_variants for 256 tokens, plus the seed's planned ablation at the 1/3 budget (85 of 256 tokens):
 # SHIRG-Fixed with relevance only / detail only / the seed's variance term; v2 without its edge term
 VARIANTS = ("pooled,full,shirg-fixed@32,shirg-fixed@57,shirg-fixed@85,shirg-fixed@114,"
-            "shirg-fixed@85:relevance=1:variance=0,shirg-fixed@85:relevance=0:variance=1,"
-            "shirg-fixed@85:detail=variance,shirg-v2@85,shirg-v2@85:beta=0,shirg-x@85,"
+            "shirg-fixed@85:relevance_weight=1:detail_weight=0,shirg-fixed@85:relevance_weight=0:detail_weight=1,"
+            "shirg-fixed@85:detail_term=variance,shirg-v2@85,shirg-v2@85:v2_edge_weight=0,shirg-x@85,"
             "random@85,visionzip@85,divprune@85")
 
 

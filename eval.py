@@ -4,7 +4,7 @@
     python eval.py --model ./lavida-shirg-llada --tasks textvqa,docvqa,chartqa \\
         --data textvqa=/data/textvqa --data docvqa=/data/DocVQA --data chartqa=/data/ChartQA --limit 500
     python eval.py --model ./lavida-shirg-llada --tasks textvqa --data textvqa=/data/textvqa \\
-        --variants shirg-fixed@768,shirg-fixed@768:relevance=1:variance=0,shirg-fixed@768:relevance=0:variance=1
+        --variants shirg-fixed@768,shirg-fixed@768:relevance_weight=1:detail_weight=0,shirg-fixed@768:relevance_weight=0:detail_weight=1
 
 Writes into --output-dir: predictions/TASK.jsonl (one line per sample and variant: prediction, score, timings,
 selection diagnostics, or the sample's error), summary.json and summary.md (task x variant table), run_config.json

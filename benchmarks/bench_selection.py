@@ -115,7 +115,7 @@ def measure_selection(config: ShirgConfig, device, dtype, layers: int, batch_siz
                 details = DETAIL_TERMS if method.startswith("shirg") else (None,)
                 for detail in details:
                     if detail is not None:
-                        options = dict(validate=False, detail=detail, pixels=pixels, patch_size=patch)
+                        options = dict(validate=False, detail_term=detail, pixels=pixels, patch_size=patch)
                     rows.append((method if detail is None else f"{method} detail={detail}",
                                  timed(lambda: select_tokens(method, features, projected, grid, budget, question,
                                                              mask, **options), device, repeats)))

@@ -46,28 +46,30 @@ from shirg_tools.selection_quality import (ink_token_mask, kept_recall, nan_mean
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig, generate_sample
 from shirg_tools.variants import parse_variant
 
-SEED_OPTIONS = {"shirg-fixed": "relevance=0.7:variance=0.3:detail=variance",
-                "shirg-v2": "alpha=0.25:beta=0.15:detail=variance",
-                "shirg-x": "relevance=0.7:variance=0.3:detail=variance"}
-ABLATIONS = {"shirg-fixed": [("relevance only", "variance=0"), ("detail only", "relevance=0"),
-                             ("no coverage (region 1)", "region=1")],
-             "shirg-v2": [("no relevance (alpha 1)", "alpha=1"), ("no detail (alpha 0)", "alpha=0"),
-                          ("no edge (beta 0)", "beta=0")],
-             "shirg-x": [("relevance only", "variance=0"), ("detail only", "relevance=0"),
-                         ("no suppression (penalty 0)", "penalty=0")]}
+SEED_OPTIONS = {"shirg-fixed": "relevance_weight=0.7:detail_weight=0.3:detail_term=variance",
+                "shirg-v2": "v2_detail_weight=0.25:v2_edge_weight=0.15:detail_term=variance",
+                "shirg-x": "relevance_weight=0.7:detail_weight=0.3:detail_term=variance"}
+ABLATIONS = {"shirg-fixed": [("relevance only", "detail_weight=0"), ("detail only", "relevance_weight=0"),
+                             ("no coverage (region 1)", "coverage_region_size=1")],
+             "shirg-v2": [("no relevance (v2_detail_weight 1)", "v2_detail_weight=1"),
+                          ("no detail (v2_detail_weight 0)", "v2_detail_weight=0"),
+                          ("no edge (v2_edge_weight 0)", "v2_edge_weight=0")],
+             "shirg-x": [("relevance only", "detail_weight=0"), ("detail only", "relevance_weight=0"),
+                         ("no suppression (penalty 0)", "x_suppression_penalty=0")]}
 BASELINES = ("random", "top-norm", "visionzip", "divprune")
 
 
 def default_rows(config) -> list:
     """(kind, label, variant string without @BUDGET) of the default table (see the module docstring)."""
     rows = [("term", f"detail {term}" + (" (the seed's)" if term == "variance" else ""),
-             f"shirg-fixed:relevance=0:variance=1:detail={term}:region=1") for term in DETAIL_TERMS]
-    rows += [("term", "relevance", "shirg-fixed:relevance=1:variance=0:region=1"),
+             f"shirg-fixed:relevance_weight=0:detail_weight=1:detail_term={term}:coverage_region_size=1")
+            for term in DETAIL_TERMS]
+    rows += [("term", "relevance", "shirg-fixed:relevance_weight=1:detail_weight=0:coverage_region_size=1"),
              ("term", "projected token norm", "top-norm")]
     for method in ("shirg-fixed", "shirg-v2", "shirg-x"):
         rows.append(("method", f"{method} seed formula", f"{method}:{SEED_OPTIONS[method]}"))
         rows += [("method", f"{method} detail={term}" + (" [model default]" if term == config.detail_term else ""),
-                  f"{method}:detail={term}") for term in DETAIL_TERMS]
+                  f"{method}:detail_term={term}") for term in DETAIL_TERMS]
         rows += [("method", f"{method} {label}", f"{method}:{options}") for label, options in ABLATIONS[method]]
     rows += [("baseline", method, method) for method in BASELINES]
     return rows
@@ -98,7 +100,7 @@ def measure(model, processor, samples, truths, variant_text, budgets, source, ba
     scores). truths: per image, the (N,) bool text tokens and the (N,) bool text tokens of the answer."""
     aucs, recalls, answer_recalls = [], {k: [] for k in budgets}, {k: [] for k in budgets}
     for k in budgets:
-        options = f":source={source}" if source else ""
+        options = f":hires_source={source}" if source else ""
         method, _, rest = variant_text.partition(":")
         variant = parse_variant(f"{method}@{k}" + (f":{rest}" if rest else "") + options)
         settings = model.selection_settings(variant.method, variant.budget, variant.options)
@@ -184,7 +186,8 @@ def main(argv=None):
     print(f"geometry: hires_source={layout['hires_source']}, {num} high-resolution tokens per image "
           f"(patch {layout['patch_size']} px, view {layout['hires_image_size']} px); model defaults: "
           f"detail_term={config.detail_term}, relevance_weight={config.relevance_weight}, "
-          f"variance_weight={config.variance_weight}, v2_alpha={config.v2_alpha}, v2_beta={config.v2_beta}")
+          f"detail_weight={config.detail_weight}, v2_detail_weight={config.v2_detail_weight}, "
+          f"v2_edge_weight={config.v2_edge_weight}")
     print(f"data: {args.images} synthetic OCR images, seed {args.data_seed}, canvas {canvas} px, fonts "
           f"{fonts[0]}-{fonts[1]} px, {args.num_texts} texts; text tokens: {fraction:.3f} of the tokens "
           f"(random keeps recall = K / N: " + ", ".join(f"{k / num:.3f} at K={k}" for k in budgets) + ")")

@@ -112,12 +112,12 @@ class ShirgConfig(PreTrainedConfig):
     hires_image_size: int = 672
     coverage_region_size: int = 4
     relevance_weight: float = 0.7
-    variance_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
+    detail_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
     # the detail term of shirg-fixed, shirg-v2 and shirg-x (shirg_selection.DETAIL_TERMS; "variance" = the seed's):
     # chosen by benchmarks/bench_selection_quality.py, see README "Selection quality"
     detail_term: str = "pixel-contrast"
-    v2_alpha: float = 0.25
-    v2_beta: float = 0.15
+    v2_detail_weight: float = 0.25
+    v2_edge_weight: float = 0.15
     v2_summary_token: bool = True
     v2_kmeans_iterations: int = 4
     x_scaffold: str = "global-view"
@@ -242,7 +242,7 @@ SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_to
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
-    "relevance_weight", "variance_weight", "detail_term", "v2_alpha", "v2_beta", "v2_summary_token",
+    "relevance_weight", "detail_weight", "detail_term", "v2_detail_weight", "v2_edge_weight", "v2_summary_token",
     "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
     "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
     "budget_choices",
@@ -325,12 +325,12 @@ def validate_selection_settings(settings: dict):
     for name in ("x_scaffold_size", "x_suppression_radius", "visionzip_contextual_tokens", "random_seed"):
         if not _is_int(settings[name]) or settings[name] < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {settings[name]!r}")
-    for name in ("relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "x_suppression_penalty"):
+    for name in ("relevance_weight", "detail_weight", "v2_detail_weight", "v2_edge_weight", "x_suppression_penalty"):
         value = settings[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    if settings["v2_alpha"] > 1:
-        raise ValueError(f"v2_alpha must be in [0, 1], got {settings['v2_alpha']!r}")
+    if settings["v2_detail_weight"] > 1:
+        raise ValueError(f"v2_detail_weight must be in [0, 1], got {settings['v2_detail_weight']!r}")
     if settings["x_suppression_penalty"] > 1:
         raise ValueError(f"x_suppression_penalty must be in [0, 1], got {settings['x_suppression_penalty']!r}")
     for name in ("v2_summary_token", "coordinate_embedding", "adaptive_budget"):

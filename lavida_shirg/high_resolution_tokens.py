@@ -130,28 +130,30 @@ def uses_relevance(settings):
     method = settings["selection_method"]
     if method in ("shirg-fixed", "shirg-x"):
         return settings["relevance_weight"] > 0
-    return method == "shirg-v2" and settings["v2_alpha"] < 1
+    return method == "shirg-v2" and settings["v2_detail_weight"] < 1
 
 
 def selection_options(settings, attention_received_scores, source_pixels=None, patch_size=None):
     """Keyword options of `select_tokens` for the call's method, from the settings' fields (source_pixels /
     patch_size: the views the tokens come from and the tower's patch size, for the detail term "pixel-contrast")."""
     method = settings["selection_method"]
-    detail = dict(detail=settings["detail_term"], pixels=source_pixels, patch_size=patch_size)
-    fixed = dict(region_size=settings["coverage_region_size"], relevance_weight=settings["relevance_weight"],
-                 variance_weight=settings["variance_weight"], validate=False, **detail)
+    detail = dict(detail_term=settings["detail_term"], pixels=source_pixels, patch_size=patch_size)
+    fixed = dict(coverage_region_size=settings["coverage_region_size"], relevance_weight=settings["relevance_weight"],
+                 detail_weight=settings["detail_weight"], validate=False, **detail)
     if method == "shirg-fixed":
         return fixed
     if method == "shirg-v2":
-        return dict(alpha=settings["v2_alpha"], beta=settings["v2_beta"], region_size=settings["coverage_region_size"],
-                    kmeans_iterations=settings["v2_kmeans_iterations"], validate=False, **detail)
+        return dict(v2_detail_weight=settings["v2_detail_weight"], v2_edge_weight=settings["v2_edge_weight"],
+                    coverage_region_size=settings["coverage_region_size"],
+                    v2_kmeans_iterations=settings["v2_kmeans_iterations"], validate=False, **detail)
     if method == "shirg-x":
         scaffold = settings["x_scaffold_size"] if settings["x_scaffold"] == "grid" else 0
-        return dict(fixed, rounds=settings["x_suppression_rounds"], radius=settings["x_suppression_radius"],
-                    penalty=settings["x_suppression_penalty"], scaffold_size=scaffold)
+        return dict(fixed, x_suppression_rounds=settings["x_suppression_rounds"],
+                    x_suppression_radius=settings["x_suppression_radius"],
+                    x_suppression_penalty=settings["x_suppression_penalty"], x_scaffold_size=scaffold)
     if method == "random":
-        return dict(seed=settings["random_seed"])
+        return dict(random_seed=settings["random_seed"])
     if method == "visionzip":
         return dict(attention_received=attention_received_scores,
-                    num_contextual=settings["visionzip_contextual_tokens"])
+                    visionzip_contextual_tokens=settings["visionzip_contextual_tokens"])
     return {}

@@ -192,7 +192,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         if uses_relevance(settings):
             if question_mask is None:
                 raise ValueError(f"selection_method={settings['selection_method']!r} is text-conditioned: pass "
-                                 "question_mask (the processor's) or set relevance_weight=0 (v2: v2_alpha=1)")
+                                 "question_mask (the processor's) or set relevance_weight=0 (v2: v2_detail_weight=1)")
             check_question_mask(question_mask)  # host read: a sample without question tokens is a ValueError
         with_attention = settings["selection_method"] == "visionzip"
         groups = []  # (vision features, attention received, images, their source views' pixels) of each selection

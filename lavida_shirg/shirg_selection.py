@@ -224,35 +224,35 @@ def pixel_contrast(pixels: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
 DETAIL_TERMS = ("variance", "centered-variance", "edge-density", "pixel-contrast")
 
 
-def detail_scores(detail: str, vision_features: torch.Tensor, grid=None, pixels=None,
+def detail_scores(detail_term: str, vision_features: torch.Tensor, grid=None, pixels=None,
                   patch_size: Optional[int] = None) -> torch.Tensor:
     """SHIRG's detail term d (B, N) float32 by name: "variance" = `token_variance(x)` (the seed's), "centered-variance"
     = `centered_token_variance(x, grid)`, "edge-density" = `edge_density(x, grid)`, "pixel-contrast" =
     `pixel_contrast(pixels, grid, patch_size)` (x: the pre-projector vision features (B, N, D)).
 
-    Raises ValueError naming `detail` and DETAIL_TERMS for an unknown name, and for a term whose inputs are missing.
+    Raises ValueError naming `detail_term` and DETAIL_TERMS for an unknown name, and for a term whose inputs are missing.
     """
-    if detail not in DETAIL_TERMS:
-        raise ValueError(f"detail must be one of {DETAIL_TERMS}, got {detail!r}")
-    if detail == "variance":
+    if detail_term not in DETAIL_TERMS:
+        raise ValueError(f"detail_term must be one of {DETAIL_TERMS}, got {detail_term!r}")
+    if detail_term == "variance":
         return token_variance(vision_features)
     if grid is None:
-        raise ValueError(f"detail={detail!r} needs the token grid")
-    if detail == "centered-variance":
+        raise ValueError(f"detail_term={detail_term!r} needs the token grid")
+    if detail_term == "centered-variance":
         return centered_token_variance(vision_features, grid)
-    if detail == "edge-density":
+    if detail_term == "edge-density":
         return edge_density(vision_features, grid)
     if pixels is None or patch_size is None:
-        raise ValueError("detail='pixel-contrast' needs pixels (the views the tokens come from) and patch_size")
+        raise ValueError("detail_term='pixel-contrast' needs pixels (the views the tokens come from) and patch_size")
     _view_grid(grid, vision_features.shape[1])
     return pixel_contrast(pixels, grid, patch_size)
 
 
-def _detail_term(weight, detail, vision_features, grid, pixels, patch_size):
+def _detail_term(weight, detail_term, vision_features, grid, pixels, patch_size):
     """weight * norm(d) of `detail_scores`, or zeros (B, N) when weight = 0 (the term's inputs are then not needed)."""
     if weight == 0:
         return vision_features.new_zeros(vision_features.shape[:2], dtype=torch.float32)
-    return weight * normalize_per_sample(detail_scores(detail, vision_features, grid, pixels, patch_size))
+    return weight * normalize_per_sample(detail_scores(detail_term, vision_features, grid, pixels, patch_size))
 
 
 def relevance_scores(projected: torch.Tensor, question_embeds: torch.Tensor, question_mask: torch.Tensor,
@@ -391,8 +391,8 @@ def region_coverage(scores: torch.Tensor, grid, region_size: int) -> torch.Tenso
 
 
 def shirg_fixed_scores(vision_features, projected, question_embeds=None, question_mask=None, *,
-                       relevance_weight: float = 0.7, variance_weight: float = 0.3, validate: bool = True,
-                       text_free: bool = False, detail: str = "variance", grid=None, pixels=None,
+                       relevance_weight: float = 0.7, detail_weight: float = 0.3, validate: bool = True,
+                       text_free: bool = False, detail_term: str = "variance", grid=None, pixels=None,
                        patch_size: Optional[int] = None) -> torch.Tensor:
     """SHIRG-Fixed score: s = w_r * norm(rel) + w_v * norm(d), w_r = 0.7, w_v = 0.3 (norm: per-sample min-max).
 
@@ -401,8 +401,8 @@ def shirg_fixed_scores(vision_features, projected, question_embeds=None, questio
     for bit. A zero weight skips its term (no question needed with w_r = 0). (B, N) float32.
     """
     relevance_weight = _check_weight("relevance_weight", relevance_weight)
-    variance_weight = _check_weight("variance_weight", variance_weight)
-    scores = _detail_term(variance_weight, detail, vision_features, grid, pixels, patch_size)
+    detail_weight = _check_weight("detail_weight", detail_weight)
+    scores = _detail_term(detail_weight, detail_term, vision_features, grid, pixels, patch_size)
     relevance = _relevance_term(projected, question_embeds, question_mask, relevance_weight, validate, text_free)
     if relevance is not None:
         scores = scores + relevance_weight * relevance
@@ -410,21 +410,22 @@ def shirg_fixed_scores(vision_features, projected, question_embeds=None, questio
 
 
 def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                       region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
-                       validate: bool = True, text_free: bool = False, detail: str = "variance", pixels=None,
+                       coverage_region_size: int = 4, relevance_weight: float = 0.7, detail_weight: float = 0.3,
+                       validate: bool = True, text_free: bool = False, detail_term: str = "variance", pixels=None,
                        patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-Fixed: keep = cover(s) ∪ top_{K - |cover|}(s), cover = {argmax_{n in R} s[b, n] : every r x r region R}.
 
-    s = `shirg_fixed_scores` (detail term `detail`; pixels / patch_size for "pixel-contrast"). The coverage winners are taken for every sample independently; the global top-k of the
+    s = `shirg_fixed_scores` (detail term `detail_term`; pixels / patch_size for "pixel-contrast"). The coverage
+    winners are taken for every sample independently; the global top-k of the
     remaining tokens fills the budget. K smaller than the region count: the K best-scoring region winners are kept
     (coverage cannot be complete; r = 1 then equals plain top-k). Returns indices (B, K) ascending, scores (B, N).
     """
     _check_inputs(vision_features, projected, grid, budget)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
-                                relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
-                                patch_size=patch_size)
-    coverage = region_coverage(scores, grid, region_size)
+                                relevance_weight=relevance_weight, detail_weight=detail_weight,
+                                validate=validate, text_free=text_free, detail_term=detail_term, grid=grid,
+                                pixels=pixels, patch_size=patch_size)
+    coverage = region_coverage(scores, grid, coverage_region_size)
     return TokenSelection(select_with_priority(scores, coverage, budget), None, scores)
 
 
@@ -433,8 +434,8 @@ def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds
 
 
 def shirg_v2_scores(vision_features, projected, grid, question_embeds=None, question_mask=None, *,
-                    alpha: float = 0.25, beta: float = 0.15, validate: bool = True,
-                    text_free: bool = False, detail: str = "variance", pixels=None,
+                    v2_detail_weight: float = 0.25, v2_edge_weight: float = 0.15, validate: bool = True,
+                    text_free: bool = False, detail_term: str = "variance", pixels=None,
                     patch_size: Optional[int] = None) -> torch.Tensor:
     """SHIRG-v2 score: s = a * norm(d) + (1 - a) * norm(rel) + b * norm(edge), a = 0.25, b = 0.15.
 
@@ -443,16 +444,17 @@ def shirg_v2_scores(vision_features, projected, grid, question_embeds=None, ques
     `text_free=True`); norm: per-sample min-max. a = 1 drops the relevance term (no question needed), a = 0 the
     detail term. (B, N) float32.
     """
-    alpha = _check_weight("alpha", alpha)
-    beta = _check_weight("beta", beta)
-    if alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1] (relevance weight 1 - alpha), got {alpha}")
-    scores = _detail_term(alpha, detail, vision_features, grid, pixels, patch_size)
-    if beta:
-        scores = scores + beta * normalize_per_sample(edge_density(vision_features, grid))
-    relevance = _relevance_term(projected, question_embeds, question_mask, 1.0 - alpha, validate, text_free)
+    v2_detail_weight = _check_weight("v2_detail_weight", v2_detail_weight)
+    v2_edge_weight = _check_weight("v2_edge_weight", v2_edge_weight)
+    if v2_detail_weight > 1:
+        raise ValueError(f"v2_detail_weight must be in [0, 1] (relevance weight 1 - v2_detail_weight), "
+                         f"got {v2_detail_weight}")
+    scores = _detail_term(v2_detail_weight, detail_term, vision_features, grid, pixels, patch_size)
+    if v2_edge_weight:
+        scores = scores + v2_edge_weight * normalize_per_sample(edge_density(vision_features, grid))
+    relevance = _relevance_term(projected, question_embeds, question_mask, 1.0 - v2_detail_weight, validate, text_free)
     if relevance is not None:
-        scores = scores + (1.0 - alpha) * relevance
+        scores = scores + (1.0 - v2_detail_weight) * relevance
     return scores
 
 
@@ -512,21 +514,23 @@ def dropped_token_summary(projected: torch.Tensor, indices: torch.Tensor) -> tor
 
 
 def shirg_v2_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                    alpha: float = 0.25, beta: float = 0.15, region_size: int = 4, kmeans_iterations: int = 4,
+                    v2_detail_weight: float = 0.25, v2_edge_weight: float = 0.15, coverage_region_size: int = 4,
+                    v2_kmeans_iterations: int = 4,
                     feature_weight: float = 0.5, validate: bool = True, text_free: bool = False,
-                    detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
+                    detail_term: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-v2: keep = {argmax_{n in C} s[b, n] : every cluster C of spatial_kmeans} ∪ top_rest(s), + summary token.
 
     s = `shirg_v2_scores`; the clusters come from `spatial_kmeans` of the vision features (seed spacing
-    `region_size`, `kmeans_iterations` steps) per sample; the best K cluster winners are kept when K is smaller than
-    the number of non-empty clusters. extra_tokens = `dropped_token_summary` (B, 1, E): the mean of the projected
+    `coverage_region_size`, `v2_kmeans_iterations` steps) per sample; the best K cluster winners are kept when K is
+    smaller than the number of non-empty clusters. extra_tokens = `dropped_token_summary` (B, 1, E): the mean of the projected
     tokens that were not kept. Returns indices (B, K) ascending, extra_tokens (B, 1, E), scores (B, N).
     """
     _check_inputs(vision_features, projected, grid, budget)
-    scores = shirg_v2_scores(vision_features, projected, grid, question_embeds, question_mask, alpha=alpha,
-                             beta=beta, validate=validate, text_free=text_free, detail=detail, pixels=pixels,
-                             patch_size=patch_size)
-    labels, num_clusters = spatial_kmeans(vision_features, grid, region_size, kmeans_iterations, feature_weight)
+    scores = shirg_v2_scores(vision_features, projected, grid, question_embeds, question_mask,
+                             v2_detail_weight=v2_detail_weight, v2_edge_weight=v2_edge_weight, validate=validate,
+                             text_free=text_free, detail_term=detail_term, pixels=pixels, patch_size=patch_size)
+    labels, num_clusters = spatial_kmeans(vision_features, grid, coverage_region_size, v2_kmeans_iterations,
+                                          feature_weight)
     winners, _ = top1_per_group(scores, labels, num_clusters)
     indices = select_with_priority(scores, _winners_mask(winners, scores.shape[1]), budget)
     return TokenSelection(indices, dropped_token_summary(projected, indices), scores)
@@ -635,32 +639,34 @@ def token_coordinates(indices: torch.Tensor, grid, view_boxes=None) -> torch.Ten
 
 
 def shirg_x_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                   region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
-                   rounds: int = 4, radius: int = 1, penalty: float = 0.5, scaffold_size: int = 8,
+                   coverage_region_size: int = 4, relevance_weight: float = 0.7, detail_weight: float = 0.3,
+                   x_suppression_rounds: int = 4, x_suppression_radius: int = 1, x_suppression_penalty: float = 0.5,
+                   x_scaffold_size: int = 8,
                    scaffold_mode: str = "area", validate: bool = True, text_free: bool = False,
-                   detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
+                   detail_term: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-X: keep = cover(s) ∪ distance_aware_selection(s), + a g x g scaffold of the projected map.
 
-    s = `shirg_fixed_scores` (detail term `detail`), cover = the r x r region winners of every sample (`region_coverage`), which seed the
-    picked mask of `distance_aware_selection` that fills the budget; K <= region count keeps the K best winners.
-    extra_tokens = `low_resolution_scaffold(projected, grid, g)` (B, g*g, E) (None when scaffold_size = 0); their
+    s = `shirg_fixed_scores` (detail term `detail_term`), cover = the r x r region winners of every sample
+    (`region_coverage`), which seed the picked mask of `distance_aware_selection` that fills the budget; K <= region count keeps the K best winners.
+    extra_tokens = `low_resolution_scaffold(projected, grid, g)` (B, g*g, E) (None when x_scaffold_size = 0); their
     coordinates are `grid_coordinates((g, g))` and those of the kept tokens `token_coordinates(indices, grid)`, for
     `CoordinateEmbedding`. Returns indices (B, K) ascending, extra_tokens, scores (B, N).
     """
     _check_inputs(vision_features, projected, grid, budget)
-    _check_positive_int("scaffold_size", scaffold_size, 0)
+    _check_positive_int("x_scaffold_size", x_scaffold_size, 0)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
-                                relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
-                                patch_size=patch_size)
-    coverage = region_coverage(scores, grid, region_size)
-    _, num_regions = region_labels(grid, region_size)
+                                relevance_weight=relevance_weight, detail_weight=detail_weight,
+                                validate=validate, text_free=text_free, detail_term=detail_term, grid=grid,
+                                pixels=pixels, patch_size=patch_size)
+    coverage = region_coverage(scores, grid, coverage_region_size)
+    _, num_regions = region_labels(grid, coverage_region_size)
     if budget <= num_regions:
         indices = select_with_priority(scores, coverage, budget)
     else:
         indices = distance_aware_selection(scores, grid, budget, mask_to_indices(coverage, num_regions),
-                                           rounds=rounds, radius=radius, penalty=penalty)
-    scaffold = low_resolution_scaffold(projected, grid, scaffold_size, scaffold_mode) if scaffold_size else None
+                                           rounds=x_suppression_rounds, radius=x_suppression_radius,
+                                           penalty=x_suppression_penalty)
+    scaffold = low_resolution_scaffold(projected, grid, x_scaffold_size, scaffold_mode) if x_scaffold_size else None
     return TokenSelection(indices, scaffold, scores)
 
 
@@ -778,12 +784,12 @@ def _top_by(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def random_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                  seed: int = 0) -> TokenSelection:
+                  random_seed: int = 0) -> TokenSelection:
     """Random baseline: K tokens uniformly without replacement (seeded torch.Generator on the tokens' device)."""
     batch, num = _check_inputs(vision_features, projected, grid, budget)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    generator = torch.Generator(device=projected.device).manual_seed(seed)
+    if not _is_int(random_seed):
+        raise ValueError(f"random_seed must be an integer, got {random_seed!r}")
+    generator = torch.Generator(device=projected.device).manual_seed(random_seed)
     keys = torch.rand(batch, num, generator=generator, device=projected.device)
     return TokenSelection(_top_by(keys, budget), None, keys)
 
@@ -797,12 +803,13 @@ def top_norm_select(vision_features, projected, grid, budget, question_embeds=No
 
 
 def visionzip_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                     attention_received: Optional[torch.Tensor] = None, num_contextual: int = 32) -> TokenSelection:
+                     attention_received: Optional[torch.Tensor] = None,
+                     visionzip_contextual_tokens: int = 32) -> TokenSelection:
     """VisionZip-style (Yang et al. 2024): dominant = top-K attention received, + contextual = merged remaining tokens.
 
     attention_received (B, N): the attention each token receives in the vision tower's last used layer (the caller
-    computes it, e.g. mean over heads and queries). The N - K other tokens are merged into C = `num_contextual`
-    centres: C targets taken at a uniform stride among them (raster order), every other token joins the target of
+    computes it, e.g. mean over heads and queries). The N - K other tokens are merged into
+    C = `visionzip_contextual_tokens` centres: C targets taken at a uniform stride among them (raster order), every other token joins the target of
     highest cosine similarity of vision features, and a contextual token is the mean of its group's PROJECTED tokens
     (the caller projected all tokens already). Returns indices (B, K) ascending, extra_tokens (B, C, E) (None for
     C = 0), scores = attention_received (B, N) float32.
@@ -812,19 +819,20 @@ def visionzip_select(vision_features, projected, grid, budget, question_embeds=N
         shape = tuple(attention_received.shape) if isinstance(attention_received, torch.Tensor) else attention_received
         raise ValueError(f"attention_received must be a (B, N) = ({batch}, {num}) tensor, got {shape}")
     remaining = num - budget
-    if not _is_int(num_contextual) or not 0 <= num_contextual <= remaining:
-        raise ValueError(f"num_contextual must be an integer in [0, N - budget = {remaining}], got {num_contextual!r}")
+    if not _is_int(visionzip_contextual_tokens) or not 0 <= visionzip_contextual_tokens <= remaining:
+        raise ValueError(f"visionzip_contextual_tokens must be an integer in [0, N - budget = {remaining}], "
+                         f"got {visionzip_contextual_tokens!r}")
     scores = attention_received.float()
     dominant = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
     dominant.scatter_(1, torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :budget], True)
     indices = mask_to_indices(dominant, budget)
-    if num_contextual == 0:
+    if visionzip_contextual_tokens == 0:
         return TokenSelection(indices, None, scores)
     rest = mask_to_indices(~dominant, remaining)  # (B, M) the other tokens, raster order
-    targets = torch.arange(num_contextual, device=scores.device) * remaining // num_contextual
+    targets = torch.arange(visionzip_contextual_tokens, device=scores.device) * remaining // visionzip_contextual_tokens
     features = F.normalize(gather_tokens(vision_features.float(), rest), dim=-1, eps=1e-6)  # (B, M, D)
     similarity = torch.bmm(features, features[:, targets].transpose(1, 2))  # (B, M, C)
-    centres = torch.arange(num_contextual, device=scores.device)
+    centres = torch.arange(visionzip_contextual_tokens, device=scores.device)
     is_target = torch.arange(remaining, device=scores.device).unsqueeze(1) == targets  # (M, C)
     similarity = similarity.masked_fill(is_target, float("inf"))  # a target joins its own group
     groups = (similarity.argmax(dim=-1, keepdim=True) == centres).float()  # (B, M, C)

@@ -12,7 +12,7 @@ model_args (anything else is refused, naming the key):
 | dtype | auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 |
 | device | cpu, cuda, cuda:N (cuda when available); with several processes each takes accelerate's device |
 | variant | an eval.py variant string, `METHOD[@BUDGET][:OPTION=VALUE]...` (shirg_tools.variants) |
-| selection_method, selection_budget, OPTION | the same variant as separate keys (pooled); OPTION: a SHIRG option, short or full name |
+| selection_method, selection_budget, OPTION | the same variant as separate keys (pooled); OPTION: a SHIRG option (its config field name) |
 | gen_length | answer tokens for every task (default: the task's gen_kwargs max_new_tokens, else eval.py's per-task length) |
 | block_length | semi-autoregressive block (one block of gen_length) |
 | step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (shift, with LaViDa's 3) |
@@ -44,7 +44,7 @@ from lavida_shirg_lmms import MODEL_NAME
 from shirg_tools.eval_tasks import TASKS
 from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, check_device, check_sampling, check_variant,
                                    generation_settings, load_pretrained, model_folder, resolve_dtype)
-from shirg_tools.variants import OPTION_FIELDS, SHORT_NAMES, option_names_help, parse_variant
+from shirg_tools.variants import OPTION_FIELDS, option_names_help, parse_variant
 
 ARGUMENTS = ("pretrained", "dtype", "device", "batch_size", "variant", "selection_method", "selection_budget",
              "gen_length", "block_length", "step_ratio", "schedule", "schedule_shift", "temperature", "remasking",
@@ -124,7 +124,7 @@ class LavidaShirgLmms(lmms):
                  schedule=DEFAULT_SCHEDULE, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None,
                  use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, **options):
         super().__init__()
-        unknown = [name for name in options if name not in SHORT_NAMES and name not in OPTION_FIELDS]
+        unknown = [name for name in options if name not in OPTION_FIELDS]
         if unknown:
             raise ValueError(f"{MODEL_NAME}: unknown model_args key(s) {unknown}; keys: {', '.join(ARGUMENTS)}, and "
                              f"the SHIRG options ({option_names_help()})")

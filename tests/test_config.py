@@ -58,8 +58,8 @@ def test_unknown_preset():
 
 @pytest.mark.parametrize("field,value,message", [
     ("relevance_weight", float("nan"), "relevance_weight must be a finite non-negative number"),
-    ("variance_weight", float("inf"), "variance_weight must be a finite non-negative number"),
-    ("v2_beta", float("nan"), "v2_beta must be a finite"),
+    ("detail_weight", float("inf"), "detail_weight must be a finite non-negative number"),
+    ("v2_edge_weight", float("nan"), "v2_edge_weight must be a finite"),
     ("hires_image_size", 66, r"hires_image_size must be a positive integer multiple of the patch size \(4\), got 66"),
     ("hires_image_size", 64.0, "hires_image_size must be a positive integer multiple .* got 64.0"),
     ("hires_image_size", "64", "hires_image_size must be a positive integer multiple .* got '64'"),

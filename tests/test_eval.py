@@ -190,7 +190,7 @@ def test_docvqa_from_a_hub_style_parquet_folder(tmp_path):
     (["--variants", "pooled,best@64"], "unknown variant method 'best'"),
     (["--variants", "shirg-fixed@300"], "variant 'shirg-fixed@300': selection_budget must be a positive integer at "
                                         "most the 256 high-resolution tokens"),
-    (["--variants", "shirg-v2@64:gamma=1"], "unknown option 'gamma'; short names: summary (v2_summary_token)"),
+    (["--variants", "shirg-v2@64:gamma=1"], "unknown option 'gamma'; options: hires_source, hires_image_size"),
     (["--tasks", "textvqa"], "task textvqa: no --data textvqa=PATH given and the Hub is offline"),
     (["--data", "chartqa=/nowhere"], "--data names task(s) ['chartqa'] that --tasks does not run"),
     (["--step-ratio", "2"], "--step-ratio must be in (0, 1]"),
@@ -251,7 +251,7 @@ def test_a_saved_model_folder_loads_through_remote_code(tmp_path):
     LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).save_pretrained(
         tmp_path / "train-output" / "merged")
     assert run_eval(tmp_path / "out", "--model", str(tmp_path / "train-output"), "--limit", "2", "--variants",
-                    "shirg-v2@40:summary=false", "--overlays", "0") == 0
+                    "shirg-v2@40:v2_summary_token=false", "--overlays", "0") == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "tiny/reader-sized LM: did not learn to read" in summary["model"] and not summary["accuracy_is_evidence"]
     assert summary["tasks"]["synthetic-ocr"]["variants"]["shirg-v2@40:v2_summary_token=false"]["image_tokens"] == 40
@@ -352,12 +352,12 @@ def test_outputs_follow_the_umask(tmp_path, umask):
 
 
 def test_variant_strings():
-    variant = parse_variant("shirg-fixed@768:relevance=1.0:variance_weight=0")
-    assert variant.options == {"relevance_weight": 1.0, "variance_weight": 0.0}
-    assert variant.label == "shirg-fixed@768:relevance_weight=1.0:variance_weight=0.0"
-    assert parse_variant("shirg-v2@768:summary=false").options == {"v2_summary_token": False}
-    assert parse_variant("shirg-v2@768:alpha=0.1:beta=0").options == {"v2_alpha": 0.1, "v2_beta": 0.0}
-    assert parse_variant("shirg-x@768:source=anyres-views:region=2").options == {
+    variant = parse_variant("shirg-fixed@768:relevance_weight=1.0:detail_weight=0")
+    assert variant.options == {"relevance_weight": 1.0, "detail_weight": 0.0}
+    assert variant.label == "shirg-fixed@768:relevance_weight=1.0:detail_weight=0.0"
+    assert parse_variant("shirg-v2@768:v2_summary_token=false").options == {"v2_summary_token": False}
+    assert parse_variant("shirg-v2@768:v2_detail_weight=0.1:v2_edge_weight=0").options == {"v2_detail_weight": 0.1, "v2_edge_weight": 0.0}
+    assert parse_variant("shirg-x@768:hires_source=anyres-views:coverage_region_size=2").options == {
         "hires_source": "anyres-views", "coverage_region_size": 2}
     assert parse_variant("pooled").call_settings() == dict(selection_method="pooled", selection_budget=None,
                                                            selection_options=None)
@@ -365,7 +365,7 @@ def test_variant_strings():
                                      "shirg-x@85,random@85,visionzip@85,divprune@85")
     assert default_variants(2304).split(",")[2:5] == ["shirg-fixed@512", "shirg-fixed@768", "shirg-fixed@1024"]
     for text, message in [("pooled@64", "pooled keeps no budget"), ("shirg-fixed@x", "must be a positive integer"),
-                          ("shirg-v2@8:summary=maybe", "v2_summary_token takes true or false"),
+                          ("shirg-v2@8:v2_summary_token=maybe", "v2_summary_token takes true or false"),
                           ("shirg-fixed@8:selection_budget=3", "set selection_budget with METHOD@BUDGET"),
                           ("shirg-fixed@8:region", "options are written NAME=VALUE")]:
         with pytest.raises(ValueError, match=message):

@@ -29,8 +29,8 @@ from shirg_tools.variants import parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = "shirg-fixed@40:relevance_weight=0.5"
-# the same variant as separate model_args keys (an option by its short name)
-VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance=0.5"
+# the same variant as separate model_args keys (an option by its config field name)
+VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance_weight=0.5"
 # lmms-eval's textvqa prompt capitalises the question (str.capitalize), and so does eval.py's: half of these change
 QUESTIONS = ["what is written?", "Which BRAND is it?", "What colour is the sign?", "how many cars are there?",
              "What time is it?", "Who is there?"]
@@ -302,10 +302,10 @@ def test_eval_py_prompts_are_lmms_evals_doc_to_text(name, task):
 
 
 def test_variant_string_and_separate_keys_give_the_same_variant():
-    assert variant_of(VARIANT, None, None, {}) == variant_of(None, "shirg-fixed", 40, {"relevance": 0.5})
+    assert variant_of(VARIANT, None, None, {}) == variant_of(None, "shirg-fixed", 40, {"relevance_weight": 0.5})
     assert variant_of(None, None, None, {}).label == "pooled"
-    assert variant_of(None, "shirg-v2", 64, {"summary": False, "budget_choices": "32/64"}) == parse_variant(
-        "shirg-v2@64:summary=false:budget_choices=32/64")
+    assert variant_of(None, "shirg-v2", 64, {"v2_summary_token": False, "budget_choices": "32/64"}) == parse_variant(
+        "shirg-v2@64:v2_summary_token=false:budget_choices=32/64")
 
 
 # ---- errors before any sample runs ---------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def eval_py_refusal(variant: str) -> str:
     ("variant=pooled@64", {}, eval_py_refusal("pooled@64")),
     ("selection_method=best", {}, "selection_method must be one of pooled, full, shirg-fixed"),
     ("selection_method=shirg-fixed,selection_budget=0", {}, "selection_budget must be a positive integer, got 0"),
-    ("selection_method=shirg-fixed,relevance=high", {}, "relevance_weight takes a number, got 'high'"),
+    ("selection_method=shirg-fixed,relevance_weight=high", {}, "relevance_weight takes a number, got 'high'"),
     ("variant=pooled,selection_budget=64", {}, "pass the variant as variant=STRING or as selection_method"),
     ("variant=shirg-fixed@300", {}, "variant 'shirg-fixed@300': selection_budget must be a positive integer at most "
                                     "the 256 high-resolution tokens"),

@@ -49,7 +49,7 @@ def make_batch(batch=3, grid=(10, 11), dim=12, embed=16, length=5, seed=0, dtype
 def run(method, vision, projected, grid, budget, question, mask, attention, **options):
     if method == "visionzip":
         options.setdefault("attention_received", attention)
-        options.setdefault("num_contextual", min(3, grid[0] * grid[1] - budget))
+        options.setdefault("visionzip_contextual_tokens", min(3, grid[0] * grid[1] - budget))
     return select_tokens(method, vision, projected, grid, budget, question, mask, **options)
 
 
@@ -72,7 +72,7 @@ def test_exactly_k_distinct_sorted(method, height, width, batch, fraction, regio
     budget = max(1, round(fraction * num))
     dtype = torch.bfloat16 if bf16 else torch.float32
     vision, projected, question, mask, attention = make_batch(batch, (height, width), dtype=dtype)
-    options = {"region_size": region_size} if method in SHIRG_METHODS else {}
+    options = {"coverage_region_size": region_size} if method in SHIRG_METHODS else {}
     result = run(method, vision, projected, (height, width), budget, question, mask, attention, **options)
     assert isinstance(result, TokenSelection)
     assert_valid_indices(result.indices, batch, budget, num)
@@ -127,7 +127,7 @@ def test_every_region_covered_in_every_sample(method, grid, region_size):
     vision, projected, question, mask, attention = make_batch(4, grid)
     _, regions = region_labels(grid, region_size)
     budget = min(regions + 3, grid[0] * grid[1])
-    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    result = run(method, vision, projected, grid, budget, question, mask, attention, coverage_region_size=region_size)
     per_sample_winners = []
     for b in range(4):
         winners = brute_force_winners(result.scores[b], grid, region_size)
@@ -156,7 +156,7 @@ def test_budget_smaller_than_region_count_keeps_best_winners(method):
     """Documented: K < number of regions (clusters) keeps the K best-scoring region (cluster) winners."""
     grid, region_size, budget = (12, 12), 3, 5  # 16 regions
     vision, projected, question, mask, attention = make_batch(3, grid)
-    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    result = run(method, vision, projected, grid, budget, question, mask, attention, coverage_region_size=region_size)
     for b in range(3):
         if method == "shirg-v2":
             labels, clusters = spatial_kmeans(vision[b:b + 1], grid, region_size, 4, 0.5)
@@ -210,9 +210,9 @@ def test_deterministic(method):
 
 def test_random_seeded():
     vision, projected, question, mask, attention = make_batch(2, (9, 10))
-    a = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
-    b = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
-    c = select_tokens("random", vision, projected, (9, 10), 20, seed=2).indices
+    a = select_tokens("random", vision, projected, (9, 10), 20, random_seed=1).indices
+    b = select_tokens("random", vision, projected, (9, 10), 20, random_seed=1).indices
+    c = select_tokens("random", vision, projected, (9, 10), 20, random_seed=2).indices
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -273,7 +273,7 @@ def test_fixed_and_v2_scores_by_hand():
     torch.testing.assert_close(shirg_v2_scores(vision, projected, (2, 2), question, mask),
                                0.25 * var + 0.75 * rel + 0.15 * edge)
     # relevance weight 0: no question needed
-    torch.testing.assert_close(shirg_fixed_scores(vision, projected, relevance_weight=0.0, variance_weight=1.0), var)
+    torch.testing.assert_close(shirg_fixed_scores(vision, projected, relevance_weight=0.0, detail_weight=1.0), var)
 
 
 def test_text_free_is_explicit():
@@ -335,7 +335,7 @@ def test_visionzip_by_hand():
     projected = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)
     attention = torch.tensor([[0.1, 0.5, 0.0, 0.2, 0.9, 0.1]])
     result = select_tokens("visionzip", vision, projected, (1, 6), 2, attention_received=attention,
-                           num_contextual=2)
+                           visionzip_contextual_tokens=2)
     assert result.indices.tolist() == [[1, 4]]
     # targets at stride 4 // 2 = 2 among (0, 2, 3, 5): tokens 0 and 3; 2 joins 0, 5 joins 3
     expected = torch.tensor([[[(0 + 4) / 2, (1 + 5) / 2], [(6 + 10) / 2, (7 + 11) / 2]]])
@@ -452,8 +452,8 @@ def test_synthetic_page_keeps_text_patches():
         features, text = render_page(seed)
         assert features.shape == (1, 2304, 14 * 14 * 3)
         assert 0.15 < text.float().mean() < 0.30
-        # variance + edge terms only: alpha = 1 gives the relevance term weight 1 - alpha = 0
-        result = select_tokens("shirg-v2", features, features, (48, 48), 768, alpha=1.0, beta=0.15)
+        # variance + edge terms only: v2_detail_weight = 1 gives relevance the weight 1 - v2_detail_weight = 0
+        result = select_tokens("shirg-v2", features, features, (48, 48), 768, v2_detail_weight=1.0, v2_edge_weight=0.15)
         kept = torch.zeros(2304, dtype=torch.bool)
         kept[result.indices[0]] = True
         recall = (kept & text).sum() / text.sum()
@@ -544,15 +544,16 @@ def test_bad_grid_and_shapes():
     with pytest.raises(ValueError, match="question_mask"):
         select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask[:, :-1])
     with pytest.raises(ValueError, match="region_size"):
-        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask, region_size=0)
+        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask, coverage_region_size=0)
     with pytest.raises(ValueError, match="attention_received"):
         select_tokens("visionzip", vision, projected, (5, 5), 8)
-    with pytest.raises(ValueError, match="num_contextual"):
-        select_tokens("visionzip", vision, projected, (5, 5), 20, attention_received=attention, num_contextual=6)
-    with pytest.raises(ValueError, match="alpha"):
-        select_tokens("shirg-v2", vision, projected, (5, 5), 8, question, mask, alpha=1.5)
+    with pytest.raises(ValueError, match="visionzip_contextual_tokens"):
+        select_tokens("visionzip", vision, projected, (5, 5), 20, attention_received=attention,
+                      visionzip_contextual_tokens=6)
+    with pytest.raises(ValueError, match="v2_detail_weight"):
+        select_tokens("shirg-v2", vision, projected, (5, 5), 8, question, mask, v2_detail_weight=1.5)
     with pytest.raises(ValueError, match="penalty"):
-        select_tokens("shirg-x", vision, projected, (5, 5), 8, question, mask, penalty=2.0)
+        select_tokens("shirg-x", vision, projected, (5, 5), 8, question, mask, x_suppression_penalty=2.0)
 
 
 @pytest.mark.parametrize("grid,size", [((48, 48), 8), ((7, 10), 3), ((4, 4), 6)])
@@ -592,7 +593,7 @@ def test_coverage_is_counted_per_view_for_every_sample():
     vision = torch.randn(4, num, 8, generator=generator)
     projected = torch.randn(4, num, 6, generator=generator)
     selection = shirg_fixed_select(vision, projected, (views, side, side), views * 4 + 5, relevance_weight=0.0,
-                                   variance_weight=1.0, region_size=region)
+                                   detail_weight=1.0, coverage_region_size=region)
     labels, regions = region_labels((views, side, side), region)
     for sample in range(4):
         assert set(labels[selection.indices[sample]].tolist()) == set(range(regions))
@@ -675,10 +676,10 @@ def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
         seed = 0.25 * var + 0.15 * normalize_per_sample(edge_density(vision, (12, 12))) + 0.75 * rel
     else:
         seed = 0.3 * var + 0.7 * rel
-    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail="variance")
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term="variance")
     assert torch.equal(result.scores, seed)
     # the model's option mapping of a config with detail_term="variance" and the seed's weights gives the same call
-    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, variance_weight=0.3, v2_alpha=0.25, v2_beta=0.15,
+    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, detail_weight=0.3, v2_detail_weight=0.25, v2_edge_weight=0.15,
                                        detail_term="variance").selection_settings(method, 40)
     options = selection_options(settings, None, torch.rand(2, 3, 36, 36), 3)
     through_model = select_tokens(method, vision, projected, (12, 12), 40, question, mask, **options)
@@ -690,7 +691,7 @@ def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
 def test_every_shirg_method_takes_every_detail_term(method, detail):
     vision, projected, question, mask, _ = make_batch(2, (12, 12))
     pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail=detail, pixels=pixels,
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term=detail, pixels=pixels,
                            patch_size=4)
     assert_valid_indices(result.indices, 2, 40, 144)
     weights = (0.25, 0.75) if method == "shirg-v2" else (0.3, 0.7)
@@ -703,22 +704,22 @@ def test_every_shirg_method_takes_every_detail_term(method, detail):
 
 def test_detail_term_errors_name_the_option():
     vision, pixels = detail_inputs(1, (4, 4))
-    with pytest.raises(ValueError, match=r"detail must be one of \('variance', 'centered-variance'"):
+    with pytest.raises(ValueError, match=r"detail_term must be one of \('variance', 'centered-variance'"):
         detail_scores("norm", vision, (4, 4))
-    with pytest.raises(ValueError, match="detail must be one of"):
-        select_tokens("shirg-x", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="contrast")
+    with pytest.raises(ValueError, match="detail_term must be one of"):
+        select_tokens("shirg-x", vision, vision, (4, 4), 4, relevance_weight=0.0, detail_term="contrast")
     with pytest.raises(ValueError, match="needs pixels"):
-        select_tokens("shirg-fixed", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="pixel-contrast")
+        select_tokens("shirg-fixed", vision, vision, (4, 4), 4, relevance_weight=0.0, detail_term="pixel-contrast")
     with pytest.raises(ValueError, match="not a multiple of the grid"):
         detail_scores("pixel-contrast", vision, (4, 4), pixels, 4)  # 13 x 12 pixels of patch 4: 3 x 3 patches
     with pytest.raises(ValueError, match="patch_size must be an integer"):
         pixel_contrast(pixels, (4, 4), 0)
     # a zero weight skips the term and its inputs
-    scores = shirg_fixed_scores(vision, vision, relevance_weight=0.0, variance_weight=0.0, detail="pixel-contrast")
+    scores = shirg_fixed_scores(vision, vision, relevance_weight=0.0, detail_weight=0.0, detail_term="pixel-contrast")
     assert torch.equal(scores, torch.zeros(1, 16))
     with pytest.raises(ValueError, match=r"detail_term must be one of \('variance'"):
         ShirgConfig.from_preset("tiny", detail_term="edges")
-    assert parse_variant("shirg-x@64:detail=pixel-contrast").options == {"detail_term": "pixel-contrast"}
+    assert parse_variant("shirg-x@64:detail_term=pixel-contrast").options == {"detail_term": "pixel-contrast"}
 
 
 def test_detail_terms_have_no_host_sync(no_host_sync):
@@ -728,7 +729,7 @@ def test_detail_terms_have_no_host_sync(no_host_sync):
     no_host_sync()
     for method in SHIRG_METHODS:
         for detail in DETAIL_TERMS:
-            select_tokens(method, vision, projected, (12, 12), 40, question, mask, validate=False, detail=detail,
+            select_tokens(method, vision, projected, (12, 12), 40, question, mask, validate=False, detail_term=detail,
                           pixels=pixels, patch_size=4)
 
 
@@ -738,7 +739,7 @@ def test_model_feeds_the_source_pixels_to_the_pixel_contrast(source):
     processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
     image = Image.new("RGB", (70, 50), (230, 230, 230))
     ImageDraw.Draw(image).text((4, 10), "total 12.50", fill=(0, 0, 0))
-    options = {"relevance_weight": 0.0, "variance_weight": 1.0, "detail_term": "pixel-contrast",
+    options = {"relevance_weight": 0.0, "detail_weight": 1.0, "detail_term": "pixel-contrast",
                "hires_source": source}
     inputs = processor(images=[image, image.transpose(Image.FLIP_LEFT_RIGHT)],
                        text=[processor.build_prompt("What is the total?")] * 2, selection_method="shirg-fixed",

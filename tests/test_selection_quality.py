@@ -96,7 +96,7 @@ def test_planted_register_background_reverses_the_seeds_variance():
     budget = int(text.sum())
     for term, expected in (("variance", 0.0), ("centered-variance", 1.0), ("pixel-contrast", 1.0)):
         selection = select_tokens("shirg-fixed", features, features, (8, 8), budget, relevance_weight=0.0,
-                                  variance_weight=1.0, region_size=1, detail=term, pixels=pixels, patch_size=4)
+                                  detail_weight=1.0, coverage_region_size=1, detail_term=term, pixels=pixels, patch_size=4)
         kept = torch.zeros_like(text).scatter_(1, selection.indices, True)
         assert float(kept_recall(kept, text)[0]) == expected, term
 
@@ -118,8 +118,9 @@ def test_harness_on_the_tiny_preset(tmp_path, capsys):
     import bench_selection_quality
 
     rows = bench_selection_quality.main(["--images", "2", "--budgets", "32", "--only-extra", "--threads", "1",
-                                         "--variants", "shirg-fixed:relevance=0:variance=1:detail=pixel-contrast:"
-                                         "region=1,shirg-fixed:relevance=0:detail=variance:region=1,divprune",
+                                         "--variants", "shirg-fixed:relevance_weight=0:detail_weight=1:"
+                                         "detail_term=pixel-contrast:coverage_region_size=1,shirg-fixed:"
+                                         "relevance_weight=0:detail_term=variance:coverage_region_size=1,divprune",
                                          "--json", str(tmp_path / "rows.json")])
     output = capsys.readouterr().out
     assert "| extra | divprune | - |" in output and "256 high-resolution tokens" in output

@@ -76,7 +76,7 @@ def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor,
     question_embeds = tiny_model.language_model.embed_tokens(inputs["input_ids"].masked_fill(
         inputs["input_ids"] == tiny_model.config.image_token_id, 0))
     selection = select_tokens("shirg-fixed", features, projected, (16, 16), 40, question_embeds,
-                              inputs["question_mask"], region_size=4, detail=tiny_model.config.detail_term,
+                              inputs["question_mask"], coverage_region_size=4, detail_term=tiny_model.config.detail_term,
                               pixels=inputs["hires_pixel_values"], patch_size=tiny_model.config.vision_config.patch_size)
     assert torch.equal(selection.indices, selection.indices.sort(dim=1).values)
     is_image = inputs["input_ids"] == tiny_model.config.image_token_id
@@ -88,7 +88,7 @@ def test_selection_follows_each_samples_question(tiny_model, processor):
     """The same image with two questions: relevance (weight 1, one-token regions) picks per-sample tokens."""
     image = page(64, 64, 3)
     prompts = [processor.build_prompt("red price total"), processor.build_prompt("Who wrote the title?")]
-    options = dict(relevance_weight=1.0, variance_weight=0.0, coverage_region_size=16)
+    options = dict(relevance_weight=1.0, detail_weight=0.0, coverage_region_size=16)
     inputs = processor(images=[image, image], text=prompts, selection_method="shirg-fixed", selection_budget=20,
                        selection_options=options)
     settings = tiny_model.selection_settings("shirg-fixed", 20, options)
@@ -223,7 +223,7 @@ def test_bad_selection_arguments(tiny_model, processor, batch_parts):
         (call_args("shirg-fixed", 40, dict(budget_choices=[0, 64])), "budget_choices"),
         (call_args("shirg-x", 40, dict(coordinate_embedding=True)), "coordinate_embedding=True needs a model"),
         (call_args("visionzip", 8), "visionzip_contextual_tokens \\(8\\) must be smaller"),
-        (call_args("shirg-v2", 40, dict(v2_alpha=2.0)), "v2_alpha must be in \\[0, 1\\]"),
+        (call_args("shirg-v2", 40, dict(v2_detail_weight=2.0)), "v2_detail_weight must be in \\[0, 1\\]"),
         (call_args("shirg-v2", 40, dict(alpha=0.1)), "unknown selection options \\['alpha'\\]"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -270,7 +270,7 @@ def test_anyres_views_source(tiny_model, processor, batch_parts, method):
 
 def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
     """With the budget equal to the region count, every region of every view keeps exactly one token."""
-    options = dict(ANYRES, coverage_region_size=4, relevance_weight=0.0, variance_weight=1.0)
+    options = dict(ANYRES, coverage_region_size=4, relevance_weight=0.0, detail_weight=1.0)
     inputs = inputs_for(processor, batch_parts, "shirg-fixed", 20, options)
     embeds, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         inputs["image_sizes"], None, inputs["question_mask"],
