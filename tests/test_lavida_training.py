@@ -104,12 +104,12 @@ def lavida_masks(input_ids, labels, attention_mask, image_counts, eos_id, eps, s
 def lavida_loss(logits, copy_labels, num_items_in_batch=None):
     """llava/model/language_model/llada/modeling_llada.py LLaDAModelLM.forward's loss over the 2B rows (first
     copies, then second copies): cross-entropy averaged over the labels != IGNORE, or, under
-    ENFORCE_NUM_ITEMIN_BATCH, summed and divided by num_items_in_batch (the count of those labels, averaged over
-    processes by accelerate's reduce in LlavaLladaForMaskedDiffusion.forward)."""
+    ENFORCE_NUM_ITEMIN_BATCH, summed and divided by num_items_in_batch: in LlavaLladaForMaskedDiffusion.forward,
+    the count of those labels averaged over processes (accelerate's reduce) and cast to an integer (floored)."""
     flat_logits, flat_labels = logits.flatten(0, 1).float(), copy_labels.flatten()
     if num_items_in_batch is None:
         return F.cross_entropy(flat_logits, flat_labels)
-    return F.cross_entropy(flat_logits, flat_labels, reduction="sum") / num_items_in_batch
+    return F.cross_entropy(flat_logits, flat_labels, reduction="sum") / num_items_in_batch.long()
 
 
 # ---- our side ---------------------------------------------------------------------------------------------------------
@@ -162,13 +162,15 @@ def check_against_lavida(model, processor, inputs, records, counts, extra_pad, s
     logits = noisy_copy_logits(model, inputs, output.diffusion_masks)
     torch.testing.assert_close(output.logits, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.loss, lavida_loss(logits, copy_labels), rtol=1e-5, atol=1e-6)
-    # ENFORCE_NUM_ITEMIN_BATCH with W processes: LaViDa divides by the mean count over processes, our model by
-    # Trainer's sum over processes, which Trainer then multiplies by W (average_tokens_across_devices)
-    counts_per_process = torch.tensor([float((copy_labels != IGNORE).sum()), 17.0, 40.0])
+    # ENFORCE_NUM_ITEMIN_BATCH with W = 3 processes: LaViDa divides by the floored mean count over processes, our
+    # model by Trainer's sum over processes, which Trainer then multiplies by W (average_tokens_across_devices);
+    # the same when W divides the sum (otherwise LaViDa's floor differs by < 1 / mean count, relatively)
+    count = int((copy_labels != IGNORE).sum())
+    counts_per_process = torch.tensor([count, 17, 40 + (-(count + 57)) % 3])
     with torch.no_grad():
         ours = model(**inputs, generator=torch.Generator().manual_seed(seed),
                      num_items_in_batch=counts_per_process.sum()).loss * len(counts_per_process)
-    torch.testing.assert_close(ours, lavida_loss(logits, copy_labels, counts_per_process.mean()), rtol=1e-5,
+    torch.testing.assert_close(ours, lavida_loss(logits, copy_labels, counts_per_process.float().mean()), rtol=1e-5,
                                atol=1e-6)
     return labels, copy_labels, logits
 
