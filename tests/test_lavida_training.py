@@ -9,6 +9,8 @@ train.py's collation (with LaViDa's random extra EOS padding). The records have 
 image size (equal image-token counts: see `lavida_multimodal` for what LaViDa does otherwise).
 """
 
+import copy
+
 import datasets
 import numpy as np
 import pytest
@@ -240,6 +242,27 @@ def test_extra_padding_draws_follow_lavidas_distribution():
     assert abs(draws.mean() - 127 * 128 / 2 / 256) < 2.0, "31.75 positions on average"
     assert [lavida_extra_padding(11, 5, 1) for _ in range(3)] == [lavida_extra_padding(11, 5, 1)] * 3
     assert len({lavida_extra_padding(seed, 5, 1) for seed in range(20)}) > 5
+
+
+def test_extra_padding_appends_eos_targets_up_to_the_lm_length(setting):
+    """n extra positions: EOS ids and labels, attended, after the unchanged batch; never past model_max_length
+    (where LaViDa truncates its sequences)."""
+    _, processor, entries, images = setting
+    encoder = SampleEncoder(processor, entries)
+    batch = collate_samples([{**encoder.encode(image, "What is written?", answer), "skipped": []}
+                             for image, answer in zip(images, ANSWERS)])
+    plain = BatchBuilder(processor).build(batch, entries[1])
+    width = plain["input_ids"].shape[1]
+    padded = BatchBuilder(processor).build(batch, entries[1], 13)
+    assert padded["input_ids"].shape[1] == width + 13
+    for name in ("input_ids", "labels", "attention_mask", "question_mask"):
+        assert torch.equal(padded[name][:, :width], plain[name]), name
+    eos = processor.eos_token_id
+    assert bool((padded["input_ids"][:, width:] == eos).all()) and bool((padded["labels"][:, width:] == eos).all())
+    assert bool(padded["attention_mask"][:, width:].all()) and not bool(padded["question_mask"][:, width:].any())
+    short = copy.copy(processor)
+    short.model_max_length = width + 5
+    assert BatchBuilder(short).build(batch, entries[1], 13)["input_ids"].shape[1] == width + 5
 
 
 def records_dataset(folder, images):
