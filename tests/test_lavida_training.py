@@ -21,6 +21,7 @@ from PIL import Image
 
 import train
 from lavida_shirg import ShirgConfig
+from lavida_shirg.masked_diffusion import sample_complementary_masks
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples, lavida_extra_padding
@@ -44,7 +45,7 @@ def lavida_collate(records, pad_id, extra_pad):
     """
     ids = [list(record["input_ids"]) for record in records]
     labels = [list(record["labels"]) for record in records]
-    longest = max(range(len(ids)), key=lambda row: len(ids[row]))
+    longest = int(np.argmax([len(row) for row in ids]))  # the first of the longest
     if extra_pad > 0:
         ids[longest] += [pad_id] * extra_pad
         labels[longest] += [IGNORE] * extra_pad
@@ -138,14 +139,14 @@ def noisy_copy_logits(model, inputs, copies):
     batch = inputs["input_ids"].shape[0]
     plain = {name: value for name, value in inputs.items() if name != "labels"}
     logits = []
-    for copy in (copies[:batch], copies[batch:]):
-        noisy = inputs["input_ids"].masked_fill(copy, config.mask_token_id)
+    for copy_mask in (copies[:batch], copies[batch:]):
+        noisy = inputs["input_ids"].masked_fill(copy_mask, config.mask_token_id)
         with torch.no_grad():
             logits.append(model(**{**plain, "input_ids": noisy}).logits)
     return torch.cat(logits)
 
 
-def check_against_lavida(model, processor, inputs, records, counts, extra_pad, seed, entry):
+def check_against_lavida(model, inputs, records, counts, extra_pad, seed, entry):
     """Our masks, labels and loss (model(labels=...) with generator seed `seed`) equal LaViDa's computation of the
     same records with extra_pad and global seed `seed`, for both copies."""
     config = model.config
@@ -155,6 +156,7 @@ def check_against_lavida(model, processor, inputs, records, counts, extra_pad, s
         *lavida_collate(records, config.pad_token_id, extra_pad), counts, config.eos_token_id,
         config.min_mask_probability, seed)
     assert ids.shape == inputs["input_ids"].shape, (entry.label, "LaViDa's multimodal length")
+    assert not bool((ids == IGNORE).any()), "no zero-vector filler (equal image-token counts)"
     on_image = ids == PLACEHOLDER
     assert torch.equal(on_image, inputs["input_ids"] == config.image_token_id)
     assert torch.equal(ids[~on_image], inputs["input_ids"][~on_image])
@@ -206,7 +208,7 @@ def test_masks_labels_and_loss_equal_lavidas(setting, extra_pad):
         records, counts = sample_records(processor, entry, batch)
         assert len(set(len(r["input_ids"]) for r in records)) == len(ANSWERS), "different answer lengths"
         for seed in (0, 1, 2):
-            labels, _, _ = check_against_lavida(model, processor, inputs, records, counts, extra_pad, seed, entry)
+            labels, _, _ = check_against_lavida(model, inputs, records, counts, extra_pad, seed, entry)
             answer_lengths = (labels != IGNORE).sum(1)
             assert int(answer_lengths.min()) > max(extra_pad, 0) and len(set(answer_lengths.tolist())) == 1
 
@@ -219,8 +221,6 @@ def test_the_at_least_one_rule_is_over_the_whole_sequence():
     targets = torch.zeros(4000, 30, dtype=torch.bool)
     targets[:, 20:] = True
     targets[:2, :] = True  # rows of targets only
-    from lavida_shirg.masked_diffusion import sample_complementary_masks
-
     masked, complement, p = sample_complementary_masks(targets, eps, torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
     t = torch.rand(4000, generator=generator)
@@ -293,7 +293,7 @@ def test_train_py_collation_equals_lavidas(setting, tmp_path):
         records, counts = sample_records(processor, entry, batch)
         longest = max(len(r["input_ids"]) + c - 1 for r, c in zip(records, counts))
         assert inputs["input_ids"].shape[1] == longest + extra
-        labels, copy_labels, logits = check_against_lavida(model, processor, inputs, records, counts, extra,
+        labels, copy_labels, logits = check_against_lavida(model, inputs, records, counts, extra,
                                                            info["noise_seed"], entry)
         assert int(num_items) == int((labels != IGNORE).sum()), "Trainer counts LaViDa's targets"
         loss = trainer.compute_loss(model, {**inputs, "shirg_step": info}, num_items_in_batch=num_items)
