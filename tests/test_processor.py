@@ -178,13 +178,13 @@ def test_numpy_and_torch_inputs_match_pil(processor):
 
 
 def test_empty_image_raises(processor):
-    with pytest.raises(ValueError, match=r"`images`\[0\] must have at least one pixel.*\(0, 5\)"):
+    with pytest.raises(ValueError, match=r"`images`\[0\] has 0 x 5 = 0 pixels: it needs at least one"):
         processor.image_processor(Image.new("RGB", (5, 0)))
 
 
 @pytest.mark.parametrize("bad", [
     np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 2), np.uint8), np.zeros((2, 8, 8, 3), np.uint8),
-    torch.zeros(3, 8, 8), torch.zeros(8, 8, 3, dtype=torch.uint8), "image.png", 3,
+    torch.zeros(3, 8, 8), torch.zeros(8, 8, 3, dtype=torch.uint8), 3,
 ])
 def test_unsupported_images_raise_type_error(processor, bad):
     with pytest.raises(TypeError, match=r"`images`\[0\] must be one of PIL images"):
@@ -213,7 +213,7 @@ def test_ambiguous_wide_modes_are_refused(processor, mode):
 def test_images_above_the_pixel_limit_are_refused_before_any_copy(processor, tokenizer):
     # a read-only broadcast view: 20000 x 20000 x 3 pixels that occupy 1 byte; any copy would need 1.2 GB
     huge = np.broadcast_to(np.zeros(1, np.uint8), (20000, 20000, 3))
-    with pytest.raises(ValueError, match=r"`images`\[0\] has 20000 x 20000 = 400,000,000 pixels, more than "
+    with pytest.raises(ValueError, match=r"`images`\[0\] has 20000 x 20000 = 400,000,000 pixels: .* at most "
                                          r"max_image_pixels \(89,478,485\)"):
         processor.image_processor(huge)
     small_limit = LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=[[32, 64]], max_image_pixels=100)
@@ -465,11 +465,12 @@ def test_placeholder_count_errors(processor):
         processor(images=[image, image], text=prompt)
     with pytest.raises(ValueError, match=r"`text` has 2 <image> placeholders but `images` has 0 images"):
         processor(text=[prompt, prompt])
-    with pytest.raises(ValueError, match=r"`text` sample 1 has 1 <image> placeholders but `images`\[1\] has 2"):
+    per_prompt = r"`text` has \[1, 1\] <image> placeholders per prompt but nested `images` has "
+    with pytest.raises(ValueError, match=per_prompt + r"\[1, 2\]"):
         processor(images=[[image], [image, image]], text=[prompt, prompt])
-    with pytest.raises(ValueError, match=r"nested `images` must be one list per prompt: 2 prompts in `text`, got 1"):
+    with pytest.raises(ValueError, match=per_prompt + r"\[2\] \(one list per prompt"):
         processor(images=[[image, image]], text=[prompt, prompt])
-    with pytest.raises(ValueError, match=r"but `images`\[1\] is a Image, not a list"):
+    with pytest.raises(ValueError, match=per_prompt + r"\[1, 'Image'\]"):
         processor(images=[[image], image], text=[prompt, prompt])
 
 
@@ -480,11 +481,11 @@ def test_empty_question_errors(processor, text):
 
 
 def test_other_argument_errors(processor):
-    with pytest.raises(ValueError, match="`question` is empty"):
-        processor.build_prompt(" ")
+    with pytest.raises(ValueError, match="`text` sample 0 has an empty question"):
+        processor(images=random_image(8, 8), text=processor.build_prompt(" "))
     with pytest.raises(ValueError, match="`text` must be a prompt string"):
         processor(text=None)
-    with pytest.raises(ValueError, match="`answers` has 1 answers but `text` has 2 prompts"):
+    with pytest.raises(ValueError, match=r"`answers` must be one string per prompt \(2 prompts\), got \['x'\]"):
         processor(text=["a", "b"], answers=["x"])
 
 
@@ -557,10 +558,12 @@ LOAD_SCRIPT = textwrap.dedent("""
     images = [np.arange(20 * 60 * 3, dtype=np.uint8).reshape(20, 60, 3), np.full((50, 40, 3), 99, np.uint8)]
     prompts = [processor.build_prompt("What is written?"), processor.build_prompt("hi")]
     outputs = dict(processor(images=images, text=prompts, answers=["red", "The total is $19.95"]))
+    selection = dict(outputs.pop("selection"))
     outputs["standalone_pixel_values"] = image_processor(images)["pixel_values"]
     torch.save(outputs, out_path)
     assert "lavida_shirg" not in sys.modules, "the repository package leaked into the fresh process"
-    print(json.dumps([type(processor).__module__, type(image_processor).__module__, processor.chat_template]))
+    print(json.dumps([type(processor).__module__, type(image_processor).__module__, processor.chat_template,
+                      selection]))
 """)
 
 
@@ -569,7 +572,7 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
     processor.save_pretrained(saved)
     processor.image_processor.save_pretrained(saved / "image_processor")
     assert {"processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
-            "processing_lavida_shirg.py", "image_layout.py"} <= set(os.listdir(saved))
+            "processing_lavida_shirg.py", "image_processing_lavida_shirg.py", "image_layout.py"} <= set(os.listdir(saved))
     standalone = json.loads((saved / "image_processor" / "preprocessor_config.json").read_text())
     assert standalone["view_size"] == 32 and standalone["image_grid_pinpoints"][0] == [64, 32]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -577,7 +580,7 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
     result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(saved), str(tmp_path / "out.pt")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    processor_module, image_processor_module, template = json.loads(result.stdout.strip().splitlines()[-1])
+    processor_module, image_processor_module, template, selection = json.loads(result.stdout.strip().splitlines()[-1])
     assert processor_module.startswith("transformers_modules.")
     assert image_processor_module.startswith("transformers_modules.")
     assert template == processor.chat_template
@@ -585,6 +588,7 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
     images = [np.arange(20 * 60 * 3, dtype=np.uint8).reshape(20, 60, 3), np.full((50, 40, 3), 99, np.uint8)]
     prompts = [processor.build_prompt("What is written?"), processor.build_prompt("hi")]
     expected = processor(images=images, text=prompts, answers=["red", "The total is $19.95"])
+    assert selection == dict(expected.pop("selection"))
     assert set(loaded) == set(expected) | {"standalone_pixel_values"}
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
@@ -594,38 +598,38 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
 # ------------------------------------------------------------------------------------- transformers conventions
 
 
+def assert_same_inputs(actual, expected):
+    """Equal BatchFeatures: the same keys, equal tensors, the same `selection` settings."""
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert (actual[key] == expected[key]) if key == "selection" else torch.equal(actual[key], expected[key]), key
+
+
 def test_apply_chat_template_returns_model_inputs(processor):
     red, blue = Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 50), (10, 10, 200))
     messages = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "Colour?"}]}]
     out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                         return_tensors="pt")
-    expected = processor(images=red, text=processor.build_prompt("Colour?"))
-    assert set(out) == set(expected)
-    for key in expected:
-        assert torch.equal(out[key], expected[key]), key
-    # a batch of conversations, one image each; images may also be passed beside the messages
-    other = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    assert_same_inputs(out, processor(images=red, text=processor.build_prompt("Colour?")))
+    # a batch of conversations, one image each
+    other = [{"role": "user", "content": [{"type": "image", "image": blue}, {"type": "text", "text": "And this?"}]}]
     batch = processor.apply_chat_template([messages, other], add_generation_prompt=True, tokenize=True,
-                                          return_dict=True, images=[[red], [blue]])
+                                          return_dict=True)
     expected = processor(images=[[red], [blue]], text=[processor.build_prompt("Colour?"),
                                                        processor.build_prompt("And this?")])
-    for key in expected:
-        assert torch.equal(batch[key], expected[key]), key
+    assert_same_inputs(batch, expected)
 
 
 def test_chat_messages_and_images_must_match(processor):
     red = Image.new("RGB", (40, 30), (200, 10, 10))
     two_entries = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "image"},
                                                 {"type": "text", "text": "Same?"}]}]
-    with pytest.raises(ValueError, match=r"`text` sample 0 has 2 <image> placeholders but `images`\[0\] has 1"):
+    with pytest.raises(ValueError, match=r"`text` has \[2\] <image> placeholders per prompt but nested `images` "
+                                         r"has \[1\]"):
         processor.apply_chat_template(two_entries, add_generation_prompt=True, tokenize=True, return_dict=True)
     with pytest.raises(ValueError, match=r"`text` has 1 <image> placeholders but `images` has 0 images"):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A?"}]}],
                                       add_generation_prompt=True, tokenize=True, return_dict=True)
-    no_entry = [{"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
-    with pytest.raises(ValueError, match=r"`text` has 0 <image> placeholders but `images` has 1 images"):
-        processor.apply_chat_template(no_entry, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                      images=[red])
 
 
 def test_padding_arguments(processor):
@@ -647,19 +651,40 @@ def test_padding_arguments(processor):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(padding=False), r"padding=False needs samples of one length, got lengths"),
-    (dict(padding="max_length"), "padding='max_length' needs max_length"),
-    (dict(padding="most"), "padding must be one of"),
+    (dict(padding="most"), "most is not a valid PaddingStrategy"),
     (dict(padding_side="right"), "padding_side must be 'left' for a generation batch"),
-    (dict(truncation=True), "truncation=True is not supported"),
     (dict(max_length=20), r"`text` sample 0 needs \d+ tokens .* more than max_length \(20\)"),
-    (dict(max_length=0), "max_length must be a positive integer"),
-    (dict(add_special_tokens=True), "add_special_tokens=True is not supported"),
-    (dict(videos=[np.zeros((2, 8, 8, 3), np.uint8)]), "`videos` is not supported"),
+    (dict(max_length=0), r"more than max_length \(0\)"),
+    (dict(videos=[np.zeros((2, 8, 8, 3), np.uint8)]), "`videos` and `audio` are not supported"),
 ])
 def test_bad_tokenizer_style_arguments(processor, kwargs, message):
     image, prompts = random_image(20, 20), [processor.build_prompt("hi"), processor.build_prompt("What is it?")]
     with pytest.raises(ValueError, match=message):
         processor(images=[image, image], text=prompts, **kwargs)
+
+
+def test_tokenizer_conventions_and_ignored_arguments(processor):
+    """padding='max_length' alone pads to model_max_length (the tokenizer's rule); truncation never cuts a LaViDa
+    prompt (a too-long one is refused); add_special_tokens adds nothing (the template writes <|startoftext|>);
+    generation settings a pipeline passes on are ignored; kwargs may come grouped as text_kwargs."""
+    image, prompts = random_image(20, 20), [processor.build_prompt("hi"), processor.build_prompt("What is it?")]
+    plain = processor(images=[image, image], text=prompts)
+    width = plain["input_ids"].shape[1]
+    padded = processor(images=[image, image], text=prompts, padding="max_length")
+    assert padded["input_ids"].shape == (2, processor.model_max_length)
+    assert torch.equal(padded["input_ids"][:, -width:], plain["input_ids"])
+    multiple = processor(images=[image, image], text=prompts, pad_to_multiple_of=64)
+    assert multiple["input_ids"].shape[1] % 64 == 0 and torch.equal(multiple["input_ids"][:, -width:], plain["input_ids"])
+    for kwargs in (dict(truncation=True), dict(add_special_tokens=True), dict(max_new_tokens=8, do_sample=True,
+                                                                             temperature=0.7, steps=4)):
+        assert_same_inputs(processor(images=[image, image], text=prompts, **kwargs), plain)
+    with pytest.raises(ValueError, match=r"more than max_length \(20\)"):
+        processor(images=[image, image], text=prompts, truncation=True, max_length=20)
+    grouped = processor(images=[image, image], text=prompts, text_kwargs={"selection_method": "shirg-fixed",
+                                                                          "selection_budget": 24})
+    assert_same_inputs(grouped, processor(images=[image, image], text=prompts, selection_method="shirg-fixed",
+                                          selection_budget=24))
+    assert grouped["selection"]["selection_budget"] == 24
 
 
 def test_image_processor_scaling_arguments(processor):
