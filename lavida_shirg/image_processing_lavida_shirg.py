@@ -28,6 +28,7 @@ ACCEPTED_IMAGES = (
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit greyscale (16-bit PNG/TIFF scans)
 # PIL's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS as Pillow ships it): ~9459 x 9459 pixels
 DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA (1-channel arrays are squeezed to HxW first)
 EXIF_ORIENTATION = 0x0112  # values 2-8: mirrored and/or rotated (6: the camera was turned 90 degrees clockwise)
 
 
@@ -80,16 +81,13 @@ def to_rgb_image(image, index: int = 0) -> Image.Image:
     NumPy arrays and torch tensors go through the PIL image of their channel count (1: L, 3: RGB, 4: RGBA).
     `index` names the image in errors (`images`[index]).
     """
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise _image_type_error(image, index)
-        image = image.permute(1, 2, 0).numpy()
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and len(image) in CHANNELS:
+        image = image.permute(1, 2, 0).numpy()  # CxHxW -> HxWxC
     if isinstance(image, np.ndarray):
         array = _eight_bits(image)
         array = array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array
-        if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-            raise _image_type_error(image, index)
-        return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+        if array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in CHANNELS)):
+            return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
     if not isinstance(image, Image.Image):
         raise _image_type_error(image, index)
     pixels = image.__dict__.get("_im", image.__dict__.get("im"))

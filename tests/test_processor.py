@@ -120,6 +120,17 @@ def test_pixel_values_equal_independent_numpy_computation(processor):
     assert (pixels[1:, :, :5] == -1).all() and (pixels[1:, :, 27:] == -1).all()
 
 
+def test_pixels_equal_siglips_image_processor_bit_for_bit(processor):
+    """LaViDa normalises each view with SigLIP's image processor (rescale in float64, then float32 normalise):
+    the views' pixel_values equal transformers' SigLIP (PIL backend) on the views exactly, not to 1 ulp."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image = random_image(60, 20, seed=11)
+    siglip = SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    expected = siglip(processor.image_processor.views(image), return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor.image_processor(image)["pixel_values"], expected)
+
+
 def test_view_counts_shapes_and_image_order(processor):
     images = [random_image(60, 20), random_image(100, 100, seed=1), random_image(32, 32, seed=2)]
     out = processor.image_processor(images)
