@@ -70,6 +70,15 @@ class LavidaShirgProcessorKwargs(ProcessingKwargs, total=False):
 SCALING_KWARGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 
 
+def with_image_runs(parts: list, counts: list, fill) -> list:
+    """parts[0] + [fill] * counts[0] + parts[1] + ...: a prompt's text segments (or their flags) joined by its image
+    runs (counts[i] positions for image i)."""
+    joined = list(parts[0])
+    for count, part in zip(counts, parts[1:]):
+        joined += [fill] * count + part
+    return joined
+
+
 class LavidaShirgProcessor(ProcessorMixin):
     """LaViDa-LLaDA processor: chat prompts with `<image>` placeholders + images -> input_ids, masks, pixels.
 
@@ -127,8 +136,9 @@ class LavidaShirgProcessor(ProcessorMixin):
         image_processor = LavidaShirgImageProcessor(view_size=config.vision_config.image_size,
                                                     image_grid_pinpoints=config.image_grid_pinpoints)
         return cls(image_processor, tokenizer, image_token_id=config.image_token_id,
-                   pooled_view_size=config.pooled_view_size, model_max_length=config.text_config.max_position_embeddings,
-                   eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, eot_token_id=config.eot_token_id,
+                   pooled_view_size=config.pooled_view_size,
+                   model_max_length=config.text_config.max_position_embeddings, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id, eot_token_id=config.eot_token_id,
                    selection_layout={"patch_size": config.vision_config.patch_size,
                                      **{name: getattr(config, name) for name in SELECTION_FIELDS}})
 
@@ -144,22 +154,27 @@ class LavidaShirgProcessor(ProcessorMixin):
         pattern = "|".join(map(re.escape, specials)) or "(?!)"
         return re.sub(pattern, lambda match: TEXT_START + match.group() + TEXT_END, text)
 
+    def _marked_message(self, message: dict) -> dict:
+        """A copy of a chat message with its text (a string, or the "text" of its text items) `mark_as_text`-ed."""
+        content = message["content"]
+        if isinstance(content, str):
+            return {**message, "content": self.mark_as_text(content)}
+        return {**message, "content": [{**item, "text": self.mark_as_text(item["text"])} if item["type"] == "text"
+                                       else item for item in content]}
+
     def apply_chat_template(self, conversation, chat_template=None, processor_kwargs=None, **kwargs):
         """ProcessorMixin.apply_chat_template, with message text marked as text (`mark_as_text`: it never becomes
         template structure, also with tokenize=False and then `__call__`), a conversation without a user turn
         refused, and `processor_kwargs` copied (transformers writes into it). Images in the messages may be PIL
         images, arrays, paths or URLs (`{"type": "image", "image" | "path" | "url": ...}`)."""
         batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
-        marked = []
-        for messages in conversation if batched else [conversation]:
-            messages = getattr(messages, "messages", messages)
+        conversations = [getattr(messages, "messages", messages) for messages in (conversation if batched else
+                                                                                  [conversation])]
+        for messages in conversations:
             if not any(message["role"] == "user" for message in messages):
                 raise ValueError(f"the conversation has no user turn (roles: {[m['role'] for m in messages]}): "
                                  "LaViDa answers the question of the last user turn")
-            marked.append([{**message, "content": self.mark_as_text(message["content"])
-                            if isinstance(message["content"], str) else
-                            [{**item, "text": self.mark_as_text(item["text"])} if item.get("type") == "text" else item
-                             for item in message["content"]]} for message in messages])
+        marked = [[self._marked_message(message) for message in messages] for messages in conversations]
         return super().apply_chat_template(marked if batched else marked[0], chat_template,
                                            processor_kwargs=dict(processor_kwargs or {}), **kwargs)
 
@@ -336,16 +351,15 @@ class LavidaShirgProcessor(ProcessorMixin):
         rows, question_flags, prompt_lengths = [], [], []
         for index, ((segments, flags), sizes) in enumerate(zip(encoded_prompts, image_sizes)):
             counts = [image_token_count(size, layout) for size in sizes]
-            ids = segments[0] + [i for count, part in zip(counts, segments[1:]) for i in [self.image_token_id] * count + part]
+            ids = with_image_runs(segments, counts, self.image_token_id)
             answer = answer_ids[index] if training else []
             if len(ids) + len(answer) > limit:
+                name = "model_max_length" if max_length is None else "max_length"
                 raise ValueError(f"`text` sample {index} needs {len(ids) + len(answer)} tokens ({sum(counts)} of them "
-                                 f"image tokens), more than {'model_max_length' if max_length is None else 'max_length'}"
-                                 f" ({limit})")
+                                 f"image tokens), more than {name} ({limit})")
             rows.append(ids + answer)
             prompt_lengths.append(len(ids))
-            question_flags += flags[0] + [f for count, part in zip(counts, flags[1:]) for f in [False] * count + part]
-            question_flags += [False] * len(answer)
+            question_flags += with_image_runs(flags, counts, False) + [False] * len(answer)
         if padding in (False, "do_not_pad") and len(set(map(len, rows))) > 1:
             raise ValueError(f"padding=False needs samples of one length, got lengths {[len(row) for row in rows]}")
         batch = self.tokenizer.pad({"input_ids": rows}, padding=padding, padding_side=side,

@@ -583,7 +583,8 @@ def test_auto_processor_round_trip_in_fresh_process(processor, tmp_path):
     processor.save_pretrained(saved)
     processor.image_processor.save_pretrained(saved / "image_processor")
     assert {"processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
-            "processing_lavida_shirg.py", "image_processing_lavida_shirg.py", "image_layout.py"} <= set(os.listdir(saved))
+            "processing_lavida_shirg.py", "image_processing_lavida_shirg.py", "image_layout.py"} <= set(
+        os.listdir(saved))
     standalone = json.loads((saved / "image_processor" / "preprocessor_config.json").read_text())
     assert standalone["view_size"] == 32 and standalone["image_grid_pinpoints"][0] == [64, 32]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -639,8 +640,9 @@ def test_chat_messages_and_images_must_match(processor):
                                          r"has \[1\]"):
         processor.apply_chat_template(two_entries, add_generation_prompt=True, tokenize=True, return_dict=True)
     with pytest.raises(ValueError, match=r"`text` has 1 <image> placeholders but `images` has 0 images"):
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A?"}]}],
-                                      add_generation_prompt=True, tokenize=True, return_dict=True)
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "A?"}]}],
+            add_generation_prompt=True, tokenize=True, return_dict=True)
 
 
 def test_padding_arguments(processor):
@@ -685,7 +687,8 @@ def test_tokenizer_conventions_and_ignored_arguments(processor):
     assert padded["input_ids"].shape == (2, processor.model_max_length)
     assert torch.equal(padded["input_ids"][:, -width:], plain["input_ids"])
     multiple = processor(images=[image, image], text=prompts, pad_to_multiple_of=64)
-    assert multiple["input_ids"].shape[1] % 64 == 0 and torch.equal(multiple["input_ids"][:, -width:], plain["input_ids"])
+    assert multiple["input_ids"].shape[1] % 64 == 0
+    assert torch.equal(multiple["input_ids"][:, -width:], plain["input_ids"])
     for kwargs in (dict(truncation=True), dict(add_special_tokens=True), dict(max_new_tokens=8, do_sample=True,
                                                                              temperature=0.7, steps=4)):
         assert_same_inputs(processor(images=[image, image], text=prompts, **kwargs), plain)
@@ -826,7 +829,8 @@ def test_closed_images_are_named_with_the_fix(processor, tmp_path):
     loaded_then_closed.load()
     loaded_then_closed.close()
     for closed in (never_read, loaded_then_closed):
-        with pytest.raises(ValueError, match=r"`images`\[1\] is a closed PIL image .* image\.load\(\) or image\.copy\(\)"):
+        with pytest.raises(ValueError, match=r"`images`\[1\] is a closed PIL image .* image\.load\(\) or "
+                                             r"image\.copy\(\)"):
             processor.image_processor([random_image(8, 8), closed])
     with Image.open(path) as read_in_time:
         read_in_time.load()
