@@ -95,7 +95,8 @@ def to_rgb_image(image, index: int = 0) -> Image.Image:
         raise ValueError(f"`images`[{index}] is a closed PIL image (its file was closed before its pixels were read):"
                          " call image.load() or image.copy() inside the `with Image.open(...)` block")
     if image.mode in ("I", "F"):
-        raise ValueError(f"`images`[{index}] has PIL mode {image.mode!r} (32-bit pixels), whose value range is "
+        kind = "32-bit integer" if image.mode == "I" else "32-bit float"
+        raise ValueError(f"`images`[{index}] has PIL mode {image.mode!r} ({kind} pixels), whose value range is "
                          "ambiguous: convert it to 8 bits first (for 16-bit data: image.point(lambda v: v / 257)"
                          ".convert('L'))")
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)

@@ -166,7 +166,9 @@ class LavidaShirgProcessor(ProcessorMixin):
         """ProcessorMixin.apply_chat_template, with message text marked as text (`mark_as_text`: it never becomes
         template structure, also with tokenize=False and then `__call__`), a conversation without a user turn
         refused, and `processor_kwargs` copied (transformers writes into it). Images in the messages may be PIL
-        images, arrays, paths or URLs (`{"type": "image", "image" | "path" | "url": ...}`)."""
+        images, arrays, paths or URLs (`{"type": "image", "image" | "path" | "url": ...}`). transformers' own
+        `sanitize_control_tokens` (5.25+) is what the marking always does, so it is dropped."""
+        kwargs.pop("sanitize_control_tokens", None)
         batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
         conversations = [getattr(messages, "messages", messages) for messages in (conversation if batched else
                                                                                   [conversation])]

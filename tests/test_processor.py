@@ -766,6 +766,10 @@ def test_message_text_never_becomes_template_structure(processor, tokenizer, rou
     assert tokenizer.decode(ids[marked].tolist()) == INJECTION
     ids_again = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     assert special_ids_of(torch.as_tensor(ids_again[0])) == special_ids_of(plain["input_ids"][0])
+    # transformers' sanitize_control_tokens (5.25) is what the processor always does
+    sanitized = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              sanitize_control_tokens=True)
+    assert torch.equal(torch.as_tensor(sanitized), torch.as_tensor(ids_again))
 
 
 def test_forged_markers_in_message_text_are_dropped(processor, tokenizer):
