@@ -53,6 +53,7 @@ LLADA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
+
 class LavidaShirgTextKwargs(TextKwargs, total=False):
     """The SHIRG settings the model will run with: they set how many image positions each image gets."""
 
@@ -67,7 +68,8 @@ class LavidaShirgProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": True, "return_tensors": "pt"}}
 
 
-SCALING_KWARGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+SCALING_KWARGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")  # image kwargs used
+PADDING_KWARGS = ("padding", "max_length", "pad_to_multiple_of", "padding_side")  # text kwargs used
 
 
 def with_image_runs(parts: list, counts: list, fill) -> list:
@@ -274,8 +276,7 @@ class LavidaShirgProcessor(ProcessorMixin):
             **{name: images_kwargs[name] for name in SCALING_KWARGS if name in images_kwargs})
         sizes = iter(image_inputs["image_sizes"].tolist() if flat_images else [])
         image_sizes = [[next(sizes) for _ in group] for group in images_per_prompt]
-        padding = {name: text_kwargs.get(name) for name in ("padding", "max_length", "pad_to_multiple_of",
-                                                              "padding_side")}
+        padding = {name: text_kwargs.get(name) for name in PADDING_KWARGS}
         batch = self.text_inputs([self.encode_prompt(prompt) for prompt in prompts], image_sizes,
                                  None if answer_list is None else list(map(self.encode_answer, answer_list)),
                                  layout, **padding)

@@ -348,6 +348,8 @@ def test_question_mask_marks_the_question_tokens(processor, tokenizer):
         for row, text in enumerate([question, "hi"]):
             marked = out["input_ids"][row][out["question_mask"][row]].tolist()
             assert tokenizer.decode(marked) == text
+
+
 @pytest.mark.parametrize("special", ["<|mdm_mask|>", "<|eot_id|>", "<|endoftext|>", "<|start_header_id|>",
                                      "<|startoftext|>", "<image>x<|end_header_id|>"])
 def test_special_token_strings_in_user_text_stay_text(processor, tokenizer, special):
@@ -689,8 +691,8 @@ def test_tokenizer_conventions_and_ignored_arguments(processor):
     multiple = processor(images=[image, image], text=prompts, pad_to_multiple_of=64)
     assert multiple["input_ids"].shape[1] % 64 == 0
     assert torch.equal(multiple["input_ids"][:, -width:], plain["input_ids"])
-    for kwargs in (dict(truncation=True), dict(add_special_tokens=True), dict(max_new_tokens=8, do_sample=True,
-                                                                             temperature=0.7, steps=4)):
+    generation = dict(max_new_tokens=8, do_sample=True, temperature=0.7, steps=4)
+    for kwargs in (dict(truncation=True), dict(add_special_tokens=True), generation):
         assert_same_inputs(processor(images=[image, image], text=prompts, **kwargs), plain)
     with pytest.raises(ValueError, match=r"more than max_length \(20\)"):
         processor(images=[image, image], text=prompts, truncation=True, max_length=20)
