@@ -195,10 +195,11 @@ class LavidaShirgImageProcessor(BaseImageProcessor):
         with `hires_size`, also `hires_pixel_values` (one view per image: the whole image squashed to
         hires_size x hires_size, like the global view) for SHIRG's high-resolution selection.
 
-        `images`: one image or a list of them (see `to_rgb_image`); an empty list gives an empty BatchFeature.
+        `images`: one image or a list of them (see `to_rgb_image`; paths and URLs go through `load_images`); an
+        empty list gives an empty BatchFeature.
         `scaling`: do_rescale, rescale_factor, do_normalize, image_mean, image_std (see `pixel_values`).
         """
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        images = load_images(list(images) if isinstance(images, (list, tuple)) else [images])
         rgb_images = [self.checked_rgb_image(image, index) for index, image in enumerate(images)]
         if not rgb_images:
             return BatchFeature({}, tensor_type=return_tensors)

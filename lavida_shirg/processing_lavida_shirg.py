@@ -16,7 +16,7 @@ from transformers.processing_utils import ProcessingKwargs, TextKwargs
 
 from .configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings, with_selection_overrides
 from .image_layout import image_token_count
-from .image_processing_lavida_shirg import LavidaShirgImageProcessor, LavidaShirgImagesKwargs, load_images
+from .image_processing_lavida_shirg import LavidaShirgImageProcessor, LavidaShirgImagesKwargs
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
 EOT_TOKEN = "<|eot_id|>"
@@ -269,7 +269,7 @@ class LavidaShirgProcessor(ProcessorMixin):
         if answer_list is not None and (not isinstance(answer_list, (list, tuple)) or len(answer_list) != len(prompts)
                                         or not all(isinstance(answer, str) for answer in answer_list)):
             raise ValueError(f"`answers` must be one string per prompt ({len(prompts)} prompts), got {answers!r}")
-        flat_images = load_images([image for group in images_per_prompt for image in group])
+        flat_images = [image for group in images_per_prompt for image in group]
         single_view = layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view"
         image_inputs = self.image_processor(
             flat_images, return_tensors=None, hires_size=layout["hires_image_size"] if single_view else None,

@@ -855,6 +855,8 @@ def test_images_given_by_path_or_url(processor, tmp_path, monkeypatch):
                                              {"type": "text", "text": "Colour?"}]}]
     out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert_same_inputs(out, processor(images=image, text=processor.build_prompt("Colour?")))
+    assert torch.equal(processor.image_processor(str(tmp_path / "page.png"))["pixel_values"],
+                       processor.image_processor(image)["pixel_values"])
     with pytest.raises(ValueError, match=r"`images`\[0\] \(.*missing\.png\) could not be loaded"):
         processor(images=str(tmp_path / "missing.png"), text=processor.build_prompt("Colour?"))
     monkeypatch.setattr(image_processing, "is_offline_mode", lambda: True)
