@@ -3,8 +3,9 @@
 The number of image positions in `input_ids` depends on the selection method and budget, which the trainer picks
 per optimizer step. So:
   1. `SampleEncoder.encode` (in dataloader workers) computes what does not depend on the budget: the anyres views,
-     the image size, the high-resolution view (when some budget selects from it) and the chat prompt; it rejects
-     samples too long for the LM under the largest budget.
+     the image size, the high-resolution view (when some budget selects from it) and the tokenized chat prompt and
+     answer (`processor.encode_prompt` / `encode_answer`: tokenized once); it rejects samples too long for the LM
+     under the largest budget.
   2. `collate_samples` concatenates them; `BatchBuilder.build` (in the training process, once the step's budget
      is known) writes input_ids / attention_mask / labels / question_mask for that budget, exactly as
      `LavidaShirgProcessor.__call__` does.
@@ -48,7 +49,8 @@ class SampleEncoder:
         self.prompt_suffix = prompt_suffix
 
     def encode(self, image, question: str, answer: str) -> dict:
-        """pixel_values (V, 3, S, S), image_size (2,), hires_pixel_values (1, 3, H, H) when needed, prompt, answer.
+        """pixel_values (V, 3, S, S), image_size (2,), hires_pixel_values (1, 3, H, H) when needed, prompt (the
+        processor's `encode_prompt`), answer (its `encode_answer` ids).
 
         Raises SkippedSample("empty question" / "empty answer" / "too long") for samples that cannot be trained on.
         """
@@ -62,13 +64,13 @@ class SampleEncoder:
         views = processor.image_processor.preprocess([image], return_tensors="pt", hires_size=self.hires_size)
         size = tuple(views["image_sizes"][0].tolist())
         longest = max(image_token_count(size, layout) for layout in self.layouts)
-        prompt_ids, _ = processor.encode_prompt(prompt, [longest])
-        answer_length = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + eot
-        if len(prompt_ids) + answer_length > processor.model_max_length:
-            raise SkippedSample("too long", f"{len(prompt_ids)} prompt + {answer_length} answer tokens exceed the "
+        encoded_prompt, answer_ids = processor.encode_prompt(prompt), processor.encode_answer(answer)
+        prompt_length = sum(map(len, encoded_prompt[0])) + longest
+        if prompt_length + len(answer_ids) > processor.model_max_length:
+            raise SkippedSample("too long", f"{prompt_length} prompt + {len(answer_ids)} answer tokens exceed the "
                                             f"LM's {processor.model_max_length} positions")
         sample = {"pixel_values": views["pixel_values"], "image_size": views["image_sizes"][0],
-                  "prompt": prompt, "answer": answer}
+                  "prompt": encoded_prompt, "answer": answer_ids}
         if self.hires_size is not None:
             sample["hires_pixel_values"] = views["hires_pixel_values"]
         return sample
@@ -76,7 +78,8 @@ class SampleEncoder:
 
 def collate_samples(samples: list) -> dict:
     """Concatenate encoded samples: pixel_values (sum V, 3, S, S), image_sizes (B, 2), hires_pixel_values
-    (B, 3, H, H) when present, prompts and answers (lists of str), skipped (the samples' skip records)."""
+    (B, 3, H, H) when present, prompts and answers (lists of encoded prompts and answer ids), skipped (the samples'
+    skip records)."""
     batch = {
         "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         "image_sizes": torch.stack([s["image_size"] for s in samples]),
