@@ -55,6 +55,7 @@ from lavida_shirg.configuration_lavida_shirg import REAL_VISION, ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from shirg_tools.file_modes import apply_umask
+from shirg_tools.run_record import CONVERSION_RECORD
 
 LAVIDA_MODEL_TYPE = "llava_llada"
 LAVIDA_ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
@@ -807,6 +808,10 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
         config.dtype = main_dtype
         write_config_and_code(config, tmp)
         processor.save_pretrained(str(tmp))
+        # where the weights came from, read by publish.py's model card
+        provenance = {"converted_from": src.resolve().name, "dtype": str(main_dtype).removeprefix("torch."),
+                      "converter": "convert_lavida_checkpoint.py"}
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(provenance, indent=2))
         apply_umask(tmp)  # mkdtemp's 0700 and the copied code files' modes -> the user's umask
         _swap_into_place(tmp, out)
     except BaseException:

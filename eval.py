@@ -28,20 +28,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES  # noqa: E402
-from shirg_tools.diagnostics import variant_diagnostics  # noqa: E402
-from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
+from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
+from shirg_tools.diagnostics import variant_diagnostics
+from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,
                                     synthetic_config)
-from shirg_tools.file_modes import umask_mode  # noqa: E402
-from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,  # noqa: E402
+from shirg_tools.file_modes import umask_mode
+from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,
                                    check_sampling, check_variant, generation_settings, high_resolution_tokens,
                                    load_pretrained, model_folder, resolve_dtype)
-from shirg_tools.metrics import METRICS, exact_match  # noqa: E402
-from shirg_tools.overlays import contact_sheet, variant_panel  # noqa: E402
-from shirg_tools.timing import median, timed_generate  # noqa: E402
-from shirg_tools.variants import default_variants, option_names_help, parse_variants  # noqa: E402
+from shirg_tools.metrics import METRICS, exact_match
+from shirg_tools.overlays import contact_sheet, variant_panel
+from shirg_tools.timing import median, timed_generate
+from shirg_tools.variants import default_variants, option_names_help, parse_variants
 
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
 LOCK_FILE = ".eval.lock"
@@ -326,7 +325,7 @@ class Evaluation:
             ready = [sample for sample in samples if self.check_sample(variant, sample, records[sample.id])]
             inputs, ready = self.model_inputs(name, variant, ready, records)
             if ready:
-                call = dict(inputs, **variant.call_settings(), **generation, kv_cache_dtype=self.args.kv_cache_dtype)
+                call = dict(inputs, **generation, kv_cache_dtype=self.args.kv_cache_dtype)  # inputs carry the selection
                 steps = call.pop("steps")
                 if not warmed_up:
                     timed_generate(self.model, call, steps)

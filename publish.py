@@ -32,7 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from lavida_shirg.configuration_lavida_shirg import ShirgConfig
 from shirg_tools.file_modes import apply_umask
-from shirg_tools.run_record import RUN_RECORD
+from shirg_tools.run_record import CONVERSION_RECORD, RUN_RECORD
 
 ROOT = Path(__file__).resolve().parent
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -84,10 +84,9 @@ def demo_snippet(repo_id, method, budget):
         "",
         f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True).eval()',
         f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'shirg = dict(selection_method="{method}", selection_budget={budget})',
-        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
-        '                                       return_dict=True, return_tensors="pt", **shirg)',
-        "sequences = model.generate(**inputs, **shirg, max_new_tokens=32)",
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,",
+        f'                                       return_tensors="pt", selection_method="{method}", selection_budget={budget})',
+        "sequences = model.generate(**inputs, max_new_tokens=32)  # the inputs carry their SHIRG settings",
         'print(processor.decode_answers(sequences[:, inputs["input_ids"].shape[1]:])[0])',
     ])
 
@@ -126,12 +125,12 @@ CITATIONS = """@inproceedings{li2025lavida,
 }"""
 
 
-def find_run_record(folder):
-    """train.py's run record (shirg_run.json) in `folder` or its parent (a merged model inside the run folder), or
-    None."""
+def find_record(folder, name):
+    """A JSON record (train.py's shirg_run.json, the converter's shirg_conversion.json) in `folder` or its parent (a
+    merged model inside the run folder), or None."""
     for candidate in (Path(folder), Path(folder).parent):
-        if (candidate / RUN_RECORD).is_file():
-            return json.loads((candidate / RUN_RECORD).read_text())
+        if (candidate / name).is_file():
+            return json.loads((candidate / name).read_text())
     return None
 
 
@@ -143,12 +142,18 @@ def results_section(results_markdown) -> str:
     return "\n".join(lines)
 
 
-def training_section(record, datasets) -> str:
-    """Training data and procedure: from a train.py run record (shirg_run.json) when the upload has one."""
+def training_section(record, datasets, conversion=None) -> str:
+    """Training data and procedure, as the folder proves it: from a train.py run record (shirg_run.json), else the
+    converter's record (shirg_conversion.json), else a statement that the weights' origin is unknown."""
+    listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
+    if not record and conversion:
+        return (f"Weights converted with `{conversion['converter']}` from LaViDa's checkpoint "
+                f"`{conversion['converted_from']}` (SigLIP-so400m, projector and LLaDA-8B as LaViDa trained them, "
+                f"stored in {conversion['dtype']}); no further training." + listed)
     if not record:
-        listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
-        return ("Weights converted from LaViDa's released checkpoint (SigLIP-so400m, projector and LLaDA-8B as LaViDa "
-                "trained them); no further training in this upload, unless stated below." + listed)
+        return ("This folder carries no record of where its weights came from (neither a train.py run record nor a "
+                "converter record): they may be randomly initialised, and results obtained with them say nothing "
+                "about LaViDa or SHIRG." + listed)
     data, shirg, lora = record.get("data", {}), record.get("shirg", {}), record.get("resolved", {})
     training = record.get("training", {})
     full = record.get("lora", {}).get("training_mode") == "full"
@@ -199,7 +204,7 @@ SELECTION_QUALITY = """\
 | random | 0.503 | 0.248 | 0.220 | 0.498 | 0.242 | 0.204 |"""
 
 
-def card_text(repo_id, config, results_markdown, base_model, adapter, record=None, datasets=None):
+def card_text(repo_id, config, results_markdown, base_model, adapter, record=None, datasets=None, conversion=None):
     """Markdown body of the card (the YAML header comes from ModelCardData)."""
     budgets = ", ".join(str(b) for b in config["budget_choices"])
     method, budget = "shirg-fixed", config["selection_budget"]
@@ -230,8 +235,8 @@ positions and commits the most confident ones. Its settings (`max_new_tokens`, `
 
 ## Variants and budgets
 
-Choose per call, passing the same `selection_method` / `selection_budget` (and optional `selection_options`) to
-the processor and to the model:
+Choose per call, once: give `selection_method` / `selection_budget` (and optional `selection_options`) to the
+processor (or the pipeline); its output carries them to the model:
 
 | `selection_method` | image tokens the LM receives |
 | --- | --- |
@@ -278,7 +283,7 @@ with about 17 GB of memory in bf16.
 
 ## Training data and procedure
 
-{training_section(record, datasets)}
+{training_section(record, datasets, conversion)}
 
 ## Citation
 
@@ -289,7 +294,7 @@ with about 17 GB of memory in bf16.
 
 
 def build_card(repo_id, config, results_markdown=None, base_model=None, datasets=None, license_name="apache-2.0",
-               adapter=False, record=None):
+               adapter=False, record=None, conversion=None):
     """The ModelCard of a model (or adapter) upload."""
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
@@ -301,7 +306,7 @@ def build_card(repo_id, config, results_markdown=None, base_model=None, datasets
         base_model_relation="adapter" if adapter else None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(repo_id, config, results_markdown, base_model,
-                                                                   adapter, record, datasets))
+                                                                   adapter, record, datasets, conversion))
 
 
 def prepare_output(out, overwrite):
@@ -340,7 +345,8 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
                   "generation": {key: value for key, value in generation.items() if not key.startswith("_")
                                  and key != "transformers_version" and value is not None}}
         build_card(repo_id, config, results_markdown, base_model, datasets, license_name,
-                   record=find_run_record(model_path)).save(tmp / "README.md")
+                   record=find_record(model_path, RUN_RECORD),
+                   conversion=find_record(model_path, CONVERSION_RECORD)).save(tmp / "README.md")
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -363,7 +369,7 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
             if name.startswith("adapter_") or name == "training_args.json":
                 shutil.copy2(Path(adapter_path) / name, tmp / name)
         build_card(repo_id, DEFAULT_CARD_CONFIG, results_markdown, base_model, datasets, license_name, adapter=True,
-                   record=find_run_record(adapter_path)).save(
+                   record=find_record(adapter_path, RUN_RECORD)).save(
             tmp / "README.md"
         )
         move_into_place(tmp, out)

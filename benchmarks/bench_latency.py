@@ -24,22 +24,19 @@ KV per token x prefix tokens, peak activations), computed from the config.
 import argparse
 import os
 import statistics
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.configuration_lavida_shirg import PRESETS  # noqa: E402
-from lavida_shirg.image_layout import anyres_grid, source_grid  # noqa: E402
-from lavida_shirg.shirg_selection import image_token_count  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
-from lavida_shirg.processing_lavida_shirg import LavidaShirgImageProcessor  # noqa: E402
-from shirg_tools.timing import timed_generate  # noqa: E402
-from shirg_tools.variants import DEFAULT_VARIANTS, parse_variants  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import PRESETS
+from lavida_shirg.image_layout import anyres_grid, source_grid
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgImageProcessor
+from lavida_shirg.shirg_selection import image_token_count
+from shirg_tools.timing import timed_generate
+from shirg_tools.variants import DEFAULT_VARIANTS, parse_variants
 
 # --small: the real image geometry (384 px views, 14 px patches, 672 px high-resolution view = 2304 tokens, pooled
 # 14 x 14) with narrow, shallow towers, so that it runs on a CPU in a minute or two

@@ -15,16 +15,14 @@ is extrapolated as (measured time / measured layers) * 26; the output says so. E
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import SiglipVisionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.shirg_selection import DETAIL_TERMS, METHODS, select_tokens  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.shirg_selection import DETAIL_TERMS, METHODS, select_tokens
 
 SELECTIONS = [name for name, method in METHODS.items() if method.function is not None]  # not pooled / full
 QUESTION_LENGTH = 32  # question tokens (half of them template / padding)

@@ -33,7 +33,6 @@ Every row runs the model's own selection path (`inspect_selection`, the processo
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -41,18 +40,17 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
-from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor  # noqa: E402
-from lavida_shirg.shirg_selection import DETAIL_TERMS  # noqa: E402
-from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from shirg_tools.diagnostics import cell_boxes, kept_masks, source_views  # noqa: E402
-from shirg_tools.photo_text import photo_set  # noqa: E402
-from shirg_tools.selection_quality import (ink_token_mask, kept_recall, nan_mean, quality_table,  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.shirg_selection import DETAIL_TERMS
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+from shirg_tools.diagnostics import cell_boxes, kept_masks, source_views
+from shirg_tools.photo_text import photo_set
+from shirg_tools.selection_quality import (ink_token_mask, kept_recall, nan_mean, quality_table,
                                            ranking_auc)
-from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig, generate_sample  # noqa: E402
-from shirg_tools.variants import parse_variant  # noqa: E402
+from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig, generate_sample
+from shirg_tools.variants import parse_variant
 
 SEED_OPTIONS = {"shirg-fixed": "relevance_weight=0.7:detail_weight=0.3:detail_term=variance",
                 "shirg-v2": "v2_detail_weight=0.25:v2_edge_weight=0.15:detail_term=variance",

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.modeling_outputs import ModelOutput
 
 from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
@@ -75,14 +75,26 @@ def anyres_view_boxes(rows, cols):
 
 
 @dataclass
+class LavidaShirgModelOutput(ModelOutput):
+    """last_hidden_state: the LM's final hidden states (B, T, E); past_key_values: the PrefixCache a use_cache call
+    filled (the name transformers 5.17 uses; our own field, so no rename warning under later versions);
+    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E)."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: PrefixCache | None = None
+    hidden_states: tuple | None = None
+
+
+@dataclass
 class MaskedDiffusionOutput(ModelOutput):
     """loss: the diffusion loss (with labels); logits: (B, T, V) of the sequence as given (without labels), or with
     labels and output_logits=True, (2B, T, V) of its two complementary masked copies (`diffusion_masks` (2B, T)
     marks the masked targets of each copy); hidden_states: with output_hidden_states, the LM's (num_layers + 1)
-    hidden states (B, T, E) of the sequence as given."""
+    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
     diffusion_masks: torch.BoolTensor | None = None
 
@@ -149,10 +161,21 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         """SigLIP features of each view, projected to the LM width: (V, 3, S, S) -> (V, (S/patch)^2, E)."""
         return self.multi_modal_projector(self.vision_features(pixel_values)[0])
 
-    def selection_settings(self, method=None, budget=None, options=None):
-        """The SHIRG settings of a call (config defaults overridden by `method`, `budget`, `options`), validated
-        against the learned modules this model has."""
-        settings = self.config.selection_settings(method, budget, options)
+    def selection_settings(self, method=None, budget=None, options=None, selection=None):
+        """The SHIRG settings of a call, validated against the learned modules this model has: `selection` (the
+        settings the processor built the inputs for, carried by its output), else the config's; `method`, `budget`
+        and `options` override the config's and, with `selection`, must agree with it."""
+        if selection is None:
+            settings = self.config.selection_settings(method, budget, options)
+        else:
+            settings = selection
+            asked = {**(options or {}), "selection_method": method, "selection_budget": budget}
+            differing = {name: value for name, value in asked.items()
+                         if value is not None and (name not in settings or settings[name] != value)}
+            if differing:
+                built = {name: settings[name] if name in settings else "unknown" for name in differing}
+                raise ValueError(f"the inputs were built for {built} (the processor's `selection`) but this call asks "
+                                 f"for {differing}: give the settings once, to the processor")
         selector = self.token_selector
         for name, module in (("coordinate_embedding", selector.coordinate_embedding),
                              ("adaptive_budget", selector.budget_head)):
@@ -320,7 +343,7 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
     @torch.no_grad()
     def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                           hires_pixel_values=None, question_mask=None, selection_method=None, selection_budget=None,
-                          selection_options=None, **unused_inputs):
+                          selection_options=None, selection=None, **unused_inputs):
         """What a selection method keeps, for diagnostics and overlays (no LM run).
 
         Returns one dict per selection call (single-view: one for the whole batch; anyres-views: one per image):
@@ -329,66 +352,62 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         [].
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        settings = self.selection_settings(selection_method, selection_budget, selection_options)
+        settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
         record = []
         self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
                           settings, record)
         return record
 
-    def run_language_model(self, inputs_embeds, attention_mask, prefix_lengths=None, output_hidden_states=False):
-        """LladaOutput of a whole sequence (B, T, E) with padding mask (B, T) and optional Prefix-DLM lengths."""
-        bias = self.language_model.attention_bias(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype,
-                                                  prefix_lengths)
-        return self.language_model(inputs_embeds, bias, positions_from_mask(attention_mask),
-                                   output_hidden_states=output_hidden_states)
-
-    def build_prefix_cache(self, prefix_embeds, prefix_mask, kv_cache_dtype=None):
-        """Run the prefix (image + prompt) once: a PrefixCache of per-layer (key, value), each (B, Hkv, P, d),
-        stored in `kv_cache_dtype` (None, "bfloat16", "float16" or "float8_e4m3fn"; see prefix_cache)."""
-        bias = self.language_model.attention_bias(prefix_mask, prefix_embeds.shape[1], prefix_embeds.dtype)
-        key_values = self.language_model(prefix_embeds, bias, positions_from_mask(prefix_mask)).key_values
-        return PrefixCache(key_values, kv_cache_dtype)
-
-    def mask_embedding(self, dtype):
-        """Embedding of the mask token, (E,)."""
-        return self.language_model.embed_tokens.weight[self.config.mask_token_id].to(dtype)
-
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
-                hires_pixel_values=None, question_mask=None, selection_method=None, selection_budget=None,
-                selection_options=None, inputs_embeds=None, output_hidden_states=None, return_dict=None):
-        """The LM's final hidden states (B, T, E) of the sequence with the image tokens written in (and, with
-        output_hidden_states, every layer's). Arguments as LavidaShirgForMaskedDiffusion.forward."""
-        inputs_embeds, attention_mask = self.inputs_and_mask(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            selection_method, selection_budget, selection_options, inputs_embeds)
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        outputs = self.run_language_model(inputs_embeds, attention_mask, output_hidden_states=output_hidden_states)
-        output = BaseModelOutput(last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states)
+                hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
+                selection_budget=None, selection_options=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, prefix_lengths=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None):
+        """The LM's final hidden states (B, T, E) of the sequence with the image tokens written in.
+
+        past_key_values: a PrefixCache. Empty with use_cache=True, this call is the prefill: the cache keeps the
+        sequence's keys/values (in its storage dtype) and comes back in the output. Filled, the T positions attend
+        to the cached prefix and themselves; attention_mask then covers prefix + T positions. position_ids (B, T)
+        default to the attended positions counted by attention_mask. prefix_lengths (B,): Prefix-DLM attention
+        (positions before it never see the ones after it). Other arguments as LavidaShirgForMaskedDiffusion.forward.
+        """
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: attention runs in sdpa/flash kernels that return "
+                             "no weights (inspect_selection shows what the selection keeps)")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cached = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if use_cache and cached:
+            raise ValueError("past_key_values already holds a prefix, which is read and never extended: pass "
+                             "use_cache=False with it")
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask = self.inputs_and_mask(
+                input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
+                selection_method, selection_budget, selection_options)
+        batch, length = inputs_embeds.shape[:2]
+        check_sequence_length(cached + length, 0, self.config.text_config.max_position_embeddings)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, cached + length, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, cached:]
+        bias = self.language_model.attention_bias(attention_mask, length, inputs_embeds.dtype, prefix_lengths)
+        outputs = self.language_model(inputs_embeds, bias, position_ids, past_key_values if cached else None,
+                                      output_hidden_states=bool(output_hidden_states))
+        if use_cache:
+            past_key_values = (PrefixCache() if past_key_values is None else past_key_values).store(outputs.key_values)
+        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state,
+                                        past_key_values=past_key_values, hidden_states=outputs.hidden_states)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
-    def inputs_and_mask(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
-                        question_mask, selection_method, selection_budget, selection_options, inputs_embeds):
-        """(inputs_embeds (B, T, E), attention_mask (B, T)) of a forward call: the embedded ids with the image
-        tokens of the call's selection settings written in, or the given inputs_embeds; length-checked."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("pass input_ids (or inputs_embeds)")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            settings = self.selection_settings(selection_method, selection_budget, selection_options)
-            inputs_embeds, attention_mask = self.embed_inputs(
-                input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, settings
-            )
-        check_sequence_length(inputs_embeds.shape[1], 0, self.config.text_config.max_position_embeddings)
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        return inputs_embeds, attention_mask
-
-
-# what LavidaShirgForMaskedDiffusion exposes of its LavidaShirgModel (as LlavaForConditionalGeneration does)
-DELEGATED = ("vision_features", "encode_views", "selection_settings", "image_token_count", "get_image_features",
-             "views_of_images", "image_samples", "embed_inputs", "inspect_selection", "run_language_model",
-             "build_prefix_cache", "mask_embedding")
+    def inputs_and_mask(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                        hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
+                        selection_budget=None, selection_options=None):
+        """(inputs_embeds (B, T, E), attention_mask (B, T)): the embedded ids with the image tokens of the call's
+        selection settings written in (the positions an adaptive budget drops masked out)."""
+        settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                 question_mask, settings)
 
 
 class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTrainedModel):
@@ -402,21 +421,12 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         super().__init__(config)
         self.model = LavidaShirgModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        # configs written before generation_config.json kept the sampler defaults; PreTrainedModel.__init__ folded
-        # them into self.generation_config (LavidaShirgGenerationConfig.from_model_config): saved from there on
-        vars(config).pop("sampler_defaults", None)
         # the image-text-to-text pipeline loads AutoModelForImageTextToText: the class that generates, as AutoModel
         # (register_for_auto_class records one auto class; save_pretrained adds it to this auto_map)
         module = type(self).__module__.rsplit(".", 1)[-1]
         config.auto_map = {**(getattr(config, "auto_map", None) or {}),
                            "AutoModelForImageTextToText": f"{module}.{type(self).__name__}"}
         self.post_init()
-
-    def __getattr__(self, name):
-        """The parts and methods of the base model listed in DELEGATED (model.vision_tower, model.embed_inputs, ...)."""
-        if name in DELEGATED or name in BASE_PARTS:
-            return getattr(self._modules["model"], name)
-        return super().__getattr__(name)
 
     def get_input_embeddings(self):
         return self.model.language_model.embed_tokens
@@ -427,6 +437,34 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
     def get_output_embeddings(self):
         return self.lm_head
 
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self):
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values, image_sizes, **kwargs):
+        """The image tokens of every image (see LavidaShirgModel.get_image_features)."""
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
+
+    def selection_settings(self, method=None, budget=None, options=None, selection=None):
+        """The SHIRG settings of a call (see LavidaShirgModel.selection_settings)."""
+        return self.model.selection_settings(method, budget, options, selection)
+
+    def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
+        """Image tokens the LM receives for one (height, width) image under the given selection settings."""
+        return self.model.image_token_count(image_size, method, budget, options)
+
+    def inspect_selection(self, **inputs):
+        """What a selection method keeps (see LavidaShirgModel.inspect_selection)."""
+        return self.model.inspect_selection(**inputs)
+
     def forward(
         self,
         input_ids=None,
@@ -436,12 +474,19 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         labels=None,
         hires_pixel_values=None,
         question_mask=None,
+        selection=None,
         selection_method=None,
         selection_budget=None,
         selection_options=None,
+        position_ids=None,
+        past_key_values=None,
         inputs_embeds=None,
+        prefix_lengths=None,
+        use_cache=None,
+        logits_to_keep=0,
         num_items_in_batch=None,
         generator=None,
+        output_attentions=None,
         output_hidden_states=None,
         output_logits=None,
         return_dict=None,
@@ -450,35 +495,43 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
 
         labels: (B, T), -100 where the position is not a target (prompt, image, template), the token id where it is
         (the processor builds them with `answers=`); causal-LM labels (a copy of input_ids) are refused.
-        selection_method / selection_budget / selection_options: this call's SHIRG settings (default: the config's);
-        hires_pixel_values and question_mask come from the processor called with the same settings.
+        selection: the SHIRG settings the processor built the inputs for (its output carries them); without it,
+        the config's, overridden by selection_method / selection_budget / selection_options.
+        past_key_values / use_cache / position_ids / prefix_lengths: see LavidaShirgModel.forward (the sampler's
+        prefix cache); logits_to_keep: logits of the last N positions only (0: all).
         generator: draws the masks of the loss (reproducible losses); num_items_in_batch: the loss denominator
         Trainer passes under gradient accumulation. output_hidden_states: the LM's hidden states of the sequence
         as given; output_logits with labels: the logits of the two masked copies (see MaskedDiffusionOutput);
         return_dict=False: a tuple.
         """
-        inputs_embeds, attention_mask = self.model.inputs_and_mask(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            selection_method, selection_budget, selection_options, inputs_embeds)
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is None:
             if output_logits is False:
                 raise ValueError("output_logits=False without labels leaves nothing to return")
-            outputs = self.model.run_language_model(inputs_embeds, attention_mask,
-                                                    output_hidden_states=output_hidden_states)
-            output = MaskedDiffusionOutput(logits=self.lm_head(outputs.last_hidden_state),
-                                           hidden_states=outputs.hidden_states)
-        else:
-            check_diffusion_labels(labels, input_ids, inputs_embeds, self.config)
-            loss, logits, masks = self.diffusion_loss(inputs_embeds, attention_mask, labels, num_items_in_batch,
-                                                      generator, bool(output_logits))
-            hidden_states = None
-            if output_hidden_states:
-                hidden_states = self.model.run_language_model(inputs_embeds, attention_mask,
-                                                              output_hidden_states=True).hidden_states
-            output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states,
-                                           diffusion_masks=masks)
+            outputs = self.model(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
+                                 selection, selection_method, selection_budget, selection_options, position_ids,
+                                 past_key_values, inputs_embeds, prefix_lengths, use_cache, output_attentions,
+                                 output_hidden_states, return_dict=True)
+            hidden = outputs.last_hidden_state[:, -logits_to_keep:]  # logits_to_keep=0 keeps every position
+            output = MaskedDiffusionOutput(logits=self.lm_head(hidden), hidden_states=outputs.hidden_states,
+                                           past_key_values=outputs.past_key_values)
+            return output if return_dict else output.to_tuple()
+        if past_key_values is not None or use_cache:
+            raise ValueError("the diffusion loss runs whole sequences: past_key_values / use_cache are for generation")
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask = self.model.inputs_and_mask(
+                input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
+                selection_method, selection_budget, selection_options)
+        elif attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        check_diffusion_labels(labels, input_ids, inputs_embeds, self.config)
+        loss, logits, masks = self.diffusion_loss(inputs_embeds, attention_mask, labels, num_items_in_batch,
+                                                  generator, bool(output_logits))
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                       output_hidden_states=True, return_dict=True).hidden_states
+        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks)
         return output if return_dict else output.to_tuple()
 
     def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None,
@@ -496,13 +549,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         targets = labels != IGNORE_INDEX  # (B, T)
         masked, complement, p = sample_complementary_masks(targets, config.min_mask_probability, generator)
         copies = torch.cat((masked, complement))  # (2B, T)
-        mask_embedding = self.model.mask_embedding(inputs_embeds.dtype)
+        mask_embedding = self.get_input_embeddings().weight[config.mask_token_id].to(inputs_embeds.dtype)  # (E,)
         embeds = torch.where(copies[..., None], mask_embedding, inputs_embeds.repeat(2, 1, 1))  # (2B, T, E)
         padding = attention_mask.repeat(2, 1)
         prefix_lengths = None
         if config.prefix_lm_training:
             prefix_lengths = targets.int().argmax(dim=1).repeat(2)  # first target = end of the prefix
-        hidden = self.model.run_language_model(embeds, padding, prefix_lengths).last_hidden_state  # (2B, T, E)
+        hidden = self.model(inputs_embeds=embeds, attention_mask=padding, prefix_lengths=prefix_lengths,
+                            return_dict=True).last_hidden_state  # (2B, T, E)
         all_logits = self.lm_head(hidden) if output_logits else None  # (2B, T, V)
         logits = (all_logits[copies] if output_logits else self.lm_head(hidden[copies])).float()  # (M, V)
         token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[copies], reduction="none")  # (M,)
@@ -512,9 +566,6 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         denominator = targets.sum() if num_items_in_batch is None else num_items_in_batch
         loss = token_loss.sum() / torch.as_tensor(denominator, device=token_loss.device).clamp_min(1)
         return loss, all_logits, copies if output_logits else None
-
-
-BASE_PARTS = ("vision_tower", "multi_modal_projector", "image_newline", "language_model", "token_selector")
 
 
 def check_diffusion_labels(labels, input_ids, inputs_embeds, config):

@@ -61,9 +61,8 @@ LOGLIKELIHOOD_ERROR = (
 def generate_answers(model, processor, images: list, prompts: list, variant, generation: dict) -> list:
     """Decoded answers to `prompts` (images[i]: the list of images of prompt i) under `variant` with the sampler
     arguments `generation`: the one place the plugin calls the model."""
-    settings = variant.call_settings()
-    inputs = processor(images=images, text=prompts, **settings).to(model.device)
-    answers = model.diffusion_generate(**inputs, **settings, **generation)
+    inputs = processor(images=images, text=prompts, **variant.call_settings()).to(model.device)
+    answers = model.diffusion_generate(**inputs, **generation)  # the inputs carry their selection settings
     return processor.decode_answers(answers.cpu())
 
 

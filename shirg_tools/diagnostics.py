@@ -147,14 +147,14 @@ def token_relevance(model, inputs: dict, settings: dict) -> list:
     tokens against the LM embeddings of the question tokens marked by the processor's question_mask)."""
     input_ids = inputs["input_ids"]
     is_image = input_ids == model.config.image_token_id
-    owners = model.image_samples(is_image, inputs["image_sizes"], settings)
+    owners = model.model.image_samples(is_image, inputs["image_sizes"], settings)
     question_embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))[owners]
     question_mask = inputs["question_mask"].bool()[owners]
     if settings["hires_source"] == "single-view":
-        projected = model.multi_modal_projector(model.vision_features(inputs["hires_pixel_values"])[0])
+        projected = model.multi_modal_projector(model.model.vision_features(inputs["hires_pixel_values"])[0])
         return list(relevance_scores(projected, question_embeds, question_mask).cpu())
-    projected = model.multi_modal_projector(model.vision_features(inputs["pixel_values"])[0])
-    views = model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
+    projected = model.multi_modal_projector(model.model.vision_features(inputs["pixel_values"])[0])
+    views = model.model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
     relevance = []
     for image, ((rows, cols), _, start) in enumerate(views):
         tokens = projected[start:start + 1 + rows * cols].flatten(0, 1)[None]

@@ -8,6 +8,7 @@ import json
 import os
 
 RUN_RECORD = "shirg_run.json"
+CONVERSION_RECORD = "shirg_conversion.json"  # written by convert_lavida_checkpoint.py: where the weights came from
 
 
 def write_run_record(folder: str, record: dict):

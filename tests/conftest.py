@@ -11,12 +11,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
 
 def build_tiny_model(seed=0, std=0.2, **overrides):

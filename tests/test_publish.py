@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -79,11 +80,24 @@ def test_card_sections(hub_folder):
                         "## Training data and procedure", "## Citation"], headings
     for key in ("@inproceedings{li2025lavida", "@article{nie2025llada", "@inproceedings{zhai2023siglip"):
         assert key in body
-    assert "Weights converted from LaViDa's released checkpoint" in body
+    # a randomly initialised folder with no record: the card claims no origin
+    assert "This folder carries no record of where its weights came from" in body
+    assert "Weights converted" not in body and "Mixed-budget" not in body
     # the model's detail term, and the measurements that chose it
     assert "detail term (the luminance contrast of a token's own pixel patch)" in body
     assert "| shirg-fixed, seed formula (0.7 relevance + 0.3 variance) | 0.510 | 0.447 |" in body
     assert '"max_new_tokens": 32' in body and '"schedule_shift": 3.0' in body
+
+
+def test_card_of_a_converted_folder_names_the_source(saved_model, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(saved_model[0], folder)
+    (folder / "shirg_conversion.json").write_text(json.dumps({
+        "converted_from": "lavida-llada-v1.0-instruct", "dtype": "bfloat16", "converter": "convert_lavida_checkpoint.py"}))
+    publish.export_model(folder, tmp_path / "hub", "someone/converted")
+    body = (tmp_path / "hub" / "README.md").read_text()
+    assert ("Weights converted with `convert_lavida_checkpoint.py` from LaViDa's checkpoint "
+            "`lavida-llada-v1.0-instruct`") in body and "no record of where" not in body
 
 
 def test_folder_loads_in_a_fresh_process_with_identical_outputs(hub_folder, saved_model, tmp_path):
@@ -232,12 +246,11 @@ class FakeHub:
 def push_in_subprocess(folder, endpoint, cwd, token="hf_fake_token"):
     code = f"""
 import sys
-sys.path.insert(0, {ROOT!r})
 import publish
 sys.exit(publish.main(["--model", {str(folder)!r}, {str(cwd / "pushed-folder")!r}, "--push_to_hub", "someone/tiny"]))
 """
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(cwd / "hf-home"),
-           "HF_HUB_DISABLE_XET": "1"}
+           "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": ROOT}
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token

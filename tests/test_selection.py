@@ -685,7 +685,7 @@ def test_model_feeds_the_source_pixels_to_the_pixel_contrast(source):
         expected = normalize_per_sample(pixel_contrast(inputs["hires_pixel_values"], entry["grid"], patch))
         torch.testing.assert_close(entry["scores"], expected)
     else:
-        views = model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
+        views = model.model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
         for entry, ((rows, cols), _, start) in zip(entries, views):
             own = inputs["pixel_values"][start:start + 1 + rows * cols]
             torch.testing.assert_close(entry["scores"], normalize_per_sample(pixel_contrast(own, entry["grid"], patch)))

@@ -12,7 +12,6 @@ from lavida_shirg.shirg_selection import DETAIL_TERMS, detail_scores, select_tok
 from shirg_tools.selection_quality import (box_token_mask, ink_token_mask, kept_recall, nan_mean, quality_table,
                                            ranking_auc)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def brute_force_auc(scores, positives):
