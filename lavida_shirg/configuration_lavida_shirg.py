@@ -111,15 +111,16 @@ class ShirgConfig(PreTrainedConfig):
     hires_source: str = "single-view"
     hires_image_size: int = 672
     coverage_region_size: int = 4
-    relevance_weight: float = 0.7
-    detail_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
-    # the detail term of shirg-fixed, shirg-v2 and shirg-x (shirg_selection.DETAIL_TERMS; "variance" = the seed's):
-    # chosen by benchmarks/bench_selection_quality.py, see README "Selection quality"
+    # the score mix of shirg-fixed and shirg-x: relevance_weight * relevance + detail_weight * detail term, and of
+    # shirg-v2: (1 - v2_detail_weight) relevance + v2_detail_weight detail + v2_edge_weight edges; the detail term
+    # (shirg_selection.DETAIL_TERMS) and each term's per-image normalisation (SCORE_NORMALIZATIONS). Defaults chosen
+    # by benchmarks/bench_selection_quality.py on synthetic and photo sets (README "Selection quality"); the seed's
+    # formula and the previous default are SELECTION_PRESETS "seed" and "synthetic-tuned".
+    relevance_weight: float = 0.3
+    detail_weight: float = 0.7
     detail_term: str = "pixel-contrast"
-    # how each score term is normalised per image before the weights mix them (shirg_selection.SCORE_NORMALIZATIONS;
-    # "min-max" = the seed's)
     score_normalization: str = "min-max"
-    v2_detail_weight: float = 0.25
+    v2_detail_weight: float = 0.7
     v2_edge_weight: float = 0.15
     v2_summary_token: bool = True
     v2_kmeans_iterations: int = 4
@@ -127,7 +128,7 @@ class ShirgConfig(PreTrainedConfig):
     x_scaffold_size: int = 8
     x_suppression_rounds: int = 4
     x_suppression_radius: int = 1
-    x_suppression_penalty: float = 0.5
+    x_suppression_penalty: float = 0.0  # neighbour suppression off: measured to cost text recall (README)
     visionzip_contextual_tokens: int = 16
     random_seed: int = 0
     coordinate_embedding: bool = False
@@ -246,11 +247,21 @@ SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_to
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
     "relevance_weight", "detail_weight", "detail_term", "score_normalization", "v2_detail_weight", "v2_edge_weight",
-    "v2_summary_token", "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
-    "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
-    "budget_choices",
+    "v2_summary_token", "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds",
+    "x_suppression_radius", "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding",
+    "adaptive_budget", "budget_choices",
 )
 
+
+# Named SHIRG score settings, usable as a call's `selection_options` (and as eval.py's variant option preset=NAME):
+# "seed": the seed's formula, bit for bit; "synthetic-tuned": the default chosen on the synthetic set alone (issue 14),
+# before the photo set (issue 22) moved it.
+SELECTION_PRESETS = {
+    "seed": dict(detail_term="variance", score_normalization="min-max", relevance_weight=0.7, detail_weight=0.3,
+                 v2_detail_weight=0.25, v2_edge_weight=0.15),
+    "synthetic-tuned": dict(detail_term="pixel-contrast", score_normalization="min-max", relevance_weight=0.7,
+                            detail_weight=0.3, v2_detail_weight=0.25, v2_edge_weight=0.15, x_suppression_penalty=0.5),
+}
 
 # the image geometry a call's settings carry with them (not overridable per call)
 LAYOUT_FIELDS = ("image_grid_pinpoints", "view_size", "patch_size", "pooled_view_size")

@@ -34,7 +34,6 @@ import torch
 from lavida_shirg.image_layout import anyres_grid, resized_size_in_canvas, select_best_resolution, source_grid
 from lavida_shirg.shirg_selection import normalize_per_sample, region_labels, relevance_scores
 from shirg_tools.selection_quality import box_token_mask, kept_recall, ranking_auc
-from shirg_tools.variants import OPTION_FIELDS
 
 
 @dataclasses.dataclass
@@ -180,8 +179,9 @@ def full_resolution_token_area(views) -> float:
 
 
 def kept_masks(model, inputs: dict, settings) -> list:
-    """Per image: ((N,) bool kept mask, (N,) float32 scores or None, grid) of the variant's selection. full keeps
-    every token (scores None); pooled has no high-resolution selection (None per image)."""
+    """Per image: ((N,) bool kept mask, (N,) float32 scores or None, grid) of the selection under `settings` (the
+    call's validated SelectionSettings). full keeps every token (scores None); pooled has no high-resolution
+    selection (None per image)."""
     sizes = [tuple(size) for size in inputs["image_sizes"].tolist()]
     method = settings["selection_method"]
     if method == "pooled":
@@ -196,8 +196,7 @@ def kept_masks(model, inputs: dict, settings) -> list:
     results = [None] * len(sizes)
     call = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes",
                                          "hires_pixel_values", "question_mask") if key in inputs}
-    entries = model.inspect_selection(**call, selection_method=method, selection_budget=settings["selection_budget"],
-                                      selection_options={key: settings[key] for key in OPTION_FIELDS})
+    entries = model.inspect_selection(**call, selection=settings)  # the settings are validated already
     for entry in entries:
         indices = entry["indices"].cpu()
         num = int(np.prod(entry["grid"]))
@@ -243,8 +242,9 @@ def selection_diagnostics(model, inputs: dict, settings: dict, samples: list, re
 
 
 def variant_diagnostics(model, inputs: dict, variant, samples: list) -> list:
-    """`selection_diagnostics` of `variant` (a shirg_tools.variants.Variant) on a batch of processor outputs, its
-    relevance computed by `token_relevance` (none for pooled)."""
-    settings = model.selection_settings(variant.method, variant.budget, variant.options)
+    """`selection_diagnostics` of `variant` (a shirg_tools.variants.Variant) on a batch of processor outputs built for
+    it (their `selection`, when the processor has one, holds its validated settings), its relevance computed by
+    `token_relevance` (none for pooled)."""
+    settings = model.selection_settings(variant.method, variant.budget, variant.options, inputs.get("selection"))
     relevance = None if variant.method == "pooled" else token_relevance(model, inputs, settings)
     return selection_diagnostics(model, inputs, settings, samples, relevance)

@@ -5,14 +5,16 @@ Examples: `pooled`, `full`, `shirg-fixed@768`, `shirg-fixed@768:relevance_weight
 `shirg-fixed@768:hires_source=anyres-views`, `shirg-x@768:detail_term=pixel-contrast`.
 METHOD is one of the config's SELECTION_METHODS; BUDGET the number of kept high-resolution tokens (selection
 methods only); each OPTION a SHIRG config field (SELECTION_FIELDS), by the same name as in the config, the processor's
-`selection_options` and `generate`.
+`selection_options` and `generate`, or `preset=NAME`: the named settings of SELECTION_PRESETS ("seed": the seed's
+formula; "synthetic-tuned": the default before the photo set), which later options override
+(`shirg-fixed@768:preset=seed:coverage_region_size=2`).
 Values are parsed by the field's type: booleans true/false/1/0/yes/no, integers, numbers, strings, and lists of
 integers written with '/' (budget_choices=32/64/96).
 """
 
 from typing import NamedTuple
 
-from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SELECTION_METHODS
+from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SELECTION_METHODS, SELECTION_PRESETS
 
 # set by METHOD@BUDGET itself, never as options
 RESERVED_FIELDS = ("selection_method", "selection_budget")
@@ -101,7 +103,7 @@ def parse_variant(text: str) -> Variant:
         if not budget_text.strip().isdigit() or int(budget_text) <= 0:
             raise ValueError(f"variant {text!r}: the budget after '@' must be a positive integer, got {budget_text!r}")
         budget = int(budget_text)
-    options = {}
+    options, given = {}, set()  # given: the option names written out (a preset's may be overridden once)
     for part in option_parts:
         name, equals, value = part.partition("=")
         name = name.strip()
@@ -109,11 +111,18 @@ def parse_variant(text: str) -> Variant:
             raise ValueError(f"variant {text!r}: options are written NAME=VALUE, got {part!r}")
         if name in RESERVED_FIELDS:
             raise ValueError(f"variant {text!r}: set {name} with METHOD@BUDGET, not as an option")
+        if name == "preset":  # a named set of options (SELECTION_PRESETS); options after it override its values
+            if value.strip() not in SELECTION_PRESETS:
+                raise ValueError(f"variant {text!r}: unknown preset {value.strip()!r}; presets: "
+                                 f"{', '.join(SELECTION_PRESETS)}")
+            options.update(SELECTION_PRESETS[value.strip()])
+            continue
         field = name
         if field not in OPTION_FIELDS:
             raise ValueError(f"variant {text!r}: unknown option {name!r}; {option_names_help()}")
-        if field in options:
+        if field in given:
             raise ValueError(f"variant {text!r}: option {field} is given twice")
+        given.add(field)
         options[field] = _parse_value(field, value, text)
     return Variant(format_variant(method, budget, options), method, budget, options)
 

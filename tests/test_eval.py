@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import eval as evaluation
+from lavida_shirg.configuration_lavida_shirg import SELECTION_PRESETS
 from shirg_tools.diagnostics import (answer_recall, coverage_kept, gini, pooled_token_area, relevance_lift,
                                      source_views)
 from shirg_tools.inference import diffusion_steps
@@ -356,7 +357,14 @@ def test_variant_strings():
     assert variant.options == {"relevance_weight": 1.0, "detail_weight": 0.0}
     assert variant.label == "shirg-fixed@768:relevance_weight=1.0:detail_weight=0.0"
     assert parse_variant("shirg-v2@768:v2_summary_token=false").options == {"v2_summary_token": False}
-    assert parse_variant("shirg-v2@768:v2_detail_weight=0.1:v2_edge_weight=0").options == {"v2_detail_weight": 0.1, "v2_edge_weight": 0.0}
+    assert parse_variant("shirg-v2@768:v2_detail_weight=0.1:v2_edge_weight=0").options == {
+        "v2_detail_weight": 0.1, "v2_edge_weight": 0.0}
+    # a named preset expands into its fields (the label spells them out); options written after it override it
+    seed = parse_variant("shirg-fixed@768:preset=seed:detail_weight=0.5")
+    assert seed.options == {**SELECTION_PRESETS["seed"], "detail_weight": 0.5}
+    assert seed.label == ("shirg-fixed@768:relevance_weight=0.7:detail_weight=0.5:detail_term=variance:"
+                          "score_normalization=min-max:v2_detail_weight=0.25:v2_edge_weight=0.15")
+    assert parse_variant(seed.label) == seed
     assert parse_variant("shirg-x@768:hires_source=anyres-views:coverage_region_size=2").options == {
         "hires_source": "anyres-views", "coverage_region_size": 2}
     assert parse_variant("pooled").call_settings() == dict(selection_method="pooled", selection_budget=None,
@@ -367,7 +375,9 @@ def test_variant_strings():
     for text, message in [("pooled@64", "pooled keeps no budget"), ("shirg-fixed@x", "must be a positive integer"),
                           ("shirg-v2@8:v2_summary_token=maybe", "v2_summary_token takes true or false"),
                           ("shirg-fixed@8:selection_budget=3", "set selection_budget with METHOD@BUDGET"),
-                          ("shirg-fixed@8:region", "options are written NAME=VALUE")]:
+                          ("shirg-fixed@8:region", "options are written NAME=VALUE"),
+                          ("shirg-fixed@8:preset=old", "unknown preset 'old'; presets: seed, synthetic-tuned"),
+                          ("shirg-fixed@8:detail_weight=1:detail_weight=0", "option detail_weight is given twice")]:
         with pytest.raises(ValueError, match=message):
             parse_variant(text)
     with pytest.raises(ValueError, match="more than once"):

@@ -20,6 +20,7 @@ from lavida_shirg.shirg_selection import (
     region_labels, relevance_scores, select_tokens, shirg_fixed_scores, shirg_v2_scores, spatial_kmeans,
     token_coordinates, token_variance, truncate_to_budget,
 )
+from lavida_shirg.shirg_selection import rank_per_sample as sel_rank
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.variants import parse_variant
 
@@ -214,6 +215,14 @@ def test_random_seeded():
 
 
 # ------------------------------------------------------------------------------------------------ score terms, by hand
+
+
+def test_rank_normalisation_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0, 9.0], [5.0, 5.0, 5.0, 5.0, 5.0]])
+    # mid-ranks 3, 0, 1.5, 1.5, 4 over N - 1 = 4; a constant sample sits at the middle, 0.5
+    torch.testing.assert_close(sel_rank(scores), torch.tensor([[0.75, 0.0, 0.375, 0.375, 1.0], [0.5] * 5]))
+    with pytest.raises(ValueError, match=r"score_normalization must be one of \('min-max', 'rank'\), got 'z'"):
+        ShirgConfig.from_preset("tiny", score_normalization="z")
 
 
 def test_normalisation_by_hand():
@@ -619,9 +628,13 @@ def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
         seed = 0.3 * var + 0.7 * rel
     result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term="variance")
     assert torch.equal(result.scores, seed)
-    # the model's registry entry with a config of detail_term="variance" and the seed's weights gives the same call
-    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, detail_weight=0.3, v2_detail_weight=0.25,
-                                       v2_edge_weight=0.15, detail_term="variance").selection_settings(method, 40)
+    # the model's registry entry with the named preset "seed" gives the same call, whatever the config's defaults
+    from lavida_shirg.configuration_lavida_shirg import SELECTION_PRESETS
+
+    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.1, detail_weight=0.9, v2_detail_weight=0.8,
+                                       score_normalization="rank").selection_settings(method, 40,
+                                                                                      SELECTION_PRESETS["seed"])
+    assert parse_variant(f"{method}@40:preset=seed").options == SELECTION_PRESETS["seed"]
     inputs = SelectionInputs(vision, projected, (12, 12), None, question, mask, torch.rand(2, 3, 36, 36), 3)
     through_model = METHODS[method].select(inputs, settings)
     assert torch.equal(through_model.scores, seed) and torch.equal(through_model.indices, result.indices)

@@ -76,6 +76,8 @@ def test_kept_tokens_are_projected_tokens_in_raster_order(tiny_model, processor,
         inputs["input_ids"] == tiny_model.config.image_token_id, 0))
     selection = select_tokens("shirg-fixed", features, projected, (16, 16), 40, question_embeds,
                               inputs["question_mask"], coverage_region_size=4, detail_term=tiny_model.config.detail_term,
+                              relevance_weight=tiny_model.config.relevance_weight,
+                              detail_weight=tiny_model.config.detail_weight,
                               pixels=inputs["hires_pixel_values"], patch_size=tiny_model.config.vision_config.patch_size)
     assert torch.equal(selection.indices, selection.indices.sort(dim=1).values)
     is_image = inputs["input_ids"] == tiny_model.config.image_token_id
