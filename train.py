@@ -40,8 +40,8 @@ from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
 from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, validate_entries
-from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
 from shirg_tools.inference import check_weight_files
+from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
 from shirg_tools.output_folder import FolderWriter, staged_folder
 from shirg_tools.run_record import check_resume, write_run_record
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
@@ -608,7 +608,8 @@ def write_summary(run: Run, summary: dict, result, started: float, staged: str) 
         summary.update({"adapter_dir": os.path.abspath(output_dir), "base_model": run.base_model})
     if run.lora_args.save_merged_model:
         base = os.path.join(staged, "base_model")  # this run's random base weights, if it has them
-        merged = load_trained(base if os.path.isdir(base) else run.base_model, staged, run.model_args).merge_and_unload()
+        base = base if os.path.isdir(base) else run.base_model
+        merged = load_trained(base, staged, run.model_args).merge_and_unload()
         merged.save_pretrained(os.path.join(staged, "merged"))
         run.processor.save_pretrained(os.path.join(staged, "merged"))
         summary["merged_dir"] = os.path.abspath(os.path.join(output_dir, "merged"))

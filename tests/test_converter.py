@@ -477,7 +477,8 @@ def test_a_conversion_finding_out_written_after_its_first_check_is_refused(sourc
 
     monkeypatch.setattr(converter, "_check_output", another_conversion_finishes_first)
     assert converter.main([str(source), str(out), "--vision-config", json.dumps(TINY_VISION)]) == 2
-    assert capsys.readouterr().err == f"error: OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it\n"
+    assert capsys.readouterr().err == (f"error: OUT {str(out)!r} exists and is not empty; pass --overwrite to "
+                                       "replace it\n")
     assert len(finished) == 1 and (out / "config.json").is_file(), "the first conversion's folder stays"
     assert not leftovers(tmp_path, "out")
 
@@ -495,7 +496,8 @@ def test_a_truncated_weight_file_is_named(original, tmp_path):
     (src / "model.safetensors.index.json").unlink()
     weights = (src / "model-00001-of-00001.safetensors").rename(src / "model.safetensors")
     weights.write_bytes(weights.read_bytes()[:-100])  # a cut download
-    with pytest.raises(converter.ConversionError, match=r"cannot read safetensors file model.safetensors: .*incomplete"):
+    named = r"cannot read safetensors file model.safetensors: .*incomplete"
+    with pytest.raises(converter.ConversionError, match=named):
         convert(src, tmp_path / "out")
 
 

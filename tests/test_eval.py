@@ -332,6 +332,13 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path
     assert len(lines(out / "predictions" / "synthetic-ocr.jsonl")) == 6
 
 
+def test_an_unwritable_output_dir_is_one_error_line(unwritable, capsys):
+    assert evaluation.main(["--output-dir", str(unwritable / "out"), *FAST, "--limit", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write --output-dir {str(unwritable / 'out')!r}: [Errno ")
+    assert not (unwritable / "out").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)

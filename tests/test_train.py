@@ -450,6 +450,13 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, capsys):
     assert summary["steps"] == 1
 
 
+def test_an_unwritable_output_dir_is_one_error_line(unwritable, capsys):
+    assert train.command_line(arguments(unwritable / "out", "--max_steps", "1")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write --output_dir {str(unwritable / 'out')!r}: [Errno ")
+    assert "Traceback" not in error
+
+
 KILLED_DURING_A_SAVE = """
 import os, signal, sys
 import torch
