@@ -271,6 +271,15 @@ class _SettingsMapping(Mapping):
     def __len__(self):
         return len(SETTINGS_FIELDS)
 
+    def __init__(self, values=None, /, **fields):
+        """SelectionSettings(**fields), or SelectionSettings(mapping): transformers' Trainer and accelerate rebuild
+        every Mapping of a batch as type(m)({key: value}) when they move it to the device."""
+        fields = {**(values or {}), **fields}
+        if set(fields) != set(SETTINGS_FIELDS):
+            raise TypeError(f"SelectionSettings takes the fields {list(SETTINGS_FIELDS)}, got {sorted(fields)}")
+        for name in SETTINGS_FIELDS:
+            object.__setattr__(self, name, fields[name])
+
 
 # The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with the image
 # geometry (LAYOUT_FIELDS) and one typed field per SELECTION_FIELDS entry (types from ShirgConfig), readable as a
@@ -279,7 +288,7 @@ SelectionSettings = dataclasses.make_dataclass(
     "SelectionSettings",
     [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int)]
     + [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
-    bases=(_SettingsMapping,), frozen=True, eq=True,
+    bases=(_SettingsMapping,), frozen=True, eq=True, init=False,
 )
 SelectionSettings.__module__ = __name__
 

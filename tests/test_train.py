@@ -270,6 +270,7 @@ def test_batch_builder_equals_the_processor_for_every_budget():
                              text=[processor.build_prompt(s["question"] + "\nShort answer.") for s in samples],
                              answers=[s["answers"][0] for s in samples], **entry.call_kwargs())
         assert set(expected) <= set(built)
+        assert built.pop("selection") == expected.pop("selection"), entry.label  # the settings travel once
         for name, value in expected.items():
             assert torch.equal(built[name], value), (entry.label, name)
 
