@@ -458,7 +458,9 @@ def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
 def run_record(model_args, data_args, shirg_args, lora_args, training_args, plan, entries) -> dict:
     """What a checkpoint must share with a run that resumes from it (see shirg_tools.run_record)."""
     return {
-        "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        # checkpoints written before --extra_eos_padding existed (no such padding) resume with it false
+        "data": {k: v for k, v in dataclasses.asdict(data_args).items() if k != "extra_eos_padding" or v},
         "shirg": dataclasses.asdict(shirg_args),
         "lora": {k: v for k, v in dataclasses.asdict(lora_args).items() if k != "save_merged_model"},
         "resolved": {"budgets": [entry.label for entry in entries],

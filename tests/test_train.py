@@ -346,6 +346,22 @@ def test_resume_refuses_another_configuration(straight_run, tmp_path):
                                   "--resume_from_checkpoint", str(folder / "checkpoint-3")))
 
 
+def test_a_record_without_extra_padding_resumes_with_it_off(straight_run, tmp_path):
+    """Checkpoints written before --extra_eos_padding (their records lack it) resume with it false, not with the
+    new default."""
+    folder, _ = straight_run
+    old = tmp_path / "old"
+    shutil.copytree(folder / "checkpoint-3", old / "checkpoint-3")
+    record_path = old / "checkpoint-3" / "shirg_run.json"
+    record = json.loads(record_path.read_text())
+    assert record["data"].pop("extra_eos_padding") is True
+    record_path.write_text(json.dumps(record))
+    resume = ["--max_steps", "6", "--save_steps", "3", "--resume_from_checkpoint", str(old / "checkpoint-3")]
+    with pytest.raises(ValueError, match="data.extra_eos_padding: None in the checkpoint, True now"):
+        train.build_run(arguments(old, *resume))
+    assert train.build_run(arguments(old, *resume, "--extra_eos_padding", "false")).resume == str(old / "checkpoint-3")
+
+
 def test_adapter_and_merged_model_load_and_agree(straight_run):
     folder, summary = straight_run
     assert summary["steps"] == 6 and np.isfinite(summary["last_logged_loss"])
