@@ -78,11 +78,14 @@ def anyres_view_boxes(rows, cols):
 class LavidaShirgModelOutput(ModelOutput):
     """last_hidden_state: the LM's final hidden states (B, T, E); past_key_values: the PrefixCache a use_cache call
     filled (the name transformers 5.17 uses; our own field, so no rename warning under later versions);
-    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E)."""
+    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E); image_selections: what
+    each selection call kept (dicts of images, grid, view_boxes, indices, scores; empty for pooled), as LLaVA-NeXT
+    returns its image hidden states."""
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
+    image_selections: tuple | None = None
 
 
 @dataclass
@@ -90,13 +93,15 @@ class MaskedDiffusionOutput(ModelOutput):
     """loss: the diffusion loss (with labels); logits: (B, T, V) of the sequence as given (without labels), or with
     labels and output_logits=True, (2B, T, V) of its two complementary masked copies (`diffusion_masks` (2B, T)
     marks the masked targets of each copy); hidden_states: with output_hidden_states, the LM's (num_layers + 1)
-    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled."""
+    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled;
+    image_selections: what each selection call kept (see LavidaShirgModelOutput)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
     diffusion_masks: torch.BoolTensor | None = None
+    image_selections: tuple | None = None
 
 
 class LavidaShirgPreTrainedModel(PreTrainedModel):
@@ -191,22 +196,22 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         return image_token_count(image_size, self.selection_settings(method, budget, options))
 
     def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
-                           question_mask=None, settings=None, record=None):
-        """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
+                           question_mask=None, settings=None):
+        """Image tokens of every image, concatenated: features (sum_i N_i, E), a validity mask (sum_i N_i,) and what
+        each selection call kept (a tuple of dicts: images, grid, view_boxes, indices, scores; empty for pooled).
 
         pooled (default): LaViDa's layout. Other methods select among high-resolution tokens (shirg_selection.METHODS,
         run by `token_selector`): hires_source 'single-view': the view `hires_pixel_values` (I, 3, S, S) through
         SigLIP (interpolated positions), all images in one batched selection; 'anyres-views': each image's own anyres
         views left unpooled (V x P tokens, coverage per view), one selection per image (their token counts differ).
-        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
-        receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
+        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
         image_sizes: (I, 2), a tensor or its rows as lists (see `views_of_images`).
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
         if settings.selection_method == "pooled":
             features = self.pooled_image_features(pixel_values, views)
-            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device), ()
         method = METHODS[settings.selection_method]
         expected = (len(views), 3, settings.hires_image_size, settings.hires_image_size)
         single_view = settings.hires_source == "single-view"
@@ -236,7 +241,7 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                 groups.append(([image], features[group].flatten(0, 1)[None],
                                None if received is None else received[group].flatten()[None], pixel_values[group],
                                (1 + rows * cols, side, side), anyres_view_boxes(rows, cols)))
-        tokens, valid = [], []
+        tokens, valid, selections = [], [], []
         for images, group_features, group_received, pixels, grid, boxes in groups:
             global_view = None
             if method.needs_global_view(settings):  # SHIRG-X's scaffold: the images' pooled LaViDa global views
@@ -247,12 +252,11 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                                      *question, pixels, self.config.vision_config.patch_size, group_received,
                                      global_view)
             group_tokens, group_valid, selection = self.token_selector(inputs, settings)
-            if record is not None:
-                record.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
+            selections.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
                                    scores=selection.scores))
             tokens.append(group_tokens.flatten(0, 1))
             valid.append(group_valid.flatten())
-        return torch.cat(tokens), torch.cat(valid)
+        return torch.cat(tokens), torch.cat(valid), tuple(selections)
 
     def views_of_images(self, pixel_values, image_sizes):
         """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count.
@@ -315,15 +319,16 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         return torch.tensor(owners, dtype=torch.long, device=is_image.device)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, hires_pixel_values=None,
-                     question_mask=None, settings=None, record=None):
-        """Token embeddings with the image features written into the image positions (B, T, E), and the attention
-        mask (B, T) with the image positions an adaptive budget drops set to 0."""
+                     question_mask=None, settings=None):
+        """Token embeddings with the image features written into the image positions (B, T, E), the attention
+        mask (B, T) with the image positions an adaptive budget drops set to 0, and what the selection kept (see
+        get_image_features)."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
             if bool(is_image.any()):  # host read: image tokens without images are a ValueError
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no pixel_values were given")
-            return embeds, attention_mask
+            return embeds, attention_mask, ()
         if image_sizes is None:
             raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
         settings = self.selection_settings() if settings is None else settings
@@ -333,12 +338,12 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         sizes = [host[2 * i : 2 * i + 2] for i in range(image_sizes.shape[0])]
         owners = self.image_samples(is_image, sizes, settings, positions=host[2 * len(sizes):])
         image_question_mask = None if question_mask is None else question_mask.bool()[owners]
-        features, valid = self.get_image_features(
-            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
+        features, valid, selections = self.get_image_features(
+            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings
         )
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)
-        return embeds, attention_mask.masked_fill(dropped, 0)
+        return embeds, attention_mask.masked_fill(dropped, 0), selections
 
     @torch.no_grad()
     def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -353,10 +358,8 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
-        record = []
-        self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-                          settings, record)
-        return record
+        return list(self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                      question_mask, settings)[2])
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
                 hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
@@ -380,8 +383,9 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         if use_cache and cached:
             raise ValueError("past_key_values already holds a prefix, which is read and never extended: pass "
                              "use_cache=False with it")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         batch, length = inputs_embeds.shape[:2]
@@ -395,15 +399,16 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                                       output_hidden_states=bool(output_hidden_states))
         if use_cache:
             past_key_values = (PrefixCache() if past_key_values is None else past_key_values).store(outputs.key_values)
-        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state,
-                                        past_key_values=past_key_values, hidden_states=outputs.hidden_states)
+        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state, past_key_values=past_key_values,
+                                        hidden_states=outputs.hidden_states, image_selections=image_selections)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def inputs_and_mask(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                         hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
                         selection_budget=None, selection_options=None):
-        """(inputs_embeds (B, T, E), attention_mask (B, T)): the embedded ids with the image tokens of the call's
-        selection settings written in (the positions an adaptive budget drops masked out)."""
+        """(inputs_embeds (B, T, E), attention_mask (B, T), image selections): the embedded ids with the image tokens
+        of the call's selection settings written in (the positions an adaptive budget drops masked out), and what
+        each selection kept (see get_image_features)."""
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
@@ -514,12 +519,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
                                  output_hidden_states, return_dict=True)
             hidden = outputs.last_hidden_state[:, -logits_to_keep:]  # logits_to_keep=0 keeps every position
             output = MaskedDiffusionOutput(logits=self.lm_head(hidden), hidden_states=outputs.hidden_states,
-                                           past_key_values=outputs.past_key_values)
+                                           past_key_values=outputs.past_key_values,
+                                           image_selections=outputs.image_selections)
             return output if return_dict else output.to_tuple()
         if past_key_values is not None or use_cache:
             raise ValueError("the diffusion loss runs whole sequences: past_key_values / use_cache are for generation")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.model.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.model.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         elif attention_mask is None:
@@ -531,7 +538,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         if output_hidden_states:
             hidden_states = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                        output_hidden_states=True, return_dict=True).hidden_states
-        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks)
+        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks,
+                                       image_selections=image_selections)
         return output if return_dict else output.to_tuple()
 
     def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None,

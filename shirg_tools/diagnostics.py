@@ -34,7 +34,6 @@ import torch
 from lavida_shirg.image_layout import anyres_grid, resized_size_in_canvas, select_best_resolution, source_grid
 from lavida_shirg.shirg_selection import normalize_per_sample, region_labels, relevance_scores
 from shirg_tools.selection_quality import box_token_mask, kept_recall, ranking_auc
-from shirg_tools.variants import OPTION_FIELDS
 
 
 @dataclasses.dataclass
@@ -196,8 +195,7 @@ def kept_masks(model, inputs: dict, settings) -> list:
     results = [None] * len(sizes)
     call = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes",
                                          "hires_pixel_values", "question_mask") if key in inputs}
-    entries = model.inspect_selection(**call, selection_method=method, selection_budget=settings["selection_budget"],
-                                      selection_options={key: settings[key] for key in OPTION_FIELDS})
+    entries = model.inspect_selection(**call, selection=settings)
     for entry in entries:
         indices = entry["indices"].cpu()
         num = int(np.prod(entry["grid"]))
