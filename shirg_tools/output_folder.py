@@ -6,7 +6,8 @@
 - Written aside: the files go into `.NAME.staging/NAME` beside OUT. The finished folder gets the modes of the user's
   umask and replaces OUT in one atomic exchange of the two paths (renameat2 RENAME_EXCHANGE on Linux; elsewhere the
   old OUT is renamed aside first and deleted only after the new one is in place). A crash at any point leaves the
-  old OUT or nothing; the next writer of OUT removes what a crashed one left (it holds the lock, so it is stale).
+  old OUT or the new one, never a mix (the fallback, cut between its two renames, leaves the old one aside). The
+  next writer of OUT removes what a crashed one left, or puts the old OUT back (it holds the lock: all is stale).
 - OUT is checked under the lock (a non-empty OUT is replaced only with `overwrite`) and again at the swap.
 - Files written one by one into a folder that stays in place (eval.py's results) go through `write_atomic`.
 
@@ -203,8 +204,8 @@ class FolderWriter:
 
     def commit(self, keep_others: bool = False):
         """Give the staged folder the umask's modes and swap it into place. With `keep_others`, the entries of the
-        current `out` that the staged folder lacks are carried over first as hard links (copies across file
-        systems): train.py's checkpoints, whose files are never written again."""
+        current `out` that the staged folder lacks are carried over first as hard links (the staging folder is on
+        `out`'s file system): train.py's checkpoints, whose files are never written again."""
         apply_umask(self.staging)
         try:
             names = os.listdir(self.out) if keep_others and self.out.is_dir() else []
@@ -213,9 +214,9 @@ class FolderWriter:
                 if target.exists() or _is_working_entry(name):
                     continue
                 if source.is_dir():
-                    shutil.copytree(source, target, copy_function=_link_or_copy)
+                    shutil.copytree(source, target, copy_function=os.link)
                 else:
-                    _link_or_copy(source, target)
+                    os.link(source, target)
         except OSError as error:
             raise _cannot_write(self.argument, self.out, error) from error
         swap_into_place(self.staging, self.out, self.overwrite, self.argument)
@@ -234,16 +235,6 @@ class FolderWriter:
 def _is_working_entry(name: str) -> bool:
     """A lock file, staging folder or set-aside old content of a writer (never carried over)."""
     return name.startswith(".") and (name.endswith((".lock", ".staging")) or ".replaced-" in name)
-
-
-def _link_or_copy(source, target):
-    """A hard link of `source` at `target` (no copy of the data; the files are never written again), or a copy
-    where links are impossible (another file system)."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-    return target
 
 
 @contextmanager

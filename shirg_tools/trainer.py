@@ -176,6 +176,7 @@ class ShirgTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _get_output_dir(self, trial):
+        """Trainer's run folder; while a checkpoint is saved, its staging folder (see `_save_checkpoint`)."""
         return str(self._checkpoint_staging) if self._checkpoint_staging is not None else super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
