@@ -27,12 +27,15 @@ from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGen
 from .high_resolution_tokens import HighResolutionTokensMixin, attention_received, uses_relevance
 from .image_layout import image_token_count, pooled_layout
 from .masked_diffusion import sample_complementary_masks
+from .modeling_dream import DreamModel
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
 from .pooling import pool_view_features
 from .prefix_cache import PrefixCache
 from .shirg_selection import AdaptiveBudgetHead, CoordinateEmbedding, check_question_mask
 
 IGNORE_INDEX = -100  # label of positions that are not diffusion targets (prompt, image, template)
+# text_config.model_type -> the language model class built for it
+LANGUAGE_MODELS = {model.config_class.model_type: model for model in (LladaModel, DreamModel)}
 
 
 class LavidaMultiModalProjector(nn.Module):
@@ -79,7 +82,7 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LladaDecoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["LladaDecoderLayer", "DreamDecoderLayer", "SiglipEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -106,7 +109,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         self.vision_tower.post_layernorm = nn.Identity()
         self.multi_modal_projector = LavidaMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
-        self.language_model = LladaModel(config.text_config)
+        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
         hidden = config.text_config.hidden_size
         self.coordinate_embedding = CoordinateEmbedding(hidden) if config.coordinate_embedding else None
         default_budget = config.selection_budget if config.selection_budget in config.budget_choices else None
