@@ -510,7 +510,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
         positions get the mask-token embedding; both copies share the image features.
         loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),
-        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p).
+        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p); a Dream
+        backbone reads the logits of the position before each target (its causal-LM loss in LaViDa).
         Logits are computed only at the masked targets, unless `output_logits`: then (2B, T, V) of both copies are
         returned with their masks (2B, T); otherwise logits and masks are None.
         """
@@ -527,11 +528,16 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         hidden = self.model(inputs_embeds=embeds, attention_mask=padding, prefix_lengths=prefix_lengths,
                             return_dict=True).last_hidden_state  # (2B, T, E)
         all_logits = self.lm_head(hidden) if output_logits else None  # (2B, T, V)
-        logits = (all_logits[copies] if output_logits else self.lm_head(hidden[copies])).float()  # (M, V)
-        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[copies], reduction="none")  # (M,)
+        # Dream predicts the token at j from position j - 1 (transformers' causal-LM loss in LaViDa): a target at
+        # position 0 has no prediction there
+        shift = int(config.text_config.model_type == DreamModel.config_class.model_type)
+        predicted = copies[:, shift:]  # (2B, T - shift): the masked targets, read from the positions before them
+        source = (all_logits if output_logits else hidden)[:, : copies.shape[1] - shift][predicted]
+        logits = (source if output_logits else self.lm_head(source)).float()  # (M, V)
+        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[:, shift:][predicted], reduction="none")  # (M,)
         if config.loss_weighting == "inverse_probability":
             copy_probability = torch.cat((p, (1 - p).clamp_min(config.min_mask_probability)))  # (2B,)
-            token_loss = token_loss / copy_probability[:, None].expand_as(copies)[copies]
+            token_loss = token_loss / copy_probability[:, None].expand_as(predicted)[predicted]
         denominator = targets.sum() if num_items_in_batch is None else num_items_in_batch
         loss = token_loss.sum() / torch.as_tensor(denominator, device=token_loss.device).clamp_min(1)
         return loss, all_logits, copies if output_logits else None

@@ -185,3 +185,34 @@ def test_save_pretrained_loads_with_automodel_in_a_fresh_process(dream, tmp_path
     assert outputs["module"].startswith("transformers_modules") and outputs["lm"] == "DreamModel"
     with torch.no_grad():
         torch.testing.assert_close(outputs["logits"], dream(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("weighting", ["mean", "inverse_probability"])
+def test_dream_loss_reads_the_position_before_each_target(weighting):
+    """LaViDa's Dream loss is transformers' causal-LM loss over the masked copies: target j from logits j - 1."""
+    import torch.nn.functional as F
+
+    from lavida_shirg.masked_diffusion import sample_complementary_masks
+
+    model = build_tiny_dream(seed=3, loss_weighting=weighting)
+    config = model.config
+    pixel_values, image_sizes, counts = image_batch(config, [(40, 70), (64, 30)], seed=2)
+    input_ids, padding = prompt_ids(config, counts, [6, 9], seed=2, pad_left=False)
+    answer = torch.tensor([[21, 22, 23, config.eot_token_id], [31, 32, config.eot_token_id, config.eos_token_id]])
+    input_ids = torch.cat((input_ids, answer), dim=1)
+    padding = torch.cat((padding, torch.ones_like(answer)), dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer.shape[1]:] = answer
+    batch = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels, generator=torch.Generator().manual_seed(7)).loss
+        targets = labels != -100
+        masked, complement, p = sample_complementary_masks(targets, 1e-3, torch.Generator().manual_seed(7))
+        total = 0.0
+        for copy, probability in ((masked, p), (complement, 1 - p)):
+            logits = model(**{**batch, "input_ids": input_ids.masked_fill(copy, config.mask_token_id)}).logits
+            ce = F.cross_entropy(logits[:, :-1][copy[:, 1:]], labels[:, 1:][copy[:, 1:]], reduction="none")
+            if weighting == "inverse_probability":
+                ce = ce / probability.clamp_min(1e-3)[:, None].expand_as(copy[:, 1:])[copy[:, 1:]]
+            total = total + ce.sum()
+    torch.testing.assert_close(loss, total / targets.sum(), atol=1e-5, rtol=1e-5)
