@@ -90,6 +90,11 @@ class DataArguments:
         "help": "Pad every sample's labels with EOS to at least this many answer positions (answer + <|eot_id|> + "
                 "EOS), as a LaViDa batch pads short answers to its longest one: a model whose answers all have one "
                 "length learns to fill a generation window of this size with EOS. 0: the batch's longest only."})
+    extra_eos_padding: bool = dataclasses.field(default=True, metadata={
+        "help": "LaViDa's collation: each micro-batch draws n ~ U{-128..127} (from the seed, step and micro-batch: "
+                "the same on every process and after a resume) and, when n > 0, pads every sample n EOS targets "
+                "further, so that every data set teaches what follows an answer (31.75 positions per row on average, "
+                "127 at most). false: pad to the longest sample (and --answer_window) only."})
     synthetic_task: str = dataclasses.field(default="ocr", metadata={
         "help": f"synthetic-ocr: the generator's settings {sorted(SYNTHETIC_TASKS)} (ocr: 672 px, 8 mixed texts; "
                 "reading: 64 px, two coloured boxes of 3-digit numbers), which the options below override."})
@@ -518,7 +523,8 @@ def build_run(argv=None) -> Run:
     trainer = ShirgTrainer(
         model=trained_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
         processing_class=processor, callbacks=[RunRecordCallback(record)], schedule=BudgetSchedule(entries, seed),
-        batch_builder=BatchBuilder(processor, data_args.answer_window),
+        batch_builder=BatchBuilder(processor, data_args.answer_window,
+                                   training_args.seed if data_args.extra_eos_padding else None),
         learning_rates=learning_rates(lora_args, training_args),
         budget_cost_weight=shirg_args.budget_cost_weight,
     )

@@ -18,8 +18,11 @@ LAVIDA_SCHEDULE_SHIFT = 3.0  # LaViDa's generate: logit_normal_schedule(schedule
 def sample_complementary_masks(target_mask, min_mask_probability, generator=None):
     """Mask each target token with probability p = (1 - eps) t + eps, t ~ U(0, 1) per sample, and its complement.
 
-    masked = target & (u <= max(p, min_{target} u)) with u ~ U(0, 1) per position, so at least one target of every
-    sample with targets is masked; complement = target & ~masked, so every target is masked in exactly one copy.
+    masked = target & (u <= max(p, min_j u_j)) with u ~ U(0, 1) at every one of the T positions (prompt, image and
+    targets alike) and the minimum over all T of them, as LaViDa's forward_process draws t (B,) then u (B, T): the
+    one position always masked is the sequence's, so a sample whose smallest u falls outside its targets can have
+    no masked target in this copy (all of them are then masked in the complement). complement = target & ~masked:
+    every target is masked in exactly one copy.
 
     target_mask: (B, T) bool. Returns masked (B, T), complement (B, T) and p (B,).
     """
@@ -27,8 +30,7 @@ def sample_complementary_masks(target_mask, min_mask_probability, generator=None
     t = torch.rand(batch, device=target_mask.device, generator=generator)
     p = (1.0 - min_mask_probability) * t + min_mask_probability  # (B,)
     u = torch.rand(batch, length, device=target_mask.device, generator=generator)  # (B, T)
-    smallest_target_u = u.masked_fill(~target_mask, 2.0).amin(dim=1)  # (B,)
-    cutoff = torch.maximum(p, smallest_target_u)[:, None]  # (B, 1)
+    cutoff = torch.maximum(p, u.amin(dim=1))[:, None]  # (B, 1)
     masked = target_mask & (u <= cutoff)
     return masked, target_mask & ~masked, p
 

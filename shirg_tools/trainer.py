@@ -4,6 +4,8 @@ Per optimizer step s (0-based `state.global_step` when its micro-batches are fet
   - budget: `schedule.entry_at(s)`, the same for every micro-batch and every process; the collated,
     budget-independent batches get their input_ids / labels for it in `get_batch_samples`, before the Trainer
     counts the accumulated batch's targets (`num_items_in_batch`);
+  - padding: micro-batch m gets LaViDa's random extra EOS positions drawn from (seed, s, m) (the batch builder's
+    `extra_positions`; the same on every process, repeated by a resumed run);
   - randomness: micro-batch m of process r seeds the diffusion masks (the model's `generator`) and the global RNG
     (LoRA dropout) with `noise_seed(seed, s, m, r)`, so a resumed run repeats the uninterrupted one exactly;
   - loss: the model divides its summed loss by `num_items_in_batch` (all targets of the accumulated batch, over
@@ -117,7 +119,7 @@ class ShirgTrainer(Trainer):
 
         def model_inputs(micro_batch, batch):
             self.skips.add(batch.pop("skipped"))
-            inputs = self.batch_builder.build(batch, entry)
+            inputs = self.batch_builder.build(batch, entry, self.batch_builder.extra_positions(step, micro_batch))
             seed = noise_seed(self.args.seed, step, micro_batch, self.args.process_index)
             inputs["shirg_step"] = {"step": step + 1, "micro_batch": micro_batch, "budget": entry.label,
                                     "budget_index": index, "noise_seed": seed}
