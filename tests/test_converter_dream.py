@@ -17,11 +17,20 @@ from test_converter import TINY_VISION, VISION, lavida_config, write_lavida_chec
 
 import convert_lavida_checkpoint as converter
 from lavida_shirg import DreamTextConfig, ShirgConfig
-from lavida_shirg.configuration_lavida_shirg import PRESETS, TINY_TOKENIZER_IDS
+from lavida_shirg.configuration_lavida_shirg import PRESETS
 
 MM_FIELDS = {key: value for key, value in lavida_config().items() if key.startswith(("mm_", "image_"))}
-HEADER_IDS = {name: TINY_TOKENIZER_IDS[name] for name in ("start_header_token_id", "end_header_token_id",
-                                                         "eot_token_id")}
+# the tiny tokenizer (<image> = 512) with Dream's ChatML tokens added (513, 514): an LM of 520 rows holds them
+DREAM_TEXT = {**PRESETS["tiny-dream"]["text_config"], "vocab_size": 520}
+
+
+def dream_tokenizer():
+    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    return tokenizer
 
 
 def dream_name(ours: str) -> str:
@@ -38,7 +47,7 @@ def dream_name(ours: str) -> str:
 
 def dream_config(**changes):
     """A LaViDa-Dream config.json (DreamConfig's fields + LLaVA's multimodal ones) for the tiny Dream sizes."""
-    text = PRESETS["tiny-dream"]["text_config"]
+    text = DREAM_TEXT
     config = {
         "architectures": ["LlavaDreamForMaskedDiffusion"], "model_type": "llava_dream",
         **{name: text[name] for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -64,12 +73,19 @@ def dream_tensors(model):
 
 @pytest.fixture(scope="module")
 def original():
-    return build_tiny_model(seed=4, text_config=dict(PRESETS["tiny-dream"]["text_config"]))
+    return build_tiny_model(seed=4, text_config=dict(DREAM_TEXT), image_token_id=512, start_header_token_id=513,
+                            end_header_token_id=204, eot_token_id=514)
+
+
+def write_dream_checkpoint(folder, tensors, config, num_shards=3):
+    folder = write_lavida_checkpoint(folder, tensors, config, num_shards=num_shards, tokenizer=False)
+    dream_tokenizer().save_pretrained(str(folder))
+    return folder
 
 
 @pytest.fixture(scope="module")
 def source(original, tmp_path_factory):
-    return write_lavida_checkpoint(tmp_path_factory.mktemp("lavida") / "src", dream_tensors(original), dream_config())
+    return write_dream_checkpoint(tmp_path_factory.mktemp("lavida") / "src", dream_tensors(original), dream_config())
 
 
 LOAD_AND_RUN = """
@@ -88,12 +104,15 @@ torch.save({"logits": logits, "answer": answer, "lm": type(model.model.language_
 
 def test_convert_and_load_in_a_fresh_process(original, source, tmp_path):
     out = tmp_path / "out"
-    report = converter.convert_checkpoint(source, out, vision_config=TINY_VISION, config_overrides=HEADER_IDS)
+    report = converter.convert_checkpoint(source, out, vision_config=TINY_VISION)
     assert any("inv_freq" in key for key, _ in report.dropped)
     assert any("post_layernorm" in key for key, _ in report.dropped)
     config = json.loads((out / "config.json").read_text())
     assert config["text_config"]["model_type"] == DreamTextConfig.model_type
     assert "modeling_dream.py" in os.listdir(out)
+    for name in ("image_token_id", "start_header_token_id", "end_header_token_id", "eot_token_id", "bos_token_id"):
+        assert config[name] == getattr(original.config, name), name  # Dream's tokens found by their text
+    assert json.loads((out / "processor_config.json").read_text())["chat_format"] == "dream"
     pixel_values, image_sizes, counts = image_batch(original.config, [(40, 70)])
     input_ids, padding = prompt_ids(original.config, counts, [6])
     inputs = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
@@ -124,13 +143,13 @@ def test_dream_key_plan():
 def test_a_missing_layer_and_tied_embeddings(original, tmp_path):
     tensors = dream_tensors(original)
     del tensors["model.layers.1.self_attn.k_proj.bias"]
-    broken = write_lavida_checkpoint(tmp_path / "broken", tensors, dream_config(), num_shards=1)
+    broken = write_dream_checkpoint(tmp_path / "broken", tensors, dream_config(), num_shards=1)
     with pytest.raises(converter.ConversionError, match=r"missing.*\n.*layers\.1\.self_attn\.k_proj\.bias"):
-        converter.convert_checkpoint(broken, tmp_path / "out", vision_config=TINY_VISION, config_overrides=HEADER_IDS)
+        converter.convert_checkpoint(broken, tmp_path / "out", vision_config=TINY_VISION)
     tensors = dream_tensors(original)
     del tensors["lm_head.weight"]
-    tied = write_lavida_checkpoint(tmp_path / "tied", tensors, dream_config(tie_word_embeddings=True), num_shards=2)
-    converter.convert_checkpoint(tied, tmp_path / "tied-out", vision_config=TINY_VISION, config_overrides=HEADER_IDS)
+    tied = write_dream_checkpoint(tmp_path / "tied", tensors, dream_config(tie_word_embeddings=True), num_shards=2)
+    converter.convert_checkpoint(tied, tmp_path / "tied-out", vision_config=TINY_VISION)
     from safetensors.torch import load_file
 
     weights = {}
@@ -143,7 +162,7 @@ def test_a_missing_layer_and_tied_embeddings(original, tmp_path):
 def test_unsupported_rope_scaling_is_named(source, tmp_path):
     config = dream_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(converter.ConversionError, match="rope_scaling="):
-        converter.build_config(config, TINY_VISION, token_ids=HEADER_IDS)
+        converter.build_config(config, TINY_VISION)
 
 
 def test_real_sizes_config_without_allocating():

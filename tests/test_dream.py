@@ -216,3 +216,46 @@ def test_dream_loss_reads_the_position_before_each_target(weighting):
                 ce = ce / probability.clamp_min(1e-3)[:, None].expand_as(copy[:, 1:])[copy[:, 1:]]
             total = total + ce.sum()
     torch.testing.assert_close(loss, total / targets.sum(), atol=1e-5, rtol=1e-5)
+
+
+def dream_processor():
+    """A processor on LaViDa's "dream" chat format: the tiny tokenizer with Dream's ChatML tokens added."""
+    from lavida_shirg.image_processing_lavida_shirg import LavidaShirgImageProcessor
+    from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    config = ShirgConfig.from_preset("tiny-dream")
+    image_processor = LavidaShirgImageProcessor(view_size=32, image_grid_pinpoints=config.image_grid_pinpoints)
+    return LavidaShirgProcessor(image_processor, tokenizer, image_token_id=512, pooled_view_size=4,
+                                model_max_length=2048, eos_token_id=0, pad_token_id=0,
+                                eot_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), chat_format="dream")
+
+
+def test_dream_chat_format(tmp_path):
+    from PIL import Image
+
+    from lavida_shirg.processing_lavida_shirg import DEFAULT_SYSTEM_PROMPT, LavidaShirgProcessor
+
+    processor = dream_processor()
+    prompt = processor.build_prompt("What is written?")
+    assert prompt == (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<image>\n"
+                      "What is written?<|im_end|>\n<|im_start|>assistant\n")
+    assert processor.question_text(prompt) == "What is written?"
+    start, end = processor.question_span(prompt)
+    assert prompt[start:end] == "What is written?"
+    inputs = processor(images=[Image.new("RGB", (40, 30))], text=[prompt])
+    ids = inputs["input_ids"][0].tolist()
+    im_start, im_end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert ids.count(im_start) == 3 and ids.count(im_end) == 2 and ids[0] == im_start
+    question = processor.tokenizer.decode([i for i, m in zip(ids, inputs["question_mask"][0].tolist()) if m])
+    assert question.strip() == "What is written?"
+    processor.save_pretrained(tmp_path)
+    assert LavidaShirgProcessor.from_pretrained(tmp_path, trust_remote_code=True).chat_format == "dream"
+    with pytest.raises(ValueError, match="chat_format must be one of"):
+        LavidaShirgProcessor(processor.image_processor, processor.tokenizer, 512, 4, 2048, 0, 0, 514,
+                             chat_format="chatml")
+    with pytest.raises(ValueError, match="eot_token_id"):  # LLaDA's format wants <|eot_id|>
+        LavidaShirgProcessor(processor.image_processor, processor.tokenizer, 512, 4, 2048, 0, 0, 514)
