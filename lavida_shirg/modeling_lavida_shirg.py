@@ -26,6 +26,7 @@ from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
 from .high_resolution_tokens import HighResolutionTokensMixin, attention_received, uses_relevance
 from .image_layout import image_token_count, pooled_layout
+from .likelihood import LikelihoodMixin
 from .masked_diffusion import sample_complementary_masks
 from .modeling_dream import DreamModel
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
@@ -379,9 +380,9 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
                                  question_mask, settings)
 
 
-class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTrainedModel):
-    """LaViDa-LLaDA with a diffusion loss (`forward(labels=...)`) and a masked-diffusion sampler (`generate`,
-    `diffusion_generate`): LavidaShirgModel + lm_head."""
+class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin, LavidaShirgPreTrainedModel):
+    """LaViDa (LLaDA or Dream backbone) with a diffusion loss (`forward(labels=...)`), a masked-diffusion sampler
+    (`generate`, `diffusion_generate`) and answer scoring (`log_likelihood`): LavidaShirgModel + lm_head."""
 
     accepts_loss_kwargs = True  # forward takes Trainer's num_items_in_batch (unknown keyword arguments are errors)
     generation_config_class = LavidaShirgGenerationConfig  # built by PreTrainedModel.__init__ (from_model_config)

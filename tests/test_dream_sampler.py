@@ -204,3 +204,11 @@ def test_bad_dream_settings_are_named(dream, inputs, kwargs, message):
 def test_llada_refuses_dream_algorithms(inputs):
     with pytest.raises(ValueError, match="is Dream's sampler"):
         build_tiny_model(seed=0).generate(**inputs, max_new_tokens=4, alg="entropy")
+
+
+def test_diffusion_generate_equals_generate_on_dream(dream, inputs):
+    for steps in (None, 4):
+        answer = dream.diffusion_generate(**inputs, gen_length=8, steps=steps)
+        assert torch.equal(answer, dream.generate(**inputs, max_new_tokens=8, steps=steps)[:, -8:])
+    with pytest.raises(ValueError, match="decodes the answer in one block"):
+        dream.diffusion_generate(**inputs, gen_length=8, block_length=4)
