@@ -25,7 +25,9 @@ from transformers.modeling_outputs import ModelOutput
 from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
 from .image_layout import pooled_layout, source_grid
+from .likelihood import LikelihoodMixin
 from .masked_diffusion import sample_complementary_masks
+from .modeling_dream import DreamModel
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
 from .pooling import pool_view_features
 from .prefix_cache import PrefixCache
@@ -33,6 +35,8 @@ from .shirg_selection import (METHODS, AdaptiveBudgetHead, CoordinateEmbedding, 
                               image_token_count)
 
 IGNORE_INDEX = -100  # label of positions that are not diffusion targets (prompt, image, template)
+# text_config.model_type -> the language model class built for it
+LANGUAGE_MODELS = {model.config_class.model_type: model for model in (LladaModel, DreamModel)}
 
 
 class LavidaMultiModalProjector(nn.Module):
@@ -110,7 +114,7 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LladaDecoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["LladaDecoderLayer", "DreamDecoderLayer", "SiglipEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -137,7 +141,7 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         self.vision_tower.post_layernorm = nn.Identity()
         self.multi_modal_projector = LavidaMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
-        self.language_model = LladaModel(config.text_config)
+        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
         self.token_selector = TokenSelector(config)
         self.post_init()
 
@@ -415,9 +419,9 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                                  question_mask, settings)
 
 
-class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTrainedModel):
-    """LaViDa-LLaDA with a diffusion loss (`forward(labels=...)`) and a masked-diffusion sampler (`generate`,
-    `diffusion_generate`): LavidaShirgModel + lm_head."""
+class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin, LavidaShirgPreTrainedModel):
+    """LaViDa (LLaDA or Dream backbone) with a diffusion loss (`forward(labels=...)`), a masked-diffusion sampler
+    (`generate`, `diffusion_generate`) and answer scoring (`log_likelihood`): LavidaShirgModel + lm_head."""
 
     accepts_loss_kwargs = True  # forward takes Trainer's num_items_in_batch (unknown keyword arguments are errors)
     generation_config_class = LavidaShirgGenerationConfig  # built by PreTrainedModel.__init__ (from_model_config)
@@ -549,7 +553,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
         positions get the mask-token embedding; both copies share the image features.
         loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),
-        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p).
+        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p); a Dream
+        backbone reads the logits of the position before each target (its causal-LM loss in LaViDa).
         Logits are computed only at the masked targets, unless `output_logits`: then (2B, T, V) of both copies are
         returned with their masks (2B, T); otherwise logits and masks are None.
         """
@@ -566,11 +571,16 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         hidden = self.model(inputs_embeds=embeds, attention_mask=padding, prefix_lengths=prefix_lengths,
                             return_dict=True).last_hidden_state  # (2B, T, E)
         all_logits = self.lm_head(hidden) if output_logits else None  # (2B, T, V)
-        logits = (all_logits[copies] if output_logits else self.lm_head(hidden[copies])).float()  # (M, V)
-        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[copies], reduction="none")  # (M,)
+        # Dream predicts the token at j from position j - 1 (transformers' causal-LM loss in LaViDa): a target at
+        # position 0 has no prediction there
+        shift = int(config.text_config.model_type == DreamModel.config_class.model_type)
+        predicted = copies[:, shift:]  # (2B, T - shift): the masked targets, read from the positions before them
+        source = (all_logits if output_logits else hidden)[:, : copies.shape[1] - shift][predicted]
+        logits = (source if output_logits else self.lm_head(source)).float()  # (M, V)
+        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[:, shift:][predicted], reduction="none")  # (M,)
         if config.loss_weighting == "inverse_probability":
             copy_probability = torch.cat((p, (1 - p).clamp_min(config.min_mask_probability)))  # (2B,)
-            token_loss = token_loss / copy_probability[:, None].expand_as(copies)[copies]
+            token_loss = token_loss / copy_probability[:, None].expand_as(predicted)[predicted]
         denominator = targets.sum() if num_items_in_batch is None else num_items_in_batch
         loss = token_loss.sum() / torch.as_tensor(denominator, device=token_loss.device).clamp_min(1)
         return loss, all_logits, copies if output_logits else None

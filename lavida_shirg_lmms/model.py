@@ -1,5 +1,6 @@
 """The lmms-eval model `lavida_shirg`: one LaViDa-SHIRG variant, batched masked-diffusion answers for
-`generate_until` tasks, one process or several (`accelerate launch`).
+`generate_until` tasks and Monte Carlo likelihoods for `loglikelihood` (multiple-choice) tasks, one process or
+several (`accelerate launch`).
 
     lmms_eval --model lavida_shirg --tasks textvqa_val --batch_size 8 \\
         --model_args pretrained=FOLDER,dtype=bfloat16,selection_method=shirg-fixed,selection_budget=768
@@ -18,6 +19,7 @@ model_args (anything else is refused, naming the key):
 | step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (shift, with LaViDa's 3) |
 | temperature, remasking | sampler (task's gen_kwargs: greedy unless do_sample; remasking: the model's) |
 | use_prefix_cache, prefix_lm_mask, kv_cache_dtype | prefix handling (true, false, none) |
+| mc_num, mc_batch_size, seed | loglikelihood: Monte Carlo masks per continuation (16, LaViDa's), rows per forward (mc_num), the seed of every request's draws (0) |
 
 `--batch_size N` (any N >= 1) batches the sampler. Answer length per request: model_args gen_length, else the
 task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its name starts with
@@ -57,14 +59,12 @@ from shirg_tools.variants import OPTION_FIELDS, option_names_help, parse_variant
 
 ARGUMENTS = ("pretrained", "dtype", "device", "batch_size", "variant", "selection_method", "selection_budget",
              "gen_length", "block_length", "step_ratio", "schedule", "schedule_shift", "temperature", "remasking",
-             "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype")
+             "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "mc_num", "mc_batch_size", "seed")
 # gen_kwargs the sampler cannot honour when sampling (with greedy decoding they change nothing)
 SAMPLING_ONLY_GEN_KWARGS = {"top_p": "the sampler draws from the whole distribution (no nucleus filtering)",
                             "top_k": "the sampler draws from the whole distribution (no top-k filtering)"}
-LOGLIKELIHOOD_ERROR = (
-    f"{MODEL_NAME}: loglikelihood is not supported by a masked-diffusion sampler (LaViDa/LLaDA decodes the whole "
-    "answer in parallel: it has no left-to-right token likelihood to score a continuation or a choice with); run "
-    "generate_until tasks (e.g. textvqa_val, docvqa_val, chartqa, infovqa_val)")
+# loglikelihood requests: LaViDa's Monte Carlo estimate with its lmms-eval's mc_num
+DEFAULT_MC_NUM = 16
 
 
 def generate_answers(model, processor, images: list, prompts: list, variant, generation: dict) -> list:
@@ -73,6 +73,16 @@ def generate_answers(model, processor, images: list, prompts: list, variant, gen
     inputs = processor(images=images, text=prompts, **variant.call_settings()).to(model.device)
     answers = model.diffusion_generate(**inputs, **generation)  # the inputs carry their selection settings
     return processor.decode_answers(answers.cpu())
+
+
+def score_continuation(model, processor, images: list, prompt: str, continuation: str, variant, mc_num: int,
+                       batch_size: int, seed: int) -> float:
+    """log p(continuation | images, prompt) by the model's Monte Carlo estimate (`log_likelihood`), seeded."""
+    inputs = processor(images=[images], text=[prompt], **variant.call_settings()).to(model.device)
+    answer = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    return float(model.log_likelihood(answer.to(model.device), **inputs, mc_num=mc_num, batch_size=batch_size,
+                                      generator=generator)[0])
 
 
 def destroy_process_group():
@@ -163,13 +173,22 @@ class LavidaShirgLmms(lmms):
     def __init__(self, pretrained=None, dtype="auto", device=None, batch_size=1, variant=None, selection_method=None,
                  selection_budget=None, gen_length=None, block_length=None, step_ratio=DEFAULT_STEP_RATIO,
                  schedule=DEFAULT_SCHEDULE, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None,
-                 use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, **options):
+                 use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, mc_num=DEFAULT_MC_NUM,
+                 mc_batch_size=None, seed=0, **options):
         super().__init__()
         unknown = [name for name in options if name not in OPTION_FIELDS]
         if unknown:
             raise ValueError(f"{MODEL_NAME}: unknown model_args key(s) {unknown}; keys: {', '.join(ARGUMENTS)}, and "
                              f"the SHIRG options ({option_names_help()})")
         self._batch_size = _positive_int("batch_size", batch_size)
+        self.mc_num = _positive_int("mc_num", mc_num)
+        self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size, allow_none=True) or self.mc_num
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(f"{MODEL_NAME}: mc_num ({self.mc_num}) must be a multiple of mc_batch_size "
+                             f"({self.mc_batch_size})")
+        if isinstance(seed, bool) or not str(seed).strip().isdigit():
+            raise ValueError(f"{MODEL_NAME}: seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(str(seed).strip())
         self.gen_length = _positive_int("gen_length", gen_length, allow_none=True)
         self.block_length = _positive_int("block_length", block_length, allow_none=True)
         check_sampling(step_ratio, schedule, schedule_shift)
@@ -298,8 +317,23 @@ class LavidaShirgLmms(lmms):
         return answers
 
     @fails_the_command_line
-    def loglikelihood(self, requests):
-        raise NotImplementedError(LOGLIKELIHOOD_ERROR)
+    def loglikelihood(self, requests) -> list:
+        """(log-likelihood, False) of each request's continuation given its images and context: the model's Monte
+        Carlo estimate with mc_num masks in forwards of mc_batch_size rows, seeded by `seed` (the same for every
+        request, so the choices of a question are scored under the same draws), as LaViDa's lmms-eval scores
+        multiple-choice tasks. The greedy flag is False (a masked-diffusion LM has no left-to-right greedy)."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc=f"{MODEL_NAME} loglikelihood"):
+            context, target = request.args[:2]
+            _, _, _, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            images = self.visuals(request)
+            prompt = self.processor.build_prompt(context, num_images=len(images))
+            score = score_continuation(self.model, self.processor, images, prompt, continuation, self.variant,
+                                       self.mc_num, self.mc_batch_size, self.seed)
+            results.append((score, False))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (score, False))
+        return results
 
     @fails_the_command_line
     def generate_until_multi_round(self, requests):

@@ -395,7 +395,7 @@ def test_not_a_lavida_folder(tmp_path, source):
     llada = tmp_path / "llada"
     llada.mkdir()
     (llada / "config.json").write_text(json.dumps({"model_type": "llada", "architectures": ["LLaDAModelLM"]}))
-    with pytest.raises(converter.ConversionError, match=r"not a LaViDa-LLaDA checkpoint.*model_type='llada'"):
+    with pytest.raises(converter.ConversionError, match=r"not a LaViDa checkpoint.*model_type='llada'.*llava_dream"):
         convert(llada, tmp_path / "out")
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
