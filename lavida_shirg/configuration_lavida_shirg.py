@@ -2,8 +2,9 @@
 
 `ShirgConfig` = SigLIP vision config + LLaDA-style text config + the projector, the "anyres" image layout,
 the special tokens of the LLaDA tokenizer and the masked-diffusion training options.
-Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes), `"tiny"` (a few MB, tests and demo) and
-`"reader"` (the shipped reading demo's sizes, trained from scratch on the synthetic reading task).
+Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes), `"lavida-dream"` (LaViDa-Dream's real
+sizes), `"tiny"` (a few MB, tests and demo), `"tiny-dream"` (the same on a Dream decoder) and `"reader"` (the
+shipped reading demo's sizes, trained from scratch on the synthetic reading task).
 """
 
 import dataclasses
@@ -73,6 +74,36 @@ class LladaTextConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
+class DreamTextConfig(LladaTextConfig):
+    """Dream, LaViDa's second masked-diffusion LM: a bidirectional Qwen2-style decoder (RMSNorm, RoPE, SwiGLU, bias on
+    the query/key/value projections). Defaults: Dream-v0-7B's sizes (Qwen2.5-7B: grouped-query attention with 4
+    key/value heads, RoPE theta 1e6, RMSNorm eps 1e-6). Its sampler reads position j-1's logits for token j."""
+
+    model_type = "lavida_shirg_dream_text"
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 131072
+
+
+# text_config model_type -> its config class (the LM class is chosen from it: modeling_lavida_shirg.LANGUAGE_MODELS)
+TEXT_CONFIGS = {config.model_type: config for config in (LladaTextConfig, DreamTextConfig)}
+
+
+def text_config_from_dict(values: dict) -> LladaTextConfig:
+    """The text config of a dict: the class its `model_type` names (LLaDA's when absent)."""
+    model_type = values.get("model_type", LladaTextConfig.model_type)
+    if model_type not in TEXT_CONFIGS:
+        raise ValueError(f"text_config.model_type must be one of {sorted(TEXT_CONFIGS)}, got {model_type!r}")
+    return TEXT_CONFIGS[model_type](**{k: v for k, v in values.items() if k != "model_type"})
+
+
 class ShirgConfig(PreTrainedConfig):
     """LaViDa = SigLIP (without its last layer, head and post-norm) -> 2-layer GELU MLP -> LLaDA.
 
@@ -89,7 +120,7 @@ class ShirgConfig(PreTrainedConfig):
     sub_configs = {"vision_config": SiglipVisionConfig, "text_config": LladaTextConfig}
 
     vision_config: dict | SiglipVisionConfig | None = None
-    text_config: dict | LladaTextConfig | None = None
+    text_config: dict | LladaTextConfig | DreamTextConfig | None = None
     projector_hidden_act: str = "gelu"
     image_grid_pinpoints: list | None = None
     pooled_view_size: int = 14
@@ -143,7 +174,7 @@ class ShirgConfig(PreTrainedConfig):
         if self.text_config is None:
             self.text_config = LladaTextConfig()
         elif isinstance(self.text_config, dict):
-            self.text_config = LladaTextConfig(**{k: v for k, v in self.text_config.items() if k != "model_type"})
+            self.text_config = text_config_from_dict(self.text_config)
         if self.image_grid_pinpoints is None:
             size = self.vision_config.image_size
             self.image_grid_pinpoints = [[h * size, w * size] for h, w in PINPOINT_GRIDS]
@@ -282,6 +313,15 @@ class _SettingsMapping(Mapping):
     def __len__(self):
         return len(SETTINGS_FIELDS)
 
+    def __init__(self, values=None, /, **fields):
+        """SelectionSettings(**fields), or SelectionSettings(mapping): transformers' Trainer and accelerate rebuild
+        every Mapping of a batch as type(m)({key: value}) when they move it to the device."""
+        fields = {**(values or {}), **fields}
+        if set(fields) != set(SETTINGS_FIELDS):
+            raise TypeError(f"SelectionSettings takes the fields {list(SETTINGS_FIELDS)}, got {sorted(fields)}")
+        for name in SETTINGS_FIELDS:
+            object.__setattr__(self, name, fields[name])
+
 
 # The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with the image
 # geometry (LAYOUT_FIELDS) and one typed field per SELECTION_FIELDS entry (types from ShirgConfig), readable as a
@@ -290,7 +330,7 @@ SelectionSettings = dataclasses.make_dataclass(
     "SelectionSettings",
     [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int)]
     + [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
-    bases=(_SettingsMapping,), frozen=True, eq=True,
+    bases=(_SettingsMapping,), frozen=True, eq=True, init=False,
 )
 SelectionSettings.__module__ = __name__
 
@@ -388,17 +428,23 @@ TINY_TEXT_VOCAB = 512  # the size of the byte-level BPE tokenizer built by `lavi
 TINY_TOKENIZER_IDS = dict(eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2, start_header_token_id=3,
                           end_header_token_id=4, eot_token_id=5)
 
+# Dream-v0-Instruct-7B's tokenizer: <|endoftext|> (eos, pad), <|beginoftext|>, <|mask|>; a ChatML header is
+# <|im_start|>role + newline (id 198) and a turn ends with <|im_end|>
+DREAM_TOKEN_IDS = dict(mask_token_id=151666, bos_token_id=151665, eos_token_id=151643, pad_token_id=151643,
+                       start_header_token_id=151644, end_header_token_id=198, eot_token_id=151645)
+TINY_TEXT = dict(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
 PRESETS = {
     "lavida-llada": dict(vision_config=REAL_VISION, text_config={}),
+    "lavida-dream": dict(vision_config=REAL_VISION, text_config=dict(model_type=DreamTextConfig.model_type),
+                         **DREAM_TOKEN_IDS),
     "tiny": dict(
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=4, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
         ),
-        text_config=dict(
-            vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        ),
+        text_config=TINY_TEXT,
         pooled_view_size=4,
         hires_image_size=64, selection_budget=64, budget_choices=[32, 64, 96], x_scaffold_size=4,
         visionzip_contextual_tokens=8,
@@ -423,8 +469,11 @@ PRESETS = {
     ),
 }
 
+# the tiny preset on a Dream decoder (tests of the Dream backbone and its sampler)
+PRESETS["tiny-dream"] = {**PRESETS["tiny"], "text_config": {**TINY_TEXT, "model_type": DreamTextConfig.model_type}}
+
 # presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer) with TINY_TOKENIZER_IDS
-TINY_TOKENIZER_PRESETS = ("tiny", "reader")
+TINY_TOKENIZER_PRESETS = ("tiny", "reader", "tiny-dream")
 
 ShirgConfig.register_for_auto_class()
 

@@ -16,9 +16,18 @@ from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import ModelOutput
 
+from .configuration_lavida_shirg import DreamTextConfig
 from .modeling_llada import check_sequence_length, positions_from_mask
 from .prefix_cache import PrefixCache
 
+from .dream_sampler import (
+    DREAM_ALGORITHMS,
+    DREAM_EPS,
+    DREAM_GENERATION_DEFAULTS,
+    dream_denoise_step,
+    run_dream_sampler,
+    shift_logits,
+)
 from .masked_diffusion import (
     LAVIDA_SCHEDULE_SHIFT,
     commit_most_confident,
@@ -42,6 +51,9 @@ SAMPLER_FIELDS = {
     "remasking": "low_confidence",  # which predictions a step commits: "low_confidence" or "random"
     "schedule": "uniform",  # tokens committed per step: "uniform" or LaViDa's "shift"
     "schedule_shift": LAVIDA_SCHEDULE_SHIFT,  # a of the shift schedule
+    "alg": None,  # Dream's sampler (dream_sampler.DREAM_ALGORITHMS; a Dream backbone's default: "topk_margin"); None: LLaDA's
+    "alg_temp": None,  # Dream: > 0 draws the committed positions with probabilities softmax(confidence / alg_temp)
+    "eps": DREAM_EPS,  # Dream: the last of the timesteps linspace(1, eps, steps + 1)
     "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
     "prefix_lm_mask": False,  # without the cache: hide the answer from the prefix (else LaViDa's bidirectional mode)
     "kv_cache_dtype": None,  # store the prefix cache in "bfloat16", "float16" or "float8_e4m3fn"
@@ -71,6 +83,7 @@ UNSUPPORTED = {
 UNSUPPORTED_VALUE_ALLOWED = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0}
 # every generate() keyword that names a generation setting (ours, the unsupported standard ones, transformers' alias)
 GENERATION_ARGUMENTS = (*SAMPLER_FIELDS, *UNSUPPORTED, "use_cache")
+DREAM_TEXT_MODEL_TYPE = DreamTextConfig.model_type
 # sampler argument names of diffusion_generate / resolve_sampler_arguments -> generation config names
 GENERATION_NAMES = {"gen_length": "max_new_tokens"}
 
@@ -110,8 +123,9 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                                        or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
-        if not self.do_sample and (self.top_k is not None or self.top_p is not None):
-            raise ValueError("top_k / top_p filter sampled tokens: pass do_sample=True with them")
+        if not self.do_sample and self.alg is None and (self.top_k is not None or self.top_p is not None):
+            raise ValueError("top_k / top_p filter sampled tokens in LLaDA's sampler (alg=None): pass do_sample=True "
+                             "with them")
         if self.kv_cache_dtype is not None and not self.use_prefix_cache:
             raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
         if self.compile_step and not self.use_prefix_cache:
@@ -170,7 +184,27 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         given = dict(gen_length=self.max_new_tokens, block_length=self.block_length, temperature=temperature,
                      remasking=self.remasking, schedule=self.schedule, schedule_shift=self.schedule_shift,
                      steps=self.steps if per_block is None else per_block)
-        return resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
+        settings = resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
+        if self.alg is None:
+            return settings
+        return {**settings, **self.dream_arguments()}
+
+    def dream_arguments(self) -> dict:
+        """Dream's sampler settings (alg, alg_temp, eps, top_k, top_p), validated; its answer is one block decoded
+        by its own rule, so LLaDA's block and commit settings must keep their defaults."""
+        if self.alg not in DREAM_ALGORITHMS:
+            raise ValueError(f"alg must be one of {DREAM_ALGORITHMS} (or None: LLaDA's sampler), got {self.alg!r}")
+        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking",
+                                                             "schedule") if getattr(self, name) != SAMPLER_FIELDS[name]}
+        if llada_only:
+            raise ValueError(f"{llada_only} are settings of LLaDA's sampler; alg={self.alg!r} (Dream's) decodes the "
+                             "whole answer with its own schedule: leave them at their defaults")
+        if self.alg_temp is not None and (isinstance(self.alg_temp, bool) or not isinstance(self.alg_temp, (int, float))
+                                          or not 0 <= self.alg_temp < float("inf")):
+            raise ValueError(f"alg_temp must be a finite number >= 0 (or None), got {self.alg_temp!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        return dict(alg=self.alg, alg_temp=self.alg_temp, eps=self.eps, top_k=self.top_k, top_p=self.top_p)
 
     def to_json_string(self, *args, **kwargs) -> str:
         """Every field, always (use_diff=False): GenerationConfig's diff is taken against its own defaults, which
@@ -182,7 +216,8 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         """The default generation config of a model config: the sampler defaults with its special ids."""
         config = model_config if isinstance(model_config, dict) else model_config.to_dict()
         ids = {name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id") if name in config}
-        return cls(**ids, _from_model_config=True)
+        dream = (config.get("text_config") or {}).get("model_type") == DREAM_TEXT_MODEL_TYPE
+        return cls(**ids, **(DREAM_GENERATION_DEFAULTS if dream else {}), _from_model_config=True)
 
 
 @dataclass
@@ -264,12 +299,12 @@ COMPILE_NEEDS_CACHE = ("compile_step compiles the answer step against the cached
 
 
 @functools.cache
-def _compiled_denoise_step(mode):
-    return torch.compile(denoise_step, fullgraph=True, mode=mode)
+def _compiled_denoise_step(mode, function=denoise_step):
+    return torch.compile(function, fullgraph=True, mode=mode)
 
 
-def compiled_step(device, dtype, kv_cache_dtype=None):
-    """`denoise_step` under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
+def compiled_step(device, dtype, kv_cache_dtype=None, function=denoise_step):
+    """`function` (`denoise_step`, or Dream's `dream_denoise_step`) under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
     cloned, since a replay overwrites the graph's outputs) on CUDA, the default mode on CPU. Refused up front, with a
     ValueError naming the setting, where it cannot run: a device other than COMPILE_DEVICES, bfloat16 on a GPU
     without bf16, a float8 prefix cache (kv_cache_dtype) on a GPU below compute capability 8.9 (Triton has no
@@ -286,7 +321,7 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
         except InvalidCxxCompiler as error:
             raise ValueError("compile_step on CPU needs a C++ compiler (g++ or clang++, or the one in $CXX): install "
                              "one or pass compile_step=False") from error
-        return _compiled_denoise_step(None)
+        return _compiled_denoise_step(None, function)
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"compile_step: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; load the "
                          "model in float16 or float32, or pass compile_step=False")
@@ -295,7 +330,7 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
         raise ValueError(f"compile_step with kv_cache_dtype='float8_e4m3fn' needs a GPU of compute capability >= 8.9, "
                          f"this one has {capability[0]}.{capability[1]}: pass kv_cache_dtype None, 'bfloat16' or "
                          "'float16', or compile_step=False")
-    compiled = _compiled_denoise_step("reduce-overhead")
+    compiled = _compiled_denoise_step("reduce-overhead", function)
 
     def replayed(*args, **kwargs):
         return compiled(*args, **kwargs).clone()
@@ -364,18 +399,26 @@ class LavidaShirgGenerationMixin:
         return prepared, {key: value for key, value in kwargs.items() if key not in settings}
 
     def answer_logits(self, prefix_embeds, prefix_mask, gen_length, prefix):
-        """(answer_logits, cache): answer_logits(canvas (B, G)) -> logits (B, G, V), each call one run of the model's
-        forward. With the prefix cache (prefix["use_prefix_cache"]) the prefix (B, P, E) runs once here (the
-        prefill, stored in prefix["kv_cache_dtype"]) and each call runs the answer against it; without it, each call
-        runs prefix + answer, the prefix blind to the answer with prefix["prefix_lm_mask"] (else LaViDa's
-        bidirectional mode)."""
+        """(answer_logits, cache, first_token): answer_logits(canvas (B, G)) -> logits (B, G, V), each call one run of
+        the model's forward. With the prefix cache (prefix["use_prefix_cache"]) the prefix (B, P, E) runs once here
+        (the prefill, stored in prefix["kv_cache_dtype"]) and each call runs the answer against it; without it, each
+        call runs prefix + answer, the prefix blind to the answer with prefix["prefix_lm_mask"] (else LaViDa's
+        bidirectional mode). A Dream backbone reads token j from position j - 1's logits (`shift_logits`; without
+        the cache answer position 0 reads the last prompt position) and its prefill gives the first answer token,
+        the argmax at the last prompt position (B,) (Dream's prefix-LM); otherwise first_token is None."""
         batch, prefix_length = prefix_mask.shape
         answer_mask = torch.ones(batch, gen_length, dtype=prefix_mask.dtype, device=prefix_mask.device)
         full_mask = torch.cat((prefix_mask, answer_mask), dim=1)  # (B, P + G)
         embed = self.get_input_embeddings()
+        shifted = self.config.text_config.model_type == DREAM_TEXT_MODEL_TYPE
         if prefix["use_prefix_cache"]:
-            cache = self.model(inputs_embeds=prefix_embeds, attention_mask=prefix_mask, use_cache=True,
-                               past_key_values=PrefixCache(prefix["kv_cache_dtype"]), return_dict=True).past_key_values
+            cache, first_token = PrefixCache(prefix["kv_cache_dtype"]), None  # filled by the prefill
+            prefill = dict(inputs_embeds=prefix_embeds, attention_mask=prefix_mask, use_cache=True,
+                           past_key_values=cache, return_dict=True)
+            if shifted:
+                first_token = self(**prefill, logits_to_keep=1).logits[:, -1].argmax(dim=-1)  # (B,)
+            else:
+                self.model(**prefill)
             positions = positions_from_mask(full_mask)[:, prefix_length:].contiguous()  # (B, G)
             if prefix["compile_step"]:  # one compilation serves every prefix length P
                 for pair in cache.layers:
@@ -384,10 +427,11 @@ class LavidaShirgGenerationMixin:
                 torch._dynamo.maybe_mark_dynamic(full_mask, 1)
 
             def logits_with_cache(canvas):
-                return self(inputs_embeds=embed(canvas), attention_mask=full_mask, position_ids=positions,
-                            past_key_values=cache, return_dict=True).logits
+                logits = self(inputs_embeds=embed(canvas), attention_mask=full_mask, position_ids=positions,
+                              past_key_values=cache, return_dict=True).logits
+                return shift_logits(logits) if shifted else logits
 
-            return logits_with_cache, cache
+            return logits_with_cache, cache, first_token
         prefix_lengths = None
         if prefix["prefix_lm_mask"]:
             prefix_lengths = torch.full((batch,), prefix_length, device=full_mask.device)
@@ -395,9 +439,9 @@ class LavidaShirgGenerationMixin:
         def logits_without_cache(canvas):
             sequence = torch.cat((prefix_embeds, embed(canvas)), dim=1)  # (B, P + G, E)
             return self(inputs_embeds=sequence, attention_mask=full_mask, prefix_lengths=prefix_lengths,
-                        logits_to_keep=gen_length, return_dict=True).logits
+                        logits_to_keep=gen_length + shifted, return_dict=True).logits[:, :gen_length]
 
-        return logits_without_cache, None
+        return logits_without_cache, None, None
 
     def sample_answers(self, inputs, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None,
                        keep_history=False):
@@ -412,21 +456,34 @@ class LavidaShirgGenerationMixin:
             raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device}), got "
                              f"{generator!r}" + (f" on {generator.device}" if isinstance(generator, torch.Generator)
                                                  else ""))
-        step = denoise_step
+        dream = self.config.text_config.model_type == DREAM_TEXT_MODEL_TYPE
+        if dream != ("alg" in sampler):
+            raise ValueError("a Dream backbone samples with Dream's algorithms: pass alg (one of "
+                             f"{DREAM_ALGORITHMS})" if dream else f"alg={sampler['alg']!r} is Dream's sampler; this "
+                             "model's LLaDA backbone samples with remasking / schedule: pass alg=None")
+        if dream and sampler["block_length"] != sampler["gen_length"]:
+            raise ValueError(f"Dream's sampler decodes the answer in one block: block_length ({sampler['block_length']})"
+                             f" must be None or the answer length ({sampler['gen_length']})")
+        step = dream_denoise_step if dream else denoise_step
         if prefix["compile_step"]:
             if not prefix["use_prefix_cache"]:
                 raise ValueError(COMPILE_NEEDS_CACHE)
-            step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"])
+            step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"], step)
         input_ids, gen_length = inputs["input_ids"], sampler["gen_length"]
         check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
-        prefix_embeds, prefix_mask = self.model.inputs_and_mask(**inputs)  # (B, P, E), (B, P)
+        prefix_embeds, prefix_mask, _ = self.model.inputs_and_mask(**inputs)  # (B, P, E), (B, P)
         prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
         prefix_mask = prefix_mask.repeat_interleave(sequences_per_prompt, dim=0)
-        answer_logits, cache = self.answer_logits(prefix_embeds, prefix_mask, gen_length, prefix)
+        answer_logits, cache, first_token = self.answer_logits(prefix_embeds, prefix_mask, gen_length, prefix)
         vocab_size = self.get_output_embeddings().weight.shape[0]
-        answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
-                                       self.config.mask_token_id, input_ids.device, warpers, generator, keep_history,
-                                       step)
+        if dream:
+            answers, history = run_dream_sampler(answer_logits, first_token, prefix_mask.shape[0], vocab_size, sampler,
+                                                 self.config.mask_token_id, input_ids.device, generator, keep_history,
+                                                 step)
+        else:
+            answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
+                                           self.config.mask_token_id, input_ids.device, warpers, generator,
+                                           keep_history, step)
         return answers, history, cache
 
     @torch.no_grad()

@@ -25,7 +25,9 @@ from transformers.modeling_outputs import ModelOutput
 from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
 from .image_layout import pooled_layout, source_grid
+from .likelihood import LikelihoodMixin
 from .masked_diffusion import sample_complementary_masks
+from .modeling_dream import DreamModel
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
 from .pooling import pool_view_features
 from .prefix_cache import PrefixCache
@@ -33,6 +35,8 @@ from .shirg_selection import (METHODS, AdaptiveBudgetHead, CoordinateEmbedding, 
                               image_token_count)
 
 IGNORE_INDEX = -100  # label of positions that are not diffusion targets (prompt, image, template)
+# text_config.model_type -> the language model class built for it
+LANGUAGE_MODELS = {model.config_class.model_type: model for model in (LladaModel, DreamModel)}
 
 
 class LavidaMultiModalProjector(nn.Module):
@@ -78,11 +82,14 @@ def anyres_view_boxes(rows, cols):
 class LavidaShirgModelOutput(ModelOutput):
     """last_hidden_state: the LM's final hidden states (B, T, E); past_key_values: the PrefixCache a use_cache call
     filled (the name transformers 5.17 uses; our own field, so no rename warning under later versions);
-    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E)."""
+    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E); image_selections: what
+    each selection call kept (dicts of images, grid, view_boxes, indices, scores; empty for pooled), as LLaVA-NeXT
+    returns its image hidden states."""
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
+    image_selections: tuple | None = None
 
 
 @dataclass
@@ -90,13 +97,15 @@ class MaskedDiffusionOutput(ModelOutput):
     """loss: the diffusion loss (with labels); logits: (B, T, V) of the sequence as given (without labels), or with
     labels and output_logits=True, (2B, T, V) of its two complementary masked copies (`diffusion_masks` (2B, T)
     marks the masked targets of each copy); hidden_states: with output_hidden_states, the LM's (num_layers + 1)
-    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled."""
+    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled;
+    image_selections: what each selection call kept (see LavidaShirgModelOutput)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
     diffusion_masks: torch.BoolTensor | None = None
+    image_selections: tuple | None = None
 
 
 class LavidaShirgPreTrainedModel(PreTrainedModel):
@@ -105,7 +114,7 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LladaDecoderLayer", "SiglipEncoderLayer"]
+    _no_split_modules = ["LladaDecoderLayer", "DreamDecoderLayer", "SiglipEncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -132,7 +141,7 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         self.vision_tower.post_layernorm = nn.Identity()
         self.multi_modal_projector = LavidaMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
-        self.language_model = LladaModel(config.text_config)
+        self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
         self.token_selector = TokenSelector(config)
         self.post_init()
 
@@ -191,22 +200,22 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         return image_token_count(image_size, self.selection_settings(method, budget, options))
 
     def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
-                           question_mask=None, settings=None, record=None):
-        """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
+                           question_mask=None, settings=None):
+        """Image tokens of every image, concatenated: features (sum_i N_i, E), a validity mask (sum_i N_i,) and what
+        each selection call kept (a tuple of dicts: images, grid, view_boxes, indices, scores; empty for pooled).
 
         pooled (default): LaViDa's layout. Other methods select among high-resolution tokens (shirg_selection.METHODS,
         run by `token_selector`): hires_source 'single-view': the view `hires_pixel_values` (I, 3, S, S) through
         SigLIP (interpolated positions), all images in one batched selection; 'anyres-views': each image's own anyres
         views left unpooled (V x P tokens, coverage per view), one selection per image (their token counts differ).
-        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
-        receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
+        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
         image_sizes: (I, 2), a tensor or its rows as lists (see `views_of_images`).
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
         if settings.selection_method == "pooled":
             features = self.pooled_image_features(pixel_values, views)
-            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device), ()
         method = METHODS[settings.selection_method]
         expected = (len(views), 3, settings.hires_image_size, settings.hires_image_size)
         single_view = settings.hires_source == "single-view"
@@ -236,7 +245,7 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                 groups.append(([image], features[group].flatten(0, 1)[None],
                                None if received is None else received[group].flatten()[None], pixel_values[group],
                                (1 + rows * cols, side, side), anyres_view_boxes(rows, cols)))
-        tokens, valid = [], []
+        tokens, valid, selections = [], [], []
         for images, group_features, group_received, pixels, grid, boxes in groups:
             global_view = None
             if method.needs_global_view(settings):  # SHIRG-X's scaffold: the images' pooled LaViDa global views
@@ -247,12 +256,11 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                                      *question, pixels, self.config.vision_config.patch_size, group_received,
                                      global_view)
             group_tokens, group_valid, selection = self.token_selector(inputs, settings)
-            if record is not None:
-                record.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
+            selections.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
                                    scores=selection.scores))
             tokens.append(group_tokens.flatten(0, 1))
             valid.append(group_valid.flatten())
-        return torch.cat(tokens), torch.cat(valid)
+        return torch.cat(tokens), torch.cat(valid), tuple(selections)
 
     def views_of_images(self, pixel_values, image_sizes):
         """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count.
@@ -315,15 +323,16 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         return torch.tensor(owners, dtype=torch.long, device=is_image.device)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, hires_pixel_values=None,
-                     question_mask=None, settings=None, record=None):
-        """Token embeddings with the image features written into the image positions (B, T, E), and the attention
-        mask (B, T) with the image positions an adaptive budget drops set to 0."""
+                     question_mask=None, settings=None):
+        """Token embeddings with the image features written into the image positions (B, T, E), the attention
+        mask (B, T) with the image positions an adaptive budget drops set to 0, and what the selection kept (see
+        get_image_features)."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
             if bool(is_image.any()):  # host read: image tokens without images are a ValueError
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no pixel_values were given")
-            return embeds, attention_mask
+            return embeds, attention_mask, ()
         if image_sizes is None:
             raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
         settings = self.selection_settings() if settings is None else settings
@@ -333,12 +342,12 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         sizes = [host[2 * i : 2 * i + 2] for i in range(image_sizes.shape[0])]
         owners = self.image_samples(is_image, sizes, settings, positions=host[2 * len(sizes):])
         image_question_mask = None if question_mask is None else question_mask.bool()[owners]
-        features, valid = self.get_image_features(
-            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
+        features, valid, selections = self.get_image_features(
+            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings
         )
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)
-        return embeds, attention_mask.masked_fill(dropped, 0)
+        return embeds, attention_mask.masked_fill(dropped, 0), selections
 
     @torch.no_grad()
     def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -353,10 +362,8 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
-        record = []
-        self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-                          settings, record)
-        return record
+        return list(self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                      question_mask, settings)[2])
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
                 hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
@@ -380,8 +387,9 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         if use_cache and cached:
             raise ValueError("past_key_values already holds a prefix, which is read and never extended: pass "
                              "use_cache=False with it")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         batch, length = inputs_embeds.shape[:2]
@@ -395,24 +403,25 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
                                       output_hidden_states=bool(output_hidden_states))
         if use_cache:
             past_key_values = (PrefixCache() if past_key_values is None else past_key_values).store(outputs.key_values)
-        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state,
-                                        past_key_values=past_key_values, hidden_states=outputs.hidden_states)
+        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state, past_key_values=past_key_values,
+                                        hidden_states=outputs.hidden_states, image_selections=image_selections)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def inputs_and_mask(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                         hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
                         selection_budget=None, selection_options=None):
-        """(inputs_embeds (B, T, E), attention_mask (B, T)): the embedded ids with the image tokens of the call's
-        selection settings written in (the positions an adaptive budget drops masked out)."""
+        """(inputs_embeds (B, T, E), attention_mask (B, T), image selections): the embedded ids with the image tokens
+        of the call's selection settings written in (the positions an adaptive budget drops masked out), and what
+        each selection kept (see get_image_features)."""
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
                                  question_mask, settings)
 
 
-class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTrainedModel):
-    """LaViDa-LLaDA with a diffusion loss (`forward(labels=...)`) and a masked-diffusion sampler (`generate`,
-    `diffusion_generate`): LavidaShirgModel + lm_head."""
+class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin, LavidaShirgPreTrainedModel):
+    """LaViDa (LLaDA or Dream backbone) with a diffusion loss (`forward(labels=...)`), a masked-diffusion sampler
+    (`generate`, `diffusion_generate`) and answer scoring (`log_likelihood`): LavidaShirgModel + lm_head."""
 
     accepts_loss_kwargs = True  # forward takes Trainer's num_items_in_batch (unknown keyword arguments are errors)
     generation_config_class = LavidaShirgGenerationConfig  # built by PreTrainedModel.__init__ (from_model_config)
@@ -514,12 +523,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
                                  output_hidden_states, return_dict=True)
             hidden = outputs.last_hidden_state[:, -logits_to_keep:]  # logits_to_keep=0 keeps every position
             output = MaskedDiffusionOutput(logits=self.lm_head(hidden), hidden_states=outputs.hidden_states,
-                                           past_key_values=outputs.past_key_values)
+                                           past_key_values=outputs.past_key_values,
+                                           image_selections=outputs.image_selections)
             return output if return_dict else output.to_tuple()
         if past_key_values is not None or use_cache:
             raise ValueError("the diffusion loss runs whole sequences: past_key_values / use_cache are for generation")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.model.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.model.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         elif attention_mask is None:
@@ -531,7 +542,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         if output_hidden_states:
             hidden_states = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                        output_hidden_states=True, return_dict=True).hidden_states
-        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks)
+        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks,
+                                       image_selections=image_selections)
         return output if return_dict else output.to_tuple()
 
     def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None,
@@ -541,7 +553,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
         positions get the mask-token embedding; both copies share the image features.
         loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),
-        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p).
+        w = 1 ("mean", LaViDa) or 1 / p_copy ("inverse_probability", LLaDA's estimator; p_copy = p or 1 - p); a Dream
+        backbone reads the logits of the position before each target (its causal-LM loss in LaViDa).
         Logits are computed only at the masked targets, unless `output_logits`: then (2B, T, V) of both copies are
         returned with their masks (2B, T); otherwise logits and masks are None.
         """
@@ -558,11 +571,16 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LavidaShirgPreTr
         hidden = self.model(inputs_embeds=embeds, attention_mask=padding, prefix_lengths=prefix_lengths,
                             return_dict=True).last_hidden_state  # (2B, T, E)
         all_logits = self.lm_head(hidden) if output_logits else None  # (2B, T, V)
-        logits = (all_logits[copies] if output_logits else self.lm_head(hidden[copies])).float()  # (M, V)
-        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[copies], reduction="none")  # (M,)
+        # Dream predicts the token at j from position j - 1 (transformers' causal-LM loss in LaViDa): a target at
+        # position 0 has no prediction there
+        shift = int(config.text_config.model_type == DreamModel.config_class.model_type)
+        predicted = copies[:, shift:]  # (2B, T - shift): the masked targets, read from the positions before them
+        source = (all_logits if output_logits else hidden)[:, : copies.shape[1] - shift][predicted]
+        logits = (source if output_logits else self.lm_head(source)).float()  # (M, V)
+        token_loss = F.cross_entropy(logits, labels.repeat(2, 1)[:, shift:][predicted], reduction="none")  # (M,)
         if config.loss_weighting == "inverse_probability":
             copy_probability = torch.cat((p, (1 - p).clamp_min(config.min_mask_probability)))  # (2B,)
-            token_loss = token_loss / copy_probability[:, None].expand_as(copies)[copies]
+            token_loss = token_loss / copy_probability[:, None].expand_as(predicted)[predicted]
         denominator = targets.sum() if num_items_in_batch is None else num_items_in_batch
         loss = token_loss.sum() / torch.as_tensor(denominator, device=token_loss.device).clamp_min(1)
         return loss, all_logits, copies if output_logits else None

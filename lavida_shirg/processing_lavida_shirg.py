@@ -14,7 +14,7 @@ import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs, TextKwargs
 
-from .configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings, with_selection_overrides
+from .configuration_lavida_shirg import SELECTION_FIELDS, DreamTextConfig, SelectionSettings, with_selection_overrides
 from .image_processing_lavida_shirg import LavidaShirgImageProcessor, LavidaShirgImagesKwargs
 from .shirg_selection import image_token_count
 
@@ -24,7 +24,6 @@ USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
 # Special-token strings inside message text are wrapped in these private-use characters by `mark_as_text` and
 # encoded as ordinary text; unmarked ones are template structure (transformers' sanitize_control_tokens idea).
 TEXT_START, TEXT_END = "\ue000", "\ue001"
-STRUCTURAL_EOT = re.compile(f"(?<!{TEXT_START}){re.escape(EOT_TOKEN)}")
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
@@ -52,6 +51,25 @@ LLADA_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
+# LaViDa's "dream" conversation format: the Dream (Qwen2.5) tokenizer's ChatML with LaViDa's system prompt, turns
+# rendered by the `render` macro LLADA_CHAT_TEMPLATE opens with.
+DREAM_CHAT_TEMPLATE = LLADA_CHAT_TEMPLATE[: LLADA_CHAT_TEMPLATE.index("{%- if messages[0]")] + (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_content = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_content = '" + DEFAULT_SYSTEM_PROMPT + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + render(system_content) + '<|im_end|>\\n' -}}"
+    "{%- for message in turns -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+# chat format -> (its template, the token that closes a turn, the header of a user turn); a Dream LM uses "dream"
+CHAT_FORMATS = {
+    "llada": (LLADA_CHAT_TEMPLATE, EOT_TOKEN, USER_HEADER),
+    "dream": (DREAM_CHAT_TEMPLATE, "<|im_end|>", "<|im_start|>user\n"),
+}
 
 
 class LavidaShirgTextKwargs(TextKwargs, total=False):
@@ -97,7 +115,10 @@ class LavidaShirgProcessor(ProcessorMixin):
 
     def __init__(self, image_processor, tokenizer, image_token_id: int, pooled_view_size: int, model_max_length: int,
                  eos_token_id: int, pad_token_id: int, eot_token_id: int, image_token: str = "<image>",
-                 chat_template: str = LLADA_CHAT_TEMPLATE, selection_layout: dict | None = None):
+                 chat_template: str | None = None, selection_layout: dict | None = None, chat_format: str = "llada"):
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format must be one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
+        self.chat_format = chat_format
         self.selection_layout = selection_layout
         self.image_token = image_token
         self.image_token_id = int(image_token_id)
@@ -106,9 +127,10 @@ class LavidaShirgProcessor(ProcessorMixin):
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
         self.eot_token_id = int(eot_token_id)
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        template, eot_token, _ = CHAT_FORMATS[chat_format]
+        super().__init__(image_processor, tokenizer, chat_template=template if chat_template is None else chat_template)
         expected = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                    "eot_token_id": tokenizer.convert_tokens_to_ids(EOT_TOKEN)}
+                    "eot_token_id": tokenizer.convert_tokens_to_ids(eot_token)}
         for name, tokenizer_id in expected.items():
             if getattr(self, name) != tokenizer_id:
                 raise ValueError(f"{name} ({getattr(self, name)}) is not the tokenizer's id ({tokenizer_id})")
@@ -142,7 +164,8 @@ class LavidaShirgProcessor(ProcessorMixin):
                    model_max_length=config.text_config.max_position_embeddings, eos_token_id=config.eos_token_id,
                    pad_token_id=config.pad_token_id, eot_token_id=config.eot_token_id,
                    selection_layout={"patch_size": config.vision_config.patch_size,
-                                     **{name: getattr(config, name) for name in SELECTION_FIELDS}})
+                                     **{name: getattr(config, name) for name in SELECTION_FIELDS}},
+                   chat_format="dream" if config.text_config.model_type == DreamTextConfig.model_type else "llada")
 
     # ------------------------------------------------------------------------------------------- chat template
 
@@ -190,11 +213,13 @@ class LavidaShirgProcessor(ProcessorMixin):
 
     def question_span(self, prompt: str) -> tuple:
         """Character span [start, end) of the question in a prompt: the last user turn (the whole prompt if it has no
-        user header) up to its closing `<|eot_id|>`, both template structure (unmarked), after the turn's leading
-        image placeholders (the template writes a turn's images first), without surrounding whitespace."""
-        start = prompt.rfind(USER_HEADER)
-        start = 0 if start < 0 else start + len(USER_HEADER)
-        eot = STRUCTURAL_EOT.search(prompt, start)
+        user header) up to its closing end-of-turn token (`<|eot_id|>`; Dream: `<|im_end|>`), both template structure
+        (unmarked), after the turn's leading image placeholders (the template writes a turn's images first), without
+        surrounding whitespace."""
+        _, eot_token, user_header = CHAT_FORMATS[self.chat_format]
+        start = prompt.rfind(user_header)
+        start = 0 if start < 0 else start + len(user_header)
+        eot = re.compile(f"(?<!{TEXT_START}){re.escape(eot_token)}").search(prompt, start)
         end = len(prompt) if eot is None else eot.start()
         while True:
             while start < end and prompt[start].isspace():

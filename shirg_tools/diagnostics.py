@@ -196,7 +196,7 @@ def kept_masks(model, inputs: dict, settings) -> list:
     results = [None] * len(sizes)
     call = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes",
                                          "hires_pixel_values", "question_mask") if key in inputs}
-    entries = model.inspect_selection(**call, selection=settings)  # the settings are validated already
+    entries = model.inspect_selection(**call, selection=settings)
     for entry in entries:
         indices = entry["indices"].cpu()
         num = int(np.prod(entry["grid"]))

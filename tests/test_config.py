@@ -51,7 +51,7 @@ def test_inconsistent_values_raise(overrides, match):
 
 
 def test_unknown_preset():
-    message = "unknown preset 'llava'; choose one of \\['lavida-llada', 'reader', 'tiny'\\]"
+    message = "unknown preset 'llava'; choose one of \\['lavida-dream', 'lavida-llada', 'reader', 'tiny', 'tiny-dream'\\]"
     with pytest.raises(ValueError, match=message):
         ShirgConfig.from_preset("llava")
 

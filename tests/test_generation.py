@@ -118,7 +118,7 @@ def test_top_k_and_top_p_filter_the_sampled_tokens(model, inputs):
     (dict(max_new_tokens=12, block_length=5), "block_length must divide max_new_tokens=12, got 5"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(temperature=0.5), "temperature=0.5 has no effect with do_sample=False"),
-    (dict(top_k=5), "top_k / top_p filter sampled tokens: pass do_sample=True"),
+    (dict(top_k=5), "top_k / top_p filter sampled tokens in LLaDA.s sampler"),
     (dict(steps=4, steps_per_block=2), "pass steps .* or steps_per_block .*, not both"),
     (dict(output_history=True), "output_history .* return_dict_in_generate=True"),
     (dict(num_return_sequences=0), "num_return_sequences must be a positive integer"),

@@ -51,8 +51,8 @@ def call_args(method, budget=None, options=None):
 def embed(model, inputs, settings):
     """model.model.embed_inputs on a processor batch: (embeds (B, L, D), attention mask (B, L))."""
     return model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                              inputs["image_sizes"], inputs.get("hires_pixel_values"), inputs["question_mask"],
-                              settings)
+                                    inputs["image_sizes"], inputs.get("hires_pixel_values"), inputs["question_mask"],
+                                    settings)[:2]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -98,7 +98,7 @@ def test_selection_follows_each_samples_question(tiny_model, processor):
     assert not torch.allclose(embeds[0][is_image[0]], embeds[1][is_image[1]])
     single = processor(images=[image], text=prompts[1:], selection_method="shirg-fixed", selection_budget=20,
                        selection_options=options)
-    alone, _ = tiny_model.model.embed_inputs(single["input_ids"], single["attention_mask"], single["pixel_values"],
+    alone, _, _ = tiny_model.model.embed_inputs(single["input_ids"], single["attention_mask"], single["pixel_values"],
                                        single["image_sizes"], single["hires_pixel_values"], single["question_mask"],
                                        settings)
     torch.testing.assert_close(alone[0][single["input_ids"][0] == tiny_model.config.image_token_id],
@@ -277,7 +277,7 @@ def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
     """With the budget equal to the region count, every region of every view keeps exactly one token."""
     options = dict(ANYRES, coverage_region_size=4, relevance_weight=0.0, detail_weight=1.0)
     inputs = inputs_for(processor, batch_parts, "shirg-fixed", 20, options)
-    embeds, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+    embeds, _, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         inputs["image_sizes"], None, inputs["question_mask"],
                                         tiny_model.selection_settings("shirg-fixed", 20, options))
     projected = tiny_model.model.encode_views(inputs["pixel_values"][:5]).flatten(0, 1)  # first image: 5 views x 64
@@ -333,12 +333,24 @@ def test_inspect_selection_reports_what_is_kept(tiny_model, processor, batch_par
     assert tiny_model.inspect_selection(**inputs_for(processor, batch_parts, "pooled")) == []
 
 
+
+def test_forward_returns_what_the_selection_kept(tiny_model, processor, batch_parts):
+    """The selection diagnostics come back in the output (as LLaVA-NeXT's image_hidden_states), equal to
+    inspect_selection's, for every sample of the batch."""
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    (kept,) = tiny_model(**inputs).image_selections
+    (inspected,) = tiny_model.inspect_selection(**inputs)
+    assert kept["images"] == [0, 1] and torch.equal(kept["indices"], inspected["indices"])
+    torch.testing.assert_close(kept["scores"], inspected["scores"])
+    assert tiny_model(**inputs_for(processor, batch_parts, "pooled")).image_selections == ()
+
+
 @pytest.mark.parametrize("storage,byte_ratio,tolerance", [("bfloat16", 0.5, 0.02), ("float16", 0.5, 0.005),
                                                           ("float8_e4m3fn", 0.25, 0.25)])
 def test_kv_cache_storage_dtypes(tiny_model, processor, batch_parts, storage, byte_ratio, tolerance):
     """Smaller storage of the prefix cache: bytes shrink by the dtype ratio, first-step logits move a bounded amount."""
     inputs = inputs_for(processor, batch_parts, "pooled")
-    embeds, mask = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+    embeds, mask, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                            inputs["image_sizes"])
     full, small = (tiny_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
                                     past_key_values=PrefixCache(kv_dtype)).past_key_values for kv_dtype in (None, storage))
