@@ -289,7 +289,7 @@ SELECTION_FIELDS = (
 # before the photo set (issue 22) moved it.
 SELECTION_PRESETS = {
     "seed": dict(detail_term="variance", score_normalization="min-max", relevance_weight=0.7, detail_weight=0.3,
-                 v2_detail_weight=0.25, v2_edge_weight=0.15),
+                 v2_detail_weight=0.25, v2_edge_weight=0.15, x_suppression_penalty=0.5),
     "synthetic-tuned": dict(detail_term="pixel-contrast", score_normalization="min-max", relevance_weight=0.7,
                             detail_weight=0.3, v2_detail_weight=0.25, v2_edge_weight=0.15, x_suppression_penalty=0.5),
 }

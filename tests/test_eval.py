@@ -370,7 +370,8 @@ def test_variant_strings():
     seed = parse_variant("shirg-fixed@768:preset=seed:detail_weight=0.5")
     assert seed.options == {**SELECTION_PRESETS["seed"], "detail_weight": 0.5}
     assert seed.label == ("shirg-fixed@768:relevance_weight=0.7:detail_weight=0.5:detail_term=variance:"
-                          "score_normalization=min-max:v2_detail_weight=0.25:v2_edge_weight=0.15")
+                          "score_normalization=min-max:v2_detail_weight=0.25:v2_edge_weight=0.15:"
+                          "x_suppression_penalty=0.5")
     assert parse_variant(seed.label) == seed
     assert parse_variant("shirg-x@768:hires_source=anyres-views:coverage_region_size=2").options == {
         "hires_source": "anyres-views", "coverage_region_size": 2}
