@@ -43,7 +43,7 @@ from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, va
 from shirg_tools.inference import check_weight_files
 from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
 from shirg_tools.output_folder import FolderWriter, staged_folder, write_folder
-from shirg_tools.run_record import check_resume, write_run_record
+from shirg_tools.run_record import RUN_RECORD, check_resume, write_run_record
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
 from shirg_tools.trainer import ShirgTrainer
 from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
@@ -565,6 +565,9 @@ def _build_run(output, model_args, data_args, shirg_args, lora_args, training_ar
     dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args)), seed,
                               data_args.max_samples)
     print(f"training samples: {len(dataset)} ({data_args.data_format})", flush=True)
+    if training_args.process_index == 0 and not os.path.exists(os.path.join(output_dir, RUN_RECORD)):
+        os.makedirs(output_dir, exist_ok=True)  # an earlier run's record is replaced only by the final save
+        write_run_record(output_dir, record)
     trainer = ShirgTrainer(
         model=trained_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
         processing_class=processor, run_record=record, schedule=BudgetSchedule(entries, seed),
