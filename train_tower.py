@@ -18,6 +18,7 @@ import os
 import sys
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -27,10 +28,12 @@ from lavida_shirg.configuration_lavida_shirg import PRESETS
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from shirg_tools.glyph_pretraining import GlyphCurve, GlyphReadout, GlyphSamples, GlyphTrainer, glyph_metrics
 from shirg_tools.synthetic_ocr import SYNTHETIC_TASKS, synthetic_task
+from shirg_tools.training_curve import PANEL, draw_chart
 
 MODEL_FOLDER = "model"
 HEAD_FILE = "glyph_head.safetensors"
 SUMMARY_FILE = "tower_summary.json"
+CURVE_FILE = "tower_curve.png"
 
 
 @dataclasses.dataclass
@@ -135,6 +138,18 @@ def build_trainer(argv=None):
     return trainer, resume, args
 
 
+def curve_image(history: list) -> Image.Image:
+    """Training loss (left) and held-out per-digit / glyph-patch accuracy (right) against the optimizer step."""
+    loss = [[entry["step"], entry["loss"]] for entry in history if "loss" in entry]
+    evaluations = [entry for entry in history if "eval_per_digit" in entry]
+    accuracy = {name: [[entry["step"], 100 * entry[f"eval_{key}"]] for entry in evaluations]
+                for name, key in (("per digit", "per_digit"), ("glyph patches", "glyph_patch_accuracy"))}
+    sheet = Image.new("RGB", (2 * PANEL[0], PANEL[1]), "white")
+    sheet.paste(draw_chart("stage 0: glyph loss (training)", {"loss": loss}), (0, 0))
+    sheet.paste(draw_chart("stage 0: held-out accuracy (%)", accuracy, (0, 100)), (PANEL[0], 0))
+    return sheet
+
+
 def main(argv=None) -> dict:
     trainer, resume, args = build_trainer(argv)
     parameters = sum(p.numel() for p in trainer.model.parameters())
@@ -150,6 +165,7 @@ def main(argv=None) -> dict:
                "curve": dataclasses.asdict(curve), "arguments": dataclasses.asdict(args)}
     with open(os.path.join(output_dir, SUMMARY_FILE), "w") as handle:
         json.dump(summary, handle, indent=1)
+    curve_image(trainer.state.log_history).save(os.path.join(output_dir, CURVE_FILE))
     print(f"per-digit {metrics['eval_per_digit']:.3f} at step {summary['steps']}; 0.9 reached at "
           f"{summary['per_digit_0.9_at']}; tower in {folder}", flush=True)
     return summary
