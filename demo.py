@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", help=f"evaluate this model folder (default: {SHIPPED_MODEL}/)")
     parser.add_argument("--retrain", action="store_true", help="train stage 0 and stage 1, then evaluate that model")
     parser.add_argument("--tower-steps", type=int, default=4000, help="stage 0: train_tower.py --max_steps")
-    parser.add_argument("--tower-stop-at", type=float, default=0.98,
+    parser.add_argument("--tower-stop-at", type=float, default=0.975,
                         help="stage 0 stops at this held-out per-digit accuracy")
     parser.add_argument("--train-steps", type=int, default=None, help=f"stage 1: max_steps (default: {TRAIN_CONFIG}'s)")
     parser.add_argument("--eval-limit", type=int, default=200, help="held-out samples evaluated per variant")

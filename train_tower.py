@@ -2,31 +2,40 @@
 per-patch glyph labels (shirg_tools.glyph_pretraining), on transformers' Trainer as train.py (checkpoints, resume,
 seeded data order, logging, evaluation on held-out images every --eval_steps).
 
-    OMP_NUM_THREADS=1 python train_tower.py --output_dir runs/reader-tower --max_steps 4000
+    OMP_NUM_THREADS=1 python train_tower.py --output_dir runs/reader-tower --max_steps 4000 --stop_at_per_digit 0.975
     python train_tower.py --output_dir runs/reader-tower --max_steps 4000 --resume_from_checkpoint last
     python train.py --config configs/train_reader.yaml --model_name_or_path runs/reader-tower/model   # stage 1
 
 The model is the preset's VLM built as train.py builds it (same seed, same tokenizer); only its vision tower and
-the glyph head train. Every checkpoint also writes the VLM, with the tower trained so far, to output_dir/model
-(AutoModel-loadable, + processor) and the head to output_dir/model/glyph_head.safetensors. The evaluation logs
-eval_per_digit (each digit of the held-out images read from its patches), eval_patch_accuracy and wall_s.
+the read-out heads train. Every checkpoint also writes the VLM, with the tower trained so far, to output_dir/model
+(AutoModel-loadable, + processor) and the heads to output_dir/model/glyph_head.safetensors. The evaluation logs
+eval_per_digit (each digit of the held-out images read from its patches), the heads' patch accuracies and wall_s.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from safetensors.torch import load_file, save_file
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 import train
 from lavida_shirg.configuration_lavida_shirg import PRESETS
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from shirg_tools.glyph_pretraining import GlyphCurve, GlyphReadout, GlyphSamples, GlyphTrainer, glyph_metrics
+from shirg_tools.glyph_pretraining import (
+    HEADS,
+    GlyphCurve,
+    GlyphReadout,
+    GlyphSamples,
+    GlyphTrainer,
+    check_targets,
+    glyph_metrics,
+)
 from shirg_tools.synthetic_ocr import SYNTHETIC_TASKS, synthetic_task
 from shirg_tools.training_curve import PANEL, draw_chart
 
@@ -39,6 +48,8 @@ CURVE_FILE = "tower_curve.png"
 @dataclasses.dataclass
 class TowerArguments:
     preset: str = dataclasses.field(default="reader", metadata={"help": f"The VLM preset {sorted(PRESETS)}."})
+    model_name_or_path: str | None = dataclasses.field(default=None, metadata={
+        "help": "Start from this VLM folder (e.g. an earlier stage 0's model/) instead of the preset."})
     synthetic_task: str = dataclasses.field(default="reading", metadata={
         "help": f"Generator settings {sorted(SYNTHETIC_TASKS)}, overridden by the options below."})
     synthetic_num_texts: int | None = None
@@ -49,6 +60,8 @@ class TowerArguments:
     heldout_seed: int = dataclasses.field(default=1, metadata={"help": "Seed of the held-out images."})
     heldout_samples: int = dataclasses.field(default=256, metadata={"help": "Held-out images per evaluation."})
     min_ink: int = dataclasses.field(default=2, metadata={"help": "Ink pixels that make a patch a glyph patch."})
+    targets: str = dataclasses.field(default="glyph", metadata={
+        "help": f"Comma-separated per-patch targets of {list(HEADS)} (glyph always)."})
     stop_at_per_digit: float | None = dataclasses.field(default=None, metadata={
         "help": "Stop (and save) at the first evaluation with eval_per_digit >= this."})
 
@@ -58,12 +71,12 @@ TRAINING_DEFAULTS = dict(
     warmup_steps=100, max_steps=4000, per_device_train_batch_size=32, per_device_eval_batch_size=64,
     logging_steps=25, logging_first_step=True, eval_strategy="steps", eval_steps=250, save_steps=250,
     save_total_limit=3, report_to="none", remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
-    label_names=["labels", "char_ids", "char_digits"], seed=42,
+    label_names=["labels", "position_labels", "colour_labels", "char_ids", "char_digits"], seed=42,
 )
 
 
 class ExportCallback(TrainerCallback):
-    """At every save: the VLM with the tower so far into output_dir/model (+ processor, + glyph head)."""
+    """At every save: the VLM with the tower so far into output_dir/model (+ processor, + read-out heads)."""
 
     def __init__(self, vlm, processor, readout):
         self.vlm, self.processor, self.readout = vlm, processor, readout
@@ -87,7 +100,8 @@ def export(vlm, processor, readout, output_dir: str, step: int) -> str:
     folder = os.path.join(output_dir, MODEL_FOLDER)
     vlm.save_pretrained(folder)
     processor.save_pretrained(folder)
-    save_file({name: tensor.detach().contiguous() for name, tensor in readout.head.state_dict().items()},
+    heads = {name: tensor for name, tensor in readout.state_dict().items() if not name.startswith("vision_tower.")}
+    save_file({name: tensor.detach().contiguous() for name, tensor in heads.items()},
               os.path.join(folder, HEAD_FILE), metadata={"step": str(step)})
     return folder
 
@@ -113,10 +127,21 @@ def build_trainer(argv=None):
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     if args.synthetic_seed == args.heldout_seed:
         raise ValueError("--heldout_seed must differ from --synthetic_seed (held-out images)")
-    vlm, tokenizer, _ = train.load_model(train.ModelArguments(preset=args.preset), training_args.seed)
+    source = {"model_name_or_path": args.model_name_or_path} if args.model_name_or_path else {"preset": args.preset}
+    vlm, tokenizer, _ = train.load_model(train.ModelArguments(**source), training_args.seed)
     vlm = vlm.float()
+    if args.model_name_or_path:
+        set_seed(training_args.seed)  # the heads' initialisation
     processor = LavidaShirgProcessor.from_config(vlm.config, tokenizer)
-    readout = GlyphReadout(vlm.model.vision_tower)  # the head's init follows the seeded VLM's
+    targets = check_targets([name.strip() for name in args.targets.split(",") if name.strip()])
+    readout = GlyphReadout(vlm.model.vision_tower, targets)  # its initialisation follows the seeded VLM's
+    if args.model_name_or_path and os.path.isfile(os.path.join(args.model_name_or_path, HEAD_FILE)):
+        # an earlier stage 0's heads; a head it did not have starts fresh
+        missing, unexpected = readout.load_state_dict(load_file(os.path.join(args.model_name_or_path, HEAD_FILE)),
+                                                      strict=False)
+        if unexpected or any(not name.startswith("heads.") for name in missing if not name.startswith("vision_tower.")):
+            raise ValueError(f"--model_name_or_path {args.model_name_or_path}: {HEAD_FILE} does not fit the read-out "
+                             f"(unexpected {unexpected})")
     hires, patch = vlm.config.hires_image_size, vlm.config.vision_config.patch_size
 
     def samples(seed, count):
@@ -133,19 +158,22 @@ def build_trainer(argv=None):
     trainer = GlyphTrainer(model=readout, args=training_args,
                            train_dataset=samples(args.synthetic_seed, args.synthetic_num_samples),
                            eval_dataset=samples(args.heldout_seed, args.heldout_samples),
-                           compute_metrics=glyph_metrics, callbacks=callbacks)
+                           compute_metrics=functools.partial(glyph_metrics, targets=targets), callbacks=callbacks)
     trainer.tower_export = (vlm, processor, readout)
     return trainer, resume, args
 
 
 def curve_image(history: list) -> Image.Image:
-    """Training loss (left) and held-out per-digit / glyph-patch accuracy (right) against the optimizer step."""
+    """Training loss (left) and held-out accuracies (right: per digit, glyph / position / colour patches) against
+    the optimizer step."""
     loss = [[entry["step"], entry["loss"]] for entry in history if "loss" in entry]
     evaluations = [entry for entry in history if "eval_per_digit" in entry]
     accuracy = {name: [[entry["step"], 100 * entry[f"eval_{key}"]] for entry in evaluations]
-                for name, key in (("per digit", "per_digit"), ("glyph patches", "glyph_patch_accuracy"))}
+                for name, key in (("per digit", "per_digit"), ("glyph patches", "glyph_patch_accuracy"),
+                                  ("position", "position_accuracy"), ("colour", "colour_accuracy"))
+                if evaluations and f"eval_{key}" in evaluations[0]}
     sheet = Image.new("RGB", (2 * PANEL[0], PANEL[1]), "white")
-    sheet.paste(draw_chart("stage 0: glyph loss (training)", {"loss": loss}), (0, 0))
+    sheet.paste(draw_chart("stage 0: loss (training)", {"loss": loss}), (0, 0))
     sheet.paste(draw_chart("stage 0: held-out accuracy (%)", accuracy, (0, 100)), (PANEL[0], 0))
     return sheet
 
@@ -153,7 +181,7 @@ def curve_image(history: list) -> Image.Image:
 def main(argv=None) -> dict:
     trainer, resume, args = build_trainer(argv)
     parameters = sum(p.numel() for p in trainer.model.parameters())
-    print(f"stage 0: {args.preset} tower + glyph head, {parameters} trainable parameters", flush=True)
+    print(f"stage 0: {args.preset} tower + read-out heads, {parameters} trainable parameters", flush=True)
     trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
     output_dir = trainer.args.output_dir

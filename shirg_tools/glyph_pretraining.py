@@ -1,15 +1,23 @@
 """Stage 0 of the reading recipe: the vision tower alone learns glyphs from dense per-patch labels.
 
-Every high-resolution token gets a target (the class of the glyph that covers most of its patch's ink), so each
-image gives hundreds of targets instead of one answer, as dense token labels speed up ViT training:
+Every high-resolution token gets targets, so each image gives hundreds of targets instead of one answer, as dense
+token labels speed up ViT training. Per-patch targets, each a linear head on the same features (`targets` picks
+them; glyph always):
+  - glyph: the class of the character that covers most of the patch's ink (below);
+  - position: that character's place in its text (0 = first), the reading order a reader must follow;
+  - colour: the coloured box the patch lies in (the box colour of synthetic_ocr.BOX_COLOURS that most of its pixels
+    have exactly, if at least a quarter do: ink covers the rest of a text's patches), NO_BOX when none of its pixels
+    has a box colour, IGNORE otherwise (a box's edge).
+The glyph label of patch p:
 
     label(p) = digit d (0..9) or OTHER_GLYPH   if the character c* = argmax_c ink(p, c) has ink(p, c*) >= min_ink
              = BACKGROUND                        if the patch holds no ink
              = IGNORE (-100)                     otherwise (a trace of ink: no target)
 
-where ink(p, c) counts the ink pixels of character c inside patch p (synthetic_ocr's char_map). The read-out is
-a LayerNorm + linear head on the tower's features (no post-norm, positions interpolated: exactly the features the
-VLM's high-resolution path reads), the loss the mean cross-entropy over labelled patches.
+where ink(p, c) counts the ink pixels of character c inside patch p (synthetic_ocr's char_map); the position label
+follows the glyph label's patches (IGNORE elsewhere). The read-out is a LayerNorm + linear heads on the tower's
+features (no post-norm, positions interpolated: exactly the features the VLM's high-resolution path reads), the loss
+the sum over targets of the mean cross-entropy over labelled patches.
 
 Per-digit accuracy (the stage's measure) reads each digit where it is: the log-probabilities of the ten digit classes
 summed over the patches assigned to that digit, argmax == the digit.
@@ -23,13 +31,17 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer
 
-from .synthetic_ocr import SyntheticOCRConfig, generate_sample
+from .synthetic_ocr import BOX_COLOURS, SyntheticOCRConfig, generate_sample
 
 BACKGROUND = 10
 OTHER_GLYPH = 11
 NUM_CLASSES = 12
 IGNORE = -100
 MAX_CHARS = 48  # characters per image the per-digit measure tracks (the reading task draws 6)
+NUM_POSITIONS = 16  # places in a text the position head tells apart (later places share the last class)
+NO_BOX = len(BOX_COLOURS)
+HEADS = {"glyph": NUM_CLASSES, "position": NUM_POSITIONS, "colour": len(BOX_COLOURS) + 1}
+LABELS = {"glyph": "labels", "position": "position_labels", "colour": "colour_labels"}  # head -> batch key
 
 
 def patch_glyph_labels(char_map: np.ndarray, chars: list, grid: int, min_ink: int = 2) -> tuple:
@@ -50,10 +62,30 @@ def patch_glyph_labels(char_map: np.ndarray, chars: list, grid: int, min_ink: in
     return labels.astype(np.int64), np.where(glyph, majority, -1).astype(np.int64)
 
 
+def char_positions(texts: list) -> np.ndarray:
+    """The place of every character of `texts` (concatenated, as synthetic_ocr's chars) in its text, capped at
+    NUM_POSITIONS - 1."""
+    places = [place for text in texts for place in range(len(text))]
+    return np.minimum(np.array(places, dtype=np.int64), NUM_POSITIONS - 1)
+
+
+def patch_colour_labels(image: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) int64 box-colour labels of an (H, W, 3) uint8 image (see the module docstring)."""
+    height, width, _ = image.shape
+    colours = np.array(list(BOX_COLOURS.values()), dtype=np.uint8)  # (K, 3)
+    matches = (image[:, :, None, :] == colours).all(axis=-1)  # (H, W, K)
+    counts = matches.reshape(grid, height // grid, grid, width // grid, -1).sum(axis=(1, 3))  # (g, g, K)
+    majority = counts.argmax(axis=-1)
+    quarter = (height // grid) * (width // grid) / 4
+    return np.where(counts.max(axis=-1) >= quarter, majority,
+                    np.where(counts.sum(axis=-1) == 0, NO_BOX, IGNORE)).astype(np.int64)
+
+
 class GlyphSamples(torch.utils.data.Dataset):
     """Sample i of the synthetic generator `config` as the tower sees it: hires_pixel_values (3, S, S) from the
-    image processor, labels / char_ids (grid * grid,) of `patch_glyph_labels` (raster order, as the tower's tokens)
-    and char_digits (MAX_CHARS,): the digit of each character, -1 for other characters and padding."""
+    image processor, labels / char_ids (grid * grid,) of `patch_glyph_labels` (raster order, as the tower's tokens),
+    position_labels and colour_labels (grid * grid,) (module docstring) and char_digits (MAX_CHARS,): the digit of
+    each character, -1 for other characters and padding."""
 
     def __init__(self, config: SyntheticOCRConfig, num_samples: int, image_processor, hires_size: int,
                  patch_size: int, min_ink: int = 2):
@@ -72,40 +104,70 @@ class GlyphSamples(torch.utils.data.Dataset):
             raise ValueError(f"sample {index} has {len(chars)} characters; the glyph measure tracks {MAX_CHARS}")
         labels, char_ids = patch_glyph_labels(sample["char_map"], chars, self.grid, self.min_ink)
         pixels = self.image_processor.preprocess([sample["image"]], hires_size=self.hires_size)["hires_pixel_values"]
+        positions = np.where(char_ids >= 0, char_positions(sample["texts"])[np.maximum(char_ids, 0)], IGNORE)
+        colours = patch_colour_labels(np.asarray(sample["image"]), self.grid)
         digits = np.full(MAX_CHARS, -1, dtype=np.int64)
         digits[:len(chars)] = [int(c) if c.isdigit() else -1 for c in chars]
         return {"hires_pixel_values": pixels[0], "labels": torch.from_numpy(labels.reshape(-1)),
+                "position_labels": torch.from_numpy(positions.reshape(-1)),
+                "colour_labels": torch.from_numpy(colours.reshape(-1)),
                 "char_ids": torch.from_numpy(char_ids.reshape(-1)), "char_digits": torch.from_numpy(digits)}
 
 
-class GlyphReadout(nn.Module):
-    """A VLM's vision tower (shared, not copied) with the per-patch glyph head:
-    logits = W LayerNorm(SigLIP(x)) + b, (B, N, NUM_CLASSES); loss = mean cross-entropy over labelled patches."""
+def check_targets(targets) -> tuple:
+    """The read-out targets in HEADS order; ValueError unless a subset of HEADS holding "glyph"."""
+    unknown = sorted(set(targets) - set(HEADS))
+    if unknown or "glyph" not in targets:
+        raise ValueError(f"targets must be names of {list(HEADS)} including 'glyph', got {list(targets)}")
+    return tuple(name for name in HEADS if name in targets)
 
-    def __init__(self, vision_tower: nn.Module):
+
+class GlyphReadout(nn.Module):
+    """A VLM's vision tower (shared, not copied) with a per-patch head per target (HEADS):
+    h = LayerNorm(SigLIP(x)), logits_t = W_t h + b_t (B, N, HEADS[t]); loss = sum_t mean cross-entropy of target t
+    over its labelled patches."""
+
+    def __init__(self, vision_tower: nn.Module, targets=("glyph",)):
         super().__init__()
         self.vision_tower = vision_tower
         width = vision_tower.config.hidden_size
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, NUM_CLASSES))
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({name: nn.Linear(width, HEADS[name]) for name in check_targets(targets)})
 
-    def forward(self, hires_pixel_values, labels=None, char_ids=None, char_digits=None):
-        """char_ids / char_digits ride along for the evaluation's measure (see `glyph_metrics`)."""
+    def forward(self, hires_pixel_values, labels=None, position_labels=None, colour_labels=None, char_ids=None,
+                char_digits=None):
+        """Labels of every target (those without a head are unused), or none; char_ids / char_digits ride along for
+        `glyph_metrics`. Outputs: loss, then the logits of each head in HEADS order."""
         native = self.vision_tower.config.image_size
         features = self.vision_tower(pixel_values=hires_pixel_values,
                                      interpolate_pos_encoding=hires_pixel_values.shape[-1] != native)
-        logits = self.head(features.last_hidden_state)  # (B, N, C)
-        outputs = {"logits": logits}
-        if labels is not None:
-            outputs["loss"] = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                          ignore_index=IGNORE)
-        return outputs
+        hidden = self.norm(features.last_hidden_state)  # (B, N, D)
+        logits = {f"{name}_logits": head(hidden) for name, head in self.heads.items()}  # (B, N, HEADS[name])
+        if labels is None:
+            return logits
+        targets = {"glyph": labels, "position": position_labels, "colour": colour_labels}
+        loss = sum(nn.functional.cross_entropy(logits[f"{name}_logits"].flatten(0, 1).float(),
+                                               targets[name].flatten(), ignore_index=IGNORE) for name in self.heads)
+        return {"loss": loss, **logits}
 
 
-def glyph_metrics(prediction: EvalPrediction) -> dict:
-    """Trainer's compute_metrics: per_digit (each digit read from its patches, see the module docstring),
-    patch_accuracy (labelled patches) and glyph_patch_accuracy (patches labelled with a glyph)."""
-    logits = torch.as_tensor(prediction.predictions).float()  # (B, N, C)
-    labels, char_ids, char_digits = (torch.as_tensor(array) for array in prediction.label_ids)
+def glyph_metrics(prediction: EvalPrediction, targets=("glyph",)) -> dict:
+    """Trainer's compute_metrics (bind `targets` with functools.partial): per_digit (each digit read from its
+    patches, see the module docstring), patch_accuracy (labelled patches), glyph_patch_accuracy (patches labelled
+    with a glyph) and <target>_accuracy of the other targets (their labelled patches). predictions: the logits of
+    each target in HEADS order (one array for glyph alone); label_ids: (labels, position_labels, colour_labels,
+    char_ids, char_digits), the order of train_tower's label_names."""
+    targets = check_targets(targets)
+    arrays = prediction.predictions if len(targets) > 1 else (prediction.predictions,)
+    predictions = dict(zip(targets, (torch.as_tensor(array).float() for array in arrays)))
+    labels, position_labels, colour_labels, char_ids, char_digits = (
+        torch.as_tensor(array) for array in prediction.label_ids)
+    extra = {}
+    for name, target in (("position", position_labels), ("colour", colour_labels)):
+        if name in predictions:
+            kept = target != IGNORE
+            extra[f"{name}_accuracy"] = float((predictions[name].argmax(dim=-1) == target)[kept].float().mean())
+    logits = predictions["glyph"]  # (B, N, C)
     digit_scores = logits.log_softmax(dim=-1)[..., :10]  # (B, N, 10)
     tracked = char_ids >= 0
     scores = torch.zeros(logits.shape[0], MAX_CHARS + 1, 10)  # slot MAX_CHARS collects untracked patches
@@ -115,11 +177,11 @@ def glyph_metrics(prediction: EvalPrediction) -> dict:
     digits = (char_digits >= 0) & (seen > 0)  # digits with at least one labelled patch
     read = scores[:, :MAX_CHARS].argmax(dim=-1) == char_digits
     predicted = logits.argmax(dim=-1)
-    labelled, glyph = labels != IGNORE, (labels != IGNORE) & (labels != BACKGROUND)
+    labelled, glyph_patch = labels != IGNORE, (labels != IGNORE) & (labels != BACKGROUND)
     return {"per_digit": float(read[digits].float().mean()),
             "digits_without_patch": int(((char_digits >= 0) & (seen == 0)).sum()),
             "patch_accuracy": float((predicted == labels)[labelled].float().mean()),
-            "glyph_patch_accuracy": float((predicted == labels)[glyph].float().mean())}
+            "glyph_patch_accuracy": float((predicted == labels)[glyph_patch].float().mean()), **extra}
 
 
 class GlyphTrainer(Trainer):

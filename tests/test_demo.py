@@ -53,7 +53,7 @@ def test_retrain_runs_stage_0_then_stage_1_then_evaluates_that_model(monkeypatch
                "--eval-limit", "5"])
     assert [step for step, _ in calls] == ["stage 0", "stage 1", "evaluate", "publish"]
     tower, model = str(tmp_path / "tower"), str(tmp_path / "train")
-    assert calls[0][1] == ["train_tower.py", "--output_dir", tower, "--max_steps", "9", "--stop_at_per_digit", "0.98"]
+    assert calls[0][1] == ["train_tower.py", "--output_dir", tower, "--max_steps", "9", "--stop_at_per_digit", "0.975"]
     assert calls[1][1] == ["train.py", "--config", demo.TRAIN_CONFIG, "--model_name_or_path", f"{tower}/model",
                            "--output_dir", model, "--max_steps", "7"]
     assert calls[2][1][:7] == ["eval.py", "--model", model, "--synthetic", "task=reading", "--limit", "5"]
