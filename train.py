@@ -169,6 +169,8 @@ class LoraArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShirgArguments, LoraArguments, TrainingArguments)
+# where the model comes from: a --config file's values are dropped when the command line names another source
+MODEL_SOURCE_ARGUMENTS = ("model_name_or_path", "preset", "tokenizer_name_or_path")
 
 # TrainingArguments defaults of this script (the plan's optimisation; the command line and --config override them)
 TRAINING_DEFAULTS = dict(
@@ -202,7 +204,9 @@ def load_config_file(path: str) -> dict:
 
 def parse_arguments(argv=None):
     """(model, data, shirg, lora, training) arguments from the command line, over an optional `--config FILE`
-    whose values replace the defaults (explicit command-line arguments win)."""
+    whose values replace the defaults (explicit command-line arguments win). A model source on the command line
+    (--model_name_or_path or --preset) replaces the file's whole model source (MODEL_SOURCE_ARGUMENTS), so that a
+    preset recipe runs from a pretrained folder: `--config configs/train_reader.yaml --model_name_or_path FOLDER`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     parser.set_defaults(**TRAINING_DEFAULTS)
@@ -210,8 +214,12 @@ def parse_arguments(argv=None):
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a file path")
-        parser.set_defaults(**load_config_file(argv[position + 1]))
+        values = load_config_file(argv[position + 1])
         argv = argv[:position] + argv[position + 2:]
+        named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}
+        if named & {"--model_name_or_path", "--preset"}:
+            values = {name: value for name, value in values.items() if name not in MODEL_SOURCE_ARGUMENTS}
+        parser.set_defaults(**values)
     *arguments, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collated batches carry prompts and answers "
