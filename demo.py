@@ -7,14 +7,14 @@ samples of that task, draw the overlays, build a Hub folder.
 
 Steps (each is the project's own command, run as written below, so the demo exercises the real CLIs):
   1. train.py --config configs/train_reader.yaml: the "reader" preset (4 px high-resolution patches, 16 px pooled
-     tokens), every parameter (--training_mode full), budgets 32/64/85/pooled, on the reading task (64 px canvases,
+     tokens), every parameter (--training_mode full), budgets 64/85/256/pooled, on the reading task (64 px canvases,
      two coloured boxes of 3-digit numbers 8-9 px tall);
   2. eval.py: pooled, full, SHIRG-Fixed/v2/X, the baselines and the score-term ablations on held-out samples:
      exact match, image tokens, answer-region recall, latency, overlays;
   3. publish.py: a Hub-ready folder with the model card and the results table.
 What it shows: which high-resolution patches each variant keeps (answer-region recall, overlays) on text that pooled
 tokens cannot resolve. What it cannot show: accuracy. No model of this size learned to read the digits within the
-CPU budgets measured (README "The reading demo: a measured negative result"); its exact-match column is labelled.
+CPU budgets measured (README "The reading demo"); its exact-match column is labelled.
 """
 
 import argparse

@@ -30,6 +30,7 @@ import torch
 
 
 from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
+from lavida_shirg.shirg_selection import image_token_count
 from shirg_tools.diagnostics import variant_diagnostics
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,
                                     synthetic_config)
@@ -220,8 +221,8 @@ class Evaluation:
         self.dtype = resolve_dtype(args.dtype, device, "--dtype")
         self.model, self.processor, self.model_label, self.is_tiny = load_model(args, device, self.dtype)
         self.variants = parse_variants(args.variants or default_variants(high_resolution_tokens(self.model)))
-        for variant in self.variants:
-            check_variant(self.model, self.processor, variant)
+        self.selections = {variant.label: check_variant(self.model, self.processor, variant)
+                           for variant in self.variants}  # each validated once, here
         self.datasets = {name: load_task_dataset(TASKS[name], self.data_paths.get(name), args.limit, self.synthetic)
                          for name in self.task_names}
         self.output = Path(args.output_dir)
@@ -353,12 +354,9 @@ class Evaluation:
         """Whether the sample can run under the variant; if not, its record gets the error. Counts its image tokens."""
         if sample.error:
             return False
-        try:
-            record["image_tokens"] = self.processor.image_token_count((sample.image.height, sample.image.width),
-                                                                      variant.method, variant.budget, variant.options)
-        except ValueError as error:
-            record["error"] = f"ValueError: {error}"
-            return False
+        # the variant's settings were validated once, at start-up (check_variant): counting trusts them
+        record["image_tokens"] = image_token_count((sample.image.height, sample.image.width),
+                                                   self.selections[variant.label])
         return True
 
     def diagnostics(self, variant, inputs, samples) -> list:

@@ -42,8 +42,8 @@ from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
 from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, validate_entries
 from shirg_tools.inference import check_weight_files
 from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
-from shirg_tools.output_folder import FolderWriter, staged_folder
-from shirg_tools.run_record import check_resume, write_run_record
+from shirg_tools.output_folder import FolderWriter, staged_folder, write_folder
+from shirg_tools.run_record import RUN_RECORD, check_resume, write_run_record
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
 from shirg_tools.trainer import ShirgTrainer
 from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
@@ -169,6 +169,8 @@ class LoraArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ShirgArguments, LoraArguments, TrainingArguments)
+# where the model comes from: a --config file's values are dropped when the command line names another source
+MODEL_SOURCE_ARGUMENTS = ("model_name_or_path", "preset", "tokenizer_name_or_path")
 
 # TrainingArguments defaults of this script (the plan's optimisation; the command line and --config override them)
 TRAINING_DEFAULTS = dict(
@@ -202,7 +204,9 @@ def load_config_file(path: str) -> dict:
 
 def parse_arguments(argv=None):
     """(model, data, shirg, lora, training) arguments from the command line, over an optional `--config FILE`
-    whose values replace the defaults (explicit command-line arguments win)."""
+    whose values replace the defaults (explicit command-line arguments win). A model source on the command line
+    (--model_name_or_path or --preset) replaces the file's whole model source (MODEL_SOURCE_ARGUMENTS), so that a
+    preset recipe runs from a pretrained folder: `--config configs/train_reader.yaml --model_name_or_path FOLDER`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     parser.set_defaults(**TRAINING_DEFAULTS)
@@ -210,8 +214,12 @@ def parse_arguments(argv=None):
         position = argv.index("--config")
         if position + 1 >= len(argv):
             raise ValueError("--config needs a file path")
-        parser.set_defaults(**load_config_file(argv[position + 1]))
+        values = load_config_file(argv[position + 1])
         argv = argv[:position] + argv[position + 2:]
+        named = {argument.split("=")[0] for argument in argv if argument.startswith("--")}
+        if named & {"--model_name_or_path", "--preset"}:
+            values = {name: value for name, value in values.items() if name not in MODEL_SOURCE_ARGUMENTS}
+        parser.set_defaults(**values)
     *arguments, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collated batches carry prompts and answers "
@@ -478,6 +486,22 @@ def load_trained(base_source: str, adapter_dir: str, model_args: ModelArguments)
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
+def save_base_model(model, processor, folder: str):
+    """Save a randomly initialised base model (and processor) for the adapter trained on it: into `folder` when it
+    does not exist yet (the checkpoints' adapters name it), else aside (`staged_folder(folder)`), to replace the
+    earlier run's base model only in the final save (train_and_save): a failed run leaves the earlier output whole."""
+    if not os.path.isdir(folder):
+        with write_folder(folder, "--output_dir", overwrite=True, lock=False) as staged:  # covered by the run's lock
+            model.save_pretrained(staged)
+            processor.save_pretrained(staged)
+        return
+    pending = staged_folder(folder)
+    if pending.parent.exists():
+        shutil.rmtree(pending.parent)
+    model.save_pretrained(pending)
+    processor.save_pretrained(pending)
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
@@ -543,12 +567,8 @@ def _build_run(output, model_args, data_args, shirg_args, lora_args, training_ar
     else:
         if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
             base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
-            if training_args.process_index == 0:  # kept aside: the final save puts it into output_dir
-                pending = staged_folder(base_model)
-                if pending.parent.exists():
-                    shutil.rmtree(pending.parent)
-                model.save_pretrained(pending)
-                processor.save_pretrained(pending)
+            if training_args.process_index == 0:
+                save_base_model(model, processor, base_model)
         trained_model = apply_lora(model, plan)
         trained_model.peft_config["default"].base_model_name_or_path = base_model
         for parameter in trained_model.parameters():
@@ -561,6 +581,9 @@ def _build_run(output, model_args, data_args, shirg_args, lora_args, training_ar
     dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args)), seed,
                               data_args.max_samples)
     print(f"training samples: {len(dataset)} ({data_args.data_format})", flush=True)
+    if training_args.process_index == 0 and not os.path.exists(os.path.join(output_dir, RUN_RECORD)):
+        os.makedirs(output_dir, exist_ok=True)  # an earlier run's record is replaced only by the final save
+        write_run_record(output_dir, record)
     trainer = ShirgTrainer(
         model=trained_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
         processing_class=processor, run_record=record, schedule=BudgetSchedule(entries, seed),

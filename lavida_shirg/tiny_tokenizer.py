@@ -5,7 +5,9 @@ takes id 512 = the preset's image_token_id, just past the LM vocabulary, so that
 (`add_tokens`) can never take the image id. It adds no
 bos/eos by itself: LaViDa's chat template writes `<|startoftext|>` literally, and special tokens written in the
 text are matched as single ids. Byte-level BPE encodes any text; the merges are learned from `CORPUS`, words of
-LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens.
+LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens. Numbers are split into single
+digits by a pre-tokenizer rule before the byte-level split (as LLaMA-style tokenizers split numbers into short digit
+chunks), so no merge ever joins digits: "497" is `4` `9` `7`, one token per digit.
 """
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,9 +56,12 @@ CORPUS = [
 
 
 def _trained_bpe() -> Tokenizer:
-    """Train the byte-level BPE on `CORPUS` with the special tokens first (ids 0..5) and all 256 bytes."""
+    """Train the byte-level BPE on `CORPUS` with the special tokens first (ids 0..5), all 256 bytes, digits split."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),  # every digit its own pre-token: no digit merges
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,

@@ -126,10 +126,11 @@ def high_resolution_tokens(model) -> int:
 
 
 def check_variant(model, processor, variant):
-    """ValueError naming the variant when the model or the processor refuses its settings (budget beyond the token
-    count, out-of-range option, a learned part the model lacks)."""
+    """The variant's SelectionSettings (the model's), validated once; a ValueError naming the variant when the model
+    or the processor refuses its settings (budget beyond the token count, out-of-range option, a learned part the
+    model lacks)."""
     try:
-        model.selection_settings(variant.method, variant.budget, variant.options)
         processor.selection(variant.method, variant.budget, variant.options)
+        return model.selection_settings(variant.method, variant.budget, variant.options)
     except ValueError as error:
         raise ValueError(f"variant {variant.label!r}: {error}") from error

@@ -142,6 +142,7 @@ class _Canvas:
         self.rng = rng
         self.occupied = []  # [x0, y0, x1, y1] of every placed element, margins included
         self.texts, self.boxes = [], []
+        self.char_edges = []  # per text: the x of each character's left edge, then the text's right edge (pen moves)
 
     def find_place(self, width: int, height: int):
         """Top-left (x, y) of a free width x height area, or None after PLACEMENT_ATTEMPTS tries."""
@@ -163,6 +164,7 @@ class _Canvas:
         if self.ink is not None:
             ImageDraw.Draw(self.ink).text((x - left, y - top), text, font=font, fill=255)
         box = [int(v) for v in self.draw.textbbox((x - left, y - top), text, font=font)]
+        self.char_edges.append([x - left + font.getlength(text[:end]) for end in range(len(text) + 1)])
         self.texts.append(text)
         self.boxes.append(box)
         return len(self.texts) - 1
@@ -233,7 +235,9 @@ def generate_sample(index: int, config: SyntheticOCRConfig, with_ink_mask: bool 
     texts (list[str], same order), answer_box (index into text_boxes of the text holding the answer) and
     question_type (one of QUESTION_TYPES). The question's target is placed first, so it is always present.
     With `with_ink_mask`, also ink_mask: (height, width) bool numpy array, True where a text glyph covers at least half
-    of the pixel (the texts drawn again, anti-aliased, on a separate mask; the image is unchanged).
+    of the pixel (the texts drawn again, anti-aliased, on a separate mask; the image is unchanged), chars (every
+    character of `texts`, in order) and char_map ((height, width) int16: the index in chars of the character each ink
+    pixel belongs to, -1 elsewhere; see `_character_map`).
     Raises ValueError if the target cannot be placed (canvas too small for the fonts).
     """
     if not isinstance(index, (int, np.integer)) or index < 0:
@@ -294,7 +298,23 @@ def generate_sample(index: int, config: SyntheticOCRConfig, with_ink_mask: bool 
     }
     if with_ink_mask:
         sample["ink_mask"] = np.asarray(canvas.ink) >= 128
+        sample["chars"], sample["char_map"] = _character_map(canvas, sample["ink_mask"])
     return sample
+
+
+def _character_map(canvas: _Canvas, ink_mask: np.ndarray) -> tuple:
+    """(chars, char_map): every character of every text in order (list[str]) and the (height, width) int16 map of
+    the character each ink pixel belongs to (index into chars; -1 off the ink). A pixel belongs to the character
+    whose advance [pen x before it, pen x after it) holds the pixel's centre, within its text's ink box."""
+    char_map = np.full(ink_mask.shape, -1, dtype=np.int16)
+    columns = np.arange(ink_mask.shape[1]) + 0.5
+    offset = 0
+    for text, (x0, y0, x1, y1), edges in zip(canvas.texts, canvas.boxes, canvas.char_edges):
+        position = np.clip(np.searchsorted(edges, columns, side="right") - 1, 0, len(text) - 1)  # (width,)
+        ink = ink_mask[y0:y1, x0:x1]
+        char_map[y0:y1, x0:x1][ink] = np.broadcast_to(offset + position[x0:x1], ink.shape)[ink]
+        offset += len(text)
+    return [char for text in canvas.texts for char in text], char_map
 
 
 def synthetic_ocr_dataset(num_samples: int, config: SyntheticOCRConfig) -> datasets.Dataset:

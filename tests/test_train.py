@@ -179,6 +179,34 @@ def test_config_file_yaml_and_json_with_command_line_overrides(tmp_path):
         train.parse_arguments(["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_a_model_source_on_the_command_line_replaces_the_config_files(tmp_path):
+    recipe = f"{ROOT}/configs/train_reader.yaml"
+    model, *_ = train.parse_arguments(["--config", recipe])
+    assert (model.preset, model.model_name_or_path) == ("reader", None)
+    model, data, _, lora, training = train.parse_arguments(["--config", recipe, "--model_name_or_path", "FOLDER"])
+    assert (model.preset, model.model_name_or_path) == (None, "FOLDER")
+    assert (data.synthetic_task, lora.training_mode, training.learning_rate) == ("reading", "full", 0.001)
+    (tmp_path / "folder.yaml").write_text("model_name_or_path: FOLDER\n")
+    model, *_ = train.parse_arguments(["--config", str(tmp_path / "folder.yaml"), "--preset=tiny"])
+    assert (model.preset, model.model_name_or_path) == ("tiny", None)
+    with pytest.raises(ValueError, match="--preset and --tokenizer_name_or_path"):  # both on the command line
+        train.build_run(["--config", recipe, "--model_name_or_path", "FOLDER", "--preset", "reader"])
+
+
+def test_the_reader_recipe_builds_from_a_pretrained_folder(tmp_path):
+    torch.manual_seed(5)
+    pretrained = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("reader"))
+    pretrained.save_pretrained(tmp_path / "tower")
+    LavidaShirgProcessor.from_config(pretrained.config, build_tiny_tokenizer()).save_pretrained(tmp_path / "tower")
+    run = train.build_run(["--config", f"{ROOT}/configs/train_reader.yaml", "--model_name_or_path",
+                           str(tmp_path / "tower"), "--output_dir", str(tmp_path / "out")])
+    loaded = run.trainer.model.state_dict()
+    for name, tensor in pretrained.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    assert run.processor.tokenizer("497", add_special_tokens=False)["input_ids"] == [
+        run.processor.tokenizer.convert_tokens_to_ids(d) for d in "497"]
+
+
 # ---- batches -------------------------------------------------------------------------------------------------------
 
 
