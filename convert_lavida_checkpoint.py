@@ -40,9 +40,10 @@ of the last layer (a note in the report says so). Any other
 tensor we cannot place, any parameter of our model left without a tensor and any shape disagreement is an error;
 all of them are listed together before anything is written.
 
-The conversion streams shard by shard (one input shard in memory at a time) and writes into a temporary sibling of
-OUT that is renamed into place at the end, so a failed conversion leaves OUT as it was. OUT's folder and files get
-the modes of the user's umask.
+The conversion streams shard by shard (one input shard in memory at a time). OUT is written as every command of
+the project writes a folder (shirg_tools.output_folder): aside, then swapped into place atomically, so a failed or
+killed conversion leaves OUT as it was; a second conversion into the same OUT while one runs is refused; OUT's
+folder and files get the modes of the user's umask.
 """
 
 import argparse
@@ -50,9 +51,7 @@ import ast
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +62,7 @@ from safetensors.torch import save_file
 from lavida_shirg.configuration_lavida_shirg import REAL_VISION, DreamTextConfig, ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from shirg_tools.file_modes import apply_umask
+from shirg_tools.output_folder import FolderWriter, OutputFolderError
 from shirg_tools.run_record import CONVERSION_RECORD
 
 LAVIDA_MODEL_TYPE = "llava_llada"
@@ -849,23 +848,6 @@ def write_config_and_code(config: ShirgConfig, folder: Path):
     model.generation_config.save_pretrained(str(folder))
 
 
-def _swap_into_place(tmp: Path, out: Path):
-    """Rename tmp to out; an existing out is moved aside first and deleted only after the rename succeeded."""
-    aside = None
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.rmdir(aside)
-        os.rename(out, aside)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if aside is not None:
-            os.rename(aside, out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=None, dtype="keep",
                        config_overrides=None) -> ConversionReport:
     """Convert the LaViDa folder `src` into our folder `out`; returns the report. Raises ConversionError.
@@ -880,20 +862,19 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
     if not src.is_dir():
         raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
     _check_output(out, src, overwrite)
-
-    checkpoint = read_lavida_checkpoint(src)
-    tok = load_source_tokenizer(src, tokenizer)
-    notes = []
-    register_image_token(tok, notes)
-    vision = lavida_vision_config(vision_config, checkpoint, notes)
-    config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, checkpoint.config["model_type"]),
-                                 config_overrides, notes)
-    plan = plan_conversion(checkpoint, config, expected_state(config))
-    processor, processor_description = build_processor(config, tok)  # checked before any weight is written
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    writer = FolderWriter(out, "OUT", overwrite)  # one writer of OUT at a time; see shirg_tools.output_folder
     try:
+        checkpoint = read_lavida_checkpoint(src)
+        tok = load_source_tokenizer(src, tokenizer)
+        notes = []
+        register_image_token(tok, notes)
+        vision = lavida_vision_config(vision_config, checkpoint, notes)
+        config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, checkpoint.config["model_type"]),
+                                     config_overrides, notes)
+        plan = plan_conversion(checkpoint, config, expected_state(config))
+        processor, processor_description = build_processor(config, tok)  # checked before any weight is written
+
+        tmp = writer.stage()
         total_bytes, out_shards, elements = write_weights(checkpoint, plan, tmp, DTYPES[dtype])
         main_dtype = max(elements, key=elements.get)
         config.dtype = main_dtype
@@ -903,11 +884,9 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
         provenance = {"converted_from": src.resolve().name, "dtype": str(main_dtype).removeprefix("torch."),
                       "converter": "convert_lavida_checkpoint.py"}
         (tmp / CONVERSION_RECORD).write_text(json.dumps(provenance, indent=2))
-        apply_umask(tmp)  # mkdtemp's 0700 and the copied code files' modes -> the user's umask
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        writer.commit()  # the umask's modes (not mkdir's or the copied code files'), then swapped into place
+    finally:
+        writer.release()
     if len(elements) > 1:
         notes.append(f"mixed dtypes kept: { {str(k).replace('torch.', ''): v for k, v in elements.items()} } elements")
     return ConversionReport(
@@ -935,7 +914,7 @@ def main(argv=None) -> int:
             args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, vision_config=args.vision_config,
             dtype=args.dtype, config_overrides=args.config_overrides,
         )
-    except ConversionError as error:
+    except (ConversionError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.format())

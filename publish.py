@@ -9,8 +9,10 @@ Hugging Face Space folder running the Gradio app (app.py) on a model.
 The folder holds the weights (safetensors, sharded above --max_shard_size), config.json with auto_map, every
 remote-code file, the processor and tokenizer files, and a model card (README.md) made with huggingface_hub's
 ModelCard: what SHIRG does, the variants and budgets, the results table when one is given, and a runnable demo.
-The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written. Its
-folders and files get the modes of the user's umask.
+Every folder (OUT, --space) is written as every command of the project writes one (shirg_tools.output_folder):
+aside, then swapped into place atomically (a failure or a kill leaves the old folder or nothing, never half of one); a
+second publish.py into the same folder while one runs is refused; folders and files get the modes of the user's
+umask.
 
 The Space folder (--space) holds app.py, the project packages it imports (lavida_shirg, shirg_tools), the model
 as app.py's default model folder, requirements.txt (the runtime requirements; Gradio comes with the Space's SDK) and
@@ -22,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from lavida_shirg.configuration_lavida_shirg import ShirgConfig
-from shirg_tools.file_modes import apply_umask
+from shirg_tools.inference import check_weight_files
+from shirg_tools.output_folder import OutputFolderError, write_folder
 from shirg_tools.run_record import CONVERSION_RECORD, RUN_RECORD
 
 ROOT = Path(__file__).resolve().parent
@@ -68,6 +70,10 @@ def check_model_folder(model):
             f"--model {str(model)!r}: config.json lacks auto_map for AutoConfig/AutoModel, so the published folder "
             "could not be loaded with trust_remote_code; save it from a LavidaShirgForMaskedDiffusion"
         )
+    try:
+        check_weight_files(Path(model), "--model")
+    except ValueError as error:
+        raise PublishError(str(error)) from error
 
 
 def demo_snippet(repo_id, method, budget):
@@ -309,24 +315,6 @@ def build_card(repo_id, config, results_markdown=None, base_model=None, datasets
                                                                    adapter, record, datasets, conversion))
 
 
-def prepare_output(out, overwrite):
-    """Refuse a non-empty `out` unless `overwrite`; return a fresh temporary sibling folder to write into."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PublishError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.publishing-", dir=out.parent))
-
-
-def move_into_place(tmp, out):
-    """Replace `out` by the finished `tmp` folder, its modes those of the user's umask (not mkdtemp's 0700)."""
-    apply_umask(tmp)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.rename(tmp, out)
-
-
 def export_model(model_path, out, repo_id, results=None, base_model=None, datasets=None, license_name="apache-2.0",
                  max_shard_size="5GB", overwrite=False):
     """Write the Hub folder of a saved model: weights, config, remote code, processor, card. Returns `out`."""
@@ -334,8 +322,7 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
 
     check_model_folder(model_path)
     results_markdown = Path(results).read_text() if results else None
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "OUT", overwrite) as tmp:  # aside, then swapped in (shirg_tools.output_folder)
         model = AutoModel.from_pretrained(model_path, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -347,10 +334,6 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
         build_card(repo_id, config, results_markdown, base_model, datasets, license_name,
                    record=find_record(model_path, RUN_RECORD),
                    conversion=find_record(model_path, CONVERSION_RECORD)).save(tmp / "README.md")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)
 
 
@@ -363,8 +346,7 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
     if not base_model:
         raise PublishError("--adapter needs --base_model (the model the adapter was trained on)")
     results_markdown = Path(results).read_text() if results else None
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "OUT", overwrite) as tmp:
         for name in os.listdir(adapter_path):
             if name.startswith("adapter_") or name == "training_args.json":
                 shutil.copy2(Path(adapter_path) / name, tmp / name)
@@ -372,10 +354,6 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
                    record=find_record(adapter_path, RUN_RECORD)).save(
             tmp / "README.md"
         )
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)
 
 
@@ -415,8 +393,7 @@ def export_space(model_path, out, repo_id, license_name="apache-2.0", overwrite=
     import app  # its default model folder is where the Space's model goes
 
     check_model_folder(model_path)
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "--space", overwrite) as tmp:
         shutil.copy2(ROOT / "app.py", tmp / "app.py")
         for package in SPACE_PACKAGES:
             shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -424,10 +401,6 @@ def export_space(model_path, out, repo_id, license_name="apache-2.0", overwrite=
         export_model(model_path, tmp / model_name, repo_id, license_name=license_name)
         (tmp / "requirements.txt").write_text(space_requirements())
         space_card(model_name, license_name).save(tmp / "README.md")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)
 
 
@@ -512,7 +485,7 @@ def main(argv=None):
         if args.push_to_hub:
             info = push_folder(folder, args.push_to_hub, args.private, args.revision)
             print(f"pushed to {args.push_to_hub}: {info.commit_url}")
-    except PublishError as error:
+    except (PublishError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

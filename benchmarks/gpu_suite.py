@@ -39,15 +39,13 @@ import traceback
 import torch
 import transformers
 
-
 import bench_latency
 import bench_sampler
 import bench_selection
 from lavida_shirg import ShirgConfig
 from lavida_shirg.configuration_lavida_shirg import PRESETS, SPECIAL_TOKEN_FIELDS
-from lavida_shirg.image_layout import max_source_tokens
+from lavida_shirg.image_layout import fewest_source_tokens
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from lavida_shirg.shirg_selection import METHODS
 from lavida_shirg.tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 from shirg_tools.variants import DEFAULT_VARIANTS, default_variants, parse_variants
 
@@ -144,7 +142,7 @@ def suite_config(small: bool) -> ShirgConfig:
 def suite_variants(config: ShirgConfig) -> tuple:
     """(variant string, the label of REFERENCE_VARIANT in it): DEFAULT_VARIANTS with budgets scaled to the config's
     high-resolution tokens."""
-    tokens = max_source_tokens({**config.token_layout(), "patch_size": config.vision_config.patch_size})
+    tokens = fewest_source_tokens(config.token_layout())
     scaled = default_variants(tokens)
     reference = DEFAULT_VARIANTS.split(",").index(REFERENCE_VARIANT)
     return scaled, scaled.split(",")[reference]
@@ -226,7 +224,8 @@ def selection(config: ShirgConfig, size: SuiteSize, device: str, dtype: torch.dt
     """bench_selection at the config's sizes on the suite's device (every vision layer), in ms."""
     layers = config.vision_config.num_hidden_layers
     measured = bench_selection.measure_selection(config, torch.device(device), dtype, layers, size.selection_batches,
-                                                 size.selection_repeats, config.selection_budget, list(METHODS))
+                                                 size.selection_repeats, config.selection_budget,
+                                                 bench_selection.SELECTIONS)
     view = config.hires_image_size // config.vision_config.patch_size
     return {"tokens": view * view, "budget": config.selection_budget, "batches": {
         str(batch): {"tower_ms": result["tower_s"] * 1000, "rows_ms": {name: s * 1000 for name, s in result["rows"]}}

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
-from .image_layout import max_source_tokens
-from .shirg_selection import DETAIL_TERMS
+from .image_layout import fewest_source_tokens
+from .shirg_selection import DETAIL_TERMS, METHODS, SCORE_NORMALIZATIONS
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
-# "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`.
-SELECTION_METHODS = ("pooled", "full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip",
-                     "divprune")
+# "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`
+# (shirg_selection.METHODS holds each method's token count, selection and token order).
+SELECTION_METHODS = tuple(METHODS)
 HIRES_SOURCES = ("single-view", "anyres-views")
 SCAFFOLDS = ("global-view", "grid", "none")
 
@@ -147,6 +147,9 @@ class ShirgConfig(PreTrainedConfig):
     # the detail term of shirg-fixed, shirg-v2 and shirg-x (shirg_selection.DETAIL_TERMS; "variance" = the seed's):
     # chosen by benchmarks/bench_selection_quality.py, see README "Selection quality"
     detail_term: str = "pixel-contrast"
+    # how each score term is normalised per image before the weights mix them (shirg_selection.SCORE_NORMALIZATIONS;
+    # "min-max" = the seed's)
+    score_normalization: str = "min-max"
     v2_detail_weight: float = 0.25
     v2_edge_weight: float = 0.15
     v2_summary_token: bool = True
@@ -234,12 +237,12 @@ class ShirgConfig(PreTrainedConfig):
 
     def selection_settings(self, method=None, budget=None, options=None) -> "SelectionSettings":
         """The SHIRG settings of one call: the config's fields, with `method`, `budget` and `options` (a dict of
-        field name -> value) overriding them; validated."""
-        layout = with_selection_overrides(self.token_layout(), method, budget, options)
-        return SelectionSettings(**{name: layout[name] for name in SELECTION_FIELDS})
+        field name -> value) overriding them; validated (the one check of the settings)."""
+        return with_selection_overrides(self.token_layout(), method, budget, options)
 
     def token_layout(self) -> dict:
-        """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
+        """The image geometry and the SHIRG fields: what the processor needs to count image tokens like the model
+        (shirg_selection.image_token_count)."""
         return {
             "image_grid_pinpoints": self.image_grid_pinpoints,
             "view_size": self.vision_config.image_size,
@@ -273,33 +276,50 @@ SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_to
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
-    "relevance_weight", "detail_weight", "detail_term", "v2_detail_weight", "v2_edge_weight", "v2_summary_token",
-    "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
+    "relevance_weight", "detail_weight", "detail_term", "score_normalization", "v2_detail_weight", "v2_edge_weight",
+    "v2_summary_token", "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
     "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
     "budget_choices",
 )
 
 
+# the image geometry a call's settings carry with them (not overridable per call)
+LAYOUT_FIELDS = ("image_grid_pinpoints", "view_size", "patch_size", "pooled_view_size")
+SETTINGS_FIELDS = LAYOUT_FIELDS + SELECTION_FIELDS
+
+
 class _SettingsMapping(Mapping):
-    """Read access by field name (settings["selection_method"], {**layout, **settings}) for a settings dataclass."""
+    """Read access by field name (settings["selection_method"]) for a settings dataclass."""
 
     def __getitem__(self, name):
-        if name not in SELECTION_FIELDS:
+        if name not in SETTINGS_FIELDS:
             raise KeyError(name)
         return getattr(self, name)
 
     def __iter__(self):
-        return iter(SELECTION_FIELDS)
+        return iter(SETTINGS_FIELDS)
 
     def __len__(self):
-        return len(SELECTION_FIELDS)
+        return len(SETTINGS_FIELDS)
+
+    def __init__(self, values=None, /, **fields):
+        """SelectionSettings(**fields), or SelectionSettings(mapping): transformers' Trainer and accelerate rebuild
+        every Mapping of a batch as type(m)({key: value}) when they move it to the device."""
+        fields = {**(values or {}), **fields}
+        if set(fields) != set(SETTINGS_FIELDS):
+            raise TypeError(f"SelectionSettings takes the fields {list(SETTINGS_FIELDS)}, got {sorted(fields)}")
+        for name in SETTINGS_FIELDS:
+            object.__setattr__(self, name, fields[name])
 
 
-# The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with one typed field
-# per SELECTION_FIELDS entry (types from ShirgConfig), readable as a mapping too.
+# The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with the image
+# geometry (LAYOUT_FIELDS) and one typed field per SELECTION_FIELDS entry (types from ShirgConfig), readable as a
+# mapping too.
 SelectionSettings = dataclasses.make_dataclass(
-    "SelectionSettings", [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
-    bases=(_SettingsMapping,), frozen=True, eq=True,
+    "SelectionSettings",
+    [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int)]
+    + [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
+    bases=(_SettingsMapping,), frozen=True, eq=True, init=False,
 )
 SelectionSettings.__module__ = __name__
 
@@ -308,9 +328,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def with_selection_overrides(layout: dict, method=None, budget=None, options=None) -> dict:
-    """A copy of a token layout with a call's `options` (SHIRG field name -> value), `method` and `budget` applied,
-    validated (unknown option names and out-of-range values raise a ValueError naming them)."""
+def with_selection_overrides(layout: dict, method=None, budget=None, options=None) -> SelectionSettings:
+    """The SelectionSettings of a token layout (`ShirgConfig.token_layout`) with a call's `options` (SHIRG field name
+    -> value), `method` and `budget` applied, validated (unknown option names and out-of-range values raise a
+    ValueError naming them)."""
     unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
@@ -320,20 +341,44 @@ def with_selection_overrides(layout: dict, method=None, budget=None, options=Non
     if budget is not None:
         layout["selection_budget"] = budget
     validate_selection_settings(layout)
-    return layout
+    return SelectionSettings(**{name: layout[name] for name in SETTINGS_FIELDS})
+
+
+# the allowed values of the SHIRG fields besides the method, the budgets and the geometry (validate_selection_settings)
+CHOICES = {"hires_source": HIRES_SOURCES, "x_scaffold": SCAFFOLDS, "detail_term": DETAIL_TERMS,
+           "score_normalization": tuple(SCORE_NORMALIZATIONS)}
+INTEGER_MINIMUMS = {"coverage_region_size": 1, "v2_kmeans_iterations": 1, "x_suppression_rounds": 1,
+                    "x_scaffold_size": 0, "x_suppression_radius": 0, "visionzip_contextual_tokens": 0, "random_seed": 0}
+WEIGHT_MAXIMUMS = {"relevance_weight": math.inf, "detail_weight": math.inf, "v2_detail_weight": 1.0,
+                   "v2_edge_weight": math.inf, "x_suppression_penalty": 1.0}
+FLAGS = ("v2_summary_token", "coordinate_embedding", "adaptive_budget")
+
+
+def _problem(name, value):
+    """What is wrong with the value of one SHIRG field (CHOICES, INTEGER_MINIMUMS, WEIGHT_MAXIMUMS, FLAGS), or None."""
+    if name in CHOICES:
+        return None if value in CHOICES[name] else f"must be one of {CHOICES[name]}"
+    if name in INTEGER_MINIMUMS:
+        low = INTEGER_MINIMUMS[name]
+        ok = _is_int(value) and value >= low
+        return None if ok else f"must be a {'positive' if low else 'non-negative'} integer"
+    if name in WEIGHT_MAXIMUMS:
+        high = WEIGHT_MAXIMUMS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return "must be a finite non-negative number"
+        return None if value <= high else f"must be in [0, {high:g}]"
+    return None if isinstance(value, bool) else "must be true or false"
 
 
 def validate_selection_settings(settings: dict):
     """Raise a ValueError naming the field for any SHIRG setting of a token layout (`ShirgConfig.token_layout`
-    with a call's overrides) out of its allowed values."""
+    with a call's overrides) out of its allowed values: the one check of a call's settings."""
     if settings["selection_method"] not in SELECTION_METHODS:
         raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {settings['selection_method']!r}")
-    if settings["hires_source"] not in HIRES_SOURCES:
-        raise ValueError(f"hires_source must be one of {HIRES_SOURCES}, got {settings['hires_source']!r}")
-    if settings["x_scaffold"] not in SCAFFOLDS:
-        raise ValueError(f"x_scaffold must be one of {SCAFFOLDS}, got {settings['x_scaffold']!r}")
-    if settings["detail_term"] not in DETAIL_TERMS:
-        raise ValueError(f"detail_term must be one of {DETAIL_TERMS}, got {settings['detail_term']!r}")
+    for name in (*CHOICES, *INTEGER_MINIMUMS, *WEIGHT_MAXIMUMS, *FLAGS):
+        problem = _problem(name, settings[name])
+        if problem:
+            raise ValueError(f"{name} {problem}, got {settings[name]!r}")
     size, patch = settings["hires_image_size"], settings["patch_size"]
     if not _is_int(size) or size < patch or size % patch:
         raise ValueError(f"hires_image_size must be a positive integer multiple of the patch size ({patch}), "
@@ -341,37 +386,19 @@ def validate_selection_settings(settings: dict):
     if settings["hires_source"] == "anyres-views" and settings["x_scaffold"] == "grid":
         raise ValueError("x_scaffold='grid' pools a single high-resolution view: use 'global-view' or 'none' with "
                          "hires_source='anyres-views'")
-    num_tokens = max_source_tokens(settings)
+    num_tokens = fewest_source_tokens(settings)
     budgets = {"selection_budget": [settings["selection_budget"]], "budget_choices": settings["budget_choices"]}
     for name, values in budgets.items():
-        if not isinstance(values, (list, tuple)) or not values or not all(
+        if not isinstance(values, (list, tuple)) or not values or len(set(values)) != len(values) or not all(
                 _is_int(b) and 0 < b <= num_tokens for b in values):
-            raise ValueError(
-                f"{name} must be {'a positive integer' if name == 'selection_budget' else 'a non-empty list of positive integers'}"
-                f" at most the {num_tokens} high-resolution tokens, got {settings[name]!r}"
-            )
-    for name in ("coverage_region_size", "v2_kmeans_iterations", "x_suppression_rounds"):
-        if not _is_int(settings[name]) or settings[name] < 1:
-            raise ValueError(f"{name} must be a positive integer, got {settings[name]!r}")
-    for name in ("x_scaffold_size", "x_suppression_radius", "visionzip_contextual_tokens", "random_seed"):
-        if not _is_int(settings[name]) or settings[name] < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {settings[name]!r}")
-    for name in ("relevance_weight", "detail_weight", "v2_detail_weight", "v2_edge_weight", "x_suppression_penalty"):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    if settings["v2_detail_weight"] > 1:
-        raise ValueError(f"v2_detail_weight must be in [0, 1], got {settings['v2_detail_weight']!r}")
-    if settings["x_suppression_penalty"] > 1:
-        raise ValueError(f"x_suppression_penalty must be in [0, 1], got {settings['x_suppression_penalty']!r}")
-    for name in ("v2_summary_token", "coordinate_embedding", "adaptive_budget"):
-        if not isinstance(settings[name], bool):
-            raise ValueError(f"{name} must be true or false, got {settings[name]!r}")
-    if settings["selection_method"] == "visionzip" and settings["visionzip_contextual_tokens"] >= settings["selection_budget"]:
-        raise ValueError(
-            f"visionzip_contextual_tokens ({settings['visionzip_contextual_tokens']}) must be smaller than "
-            f"selection_budget ({settings['selection_budget']}): the budget counts dominant + contextual tokens"
-        )
+            kind = "a positive integer" if name == "selection_budget" else "a list of distinct positive integers"
+            fewest = " of the image with the fewest anyres views" if settings["hires_source"] == "anyres-views" else ""
+            raise ValueError(f"{name} must be {kind} at most the {num_tokens} high-resolution tokens{fewest}, "
+                             f"got {settings[name]!r}")
+    contextual, budget = settings["visionzip_contextual_tokens"], settings["selection_budget"]
+    if settings["selection_method"] == "visionzip" and contextual >= budget:
+        raise ValueError(f"visionzip_contextual_tokens ({contextual}) must be smaller than selection_budget "
+                         f"({budget}): the budget counts dominant + contextual tokens")
 
 
 # Crop grids (rows, cols) of LaViDa's pinpoints, in its order: (w, h) = (384, 768), (768, 384), (768, 768), (1152, 384),

@@ -472,7 +472,7 @@ class LavidaShirgGenerationMixin:
             step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"], step)
         input_ids, gen_length = inputs["input_ids"], sampler["gen_length"]
         check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
-        prefix_embeds, prefix_mask = self.model.inputs_and_mask(**inputs)  # (B, P, E), (B, P)
+        prefix_embeds, prefix_mask, _ = self.model.inputs_and_mask(**inputs)  # (B, P, E), (B, P)
         prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
         prefix_mask = prefix_mask.repeat_interleave(sequences_per_prompt, dim=0)
         answer_logits, cache, first_token = self.answer_logits(prefix_embeds, prefix_mask, gen_length, prefix)

@@ -5,7 +5,7 @@ Data flow (shapes for the real checkpoint):
     -> projector -> (V, 729, 4096) -> bilinear pool 27x27 -> 14x14 -> (V, 196, 4096)
     -> anyres layout (global view, then stitched crops, unpadded, with a newline token per row)
     -> written into the image positions of the token embeddings -> LLaDA -> logits over the vocabulary.
-Token selection (SHIRG) plugs in between the vision features and the projector's output (high_resolution_tokens).
+Token selection (SHIRG) plugs in between the vision features and the projector's output (shirg_selection).
 
 Classes, on transformers' composite template (LlavaModel / LlavaForConditionalGeneration):
     LavidaShirgModel: vision tower, selection, projector, LLaDA -> hidden states.
@@ -24,15 +24,15 @@ from transformers.modeling_outputs import ModelOutput
 
 from .configuration_lavida_shirg import ShirgConfig
 from .generation_lavida_shirg import LavidaShirgGenerationConfig, LavidaShirgGenerationMixin
-from .high_resolution_tokens import HighResolutionTokensMixin, attention_received, uses_relevance
-from .image_layout import image_token_count, pooled_layout
+from .image_layout import pooled_layout, source_grid
 from .likelihood import LikelihoodMixin
 from .masked_diffusion import sample_complementary_masks
 from .modeling_dream import DreamModel
 from .modeling_llada import LladaModel, check_sequence_length, positions_from_mask
 from .pooling import pool_view_features
 from .prefix_cache import PrefixCache
-from .shirg_selection import AdaptiveBudgetHead, CoordinateEmbedding, check_question_mask
+from .shirg_selection import (METHODS, AdaptiveBudgetHead, CoordinateEmbedding, SelectionInputs, TokenSelector,
+                              image_token_count)
 
 IGNORE_INDEX = -100  # label of positions that are not diffusion targets (prompt, image, template)
 # text_config.model_type -> the language model class built for it
@@ -52,15 +52,44 @@ class LavidaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
+def attention_received(layer, hidden_states):
+    """Attention each token receives in a SigLIP encoder layer: a[b, n] = mean_{h, q} softmax(q k^T / sqrt(d))[q, n].
+
+    Recomputed from the layer's input `hidden_states` (B, N, D) one head at a time (memory B N^2). Returns (B, N).
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_states)
+    batch, num, _ = normed.shape
+    queries = attention.q_proj(normed).view(batch, num, attention.num_heads, -1)
+    keys = attention.k_proj(normed).view(batch, num, attention.num_heads, -1)
+    received = torch.zeros(batch, num, dtype=torch.float32, device=normed.device)
+    for head in range(attention.num_heads):
+        scores = torch.bmm(queries[:, :, head].float(), keys[:, :, head].float().transpose(1, 2)) * attention.scale
+        received += scores.softmax(dim=-1).mean(dim=1)
+    return received / attention.num_heads
+
+
+def anyres_view_boxes(rows, cols):
+    """Canvas boxes (x0, y0, w, h) of one image's anyres views (1 + rows cols, 4): the global view covers the canvas,
+    crop (r, c) covers (c / cols, r / rows, 1 / cols, 1 / rows)."""
+    r = torch.arange(rows, dtype=torch.float32).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=torch.float32).repeat(rows)
+    crops = torch.stack([c / cols, r / rows, torch.full_like(r, 1 / cols), torch.full_like(r, 1 / rows)], dim=-1)
+    return torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), crops])
+
+
 @dataclass
 class LavidaShirgModelOutput(ModelOutput):
     """last_hidden_state: the LM's final hidden states (B, T, E); past_key_values: the PrefixCache a use_cache call
     filled (the name transformers 5.17 uses; our own field, so no rename warning under later versions);
-    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E)."""
+    hidden_states: with output_hidden_states, the (num_layers + 1) hidden states (B, T, E); image_selections: what
+    each selection call kept (dicts of images, grid, view_boxes, indices, scores; empty for pooled), as LLaVA-NeXT
+    returns its image hidden states."""
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
+    image_selections: tuple | None = None
 
 
 @dataclass
@@ -68,13 +97,15 @@ class MaskedDiffusionOutput(ModelOutput):
     """loss: the diffusion loss (with labels); logits: (B, T, V) of the sequence as given (without labels), or with
     labels and output_logits=True, (2B, T, V) of its two complementary masked copies (`diffusion_masks` (2B, T)
     marks the masked targets of each copy); hidden_states: with output_hidden_states, the LM's (num_layers + 1)
-    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled."""
+    hidden states (B, T, E) of the sequence as given; past_key_values: the PrefixCache a use_cache call filled;
+    image_selections: what each selection call kept (see LavidaShirgModelOutput)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: PrefixCache | None = None
     hidden_states: tuple | None = None
     diffusion_masks: torch.BoolTensor | None = None
+    image_selections: tuple | None = None
 
 
 class LavidaShirgPreTrainedModel(PreTrainedModel):
@@ -96,7 +127,7 @@ class LavidaShirgPreTrainedModel(PreTrainedModel):
             module.reset_parameters()  # zero coordinate embedding / default-budget head (after their Linear layers)
 
 
-class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
+class LavidaShirgModel(LavidaShirgPreTrainedModel):
     """Vision tower + token selection + projector + LLaDA: input ids and images -> the LM's hidden states.
 
     Image positions in `input_ids` hold `config.image_token_id` (one per image token, as the processor writes them);
@@ -111,10 +142,7 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         self.multi_modal_projector = LavidaMultiModalProjector(config)
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         self.language_model = LANGUAGE_MODELS[config.text_config.model_type](config.text_config)
-        hidden = config.text_config.hidden_size
-        self.coordinate_embedding = CoordinateEmbedding(hidden) if config.coordinate_embedding else None
-        default_budget = config.selection_budget if config.selection_budget in config.budget_choices else None
-        self.budget_head = AdaptiveBudgetHead(config.budget_choices, default_budget) if config.adaptive_budget else None
+        self.token_selector = TokenSelector(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -157,72 +185,82 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
                 built = {name: settings[name] if name in settings else "unknown" for name in differing}
                 raise ValueError(f"the inputs were built for {built} (the processor's `selection`) but this call asks "
                                  f"for {differing}: give the settings once, to the processor")
-        for name, module in (("coordinate_embedding", self.coordinate_embedding), ("adaptive_budget", self.budget_head)):
+        selector = self.token_selector
+        for name, module in (("coordinate_embedding", selector.coordinate_embedding),
+                             ("adaptive_budget", selector.budget_head)):
             if settings[name] and module is None:
                 raise ValueError(f"{name}=True needs a model built with config.{name}=True (it has no such module)")
-        if settings["adaptive_budget"] and tuple(settings["budget_choices"]) != self.budget_head.budgets:
-            raise ValueError(f"budget_choices must be the budget head's {list(self.budget_head.budgets)} under "
-                             f"adaptive_budget, got {settings['budget_choices']}")
+        if settings.adaptive_budget and tuple(settings.budget_choices) != selector.budget_head.budgets:
+            raise ValueError(f"budget_choices must be the budget head's {list(selector.budget_head.budgets)} under "
+                             f"adaptive_budget, got {settings.budget_choices}")
         return settings
 
     def image_token_count(self, image_size, method=None, budget=None, options=None) -> int:
         """Image tokens the LM receives for one (height, width) image under the given selection settings."""
-        settings = self.selection_settings(method, budget, options)
-        return image_token_count(image_size, {**self.config.token_layout(), **settings})
+        return image_token_count(image_size, self.selection_settings(method, budget, options))
 
     def get_image_features(self, pixel_values, image_sizes, hires_pixel_values=None, question_embeds=None,
-                           question_mask=None, settings=None, record=None):
-        """Image tokens of every image, concatenated: features (sum_i N_i, E) and a validity mask (sum_i N_i,).
+                           question_mask=None, settings=None):
+        """Image tokens of every image, concatenated: features (sum_i N_i, E), a validity mask (sum_i N_i,) and what
+        each selection call kept (a tuple of dicts: images, grid, view_boxes, indices, scores; empty for pooled).
 
-        pooled (default): LaViDa's layout. Other methods select among high-resolution tokens: hires_source
-        'single-view': the view `hires_pixel_values` (I, 3, S, S) through SigLIP (interpolated positions), all images
-        in one batched selection; 'anyres-views': each image's own anyres views left unpooled (V x P tokens, coverage
-        per view), one selection per image (their token counts differ). See `select_high_resolution_tokens`.
-        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample. `record`: a list that
-        receives, per selection call, a dict (images, grid, view_boxes, indices, scores) for diagnostics.
+        pooled (default): LaViDa's layout. Other methods select among high-resolution tokens (shirg_selection.METHODS,
+        run by `token_selector`): hires_source 'single-view': the view `hires_pixel_values` (I, 3, S, S) through
+        SigLIP (interpolated positions), all images in one batched selection; 'anyres-views': each image's own anyres
+        views left unpooled (V x P tokens, coverage per view), one selection per image (their token counts differ).
+        question_embeds (I, L, E) / question_mask (I, L): the question of each image's sample.
         image_sizes: (I, 2), a tensor or its rows as lists (see `views_of_images`).
         """
         settings = self.selection_settings() if settings is None else settings
         views = self.views_of_images(pixel_values, image_sizes)
-        if settings["selection_method"] == "pooled":
+        if settings.selection_method == "pooled":
             features = self.pooled_image_features(pixel_values, views)
-            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-        expected = (len(views), 3, settings["hires_image_size"], settings["hires_image_size"])
-        single_view = settings["hires_source"] == "single-view"
+            return features, torch.ones(features.shape[0], dtype=torch.bool, device=features.device), ()
+        method = METHODS[settings.selection_method]
+        expected = (len(views), 3, settings.hires_image_size, settings.hires_image_size)
+        single_view = settings.hires_source == "single-view"
         if single_view and (hires_pixel_values is None or tuple(hires_pixel_values.shape) != expected):
             shape = None if hires_pixel_values is None else tuple(hires_pixel_values.shape)
-            raise ValueError(f"selection_method={settings['selection_method']!r} needs hires_pixel_values of shape "
+            raise ValueError(f"selection_method={settings.selection_method!r} needs hires_pixel_values of shape "
                              f"{expected} (the processor's, called with the same method), got {shape}")
-        if uses_relevance(settings):
+        if method.uses_question(settings):
             if question_mask is None:
-                raise ValueError(f"selection_method={settings['selection_method']!r} is text-conditioned: pass "
+                raise ValueError(f"selection_method={settings.selection_method!r} is text-conditioned: pass "
                                  "question_mask (the processor's) or set relevance_weight=0 (v2: v2_detail_weight=1)")
-            check_question_mask(question_mask)  # host read: a sample without question tokens is a ValueError
-        with_attention = settings["selection_method"] == "visionzip"
-        groups = []  # (vision features, attention received, images, their source views' pixels) of each selection
+            has_question = question_mask.bool().any(dim=1)
+            if not bool(has_question.all()):  # host read: relevance needs a question in every sample
+                raise ValueError(f"question_mask marks no usable question token for sample(s) "
+                                 f"{(~has_question).nonzero().flatten().tolist()}: relevance needs a question "
+                                 "(select a text-free method such as 'top-norm', or set relevance_weight=0)")
+        features, received = self.vision_features(hires_pixel_values if single_view else pixel_values,
+                                                  method.needs_attention)  # (V, P, D), (V, P)
+        groups = []  # (images, vision features, attention received, source views' pixels, grid, view boxes)
         if single_view:
-            features, received = self.vision_features(hires_pixel_values, with_attention)
-            groups.append((features, received, list(range(len(views))), hires_pixel_values))
+            groups.append((list(range(len(views))), features, received, hires_pixel_values,
+                           source_grid(None, settings)[1:], None))
         else:
-            features, received = self.vision_features(pixel_values, with_attention)  # (V_all, P, D)
+            side = self.config.patches_per_side
             for image, ((rows, cols), _, start) in enumerate(views):
                 group = slice(start, start + 1 + rows * cols)
-                groups.append((features[group].flatten(0, 1)[None],
-                               None if received is None else received[group].flatten()[None], [image],
-                               pixel_values[group]))
-        tokens, valid = [], []
-        for features, received, images, source_pixels in groups:
+                groups.append(([image], features[group].flatten(0, 1)[None],
+                               None if received is None else received[group].flatten()[None], pixel_values[group],
+                               (1 + rows * cols, side, side), anyres_view_boxes(rows, cols)))
+        tokens, valid, selections = [], [], []
+        for images, group_features, group_received, pixels, grid, boxes in groups:
+            global_view = None
+            if method.needs_global_view(settings):  # SHIRG-X's scaffold: the images' pooled LaViDa global views
+                global_views = pixel_values[[views[i][2] for i in images]]
+                global_view = pool_view_features(self.encode_views(global_views), self.config.pooled_view_size)
             question = (None, None) if question_mask is None else (question_embeds[images], question_mask[images])
-            entry = {"images": images}
-            group_tokens, group_valid = self.select_high_resolution_tokens(
-                features, received, *question, pixel_values, [views[i] for i in images], settings, entry,
-                source_pixels=source_pixels,
-            )
-            if record is not None:
-                record.append(entry)
+            inputs = SelectionInputs(group_features, self.multi_modal_projector(group_features), grid, boxes,
+                                     *question, pixels, self.config.vision_config.patch_size, group_received,
+                                     global_view)
+            group_tokens, group_valid, selection = self.token_selector(inputs, settings)
+            selections.append(dict(images=images, grid=grid, view_boxes=boxes, indices=selection.indices,
+                                   scores=selection.scores))
             tokens.append(group_tokens.flatten(0, 1))
             valid.append(group_valid.flatten())
-        return torch.cat(tokens), torch.cat(valid)
+        return torch.cat(tokens), torch.cat(valid), tuple(selections)
 
     def views_of_images(self, pixel_values, image_sizes):
         """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count.
@@ -264,11 +302,10 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         """Index of the sample each image belongs to (images fill samples in order); checks the per-sample counts.
         image_sizes: (I, 2) tensor or its rows as lists; positions: the image tokens of each sample when already
         read to the host (`embed_inputs`), else read here from is_image (B, T)."""
-        layout = {**self.config.token_layout(), **settings}
         # host reads (unless done already): the image tokens of each sample are checked against its images' counts
         sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
         positions = is_image.sum(dim=1).tolist() if positions is None else positions
-        counts = [image_token_count(size, layout) for size in sizes]
+        counts = [image_token_count(size, settings) for size in sizes]
         owners, remaining, sample = [], list(positions), 0
         for count in counts:
             while sample < len(remaining) and remaining[sample] == 0:
@@ -286,15 +323,16 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         return torch.tensor(owners, dtype=torch.long, device=is_image.device)
 
     def embed_inputs(self, input_ids, attention_mask, pixel_values=None, image_sizes=None, hires_pixel_values=None,
-                     question_mask=None, settings=None, record=None):
-        """Token embeddings with the image features written into the image positions (B, T, E), and the attention
-        mask (B, T) with the image positions an adaptive budget drops set to 0."""
+                     question_mask=None, settings=None):
+        """Token embeddings with the image features written into the image positions (B, T, E), the attention
+        mask (B, T) with the image positions an adaptive budget drops set to 0, and what the selection kept (see
+        get_image_features)."""
         is_image = input_ids == self.config.image_token_id  # (B, T)
         embeds = self.language_model.embed_tokens(input_ids.masked_fill(is_image, 0))
         if pixel_values is None:
             if bool(is_image.any()):  # host read: image tokens without images are a ValueError
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no pixel_values were given")
-            return embeds, attention_mask
+            return embeds, attention_mask, ()
         if image_sizes is None:
             raise ValueError("image_sizes (the (height, width) of every image) is required with pixel_values")
         settings = self.selection_settings() if settings is None else settings
@@ -304,12 +342,12 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         sizes = [host[2 * i : 2 * i + 2] for i in range(image_sizes.shape[0])]
         owners = self.image_samples(is_image, sizes, settings, positions=host[2 * len(sizes):])
         image_question_mask = None if question_mask is None else question_mask.bool()[owners]
-        features, valid = self.get_image_features(
-            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings, record
+        features, valid, selections = self.get_image_features(
+            pixel_values, sizes, hires_pixel_values, embeds[owners], image_question_mask, settings
         )
         embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
         dropped = torch.zeros_like(is_image).masked_scatter(is_image, ~valid)  # (B, T)
-        return embeds, attention_mask.masked_fill(dropped, 0)
+        return embeds, attention_mask.masked_fill(dropped, 0), selections
 
     @torch.no_grad()
     def inspect_selection(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -319,14 +357,13 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
 
         Returns one dict per selection call (single-view: one for the whole batch; anyres-views: one per image):
         images (their indices), grid ((H, W) or (V, H, W)), view_boxes ((V, 4) canvas boxes or None), indices
-        (I, K) kept token indices in raster order, scores (I, N) float32 or None. pooled and full return [].
+        (I, K) kept token indices in raster order (full: all of them), scores (I, N) float32 or None. pooled returns
+        [].
         """
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
-        record = []
-        self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-                          settings, record)
-        return [entry for entry in record if "indices" in entry]
+        return list(self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
+                                      question_mask, settings)[2])
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_sizes=None,
                 hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
@@ -350,8 +387,9 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
         if use_cache and cached:
             raise ValueError("past_key_values already holds a prefix, which is read and never extended: pass "
                              "use_cache=False with it")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         batch, length = inputs_embeds.shape[:2]
@@ -365,15 +403,16 @@ class LavidaShirgModel(HighResolutionTokensMixin, LavidaShirgPreTrainedModel):
                                       output_hidden_states=bool(output_hidden_states))
         if use_cache:
             past_key_values = (PrefixCache() if past_key_values is None else past_key_values).store(outputs.key_values)
-        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state,
-                                        past_key_values=past_key_values, hidden_states=outputs.hidden_states)
+        output = LavidaShirgModelOutput(last_hidden_state=outputs.last_hidden_state, past_key_values=past_key_values,
+                                        hidden_states=outputs.hidden_states, image_selections=image_selections)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def inputs_and_mask(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                         hires_pixel_values=None, question_mask=None, selection=None, selection_method=None,
                         selection_budget=None, selection_options=None):
-        """(inputs_embeds (B, T, E), attention_mask (B, T)): the embedded ids with the image tokens of the call's
-        selection settings written in (the positions an adaptive budget drops masked out)."""
+        """(inputs_embeds (B, T, E), attention_mask (B, T), image selections): the embedded ids with the image tokens
+        of the call's selection settings written in (the positions an adaptive budget drops masked out), and what
+        each selection kept (see get_image_features)."""
         settings = self.selection_settings(selection_method, selection_budget, selection_options, selection)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.embed_inputs(input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
@@ -484,12 +523,14 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
                                  output_hidden_states, return_dict=True)
             hidden = outputs.last_hidden_state[:, -logits_to_keep:]  # logits_to_keep=0 keeps every position
             output = MaskedDiffusionOutput(logits=self.lm_head(hidden), hidden_states=outputs.hidden_states,
-                                           past_key_values=outputs.past_key_values)
+                                           past_key_values=outputs.past_key_values,
+                                           image_selections=outputs.image_selections)
             return output if return_dict else output.to_tuple()
         if past_key_values is not None or use_cache:
             raise ValueError("the diffusion loss runs whole sequences: past_key_values / use_cache are for generation")
+        image_selections = None
         if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.model.inputs_and_mask(
+            inputs_embeds, attention_mask, image_selections = self.model.inputs_and_mask(
                 input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
                 selection_method, selection_budget, selection_options)
         elif attention_mask is None:
@@ -501,7 +542,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
         if output_hidden_states:
             hidden_states = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                        output_hidden_states=True, return_dict=True).hidden_states
-        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks)
+        output = MaskedDiffusionOutput(loss=loss, logits=logits, hidden_states=hidden_states, diffusion_masks=masks,
+                                       image_selections=image_selections)
         return output if return_dict else output.to_tuple()
 
     def diffusion_loss(self, inputs_embeds, attention_mask, labels, num_items_in_batch=None, generator=None,

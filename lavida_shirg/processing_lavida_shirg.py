@@ -15,8 +15,8 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs, TextKwargs
 
 from .configuration_lavida_shirg import SELECTION_FIELDS, DreamTextConfig, SelectionSettings, with_selection_overrides
-from .image_layout import image_token_count
 from .image_processing_lavida_shirg import LavidaShirgImageProcessor, LavidaShirgImagesKwargs
+from .shirg_selection import image_token_count
 
 IGNORE_INDEX = -100  # label of the positions that carry no loss (prompt and image positions)
 EOT_TOKEN = "<|eot_id|>"
@@ -306,8 +306,8 @@ class LavidaShirgProcessor(ProcessorMixin):
                                  None if answer_list is None else list(map(self.encode_answer, answer_list)),
                                  layout, **padding)
         encoded = BatchFeature({**batch, **image_inputs}, tensor_type=text_kwargs.get("return_tensors"))
-        if all(name in layout for name in SELECTION_FIELDS):  # the model reads the settings from the inputs
-            encoded["selection"] = SelectionSettings(**{name: layout[name] for name in SELECTION_FIELDS})
+        if isinstance(layout, SelectionSettings):  # the model reads the settings from the inputs
+            encoded["selection"] = layout
         return encoded
 
     def _images_per_prompt(self, images, prompts) -> list:

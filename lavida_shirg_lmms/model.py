@@ -27,14 +27,23 @@ task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its 
 as LaViDa's own lmms-eval model ignores it (the whole answer is decoded, as in eval.py); `do_sample` with `temperature` samples (Gumbel-max); `num_beams` > 1 is refused, and so are
 `top_p` / `top_k` when sampling (the sampler has no beams or filtering); other keys are ignored. The prompt is the
 task's context in LaViDa's chat template with the document's images first (`processor.build_prompt`).
+
+lmms-eval's command line catches every exception of an evaluation, logs it and exits 0. Under that command line,
+this plugin's refusals (bad model_args, a request it cannot run, loglikelihood) end the process instead: SystemExit
+with `error: lavida_shirg: ...` on stderr and exit status 1, so a script sees the failure. Called from Python
+(`lmms_eval.evaluator.simple_evaluate`, tests), they stay ValueError / NotImplementedError.
 """
 
 import atexit
+import functools
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+import lmms_eval
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
@@ -84,6 +93,37 @@ def destroy_process_group():
         torch.distributed.destroy_process_group()
 
 
+LMMS_EVAL_CLI = (os.path.join(os.path.dirname(os.path.abspath(lmms_eval.__file__)), "__main__.py"), "cli_evaluate")
+
+
+def _under_lmms_eval_cli() -> bool:
+    """Whether this call runs inside lmms-eval's command line (its cli_evaluate, which catches and logs every
+    exception of an evaluation and exits 0)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (os.path.abspath(frame.f_code.co_filename), frame.f_code.co_name) == LMMS_EVAL_CLI:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def fails_the_command_line(method):
+    """A plugin entry point whose refusal (ValueError, NotImplementedError) ends lmms-eval's command line with exit
+    status 1 and the message on stderr (SystemExit, which its catch-all does not catch); from Python the error is
+    raised as it is."""
+
+    @functools.wraps(method)
+    def entry_point(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (ValueError, NotImplementedError) as error:
+            if _under_lmms_eval_cli():
+                raise SystemExit(f"error: {error}") from error
+            raise
+
+    return entry_point
+
+
 def _positive_int(name: str, value, allow_none: bool = False):
     """`value` as a positive int (lmms-eval passes model_args as int, float, bool or str); ValueError naming it."""
     if value is None and allow_none:
@@ -129,6 +169,7 @@ class LavidaShirgLmms(lmms):
 
     is_simple = True
 
+    @fails_the_command_line
     def __init__(self, pretrained=None, dtype="auto", device=None, batch_size=1, variant=None, selection_method=None,
                  selection_budget=None, gen_length=None, block_length=None, step_ratio=DEFAULT_STEP_RATIO,
                  schedule=DEFAULT_SCHEDULE, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None,
@@ -244,6 +285,7 @@ class LavidaShirgLmms(lmms):
                              f"{found!r}): {MODEL_NAME} answers questions about images; run image tasks only")
         return [visual.convert("RGB") for visual in visuals]
 
+    @fails_the_command_line
     def generate_until(self, requests) -> list:
         """Answers of generate_until requests, batched `batch_size` at a time among requests with the same sampler
         arguments. Every request's settings and the first document of every task are checked before any sample
@@ -274,6 +316,7 @@ class LavidaShirgLmms(lmms):
         progress.close()
         return answers
 
+    @fails_the_command_line
     def loglikelihood(self, requests) -> list:
         """(log-likelihood, False) of each request's continuation given its images and context: the model's Monte
         Carlo estimate with mc_num masks in forwards of mc_batch_size rows, seeded by `seed` (the same for every
@@ -292,5 +335,6 @@ class LavidaShirgLmms(lmms):
             self.cache_hook.add_partial("loglikelihood", (context, continuation), (score, False))
         return results
 
+    @fails_the_command_line
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{MODEL_NAME}: multi-round generation is not supported; run generate_until tasks")

@@ -14,7 +14,8 @@ per optimizer step. So:
 import numpy as np
 import torch
 
-from lavida_shirg.image_layout import image_token_count
+from lavida_shirg.configuration_lavida_shirg import SelectionSettings
+from lavida_shirg.shirg_selection import image_token_count
 from lavida_shirg.processing_lavida_shirg import IGNORE_INDEX
 
 
@@ -126,8 +127,8 @@ class BatchBuilder:
 
     def build(self, batch: dict, entry, extra_positions: int = 0) -> dict:
         """input_ids, attention_mask, labels, question_mask (B, T) for `entry`, plus the batch's pixel tensors
-        (hires_pixel_values only when the entry selects from them) and the entry's selection keyword arguments.
-        Same ids, labels and padding as `processor(images, prompts, answers, **entry.call_kwargs())` (every sample
+        (hires_pixel_values only when the entry selects from them) and `selection`, the entry's SelectionSettings.
+        Same inputs as `processor(images, prompts, answers, **entry.call_kwargs())` (every sample
         right-padded to the longest with EOS ids and labels, attended), then right-padded the same way until every
         sample has >= `answer_window` answer positions, then by `extra_positions` more (LaViDa's collator; at most
         up to the processor's model_max_length, where LaViDa truncates)."""
@@ -145,7 +146,9 @@ class BatchBuilder:
         inputs["image_sizes"] = batch["image_sizes"]
         if layout["selection_method"] != "pooled" and layout["hires_source"] == "single-view":
             inputs["hires_pixel_values"] = batch["hires_pixel_values"]
-        return {**inputs, **entry.call_kwargs()}
+        if isinstance(layout, SelectionSettings):  # as the processor's output: the settings travel with the batch
+            inputs["selection"] = layout
+        return inputs
 
     def pad_with_eos(self, text: dict, width: int) -> dict:
         """Extend the (B, T) arrays on the right to `width`: input_ids and labels EOS (targets), attention_mask 1,

@@ -178,7 +178,7 @@ def full_resolution_token_area(views) -> float:
     return (x1 - x0) / view.cols * (y1 - y0) / view.rows
 
 
-def kept_masks(model, inputs: dict, settings: dict, layout: dict) -> list:
+def kept_masks(model, inputs: dict, settings) -> list:
     """Per image: ((N,) bool kept mask, (N,) float32 scores or None, grid) of the variant's selection. full keeps
     every token (scores None); pooled has no high-resolution selection (None per image)."""
     sizes = [tuple(size) for size in inputs["image_sizes"].tolist()]
@@ -188,16 +188,14 @@ def kept_masks(model, inputs: dict, settings: dict, layout: dict) -> list:
     if method == "full":
         results = []
         for size in sizes:
-            views, rows, cols = source_grid(size, layout)
+            views, rows, cols = source_grid(size, settings)
             grid = (rows, cols) if settings["hires_source"] == "single-view" else (views, rows, cols)
             results.append((torch.ones(views * rows * cols, dtype=torch.bool), None, grid))
         return results
     results = [None] * len(sizes)
     call = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes",
                                          "hires_pixel_values", "question_mask") if key in inputs}
-    entries = model.inspect_selection(**call, selection_method=method, selection_budget=settings["selection_budget"],
-                                      selection_options={key: settings[key] for key in settings
-                                                         if key not in ("selection_method", "selection_budget")})
+    entries = model.inspect_selection(**call, selection=settings)
     for entry in entries:
         indices = entry["indices"].cpu()
         num = int(np.prod(entry["grid"]))
@@ -212,16 +210,15 @@ def selection_diagnostics(model, inputs: dict, settings: dict, samples: list, re
     """Per sample (one image each): a dict with relevance_lift, coverage_kept, score_gini, answer_recall (when the
     sample has an answer box) and token_area_px2, plus the kept mask and geometry for overlays under "_kept",
     "_views" (see the module docstring). `relevance`: `token_relevance` of the batch (None for pooled)."""
-    layout = {**model.config.token_layout(), **settings}
-    selections = kept_masks(model, inputs, settings, layout)
+    selections = kept_masks(model, inputs, settings)
     results = []
     for index, (sample, selection) in enumerate(zip(samples, selections)):
         size = (sample.image.height, sample.image.width)
         if selection is None:
-            results.append({"token_area_px2": pooled_token_area(size, layout), "_kept": None, "_views": None})
+            results.append({"token_area_px2": pooled_token_area(size, settings), "_kept": None, "_views": None})
             continue
         kept, scores, grid = selection
-        views = source_views(size, layout)
+        views = source_views(size, settings)
         lift = float(relevance_lift(relevance[index][None], kept[None])[0])
         result = {
             "relevance_lift": None if np.isnan(lift) else lift,

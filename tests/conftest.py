@@ -110,3 +110,17 @@ def served_app(arguments: list, cwd, env: dict, timeout: float = 120):
 @pytest.fixture(scope="module")
 def tiny_model():
     return build_tiny_model()
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder in which this process cannot create anything: a read-only folder, or for root (whom file modes do
+    not stop) a path under sysfs."""
+    from pathlib import Path
+
+    if os.geteuid() == 0:
+        return Path("/sys/lavida-shirg-unwritable")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder

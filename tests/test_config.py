@@ -108,18 +108,22 @@ def test_text_config_carries_the_special_ids_for_trainer():
 def test_selection_settings_are_one_typed_frozen_object():
     import dataclasses
 
-    from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings
+    from lavida_shirg.configuration_lavida_shirg import LAYOUT_FIELDS, SELECTION_FIELDS, SelectionSettings
 
     config = ShirgConfig.from_preset("tiny")
     settings = config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})
     assert isinstance(settings, SelectionSettings)
     assert (settings.selection_method, settings.selection_budget, settings.x_suppression_rounds) == ("shirg-x", 32, 2)
     assert settings["hires_image_size"] == settings.hires_image_size == 64
-    assert tuple(settings) == SELECTION_FIELDS and dict(settings)["relevance_weight"] == config.relevance_weight
+    assert tuple(settings) == LAYOUT_FIELDS + SELECTION_FIELDS
+    assert dict(settings)["relevance_weight"] == config.relevance_weight
+    # the settings carry the image geometry: they count image tokens with no other input
+    assert (settings.pooled_view_size, settings.view_size, settings.patch_size) == (4, 32, 4)
+    assert settings.image_grid_pinpoints == config.image_grid_pinpoints
     fields = {field.name: field.type for field in dataclasses.fields(SelectionSettings)}
     assert fields["selection_budget"] == ShirgConfig.__annotations__["selection_budget"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.selection_budget = 64
     with pytest.raises(KeyError):
-        settings["pooled_view_size"]
+        settings["vision_config"]
     assert settings == config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})

@@ -101,7 +101,7 @@ def test_prefix_lm_training_hides_answer_from_prompt():
     batch = loss_batch(model)
     targets = batch["labels"] != -100
     prefix_lengths = targets.int().argmax(1)
-    embeds, _ = model.model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"])
+    embeds, _, _ = model.model.embed_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_sizes"])
     hidden = model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                          prefix_lengths=prefix_lengths).last_hidden_state
     other = embeds.clone()
@@ -226,7 +226,7 @@ def test_full_bidirectional_mode_lets_the_prefix_see_the_answer(tiny_model):
     """LaViDa's no-cache mode (prefix attends to the answer) is a different computation from Prefix-DLM."""
     input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(tiny_model)
     model = tiny_model
-    embeds, _ = model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
+    embeds, _, _ = model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
     answer = model.language_model.embed_tokens(torch.randint(0, 500, (3, 6)))
     mask = torch.cat((padding, torch.ones(3, 6, dtype=padding.dtype)), 1)
     full = model.model(inputs_embeds=torch.cat((embeds, answer), 1), attention_mask=mask).last_hidden_state
@@ -273,7 +273,7 @@ def test_one_step_per_token_commits_the_argmax_of_the_most_confident(tiny_model)
     input_ids, padding, pixel_values, image_sizes, _ = generation_inputs(tiny_model)
     model = tiny_model
     mask_id = model.config.mask_token_id
-    embeds, _ = model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
+    embeds, _, _ = model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
     canvas = torch.full((3, 4), mask_id)
     mask = torch.cat((padding, torch.ones(3, 4, dtype=padding.dtype)), 1)
     hidden = model.model(inputs_embeds=torch.cat((embeds, model.language_model.embed_tokens(canvas)), 1),

@@ -317,8 +317,8 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path
         assert first.stdout.readline() == "locked\n"  # it holds the folder and waits in Evaluation.run
         assert evaluation.main(args) == 2
         error = capsys.readouterr().err
-        assert error == (f"error: --output-dir {str(out)!r} is in use by another eval.py run (process {first.pid}): "
-                         "wait for it to end or use another --output-dir\n")
+        assert error == (f"error: --output-dir {str(out)!r} is being written by another process (pid {first.pid}): "
+                         "wait for it to end or choose another --output-dir\n")
         assert not (out / "predictions").exists(), "the refused run wrote nothing"
     finally:
         first.kill()  # SIGKILL: the lock goes with the process
@@ -332,6 +332,13 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path
     assert len(lines(out / "predictions" / "synthetic-ocr.jsonl")) == 6
 
 
+def test_an_unwritable_output_dir_is_one_error_line(unwritable, capsys):
+    assert evaluation.main(["--output-dir", str(unwritable / "out"), *FAST, "--limit", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write --output-dir {str(unwritable / 'out')!r}: [Errno ")
+    assert not (unwritable / "out").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
@@ -341,7 +348,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         os.umask(previous)
     paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
     files = {str(path.relative_to(tmp_path / "out")) for path in paths if path.is_file()}
-    assert files == {"summary.json", "summary.md", "run_config.json", ".eval.lock", "predictions/synthetic-ocr.jsonl",
+    assert files == {"summary.json", "summary.md", "run_config.json", "predictions/synthetic-ocr.jsonl",
                      "overlays/synthetic-ocr/0/sheet.png", "overlays/synthetic-ocr/0/shirg-fixed-40.png",
                      "overlays/synthetic-ocr/0/sample.json"}
     assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in paths} == {
@@ -389,7 +396,7 @@ def tiny_layout(**settings):
     from lavida_shirg import ShirgConfig
 
     config = ShirgConfig.from_preset("tiny")
-    return {**config.token_layout(), **config.selection_settings("shirg-fixed", 1, settings or None)}
+    return config.selection_settings("shirg-fixed", 1, settings or None)
 
 
 def test_token_geometry_and_answer_recall():

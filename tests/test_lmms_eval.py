@@ -197,6 +197,29 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
 # ---- registration, batching, answer lengths ------------------------------------------------------------------------
 
 
+def test_a_plugin_refusal_fails_the_lmms_eval_command_line(model_dir, tmp_path):
+    """lmms-eval's CLI catches an evaluation's exception, logs it and exits 0; the plugin's refusals end it with exit
+    status 1 and the message instead (at model creation and at a request)."""
+    write_textvqa(tmp_path / "data", [["-"] * 10] * len(QUESTIONS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=tmp_path / "data"))
+    (tasks / f"{TASK}_utils.py").write_text(TASK_UTILS)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf")}
+    for model_args, extra, message in [
+        (f"pretrained={model_dir},foo=1", [], "error: lavida_shirg: unknown model_args key(s) ['foo']"),
+        (f"pretrained={model_dir},device=cpu", ["--gen_kwargs", "num_beams=4"],
+         f"error: lavida_shirg: task '{TASK}' gen_kwargs num_beams=4: a masked-diffusion sampler has no beam search"),
+    ]:
+        run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "lavida_shirg", "--model_args", model_args,
+                              "--tasks", TASK, "--include_path", str(tasks), "--batch_size", "2", "--output_path",
+                              str(tmp_path / "out"), *extra], cwd=tmp_path, env=environment, capture_output=True,
+                             text=True, timeout=400)
+        assert run.returncode == 1 and message in run.stderr, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
+    assert not list(tmp_path.glob("out/*/*_results.json"))
+
+
 def test_the_plugin_is_registered_through_the_lmms_eval_entry_point():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
     assert declared == {"lavida_shirg": "lavida_shirg_lmms:manifest"}

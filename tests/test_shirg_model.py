@@ -7,11 +7,10 @@ from conftest import build_tiny_model
 from PIL import Image
 
 from lavida_shirg import ShirgConfig
-from lavida_shirg.image_layout import image_token_count
 from lavida_shirg.pooling import pool_view_features
 from lavida_shirg.prefix_cache import PrefixCache
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from lavida_shirg.shirg_selection import gather_tokens, select_tokens
+from lavida_shirg.shirg_selection import gather_tokens, image_token_count, select_tokens
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
 METHODS = ["full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip", "divprune"]
@@ -52,8 +51,8 @@ def call_args(method, budget=None, options=None):
 def embed(model, inputs, settings):
     """model.model.embed_inputs on a processor batch: (embeds (B, L, D), attention mask (B, L))."""
     return model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                              inputs["image_sizes"], inputs.get("hires_pixel_values"), inputs["question_mask"],
-                              settings)
+                                    inputs["image_sizes"], inputs.get("hires_pixel_values"), inputs["question_mask"],
+                                    settings)[:2]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -97,7 +96,7 @@ def test_selection_follows_each_samples_question(tiny_model, processor):
     assert not torch.allclose(embeds[0][is_image[0]], embeds[1][is_image[1]])
     single = processor(images=[image], text=prompts[1:], selection_method="shirg-fixed", selection_budget=20,
                        selection_options=options)
-    alone, _ = tiny_model.model.embed_inputs(single["input_ids"], single["attention_mask"], single["pixel_values"],
+    alone, _, _ = tiny_model.model.embed_inputs(single["input_ids"], single["attention_mask"], single["pixel_values"],
                                        single["image_sizes"], single["hires_pixel_values"], single["question_mask"],
                                        settings)
     torch.testing.assert_close(alone[0][single["input_ids"][0] == tiny_model.config.image_token_id],
@@ -149,7 +148,7 @@ def test_gradients_reach_projector_through_kept_tokens():
                  generator=torch.Generator().manual_seed(0)).loss
     loss.backward()
     assert model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-    assert model.model.coordinate_embedding.weight.grad.abs().sum() > 0
+    assert model.model.token_selector.coordinate_embedding.weight.grad.abs().sum() > 0
     assert model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
@@ -157,9 +156,11 @@ def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
     plain = build_tiny_model(seed=5)
     with_coordinates = build_tiny_model(seed=5, coordinate_embedding=True)
     missing, unexpected = with_coordinates.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["model.coordinate_embedding.bias", "model.coordinate_embedding.weight"] and not unexpected
+    assert sorted(missing) == ["model.token_selector.coordinate_embedding.bias",
+                              "model.token_selector.coordinate_embedding.weight"] and not unexpected
     with torch.no_grad():
-        with_coordinates.model.coordinate_embedding.reset_parameters()  # the test helper randomised every parameter
+        # the test helper randomised every parameter
+        with_coordinates.model.token_selector.coordinate_embedding.reset_parameters()
     inputs = inputs_for(processor, batch_parts, "shirg-x", 40)
     torch.testing.assert_close(with_coordinates(**inputs, **call_args("shirg-x", 40)).logits,
                                plain(**inputs, **call_args("shirg-x", 40)).logits)
@@ -167,8 +168,9 @@ def test_coordinate_embedding_starts_at_zero(processor, batch_parts):
     from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
     model = LavidaShirgForMaskedDiffusion(fresh)
-    assert model.model.coordinate_embedding.weight.abs().sum() == 0, "post_init keeps the zero initialisation"
-    assert model.model.budget_head.output_bias.argmax() == 1, "the untrained head picks the default budget (64)"
+    selector = model.model.token_selector
+    assert selector.coordinate_embedding.weight.abs().sum() == 0, "post_init keeps the zero initialisation"
+    assert selector.budget_head.output_bias.argmax() == 1, "the untrained head picks the default budget (64)"
 
 
 def test_adaptive_budget_masks_the_positions_beyond_each_images_budget(processor, batch_parts):
@@ -247,9 +249,10 @@ def test_learned_parts_start_neutral_when_added_to_a_converted_checkpoint(tiny_m
 
     tiny_model.save_pretrained(tmp_path)
     model = LavidaShirgForMaskedDiffusion.from_pretrained(tmp_path, coordinate_embedding=True, adaptive_budget=True)
-    assert model.model.coordinate_embedding.weight.abs().sum() == 0 and model.model.coordinate_embedding.bias.abs().sum() == 0
-    assert model.model.budget_head.output_weight.abs().sum() == 0
-    assert model.model.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
+    selector = model.model.token_selector
+    assert selector.coordinate_embedding.weight.abs().sum() == 0 and selector.coordinate_embedding.bias.abs().sum() == 0
+    assert selector.budget_head.output_weight.abs().sum() == 0
+    assert selector.budget_head.output_bias.tolist() == [0.0, 1.0, 0.0]
     torch.testing.assert_close(model.lm_head.weight, tiny_model.lm_head.weight)
 
 
@@ -272,7 +275,7 @@ def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
     """With the budget equal to the region count, every region of every view keeps exactly one token."""
     options = dict(ANYRES, coverage_region_size=4, relevance_weight=0.0, detail_weight=1.0)
     inputs = inputs_for(processor, batch_parts, "shirg-fixed", 20, options)
-    embeds, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+    embeds, _, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         inputs["image_sizes"], None, inputs["question_mask"],
                                         tiny_model.selection_settings("shirg-fixed", 20, options))
     projected = tiny_model.model.encode_views(inputs["pixel_values"][:5]).flatten(0, 1)  # first image: 5 views x 64
@@ -282,12 +285,17 @@ def test_anyres_coverage_keeps_every_view(tiny_model, processor, batch_parts):
     assert sorted(region.tolist()) == list(range(20))
 
 
-def test_anyres_budget_beyond_an_images_tokens(tiny_model, processor, batch_parts):
+def test_anyres_budget_must_fit_every_image(tiny_model, processor, batch_parts):
+    """The budget is checked once, with the settings: it must fit the image with the fewest views (global + 2 crops
+    of 8 x 8 tokens in the tiny preset's pinpoints), whatever the images of a call."""
     wide = ([page(96, 30, 5)], [processor.build_prompt("What?")])  # 1 x 3 crops: 4 views x 64 = 256 tokens
-    with pytest.raises(ValueError, match="selection_budget 300 exceeds the 256 high-resolution tokens of a 30x96"):
-        inputs_for(processor, wide, "shirg-fixed", 300, ANYRES)
-    with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 320"):
-        inputs_for(processor, wide, "shirg-fixed", 321, ANYRES)
+    for budget in (193, 300):
+        with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 192 high-"
+                                             f"resolution tokens of the image with the fewest anyres views, "
+                                             f"got {budget}"):
+            inputs_for(processor, wide, "shirg-fixed", budget, ANYRES)
+    inputs = inputs_for(processor, wide, "shirg-fixed", 192, ANYRES)
+    assert int((inputs["input_ids"] == tiny_model.config.image_token_id).sum()) == 192
     with pytest.raises(ValueError, match="x_scaffold='grid' pools a single high-resolution view"):
         tiny_model.selection_settings("shirg-x", 40, dict(ANYRES, x_scaffold="grid"))
 
@@ -323,12 +331,24 @@ def test_inspect_selection_reports_what_is_kept(tiny_model, processor, batch_par
     assert tiny_model.inspect_selection(**inputs_for(processor, batch_parts, "pooled")) == []
 
 
+
+def test_forward_returns_what_the_selection_kept(tiny_model, processor, batch_parts):
+    """The selection diagnostics come back in the output (as LLaVA-NeXT's image_hidden_states), equal to
+    inspect_selection's, for every sample of the batch."""
+    inputs = inputs_for(processor, batch_parts, "shirg-fixed", 40)
+    (kept,) = tiny_model(**inputs).image_selections
+    (inspected,) = tiny_model.inspect_selection(**inputs)
+    assert kept["images"] == [0, 1] and torch.equal(kept["indices"], inspected["indices"])
+    torch.testing.assert_close(kept["scores"], inspected["scores"])
+    assert tiny_model(**inputs_for(processor, batch_parts, "pooled")).image_selections == ()
+
+
 @pytest.mark.parametrize("storage,byte_ratio,tolerance", [("bfloat16", 0.5, 0.02), ("float16", 0.5, 0.005),
                                                           ("float8_e4m3fn", 0.25, 0.25)])
 def test_kv_cache_storage_dtypes(tiny_model, processor, batch_parts, storage, byte_ratio, tolerance):
     """Smaller storage of the prefix cache: bytes shrink by the dtype ratio, first-step logits move a bounded amount."""
     inputs = inputs_for(processor, batch_parts, "pooled")
-    embeds, mask = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+    embeds, mask, _ = tiny_model.model.embed_inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                            inputs["image_sizes"])
     full, small = (tiny_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
                                     past_key_values=PrefixCache(kv_dtype)).past_key_values for kv_dtype in (None, storage))

@@ -61,7 +61,7 @@ SIZES = [(40, 70), (64, 30), (20, 20), (1, 1), (3, 400), (96, 32)]
 
 def test_image_feature_counts_match_the_layout(tiny_model):
     pixel_values, image_sizes, counts = image_batch(tiny_model.config, SIZES)
-    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
     assert valid.all()
     assert features.shape == (sum(counts), tiny_model.config.text_config.hidden_size)
 
@@ -72,7 +72,7 @@ def test_anyres_layout_values(tiny_model):
     p = config.pooled_view_size
     for size in [(40, 70), (64, 30), (30, 90)]:
         pixel_values, image_sizes, counts = image_batch(config, [size], seed=1)
-        features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+        features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
         assert valid.all()
         pooled = pool_view_features(tiny_model.model.encode_views(pixel_values), p)  # (V, p*p, E)
         rows, cols = anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size)
@@ -91,9 +91,9 @@ def test_image_positions_receive_the_features_in_order(tiny_model):
     config = tiny_model.config
     pixel_values, image_sizes, counts = image_batch(config, [(40, 70), (64, 30)])
     input_ids, padding = prompt_ids(config, counts, [5, 8])
-    embeds, mask = tiny_model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
+    embeds, mask, _ = tiny_model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
     assert torch.equal(mask, padding)
-    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
     assert valid.all()
     is_image = input_ids == config.image_token_id
     torch.testing.assert_close(embeds[is_image], features)
