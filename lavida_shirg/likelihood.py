@@ -52,7 +52,7 @@ class LikelihoodMixin:
         vocab_size = self.get_output_embeddings().weight.shape[0]
         if bool(((answer_ids < 0) | (answer_ids >= vocab_size)).any()):
             raise ValueError(f"answer_ids must be token ids of the LM vocabulary [0, {vocab_size})")
-        prefix_embeds, prefix_mask = self.model.inputs_and_mask(
+        prefix_embeds, prefix_mask, _ = self.model.inputs_and_mask(
             input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection)
         batch, length = answer_ids.shape
         shift = int(self.config.text_config.model_type == DreamTextConfig.model_type)

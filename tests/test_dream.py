@@ -130,7 +130,7 @@ def test_prefix_cache_path_equals_the_full_sequence(dream):
     input_ids, padding = prompt_ids(dream.config, counts, [4, 7])
     answer = torch.randint(10, DREAM_TEXT["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        embeds, mask = dream.model.inputs_and_mask(input_ids, padding, pixel_values, image_sizes)
+        embeds, mask, _ = dream.model.inputs_and_mask(input_ids, padding, pixel_values, image_sizes)
         full_mask = torch.cat((mask, torch.ones_like(answer)), dim=1)
         cache = dream.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True,
                             past_key_values=PrefixCache(), return_dict=True).past_key_values
