@@ -7,9 +7,10 @@ project's HF-native folder.
 
 SRC is a LaViDa folder (e.g. a local copy of jacklishufan/lavida-llada-v1.0-instruct or lavida-dream-v1.0-instruct):
 config.json with model_type "llava_llada" or "llava_dream", safetensors weights (sharded with
-model.safetensors.index.json, or one model.safetensors) and the LLaDA or Dream tokenizer files. OUT receives a folder that `AutoModel.from_pretrained(OUT, trust_remote_code=True)`
-loads: config.json (with auto_map), the remote-code files, the converted safetensors shards with their index, and
-the processor (or the tokenizer alone when the processor module is not available).
+model.safetensors.index.json, or one model.safetensors) and the LLaDA or Dream tokenizer files. OUT receives a
+folder that `AutoModel.from_pretrained(OUT, trust_remote_code=True)` loads: config.json (with auto_map), the
+remote-code files, the converted safetensors shards with their index, and the processor (or the tokenizer alone when
+the processor module is not available).
 
 Tensor names, LaViDa -> ours:
     model.vision_tower.vision_tower.vision_model.<X>  -> model.vision_tower.<X>   (HF SigLIP names below)
@@ -116,7 +117,8 @@ DREAM_TOP_LEVEL_NAMES = {
 DREAM_BLOCK_PATTERN = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # LaViDa model_type -> (top-level names, block pattern, block names -> ours, our lm_head's source, the tying flag)
 KEY_PLANS = {
-    LAVIDA_MODEL_TYPE: (TOP_LEVEL_NAMES, BLOCK_PATTERN, BLOCK_NAMES, "model.transformer.ff_out.weight", "weight_tying"),
+    LAVIDA_MODEL_TYPE: (TOP_LEVEL_NAMES, BLOCK_PATTERN, BLOCK_NAMES, "model.transformer.ff_out.weight",
+                        "weight_tying"),
     DREAM_MODEL_TYPE: (DREAM_TOP_LEVEL_NAMES, DREAM_BLOCK_PATTERN, {name: name for name in DREAM_BLOCK_NAMES},
                        "lm_head.weight", "tie_word_embeddings"),
 }
@@ -452,8 +454,8 @@ def text_config_from_dream(config: dict, notes: list) -> dict:
                                  "intermediate_size") if config.get(name) is None]
     if missing:
         raise ConversionError(f"SRC config.json lacks the Dream size fields {missing}")
-    defaults = dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768)
-    for name, fallback in defaults.items():
+    defaults = dict(rms_norm_eps=1e-6, rope_theta=10000.0)
+    for name, fallback in (*defaults.items(), ("max_position_embeddings", 32768)):
         if name not in config:
             notes.append(f"config.json has no {name}; using Dream's default {fallback}")
     if config.get("use_sliding_window"):
@@ -464,8 +466,8 @@ def text_config_from_dream(config: dict, notes: list) -> dict:
         **{name: int(config[name]) for name in names},
         num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
         hidden_act=config.get("hidden_act", "silu"),
-        **{name: float(config.get(name, fallback)) for name, fallback in defaults.items() if name != "max_position_embeddings"},
-        max_position_embeddings=int(config.get("max_position_embeddings", defaults["max_position_embeddings"])),
+        **{name: float(config.get(name, fallback)) for name, fallback in defaults.items()},
+        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
         attention_dropout=float(config.get("attention_dropout") or 0.0),
         initializer_range=float(config.get("initializer_range", 0.02)),
         tie_word_embeddings=False,
@@ -478,7 +480,8 @@ def check_supported_options(config: dict, notes: list) -> list:
     problems = []
     dream = config.get("model_type") == DREAM_MODEL_TYPE
     if dream and config.get("rope_scaling") is not None:
-        problems.append(f"rope_scaling={config['rope_scaling']!r} (our Dream implements plain RoPE: rope_scaling=None)")
+        problems.append(f"rope_scaling={config['rope_scaling']!r} (our Dream implements plain RoPE: "
+                        "rope_scaling=None)")
     for name, required, default in () if dream else LLADA_REQUIRED_OPTIONS:
         if name not in config:
             if default != required:
@@ -560,7 +563,8 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     tokenizer_mask = token_ids.pop("mask_token_id", None)
     if tokenizer_mask is not None and "mask_token_id" in kwargs and tokenizer_mask != kwargs["mask_token_id"]:
         raise ConversionError(
-            f"the tokenizer's {DREAM_MASK_TOKEN if dream else MASK_TOKEN} has id {tokenizer_mask} but SRC config.json has "
+            f"the tokenizer's {DREAM_MASK_TOKEN if dream else MASK_TOKEN} has id {tokenizer_mask} but SRC config.json "
+            "has "
             f"mask_token_id={kwargs['mask_token_id']}"
         )
     if tokenizer_mask is not None:
@@ -683,7 +687,8 @@ def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected:
 def _tensor_problems(checkpoint, config, unexpected, missing, mismatched, duplicates) -> str:
     lines = [f"the weights of {str(checkpoint.path)!r} do not match the converted model:"]
     dream = checkpoint.config["model_type"] == DREAM_MODEL_TYPE
-    blocks = {int(m.group(1)) for m in map(KEY_PLANS[checkpoint.config["model_type"]][1].match, checkpoint.shapes) if m}
+    block_pattern = KEY_PLANS[checkpoint.config["model_type"]][1]
+    blocks = {int(m.group(1)) for m in map(block_pattern.match, checkpoint.shapes) if m}
     n_layers = config.text_config.num_hidden_layers
     if blocks and blocks != set(range(n_layers)):
         lines.append(f"  the weights hold {'Dream layers' if dream else 'LLaDA blocks'} {_ranges(blocks)} but "

@@ -114,7 +114,8 @@ def run_dream_sampler(answer_logits, first_token, batch, vocab_size, sampler, ma
     canvas = torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)
     if first_token is not None:
         canvas[:, 0] = first_token
-    counts, probabilities = transfer_schedule(gen_length - (first_token is not None), sampler["steps"], sampler["eps"])
+    num_masked = gen_length - (first_token is not None)
+    counts, probabilities = transfer_schedule(num_masked, sampler["steps"], sampler["eps"])
     counts = torch.tensor(counts).to(device, non_blocking=True).unbind()  # 0-d tensors: the loop reads nothing back
     probabilities = probabilities.to(device, non_blocking=True).unbind()
     history = []

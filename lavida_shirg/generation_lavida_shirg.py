@@ -51,7 +51,7 @@ SAMPLER_FIELDS = {
     "remasking": "low_confidence",  # which predictions a step commits: "low_confidence" or "random"
     "schedule": "uniform",  # tokens committed per step: "uniform" or LaViDa's "shift"
     "schedule_shift": LAVIDA_SCHEDULE_SHIFT,  # a of the shift schedule
-    "alg": None,  # Dream's sampler (dream_sampler.DREAM_ALGORITHMS; a Dream backbone's default: "topk_margin"); None: LLaDA's
+    "alg": None,  # Dream's sampler (DREAM_ALGORITHMS; a Dream backbone's default: "topk_margin"); None: LLaDA's
     "alg_temp": None,  # Dream: > 0 draws the committed positions with probabilities softmax(confidence / alg_temp)
     "eps": DREAM_EPS,  # Dream: the last of the timesteps linspace(1, eps, steps + 1)
     "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
@@ -194,13 +194,14 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         by its own rule, so LLaDA's block and commit settings must keep their defaults."""
         if self.alg not in DREAM_ALGORITHMS:
             raise ValueError(f"alg must be one of {DREAM_ALGORITHMS} (or None: LLaDA's sampler), got {self.alg!r}")
-        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking",
-                                                             "schedule") if getattr(self, name) != SAMPLER_FIELDS[name]}
+        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking", "schedule")
+                      if getattr(self, name) != SAMPLER_FIELDS[name]}
         if llada_only:
             raise ValueError(f"{llada_only} are settings of LLaDA's sampler; alg={self.alg!r} (Dream's) decodes the "
                              "whole answer with its own schedule: leave them at their defaults")
-        if self.alg_temp is not None and (isinstance(self.alg_temp, bool) or not isinstance(self.alg_temp, (int, float))
-                                          or not 0 <= self.alg_temp < float("inf")):
+        alg_temp = self.alg_temp
+        if alg_temp is not None and (isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float))
+                                     or not 0 <= alg_temp < float("inf")):
             raise ValueError(f"alg_temp must be a finite number >= 0 (or None), got {self.alg_temp!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
@@ -304,11 +305,11 @@ def _compiled_denoise_step(mode, function=denoise_step):
 
 
 def compiled_step(device, dtype, kv_cache_dtype=None, function=denoise_step):
-    """`function` (`denoise_step`, or Dream's `dream_denoise_step`) under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
-    cloned, since a replay overwrites the graph's outputs) on CUDA, the default mode on CPU. Refused up front, with a
-    ValueError naming the setting, where it cannot run: a device other than COMPILE_DEVICES, bfloat16 on a GPU
-    without bf16, a float8 prefix cache (kv_cache_dtype) on a GPU below compute capability 8.9 (Triton has no
-    float8-e4m3 conversion there)."""
+    """`function` (`denoise_step`, or Dream's `dream_denoise_step`) under torch.compile(fullgraph=True): mode
+    "reduce-overhead" (CUDA graphs; each output is cloned, since a replay overwrites the graph's outputs) on CUDA,
+    the default mode on CPU. Refused up front, with a ValueError naming the setting, where it cannot run: a device
+    other than COMPILE_DEVICES, bfloat16 on a GPU without bf16, a float8 prefix cache (kv_cache_dtype) on a GPU
+    below compute capability 8.9 (Triton has no float8-e4m3 conversion there)."""
     if device.type not in COMPILE_DEVICES:
         raise ValueError(f"compile_step runs on the devices {COMPILE_DEVICES}, not {device.type!r}: pass "
                          "compile_step=False")
@@ -462,8 +463,8 @@ class LavidaShirgGenerationMixin:
                              f"{DREAM_ALGORITHMS})" if dream else f"alg={sampler['alg']!r} is Dream's sampler; this "
                              "model's LLaDA backbone samples with remasking / schedule: pass alg=None")
         if dream and sampler["block_length"] != sampler["gen_length"]:
-            raise ValueError(f"Dream's sampler decodes the answer in one block: block_length ({sampler['block_length']})"
-                             f" must be None or the answer length ({sampler['gen_length']})")
+            raise ValueError(f"Dream's sampler decodes the answer in one block: block_length "
+                             f"({sampler['block_length']}) must be None or the answer length ({sampler['gen_length']})")
         step = dream_denoise_step if dream else denoise_step
         if prefix["compile_step"]:
             if not prefix["use_prefix_cache"]:
@@ -477,9 +478,9 @@ class LavidaShirgGenerationMixin:
         answer_logits, cache, first_token = self.answer_logits(prefix_embeds, prefix_mask, gen_length, prefix)
         vocab_size = self.get_output_embeddings().weight.shape[0]
         if dream:
-            answers, history = run_dream_sampler(answer_logits, first_token, prefix_mask.shape[0], vocab_size, sampler,
-                                                 self.config.mask_token_id, input_ids.device, generator, keep_history,
-                                                 step)
+            answers, history = run_dream_sampler(answer_logits, first_token, prefix_mask.shape[0], vocab_size,
+                                                 sampler, self.config.mask_token_id, input_ids.device, generator,
+                                                 keep_history, step)
         else:
             answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
                                            self.config.mask_token_id, input_ids.device, warpers, generator,

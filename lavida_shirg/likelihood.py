@@ -9,6 +9,7 @@ cfg_scale > 0 the logits are l_u + (s + 1)(l - l_u), l_u those of the sequence w
 A Dream backbone reads token j from position j - 1's logits (as its sampler and loss do).
 """
 
+import math
 import numbers
 
 import torch
@@ -43,7 +44,7 @@ class LikelihoodMixin:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if mc_num % batch_size:
             raise ValueError(f"mc_num ({mc_num}) must be a multiple of batch_size ({batch_size})")
-        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < float("inf"):
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < math.inf:
             raise ValueError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
         if answer_ids.dim() != 2 or answer_ids.shape[0] != input_ids.shape[0] or answer_ids.shape[1] < 1:
             raise ValueError(f"answer_ids must be (B, L) with L >= 1 and B = {input_ids.shape[0]} prompts, got "

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from .configuration_lavida_shirg import DreamTextConfig
 from .modeling_llada import LladaModel
@@ -66,7 +71,8 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         self.mlp = Qwen2MLP(config)
 
     def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
-        attended, present = self.self_attn(self.input_layernorm(hidden_states), rotary, attention_mask, prefix_key_value)
+        normed = self.input_layernorm(hidden_states)
+        attended, present = self.self_attn(normed, rotary, attention_mask, prefix_key_value)
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, present

@@ -128,7 +128,7 @@ class LavidaShirgProcessor(ProcessorMixin):
         self.pad_token_id = int(pad_token_id)
         self.eot_token_id = int(eot_token_id)
         template, eot_token, _ = CHAT_FORMATS[chat_format]
-        super().__init__(image_processor, tokenizer, chat_template=template if chat_template is None else chat_template)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or template)
         expected = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                     "eot_token_id": tokenizer.convert_tokens_to_ids(eot_token)}
         for name, tokenizer_id in expected.items():

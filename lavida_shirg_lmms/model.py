@@ -19,7 +19,7 @@ model_args (anything else is refused, naming the key):
 | step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (shift, with LaViDa's 3) |
 | temperature, remasking | sampler (task's gen_kwargs: greedy unless do_sample; remasking: the model's) |
 | use_prefix_cache, prefix_lm_mask, kv_cache_dtype | prefix handling (true, false, none) |
-| mc_num, mc_batch_size, seed | loglikelihood: Monte Carlo masks per continuation (16, LaViDa's), rows per forward (mc_num), the seed of every request's draws (0) |
+| mc_num, mc_batch_size, seed | loglikelihood: Monte Carlo masks per continuation (16), rows per forward (mc_num), seed (0) |
 
 `--batch_size N` (any N >= 1) batches the sampler. Answer length per request: model_args gen_length, else the
 task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its name starts with

@@ -131,7 +131,7 @@ def test_generate_equals_the_restated_dream_sampler(dream, inputs, case, use_cac
     out = dream.generate(**inputs, max_new_tokens=gen_length, use_cache=use_cache, return_dict_in_generate=True,
                          output_history=True, generator=torch.Generator().manual_seed(5), **settings)
     with torch.no_grad():
-        embeds, _, _ = dream.model.inputs_and_mask(**inputs)
+        embeds = dream.model.inputs_and_mask(**inputs)[0]
         expected, history = reference_dream_sample(
             dream, embeds, gen_length, steps, case["alg"], case.get("temperature", 0.0), case.get("top_p"),
             settings["top_k"], case.get("alg_temp"), prefix_lm=use_cache, generator=torch.Generator().manual_seed(5))

@@ -60,7 +60,7 @@ def test_equals_the_restated_llada_estimator(model, inputs, cfg_scale):
                                 generator=torch.Generator().manual_seed(3))
     shift = int(model.config.text_config.model_type == "lavida_shirg_dream_text")
     with torch.no_grad():
-        embeds, _, _ = model.model.inputs_and_mask(**inputs)
+        embeds = model.model.inputs_and_mask(**inputs)[0]
         expected = reference_log_likelihood(model, embeds, answer, 8, 4, cfg_scale, torch.Generator().manual_seed(3),
                                             shift)
     assert ours.shape == (1,)
@@ -73,7 +73,7 @@ def test_a_one_token_answer_is_exact(model, inputs):
     estimate = model.log_likelihood(answer, **inputs, mc_num=4, batch_size=2)
     shift = int(model.config.text_config.model_type == "lavida_shirg_dream_text")
     with torch.no_grad():
-        embeds, mask, _ = model.model.inputs_and_mask(**inputs)
+        embeds = model.model.inputs_and_mask(**inputs)[0]
         sequence = torch.cat((embeds, model.get_input_embeddings()(torch.tensor([[model.config.mask_token_id]]))), 1)
         logits = model(inputs_embeds=sequence).logits[0, -1 - shift]
     torch.testing.assert_close(estimate[0], logits.float().log_softmax(-1)[77], atol=1e-5, rtol=1e-5)
