@@ -17,16 +17,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import gradio as gr
+import pandas as pd
+import torch
+from PIL import Image
 
-from shirg_tools.demo_backend import DemoBackend  # noqa: E402
-from shirg_tools.demo_examples import demo_examples, example_answer_box  # noqa: E402
-from shirg_tools.inference import DTYPES  # noqa: E402
+from shirg_tools.demo_backend import DemoBackend
+from shirg_tools.demo_examples import demo_examples, example_answer_box
+from shirg_tools.inference import DTYPES
 
 DEFAULT_MODEL = ROOT / "reader_model"
 METHOD_LABELS = {

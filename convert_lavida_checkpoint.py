@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Convert a LaViDa-LLaDA checkpoint (LaViDa's `LlavaLladaForMaskedDiffusion`) into this project's HF-native folder.
+"""Convert a LaViDa checkpoint (LaViDa's `LlavaLladaForMaskedDiffusion` or `LlavaDreamForMaskedDiffusion`) into this
+project's HF-native folder.
 
     python convert_lavida_checkpoint.py SRC OUT [--overwrite] [--tokenizer PATH] [--vision-config JSON-or-path]
                                         [--dtype keep|bfloat16|float32] [--config-overrides JSON-or-path]
 
-SRC is a LaViDa folder (e.g. a local copy of jacklishufan/lavida-llada-v1.0-instruct): config.json with
-model_type "llava_llada", safetensors weights (sharded with model.safetensors.index.json, or one model.safetensors)
-and the LLaDA tokenizer files. OUT receives a folder that `AutoModel.from_pretrained(OUT, trust_remote_code=True)`
+SRC is a LaViDa folder (e.g. a local copy of jacklishufan/lavida-llada-v1.0-instruct or lavida-dream-v1.0-instruct):
+config.json with model_type "llava_llada" or "llava_dream", safetensors weights (sharded with
+model.safetensors.index.json, or one model.safetensors) and the LLaDA or Dream tokenizer files. OUT receives a folder that `AutoModel.from_pretrained(OUT, trust_remote_code=True)`
 loads: config.json (with auto_map), the remote-code files, the converted safetensors shards with their index, and
 the processor (or the tokenizer alone when the processor module is not available).
 
@@ -24,6 +25,13 @@ Tensor names, LaViDa -> ours:
     model.transformer.blocks.N.ff_out.weight          -> model.language_model.layers.N.mlp.down_proj.weight
     model.transformer.ln_f.weight                     -> model.language_model.norm.weight
     model.transformer.ff_out.weight                   -> lm_head.weight (a copy of wte when weight_tying is set)
+LaViDa-Dream (vision tower, projector and image_newline as above; Dream's Qwen2-style names are ours):
+    model.embed_tokens.weight                         -> model.language_model.embed_tokens.weight
+    model.layers.N.<X> (self_attn.{q,k,v}_proj.{weight,bias}, self_attn.o_proj.weight, mlp.{gate,up,down}_proj.weight,
+                        input_layernorm.weight, post_attention_layernorm.weight) -> model.language_model.layers.N.<X>
+    model.norm.weight                                 -> model.language_model.norm.weight
+    lm_head.weight                                    -> lm_head.weight (a copy of the embedding when
+                                                         tie_word_embeddings is set)
 Known-unused LaViDa tensors (dropped and listed in the report): SigLIP's post_layernorm and pooling head, and vision
 encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). A --vision-config
 with one layer more than the checkpoint holds (a plain SigLIP config: 27 layers for so400m) gets LaViDa's deletion
@@ -31,9 +39,10 @@ of the last layer (a note in the report says so). Any other
 tensor we cannot place, any parameter of our model left without a tensor and any shape disagreement is an error;
 all of them are listed together before anything is written.
 
-The conversion streams shard by shard (one input shard in memory at a time) and writes into a temporary sibling of
-OUT that is renamed into place at the end, so a failed conversion leaves OUT as it was. OUT's folder and files get
-the modes of the user's umask.
+The conversion streams shard by shard (one input shard in memory at a time). OUT is written as every command of
+the project writes a folder (shirg_tools.output_folder): aside, then swapped into place atomically, so a failed or
+killed conversion leaves OUT as it was; a second conversion into the same OUT while one runs is refused; OUT's
+folder and files get the modes of the user's umask.
 """
 
 import argparse
@@ -41,9 +50,7 @@ import ast
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,13 +58,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lavida_shirg.configuration_lavida_shirg import REAL_VISION, ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import REAL_VISION, DreamTextConfig, ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
-from shirg_tools.file_modes import apply_umask
+from shirg_tools.output_folder import FolderWriter, OutputFolderError
+from shirg_tools.run_record import CONVERSION_RECORD
 
 LAVIDA_MODEL_TYPE = "llava_llada"
 LAVIDA_ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
+DREAM_MODEL_TYPE = "llava_dream"
+# LaViDa's model_type -> its architecture (the class that saved the checkpoint)
+LAVIDA_ARCHITECTURES = {LAVIDA_MODEL_TYPE: LAVIDA_ARCHITECTURE, DREAM_MODEL_TYPE: "LlavaDreamForMaskedDiffusion"}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.ckpt")
@@ -89,6 +100,26 @@ TOP_LEVEL_NAMES = {
     "model.transformer.ff_out.weight": "lm_head.weight",
 }
 BLOCK_PATTERN = re.compile(r"^model\.transformer\.blocks\.(\d+)\.(.+)$")
+# LaViDa-Dream (LlavaDreamModel = LlavaMetaModel + Dream's DreamBaseModel): tensor names inside model.layers.N, which
+# are ours inside model.language_model.layers.N
+DREAM_BLOCK_NAMES = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
+DREAM_TOP_LEVEL_NAMES = {
+    **{name: target for name, target in TOP_LEVEL_NAMES.items() if not name.startswith("model.transformer.")},
+    "model.embed_tokens.weight": "model.language_model.embed_tokens.weight",
+    "model.norm.weight": "model.language_model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+DREAM_BLOCK_PATTERN = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# LaViDa model_type -> (top-level names, block pattern, block names -> ours, our lm_head's source, the tying flag)
+KEY_PLANS = {
+    LAVIDA_MODEL_TYPE: (TOP_LEVEL_NAMES, BLOCK_PATTERN, BLOCK_NAMES, "model.transformer.ff_out.weight", "weight_tying"),
+    DREAM_MODEL_TYPE: (DREAM_TOP_LEVEL_NAMES, DREAM_BLOCK_PATTERN, {name: name for name in DREAM_BLOCK_NAMES},
+                       "lm_head.weight", "tie_word_embeddings"),
+}
 VISION_LAYER_PATTERN = re.compile(r"^encoder\.layers\.(\d+)\.")
 
 # LLaDA's ModelConfig options that change the computation; our LM implements exactly these values.
@@ -125,6 +156,15 @@ TOKEN_FIELDS = {
 }
 MASK_TOKEN = "<|mdm_mask|>"
 IMAGE_TOKEN = "<image>"
+# The same for Dream's tokenizer (Qwen2's byte-level vocabulary: "\u010a" is the newline that closes a ChatML header)
+DREAM_TOKEN_FIELDS = {
+    "bos_token_id": "<|beginoftext|>",
+    "start_header_token_id": "<|im_start|>",
+    "end_header_token_id": "\u010a",
+    "eot_token_id": "<|im_end|>",
+    "image_token_id": IMAGE_TOKEN,
+}
+DREAM_MASK_TOKEN = "<|mask|>"
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -201,7 +241,8 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def read_lavida_checkpoint(src) -> LavidaCheckpoint:
-    """Validate that SRC is a LaViDa-LLaDA safetensors folder and read its config and tensor headers (no data)."""
+    """Validate that SRC is a LaViDa-LLaDA or LaViDa-Dream safetensors folder and read its config and tensor
+    headers (no data)."""
     path = Path(src)
     if not path.is_dir():
         raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
@@ -211,11 +252,10 @@ def read_lavida_checkpoint(src) -> LavidaCheckpoint:
     config = _read_json(config_path, "SRC config.json")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    if model_type != LAVIDA_MODEL_TYPE or LAVIDA_ARCHITECTURE not in architectures:
+    if model_type not in LAVIDA_ARCHITECTURES or LAVIDA_ARCHITECTURES[model_type] not in architectures:
         raise ConversionError(
-            f"SRC {str(src)!r} is not a LaViDa-LLaDA checkpoint: config.json has model_type={model_type!r} and "
-            f"architectures={architectures!r}, expected model_type={LAVIDA_MODEL_TYPE!r} and architectures "
-            f"containing {LAVIDA_ARCHITECTURE!r}"
+            f"SRC {str(src)!r} is not a LaViDa checkpoint: config.json has model_type={model_type!r} and "
+            f"architectures={architectures!r}, expected a model_type and architecture of {LAVIDA_ARCHITECTURES}"
         )
 
     index_path, single_path = path / INDEX_NAME, path / SINGLE_NAME
@@ -405,10 +445,41 @@ def text_config_from_llada(config: dict, notes: list) -> dict:
     )
 
 
+def text_config_from_dream(config: dict, notes: list) -> dict:
+    """Our DreamTextConfig fields from LaViDa-Dream's config.json (Dream's Qwen2-style names, the same as ours;
+    DreamConfig's defaults where absent)."""
+    missing = [name for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                                 "intermediate_size") if config.get(name) is None]
+    if missing:
+        raise ConversionError(f"SRC config.json lacks the Dream size fields {missing}")
+    defaults = dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768)
+    for name, fallback in defaults.items():
+        if name not in config:
+            notes.append(f"config.json has no {name}; using Dream's default {fallback}")
+    if config.get("use_sliding_window"):
+        notes.append("use_sliding_window=True is ignored, as Dream's own (sdpa) attention ignores it")
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return dict(
+        model_type=DreamTextConfig.model_type,
+        **{name: int(config[name]) for name in names},
+        num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+        hidden_act=config.get("hidden_act", "silu"),
+        **{name: float(config.get(name, fallback)) for name, fallback in defaults.items() if name != "max_position_embeddings"},
+        max_position_embeddings=int(config.get("max_position_embeddings", defaults["max_position_embeddings"])),
+        attention_dropout=float(config.get("attention_dropout") or 0.0),
+        initializer_range=float(config.get("initializer_range", 0.02)),
+        tie_word_embeddings=False,
+    )
+
+
 def check_supported_options(config: dict, notes: list) -> list:
-    """Problems with LLaDA/LaViDa options our model does not implement (present and different). Absent -> a note."""
+    """Problems with LLaDA (or Dream) and LaViDa options our model does not implement (present and different).
+    Absent -> a note."""
     problems = []
-    for name, required, default in LLADA_REQUIRED_OPTIONS:
+    dream = config.get("model_type") == DREAM_MODEL_TYPE
+    if dream and config.get("rope_scaling") is not None:
+        problems.append(f"rope_scaling={config['rope_scaling']!r} (our Dream implements plain RoPE: rope_scaling=None)")
+    for name, required, default in () if dream else LLADA_REQUIRED_OPTIONS:
         if name not in config:
             if default != required:
                 notes.append(f"config.json has no {name} (LLaDA's default is {default!r}); assuming {required!r}")
@@ -416,7 +487,7 @@ def check_supported_options(config: dict, notes: list) -> list:
         value = config[name]
         if value != required and not (name == "block_group_size" and value is None):
             problems.append(f"{name}={value!r} (our LLaDA implements {name}={required!r})")
-    if config.get("bias_for_layer_norm"):
+    if not dream and config.get("bias_for_layer_norm"):
         problems.append("bias_for_layer_norm=True (our RMSNorms have no bias)")
     for name, required in LAVIDA_REQUIRED_OPTIONS:
         if name not in config:
@@ -445,7 +516,8 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     notes = [] if notes is None else notes
     overrides = dict(load_json_argument(config_overrides, "--config-overrides") or {})
     problems = check_supported_options(lavida_config, notes)
-    text = text_config_from_llada(lavida_config, notes)
+    dream = lavida_config.get("model_type") == DREAM_MODEL_TYPE
+    text = (text_config_from_dream if dream else text_config_from_llada)(lavida_config, notes)
     text.update(overrides.pop("text_config", None) or {})
     vision = vision_config_dict(vision_config)
     vision.update(overrides.pop("vision_config", None) or {})
@@ -477,7 +549,7 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
         notes.append(f"mm_spatial_pool_stride={stride} is ignored: LaViDa pools image views with stride 2")
     patches_per_side = int(vision["image_size"]) // int(vision["patch_size"])
     kwargs["pooled_view_size"] = -(-patches_per_side // 2)
-    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id", *(("bos_token_id",) if dream else ())):
         if lavida_config.get(name) is not None:
             kwargs[name] = int(lavida_config[name])
         else:
@@ -488,7 +560,7 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     tokenizer_mask = token_ids.pop("mask_token_id", None)
     if tokenizer_mask is not None and "mask_token_id" in kwargs and tokenizer_mask != kwargs["mask_token_id"]:
         raise ConversionError(
-            f"the tokenizer's {MASK_TOKEN} has id {tokenizer_mask} but SRC config.json has "
+            f"the tokenizer's {DREAM_MASK_TOKEN if dream else MASK_TOKEN} has id {tokenizer_mask} but SRC config.json has "
             f"mask_token_id={kwargs['mask_token_id']}"
         )
     if tokenizer_mask is not None:
@@ -519,16 +591,22 @@ def _fixing_flag(error) -> str:
 # Tensor names and the conversion plan
 
 
-def rename_key(name: str, num_vision_layers: int):
-    """(our name, None) for a LaViDa tensor we use, (None, reason) for a known-unused one, (None, None) otherwise."""
-    if name in TOP_LEVEL_NAMES:
-        return TOP_LEVEL_NAMES[name], None
-    match = BLOCK_PATTERN.match(name)
+def rename_key(name: str, num_vision_layers: int, model_type: str = LAVIDA_MODEL_TYPE):
+    """(our name, None) for a tensor of a LaViDa checkpoint of `model_type` we use, (None, reason) for a known-unused
+    one, (None, None) otherwise."""
+    top_level, block_pattern, block_names, _, _ = KEY_PLANS[model_type]
+    if name in top_level:
+        return top_level[name], None
+    match = block_pattern.match(name)
     if match:
         index, rest = match.groups()
-        if rest in BLOCK_NAMES:
-            return f"model.language_model.layers.{int(index)}.{BLOCK_NAMES[rest]}", None
+        if rest in block_names:
+            return f"model.language_model.layers.{int(index)}.{block_names[rest]}", None
+        if rest == "self_attn.rotary_emb.inv_freq":
+            return None, "RoPE inverse frequencies (recomputed from rope_theta)"
         return None, None
+    if name == "model.rotary_emb.inv_freq":
+        return None, "RoPE inverse frequencies (recomputed from rope_theta)"
     if name.startswith(VISION_PREFIX):
         rest = name[len(VISION_PREFIX):]
         if rest.startswith("post_layernorm."):
@@ -555,15 +633,17 @@ def expected_state(config: ShirgConfig) -> dict:
 def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected: dict) -> ConversionPlan:
     """Map every LaViDa tensor onto our names and check names and shapes; raise listing every problem."""
     num_vision_layers = config.vision_config.num_hidden_layers
-    tied = bool(checkpoint.config.get("weight_tying", False))
+    model_type = checkpoint.config["model_type"]
+    _, _, _, head_name, tying_flag = KEY_PLANS[model_type]
+    tied = bool(checkpoint.config.get(tying_flag, False))
     shards, dropped, unexpected, mismatched, duplicates = {}, [], [], [], []
     placed = {}  # target -> source
     for file_name, names in checkpoint.shards.items():
         pairs = shards.setdefault(file_name, [])
         for name in names:
-            target, reason = rename_key(name, num_vision_layers)
-            if tied and name == "model.transformer.ff_out.weight":
-                target, reason = None, None  # a tied LLaDA has no output projection of its own
+            target, reason = rename_key(name, num_vision_layers, model_type)
+            if tied and name == head_name:
+                target, reason = None, None  # a tied LM has no output projection of its own
             if target is None:
                 if reason is None:
                     unexpected.append(name)
@@ -602,10 +682,12 @@ def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected:
 
 def _tensor_problems(checkpoint, config, unexpected, missing, mismatched, duplicates) -> str:
     lines = [f"the weights of {str(checkpoint.path)!r} do not match the converted model:"]
-    blocks = {int(m.group(1)) for m in map(BLOCK_PATTERN.match, checkpoint.shapes) if m}
+    dream = checkpoint.config["model_type"] == DREAM_MODEL_TYPE
+    blocks = {int(m.group(1)) for m in map(KEY_PLANS[checkpoint.config["model_type"]][1].match, checkpoint.shapes) if m}
     n_layers = config.text_config.num_hidden_layers
     if blocks and blocks != set(range(n_layers)):
-        lines.append(f"  the weights hold LLaDA blocks {_ranges(blocks)} but config.json has n_layers={n_layers}")
+        lines.append(f"  the weights hold {'Dream layers' if dream else 'LLaDA blocks'} {_ranges(blocks)} but "
+                     f"config.json has {'num_hidden_layers' if dream else 'n_layers'}={n_layers}")
     vision_names = (k[len(VISION_PREFIX):] for k in checkpoint.shapes if k.startswith(VISION_PREFIX))
     vision_layers = {int(m.group(1)) for m in map(VISION_LAYER_PATTERN.match, vision_names) if m}
     num_vision = config.vision_config.num_hidden_layers
@@ -670,12 +752,15 @@ def register_image_token(tokenizer, notes: list):
                  f"{tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)} (image_token_id)")
 
 
-def special_token_ids(tokenizer) -> dict:
-    """ShirgConfig special-token fields found in the tokenizer's vocabulary, by their LLaDA token text."""
+def special_token_ids(tokenizer, model_type: str = LAVIDA_MODEL_TYPE) -> dict:
+    """ShirgConfig special-token fields found in the tokenizer's vocabulary, by their token text in the LLaDA (or,
+    for `model_type` llava_dream, the Dream) tokenizer."""
+    fields, mask = (DREAM_TOKEN_FIELDS, DREAM_MASK_TOKEN) if model_type == DREAM_MODEL_TYPE else (TOKEN_FIELDS,
+                                                                                                   MASK_TOKEN)
     vocab = tokenizer.get_vocab()
-    ids = {name: vocab[token] for name, token in TOKEN_FIELDS.items() if token in vocab}
-    if MASK_TOKEN in vocab:
-        ids["mask_token_id"] = vocab[MASK_TOKEN]
+    ids = {name: vocab[token] for name, token in fields.items() if token in vocab}
+    if mask in vocab:
+        ids["mask_token_id"] = vocab[mask]
     return ids
 
 
@@ -758,23 +843,6 @@ def write_config_and_code(config: ShirgConfig, folder: Path):
     model.generation_config.save_pretrained(str(folder))
 
 
-def _swap_into_place(tmp: Path, out: Path):
-    """Rename tmp to out; an existing out is moved aside first and deleted only after the rename succeeded."""
-    aside = None
-    if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.rmdir(aside)
-        os.rename(out, aside)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if aside is not None:
-            os.rename(aside, out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-
-
 def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=None, dtype="keep",
                        config_overrides=None) -> ConversionReport:
     """Convert the LaViDa folder `src` into our folder `out`; returns the report. Raises ConversionError.
@@ -789,29 +857,31 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
     if not src.is_dir():
         raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
     _check_output(out, src, overwrite)
-
-    checkpoint = read_lavida_checkpoint(src)
-    tok = load_source_tokenizer(src, tokenizer)
-    notes = []
-    register_image_token(tok, notes)
-    vision = lavida_vision_config(vision_config, checkpoint, notes)
-    config, notes = build_config(checkpoint.config, vision, special_token_ids(tok), config_overrides, notes)
-    plan = plan_conversion(checkpoint, config, expected_state(config))
-    processor, processor_description = build_processor(config, tok)  # checked before any weight is written
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    writer = FolderWriter(out, "OUT", overwrite)  # one writer of OUT at a time; see shirg_tools.output_folder
     try:
+        checkpoint = read_lavida_checkpoint(src)
+        tok = load_source_tokenizer(src, tokenizer)
+        notes = []
+        register_image_token(tok, notes)
+        vision = lavida_vision_config(vision_config, checkpoint, notes)
+        config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, checkpoint.config["model_type"]),
+                                     config_overrides, notes)
+        plan = plan_conversion(checkpoint, config, expected_state(config))
+        processor, processor_description = build_processor(config, tok)  # checked before any weight is written
+
+        tmp = writer.stage()
         total_bytes, out_shards, elements = write_weights(checkpoint, plan, tmp, DTYPES[dtype])
         main_dtype = max(elements, key=elements.get)
         config.dtype = main_dtype
         write_config_and_code(config, tmp)
         processor.save_pretrained(str(tmp))
-        apply_umask(tmp)  # mkdtemp's 0700 and the copied code files' modes -> the user's umask
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # where the weights came from, read by publish.py's model card
+        provenance = {"converted_from": src.resolve().name, "dtype": str(main_dtype).removeprefix("torch."),
+                      "converter": "convert_lavida_checkpoint.py"}
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(provenance, indent=2))
+        writer.commit()  # the umask's modes (not mkdir's or the copied code files'), then swapped into place
+    finally:
+        writer.release()
     if len(elements) > 1:
         notes.append(f"mixed dtypes kept: { {str(k).replace('torch.', ''): v for k, v in elements.items()} } elements")
     return ConversionReport(
@@ -839,7 +909,7 @@ def main(argv=None) -> int:
             args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, vision_config=args.vision_config,
             dtype=args.dtype, config_overrides=args.config_overrides,
         )
-    except ConversionError as error:
+    except (ConversionError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.format())

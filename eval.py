@@ -4,13 +4,15 @@
     python eval.py --model ./lavida-shirg-llada --tasks textvqa,docvqa,chartqa \\
         --data textvqa=/data/textvqa --data docvqa=/data/DocVQA --data chartqa=/data/ChartQA --limit 500
     python eval.py --model ./lavida-shirg-llada --tasks textvqa --data textvqa=/data/textvqa \\
-        --variants shirg-fixed@768,shirg-fixed@768:relevance=1:variance=0,shirg-fixed@768:relevance=0:variance=1
+        --variants shirg-fixed@768,shirg-fixed@768:relevance_weight=1:detail_weight=0,shirg-fixed@768:relevance_weight=0:detail_weight=1
 
 Writes into --output-dir: predictions/TASK.jsonl (one line per sample and variant: prediction, score, timings,
 selection diagnostics, or the sample's error), summary.json and summary.md (task x variant table), run_config.json
 and overlays/TASK/SAMPLE/{VARIANT.png, sheet.png} for the first --overlays samples. Rerunning with the same
-settings skips the samples already written (errors are retried); lines and summaries are written atomically. A run
-holds a lock on its --output-dir (released when it ends or dies): a second run into the same folder is refused.
+settings skips the samples already written (errors are retried). The folder follows the rule of every command that
+writes one (shirg_tools.output_folder), as a folder that a rerun completes: each file is written aside and renamed
+into place, each prediction line appended whole, modes follow the umask, and a run holds the lock of --output-dir
+(released when it ends or dies): a second run into the same folder is refused.
 Prompts and metrics are lmms-eval's, the harness of LaViDa's numbers (shirg_tools.eval_tasks, shirg_tools.metrics).
 Sampling as LaViDa's evaluation: steps = int(answer tokens x --step-ratio), the "shift" schedule with shift 3.
 Timings: one warm-up batch per task and variant, device synchronisation around timed regions, medians over
@@ -18,33 +20,30 @@ samples of the batch time / batch size.
 """
 
 import argparse
-import fcntl
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES  # noqa: E402
-from shirg_tools.diagnostics import variant_diagnostics  # noqa: E402
-from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,  # noqa: E402
+from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
+from lavida_shirg.shirg_selection import image_token_count
+from shirg_tools.diagnostics import variant_diagnostics
+from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,
                                     synthetic_config)
-from shirg_tools.file_modes import umask_mode  # noqa: E402
-from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,  # noqa: E402
+from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,
                                    check_sampling, check_variant, generation_settings, high_resolution_tokens,
                                    load_pretrained, model_folder, resolve_dtype)
-from shirg_tools.metrics import METRICS, exact_match  # noqa: E402
-from shirg_tools.overlays import contact_sheet, variant_panel  # noqa: E402
-from shirg_tools.timing import median, timed_generate  # noqa: E402
-from shirg_tools.variants import default_variants, option_names_help, parse_variants  # noqa: E402
+from shirg_tools.metrics import METRICS, exact_match
+from shirg_tools.output_folder import FolderLock, write_atomic
+from shirg_tools.overlays import contact_sheet, variant_panel
+from shirg_tools.timing import median, timed_generate
+from shirg_tools.variants import default_variants, option_names_help, parse_variants
 
 KV_CACHE_DTYPES = ("bfloat16", "float16", "float8_e4m3fn")
-LOCK_FILE = ".eval.lock"
 # settings that change the numbers: a rerun into the same output folder must use the same ones
 RESULT_SETTINGS = ("model", "model_label", "dtype", "device", "kv_cache_dtype", "step_ratio", "schedule",
                    "schedule_shift", "gen_length", "synthetic", "batch_size")
@@ -142,42 +141,8 @@ def load_model(args, device: torch.device, dtype: str):
 # files
 
 
-def write_atomic(path: Path, data: bytes):
-    """Write `data` to `path` through a temporary file in the same folder and os.replace (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(handle, umask_mode())  # mkstemp's 0600 -> what open() gives under the umask
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def write_json(path: Path, value):
     write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
-
-
-def lock_output_folder(folder: Path) -> int:
-    """Create `folder` and take an exclusive lock on its LOCK_FILE (which then holds this process's id); returns the
-    descriptor (closing it releases the lock; so does the process's death, SIGKILL included). EvalError when another
-    process holds the lock."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(handle, 32).decode(errors="replace").strip() or "unknown"
-        os.close(handle)
-        raise EvalError(f"--output-dir {str(folder)!r} is in use by another eval.py run (process {holder}): wait for "
-                        "it to end or use another --output-dir") from None
-    os.ftruncate(handle, 0)
-    os.write(handle, f"{os.getpid()}\n".encode())
-    return handle
 
 
 class PredictionStore:
@@ -256,8 +221,8 @@ class Evaluation:
         self.dtype = resolve_dtype(args.dtype, device, "--dtype")
         self.model, self.processor, self.model_label, self.is_tiny = load_model(args, device, self.dtype)
         self.variants = parse_variants(args.variants or default_variants(high_resolution_tokens(self.model)))
-        for variant in self.variants:
-            check_variant(self.model, self.processor, variant)
+        self.selections = {variant.label: check_variant(self.model, self.processor, variant)
+                           for variant in self.variants}  # each validated once, here
         self.datasets = {name: load_task_dataset(TASKS[name], self.data_paths.get(name), args.limit, self.synthetic)
                          for name in self.task_names}
         self.output = Path(args.output_dir)
@@ -267,14 +232,16 @@ class Evaluation:
                          "schedule_shift": args.schedule_shift, "gen_length": args.gen_length,
                          "synthetic": self.synthetic, "batch_size": args.batch_size}
 
-    def claim_output_folder(self) -> int:
-        """Lock the output folder (see lock_output_folder; returns the lock's descriptor), then check that it holds
-        no results of other settings (they would mix): EvalError for either."""
-        lock = lock_output_folder(self.output)
+    def claim_output_folder(self) -> FolderLock:
+        """Lock the output folder (shirg_tools.output_folder's lock, as every command that writes a folder; freed
+        when the run ends or dies), create it and check that it holds no results of other settings (they would
+        mix). A ValueError for either."""
+        lock = FolderLock(self.output, "--output-dir")
         try:
+            self.output.mkdir(parents=True, exist_ok=True)
             self._check_output_folder()
-        except EvalError:
-            os.close(lock)
+        except BaseException:
+            lock.release()
             raise
         return lock
 
@@ -326,7 +293,7 @@ class Evaluation:
             ready = [sample for sample in samples if self.check_sample(variant, sample, records[sample.id])]
             inputs, ready = self.model_inputs(name, variant, ready, records)
             if ready:
-                call = dict(inputs, **variant.call_settings(), **generation, kv_cache_dtype=self.args.kv_cache_dtype)
+                call = dict(inputs, **generation, kv_cache_dtype=self.args.kv_cache_dtype)  # inputs carry the selection
                 steps = call.pop("steps")
                 if not warmed_up:
                     timed_generate(self.model, call, steps)
@@ -387,12 +354,9 @@ class Evaluation:
         """Whether the sample can run under the variant; if not, its record gets the error. Counts its image tokens."""
         if sample.error:
             return False
-        try:
-            record["image_tokens"] = self.processor.image_token_count((sample.image.height, sample.image.width),
-                                                                      variant.method, variant.budget, variant.options)
-        except ValueError as error:
-            record["error"] = f"ValueError: {error}"
-            return False
+        # the variant's settings were validated once, at start-up (check_variant): counting trusts them
+        record["image_tokens"] = image_token_count((sample.image.height, sample.image.width),
+                                                   self.selections[variant.label])
         return True
 
     def diagnostics(self, variant, inputs, samples) -> list:
@@ -596,7 +560,7 @@ def main(argv=None) -> int:
     try:
         evaluation.run()
     finally:
-        os.close(lock)
+        lock.release()
     print((evaluation.output / "summary.md").read_text())
     return 0
 

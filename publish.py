@@ -9,8 +9,10 @@ Hugging Face Space folder running the Gradio app (app.py) on a model.
 The folder holds the weights (safetensors, sharded above --max_shard_size), config.json with auto_map, every
 remote-code file, the processor and tokenizer files, and a model card (README.md) made with huggingface_hub's
 ModelCard: what SHIRG does, the variants and budgets, the results table when one is given, and a runnable demo.
-The folder is written to a temporary sibling and renamed at the end: a failure leaves nothing half-written. Its
-folders and files get the modes of the user's umask.
+Every folder (OUT, --space) is written as every command of the project writes one (shirg_tools.output_folder):
+aside, then swapped into place atomically (a failure or a kill leaves the old folder or nothing, never half of one); a
+second publish.py into the same folder while one runs is refused; folders and files get the modes of the user's
+umask.
 
 The Space folder (--space) holds app.py, the project packages it imports (lavida_shirg, shirg_tools), the model
 as app.py's default model folder, requirements.txt (the runtime requirements; Gradio comes with the Space's SDK) and
@@ -22,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from lavida_shirg.configuration_lavida_shirg import ShirgConfig
-from shirg_tools.file_modes import apply_umask
-from shirg_tools.run_record import RUN_RECORD
+from shirg_tools.inference import check_weight_files
+from shirg_tools.output_folder import OutputFolderError, write_folder
+from shirg_tools.run_record import CONVERSION_RECORD, RUN_RECORD
 
 ROOT = Path(__file__).resolve().parent
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -68,6 +70,10 @@ def check_model_folder(model):
             f"--model {str(model)!r}: config.json lacks auto_map for AutoConfig/AutoModel, so the published folder "
             "could not be loaded with trust_remote_code; save it from a LavidaShirgForMaskedDiffusion"
         )
+    try:
+        check_weight_files(Path(model), "--model")
+    except ValueError as error:
+        raise PublishError(str(error)) from error
 
 
 def demo_snippet(repo_id, method, budget):
@@ -84,10 +90,9 @@ def demo_snippet(repo_id, method, budget):
         "",
         f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True).eval()',
         f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)',
-        f'shirg = dict(selection_method="{method}", selection_budget={budget})',
-        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
-        '                                       return_dict=True, return_tensors="pt", **shirg)',
-        "sequences = model.generate(**inputs, **shirg, max_new_tokens=32)",
+        "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,",
+        f'                                       return_tensors="pt", selection_method="{method}", selection_budget={budget})',
+        "sequences = model.generate(**inputs, max_new_tokens=32)  # the inputs carry their SHIRG settings",
         'print(processor.decode_answers(sequences[:, inputs["input_ids"].shape[1]:])[0])',
     ])
 
@@ -126,12 +131,12 @@ CITATIONS = """@inproceedings{li2025lavida,
 }"""
 
 
-def find_run_record(folder):
-    """train.py's run record (shirg_run.json) in `folder` or its parent (a merged model inside the run folder), or
-    None."""
+def find_record(folder, name):
+    """A JSON record (train.py's shirg_run.json, the converter's shirg_conversion.json) in `folder` or its parent (a
+    merged model inside the run folder), or None."""
     for candidate in (Path(folder), Path(folder).parent):
-        if (candidate / RUN_RECORD).is_file():
-            return json.loads((candidate / RUN_RECORD).read_text())
+        if (candidate / name).is_file():
+            return json.loads((candidate / name).read_text())
     return None
 
 
@@ -143,12 +148,18 @@ def results_section(results_markdown) -> str:
     return "\n".join(lines)
 
 
-def training_section(record, datasets) -> str:
-    """Training data and procedure: from a train.py run record (shirg_run.json) when the upload has one."""
+def training_section(record, datasets, conversion=None) -> str:
+    """Training data and procedure, as the folder proves it: from a train.py run record (shirg_run.json), else the
+    converter's record (shirg_conversion.json), else a statement that the weights' origin is unknown."""
+    listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
+    if not record and conversion:
+        return (f"Weights converted with `{conversion['converter']}` from LaViDa's checkpoint "
+                f"`{conversion['converted_from']}` (SigLIP-so400m, projector and LLaDA-8B as LaViDa trained them, "
+                f"stored in {conversion['dtype']}); no further training." + listed)
     if not record:
-        listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
-        return ("Weights converted from LaViDa's released checkpoint (SigLIP-so400m, projector and LLaDA-8B as LaViDa "
-                "trained them); no further training in this upload, unless stated below." + listed)
+        return ("This folder carries no record of where its weights came from (neither a train.py run record nor a "
+                "converter record): they may be randomly initialised, and results obtained with them say nothing "
+                "about LaViDa or SHIRG." + listed)
     data, shirg, lora = record.get("data", {}), record.get("shirg", {}), record.get("resolved", {})
     training = record.get("training", {})
     full = record.get("lora", {}).get("training_mode") == "full"
@@ -199,7 +210,7 @@ SELECTION_QUALITY = """\
 | random | 0.503 | 0.248 | 0.220 | 0.498 | 0.242 | 0.204 |"""
 
 
-def card_text(repo_id, config, results_markdown, base_model, adapter, record=None, datasets=None):
+def card_text(repo_id, config, results_markdown, base_model, adapter, record=None, datasets=None, conversion=None):
     """Markdown body of the card (the YAML header comes from ModelCardData)."""
     budgets = ", ".join(str(b) for b in config["budget_choices"])
     method, budget = "shirg-fixed", config["selection_budget"]
@@ -230,8 +241,8 @@ positions and commits the most confident ones. Its settings (`max_new_tokens`, `
 
 ## Variants and budgets
 
-Choose per call, passing the same `selection_method` / `selection_budget` (and optional `selection_options`) to
-the processor and to the model:
+Choose per call, once: give `selection_method` / `selection_budget` (and optional `selection_options`) to the
+processor (or the pipeline); its output carries them to the model:
 
 | `selection_method` | image tokens the LM receives |
 | --- | --- |
@@ -278,7 +289,7 @@ with about 17 GB of memory in bf16.
 
 ## Training data and procedure
 
-{training_section(record, datasets)}
+{training_section(record, datasets, conversion)}
 
 ## Citation
 
@@ -289,7 +300,7 @@ with about 17 GB of memory in bf16.
 
 
 def build_card(repo_id, config, results_markdown=None, base_model=None, datasets=None, license_name="apache-2.0",
-               adapter=False, record=None):
+               adapter=False, record=None, conversion=None):
     """The ModelCard of a model (or adapter) upload."""
     data = ModelCardData(
         library_name="peft" if adapter else "transformers",
@@ -301,25 +312,7 @@ def build_card(repo_id, config, results_markdown=None, base_model=None, datasets
         base_model_relation="adapter" if adapter else None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + card_text(repo_id, config, results_markdown, base_model,
-                                                                   adapter, record, datasets))
-
-
-def prepare_output(out, overwrite):
-    """Refuse a non-empty `out` unless `overwrite`; return a fresh temporary sibling folder to write into."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PublishError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.publishing-", dir=out.parent))
-
-
-def move_into_place(tmp, out):
-    """Replace `out` by the finished `tmp` folder, its modes those of the user's umask (not mkdtemp's 0700)."""
-    apply_umask(tmp)
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.rename(tmp, out)
+                                                                   adapter, record, datasets, conversion))
 
 
 def export_model(model_path, out, repo_id, results=None, base_model=None, datasets=None, license_name="apache-2.0",
@@ -329,8 +322,7 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
 
     check_model_folder(model_path)
     results_markdown = Path(results).read_text() if results else None
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "OUT", overwrite) as tmp:  # aside, then swapped in (shirg_tools.output_folder)
         model = AutoModel.from_pretrained(model_path, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -340,11 +332,8 @@ def export_model(model_path, out, repo_id, results=None, base_model=None, datase
                   "generation": {key: value for key, value in generation.items() if not key.startswith("_")
                                  and key != "transformers_version" and value is not None}}
         build_card(repo_id, config, results_markdown, base_model, datasets, license_name,
-                   record=find_run_record(model_path)).save(tmp / "README.md")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                   record=find_record(model_path, RUN_RECORD),
+                   conversion=find_record(model_path, CONVERSION_RECORD)).save(tmp / "README.md")
     return Path(out)
 
 
@@ -357,19 +346,14 @@ def export_adapter(adapter_path, out, repo_id, base_model, results=None, dataset
     if not base_model:
         raise PublishError("--adapter needs --base_model (the model the adapter was trained on)")
     results_markdown = Path(results).read_text() if results else None
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "OUT", overwrite) as tmp:
         for name in os.listdir(adapter_path):
             if name.startswith("adapter_") or name == "training_args.json":
                 shutil.copy2(Path(adapter_path) / name, tmp / name)
         build_card(repo_id, DEFAULT_CARD_CONFIG, results_markdown, base_model, datasets, license_name, adapter=True,
-                   record=find_run_record(adapter_path)).save(
+                   record=find_record(adapter_path, RUN_RECORD)).save(
             tmp / "README.md"
         )
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)
 
 
@@ -409,8 +393,7 @@ def export_space(model_path, out, repo_id, license_name="apache-2.0", overwrite=
     import app  # its default model folder is where the Space's model goes
 
     check_model_folder(model_path)
-    tmp = prepare_output(out, overwrite)
-    try:
+    with write_folder(out, "--space", overwrite) as tmp:
         shutil.copy2(ROOT / "app.py", tmp / "app.py")
         for package in SPACE_PACKAGES:
             shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -418,10 +401,6 @@ def export_space(model_path, out, repo_id, license_name="apache-2.0", overwrite=
         export_model(model_path, tmp / model_name, repo_id, license_name=license_name)
         (tmp / "requirements.txt").write_text(space_requirements())
         space_card(model_name, license_name).save(tmp / "README.md")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(out)
 
 
@@ -506,7 +485,7 @@ def main(argv=None):
         if args.push_to_hub:
             info = push_folder(folder, args.push_to_hub, args.private, args.revision)
             print(f"pushed to {args.push_to_hub}: {info.commit_url}")
-    except PublishError as error:
+    except (PublishError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -30,6 +31,7 @@ import yaml
 from accelerate import PartialState
 from peft import PeftModel
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from lavida_shirg.configuration_lavida_shirg import PRESETS, SELECTION_METHODS, TINY_TOKENIZER_PRESETS, ShirgConfig
@@ -38,10 +40,12 @@ from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
 from shirg_tools.budget_schedule import BudgetSchedule, parse_budget_entries, validate_entries
+from shirg_tools.inference import check_weight_files
 from shirg_tools.lora import LEARNED_SHIRG_MODULES, LoraPlan, apply_lora, target_patterns, trainable_summary
-from shirg_tools.run_record import check_resume, write_run_record
+from shirg_tools.output_folder import FolderWriter, staged_folder, write_folder
+from shirg_tools.run_record import RUN_RECORD, check_resume, write_run_record
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
-from shirg_tools.trainer import RunRecordCallback, ShirgTrainer
+from shirg_tools.trainer import ShirgTrainer
 from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
 
 DATA_FORMATS = ("synthetic-ocr", "llava-json", "vqa")
@@ -90,6 +94,11 @@ class DataArguments:
         "help": "Pad every sample's labels with EOS to at least this many answer positions (answer + <|eot_id|> + "
                 "EOS), as a LaViDa batch pads short answers to its longest one: a model whose answers all have one "
                 "length learns to fill a generation window of this size with EOS. 0: the batch's longest only."})
+    extra_eos_padding: bool = dataclasses.field(default=True, metadata={
+        "help": "LaViDa's collation: each micro-batch draws n ~ U{-128..127} (from the seed, step and micro-batch: "
+                "the same on every process and after a resume) and, when n > 0, pads every sample n EOS targets "
+                "further, so that every data set teaches what follows an answer (31.75 positions per row on average, "
+                "127 at most). false: pad to the longest sample (and --answer_window) only."})
     synthetic_task: str = dataclasses.field(default="ocr", metadata={
         "help": f"synthetic-ocr: the generator's settings {sorted(SYNTHETIC_TASKS)} (ocr: 672 px, 8 mixed texts; "
                 "reading: 64 px, two coloured boxes of 3-digit numbers), which the options below override."})
@@ -328,6 +337,8 @@ def load_model(model_args: ModelArguments, seed: int):
         if not os.path.isdir(source) and huggingface_hub.constants.HF_HUB_OFFLINE:
             raise ValueError(f"--model_name_or_path {source} is not a local folder and the Hub is offline "
                              "(HF_HUB_OFFLINE=1)")
+        if os.path.isdir(source):
+            check_weight_files(source, "--model_name_or_path")
         model = AutoModel.from_pretrained(source, trust_remote_code=True, dtype=dtype, **attention,
                                           **config_overrides(model_args))
         # the folder's remote code is trusted for its model, so for its tokenizer too (no interactive prompt)
@@ -361,7 +372,8 @@ def lora_plan(lora_args: LoraArguments, model, randomly_initialised: bool) -> Lo
         extra_modules = ()
     else:
         extra_modules = name_list(extra, "--modules_to_save")
-    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(model, name) is not None)
+    selector = model.model.token_selector
+    learned = tuple(name for name in LEARNED_SHIRG_MODULES if getattr(selector, name) is not None)
     if lora_args.lora_language_model and "language_model" in extra_modules:
         raise ValueError("--lora_language_model adapts the LM that --modules_to_save trains in full: choose one")
     plan = LoraPlan(
@@ -421,6 +433,16 @@ def learning_rates(lora_args: LoraArguments, training_args: TrainingArguments) -
             "budget_head": lora_args.budget_head_learning_rate, "full": training_args.learning_rate}
 
 
+def check_learning_rates(lora_args: LoraArguments, training_args: TrainingArguments):
+    """ValueError naming the flag of a learning rate that is not a finite number >= 0."""
+    flags = {"--learning_rate": training_args.learning_rate}
+    flags.update({f"--{field.name}": getattr(lora_args, field.name) for field in dataclasses.fields(LoraArguments)
+                  if field.name.endswith("_learning_rate")})
+    for flag, value in flags.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
+
+
 def selection_options(shirg_args: ShirgArguments) -> dict:
     if shirg_args.selection_options is None:
         return {}
@@ -432,7 +454,7 @@ def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
     if shirg_args.selection_method in ("pooled", "full"):
         raise ValueError(f"--selection_method must be a selection method (not {shirg_args.selection_method!r}); "
                          "'pooled' is a budget-list entry")
-    has_head = model.budget_head is not None
+    has_head = model.model.token_selector.budget_head is not None
     text = shirg_args.budgets
     if text is None:
         text = ",".join([*map(str, model.config.budget_choices), "pooled", *(["adaptive"] if has_head else [])])
@@ -444,7 +466,9 @@ def budget_entries(shirg_args: ShirgArguments, model, processor) -> list:
 def run_record(model_args, data_args, shirg_args, lora_args, training_args, plan, entries) -> dict:
     """What a checkpoint must share with a run that resumes from it (see shirg_tools.run_record)."""
     return {
-        "model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        # checkpoints written before --extra_eos_padding existed (no such padding) resume with it false
+        "data": {k: v for k, v in dataclasses.asdict(data_args).items() if k != "extra_eos_padding" or v},
         "shirg": dataclasses.asdict(shirg_args),
         "lora": {k: v for k, v in dataclasses.asdict(lora_args).items() if k != "save_merged_model"},
         "resolved": {"budgets": [entry.label for entry in entries],
@@ -462,6 +486,22 @@ def load_trained(base_source: str, adapter_dir: str, model_args: ModelArguments)
     return PeftModel.from_pretrained(base, adapter_dir)
 
 
+def save_base_model(model, processor, folder: str):
+    """Save a randomly initialised base model (and processor) for the adapter trained on it: into `folder` when it
+    does not exist yet (the checkpoints' adapters name it), else aside (`staged_folder(folder)`), to replace the
+    earlier run's base model only in the final save (train_and_save): a failed run leaves the earlier output whole."""
+    if not os.path.isdir(folder):
+        with write_folder(folder, "--output_dir", overwrite=True, lock=False) as staged:  # covered by the run's lock
+            model.save_pretrained(staged)
+            processor.save_pretrained(staged)
+        return
+    pending = staged_folder(folder)
+    if pending.parent.exists():
+        shutil.rmtree(pending.parent)
+    model.save_pretrained(pending)
+    processor.save_pretrained(pending)
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
@@ -475,12 +515,34 @@ class Run:
     processor: LavidaShirgProcessor
     resume: str | None
     base_model: str
+    output: FolderWriter | None  # the lock and final writer of --output_dir (main process; None elsewhere)
+
+    def release(self):
+        """Free the lock of --output_dir (and remove what a failed run staged: the final folder, the base model)."""
+        if self.output is not None:
+            pending_base = staged_folder(os.path.join(self.trainer.args.output_dir, "base_model")).parent
+            if pending_base.exists():
+                shutil.rmtree(pending_base)
+            self.output.release()
 
 
 def build_run(argv=None) -> Run:
     """Parse and check every argument (data, model, budgets, LoRA targets, resume folder) and build the trainer;
-    every error names its argument and comes before any training step."""
+    every error names its argument and comes before any training step. The main process holds the lock of
+    --output_dir from here until `execute` ends (`Run.release` frees it): a second run into it is refused."""
     model_args, data_args, shirg_args, lora_args, training_args = parse_arguments(argv)
+    check_learning_rates(lora_args, training_args)
+    output = (FolderWriter(training_args.output_dir, "--output_dir", overwrite=True)
+              if training_args.process_index == 0 else None)
+    try:
+        return _build_run(output, model_args, data_args, shirg_args, lora_args, training_args)
+    except BaseException:
+        if output is not None:
+            output.release()
+        raise
+
+
+def _build_run(output, model_args, data_args, shirg_args, lora_args, training_args) -> Run:
     seed = training_args.seed
     source = build_source(data_args, seed)
     model, tokenizer, randomly_initialised = load_model(model_args, seed)
@@ -506,8 +568,7 @@ def build_run(argv=None) -> Run:
         if randomly_initialised:  # the adapter is only usable with these random base weights: keep them
             base_model = os.path.abspath(os.path.join(output_dir, "base_model"))
             if training_args.process_index == 0:
-                model.save_pretrained(base_model)
-                processor.save_pretrained(base_model)
+                save_base_model(model, processor, base_model)
         trained_model = apply_lora(model, plan)
         trained_model.peft_config["default"].base_model_name_or_path = base_model
         for parameter in trained_model.parameters():
@@ -520,39 +581,51 @@ def build_run(argv=None) -> Run:
     dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args)), seed,
                               data_args.max_samples)
     print(f"training samples: {len(dataset)} ({data_args.data_format})", flush=True)
-    if training_args.process_index == 0:
-        os.makedirs(output_dir, exist_ok=True)
+    if training_args.process_index == 0 and not os.path.exists(os.path.join(output_dir, RUN_RECORD)):
+        os.makedirs(output_dir, exist_ok=True)  # an earlier run's record is replaced only by the final save
         write_run_record(output_dir, record)
     trainer = ShirgTrainer(
         model=trained_model, args=training_args, train_dataset=dataset, data_collator=collate_samples,
-        processing_class=processor, callbacks=[RunRecordCallback(record)], schedule=BudgetSchedule(entries, seed),
-        batch_builder=BatchBuilder(processor, data_args.answer_window),
+        processing_class=processor, run_record=record, schedule=BudgetSchedule(entries, seed),
+        batch_builder=BatchBuilder(processor, data_args.answer_window,
+                                   training_args.seed if data_args.extra_eos_padding else None),
         learning_rates=learning_rates(lora_args, training_args),
         budget_cost_weight=shirg_args.budget_cost_weight,
     )
-    return Run(trainer, model_args, lora_args, processor, resume, base_model)
+    return Run(trainer, model_args, lora_args, processor, resume, base_model, output)
 
 
 def train_and_save(run: Run) -> dict:
     """Train; save the adapter (PEFT format, + processor) into output_dir and, with --save_merged_model, the merged
     model into output_dir/merged (--training_mode full: the trained model itself into output_dir); write and print
-    the summary (budgets, skipped samples, losses, folders)."""
+    the summary (budgets, skipped samples, losses, folders). The final files are written aside with the checkpoints
+    linked in, and swapped in for output_dir in one step (shirg_tools.output_folder)."""
     trainer = run.trainer
     output_dir = trainer.args.output_dir
     started = time.time()
     result = trainer.train(resume_from_checkpoint=run.resume)
-    trainer.save_model(output_dir)
-    trainer.save_state()
+    if run.output is not None:
+        run.output.stage()
+    trainer.accelerator.wait_for_everyone()
+    staged = str(staged_folder(output_dir))
+    trainer.save_model(staged)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        write_run_record(staged, trainer.run_record)
+        pending_base = staged_folder(os.path.join(output_dir, "base_model"))  # see build_run
+        if pending_base.is_dir():
+            os.rename(pending_base, os.path.join(staged, "base_model"))
     summary = trainer.run_summary()
     if trainer.is_world_process_zero():
-        summary = write_summary(run, summary, result, started)
+        summary = write_summary(run, summary, result, started, staged)
+        run.output.commit(keep_others=True)  # checkpoints, base_model and the run record carried over
     trainer.accelerator.wait_for_everyone()  # no process exits while another still writes or merges
     return summary
 
 
-def write_summary(run: Run, summary: dict, result, started: float) -> dict:
+def write_summary(run: Run, summary: dict, result, started: float, staged: str) -> dict:
     """Main process only: complete the summary (steps, losses, folders), save the merged model when asked, write
-    training_summary.json and print it."""
+    training_summary.json and print it. Files go into `staged`, the folder that becomes output_dir."""
     trainer = run.trainer
     output_dir = trainer.args.output_dir
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -566,11 +639,13 @@ def write_summary(run: Run, summary: dict, result, started: float) -> dict:
     else:
         summary.update({"adapter_dir": os.path.abspath(output_dir), "base_model": run.base_model})
     if run.lora_args.save_merged_model:
-        merged_dir = os.path.abspath(os.path.join(output_dir, "merged"))
-        load_trained(run.base_model, output_dir, run.model_args).merge_and_unload().save_pretrained(merged_dir)
-        run.processor.save_pretrained(merged_dir)
-        summary["merged_dir"] = merged_dir
-    with open(os.path.join(output_dir, SUMMARY_FILE), "w") as handle:
+        base = os.path.join(staged, "base_model")  # this run's random base weights, if it has them
+        base = base if os.path.isdir(base) else run.base_model
+        merged = load_trained(base, staged, run.model_args).merge_and_unload()
+        merged.save_pretrained(os.path.join(staged, "merged"))
+        run.processor.save_pretrained(os.path.join(staged, "merged"))
+        summary["merged_dir"] = os.path.abspath(os.path.join(output_dir, "merged"))
+    with open(os.path.join(staged, SUMMARY_FILE), "w") as handle:
         json.dump(summary, handle, indent=2)
     skipped = summary["skipped"]
     print(f"\nskipped samples: {skipped['total']} {skipped['by_reason']}", flush=True)
@@ -615,6 +690,7 @@ def execute(run: Run, exit_after_gloo_run: bool = False) -> dict:
         summary = train_and_save(run)
     finally:
         run.trainer.accelerator.end_training()
+        run.release()
     state = PartialState()  # the state TrainingArguments set up; still readable after destroy_process_group
     if exit_after_gloo_run and state.num_processes > 1 and state.backend == "gloo":
         exit_without_interpreter_teardown()

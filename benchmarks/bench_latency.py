@@ -24,21 +24,19 @@ KV per token x prefix tokens, peak activations), computed from the config.
 import argparse
 import os
 import statistics
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.configuration_lavida_shirg import PRESETS  # noqa: E402
-from lavida_shirg.image_layout import anyres_grid, image_token_count, source_grid  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
-from lavida_shirg.processing_lavida_shirg import LavidaShirgImageProcessor  # noqa: E402
-from shirg_tools.timing import timed_generate  # noqa: E402
-from shirg_tools.variants import DEFAULT_VARIANTS, parse_variants  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import PRESETS
+from lavida_shirg.image_layout import anyres_grid, source_grid
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgImageProcessor
+from lavida_shirg.shirg_selection import image_token_count
+from shirg_tools.timing import timed_generate
+from shirg_tools.variants import DEFAULT_VARIANTS, parse_variants
 
 # --small: the real image geometry (384 px views, 14 px patches, 672 px high-resolution view = 2304 tokens, pooled
 # 14 x 14) with narrow, shallow towers, so that it runs on a CPU in a minute or two
@@ -251,13 +249,12 @@ def kv_bytes_per_token(text_config, dtype: torch.dtype, kv_cache_dtype=None) -> 
 def vision_tokens(config: ShirgConfig, settings: dict, image_size) -> int:
     """SigLIP tokens one image runs through the tower: its anyres views (pooled, anyres-views), else the
     high-resolution view, plus the global view again for the shirg-x global-view scaffold."""
-    layout = {**config.token_layout(), **settings}
     per_view = config.patches_per_side ** 2
     if settings["selection_method"] == "pooled" or settings["hires_source"] == "anyres-views":
         rows, cols = anyres_grid(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
         tokens = (1 + rows * cols) * per_view
     else:
-        views, rows, cols = source_grid(image_size, layout)
+        views, rows, cols = source_grid(image_size, settings)
         tokens = views * rows * cols
     if settings["selection_method"] == "shirg-x" and settings["x_scaffold"] == "global-view":
         tokens += per_view
@@ -297,7 +294,7 @@ def memory_estimate(config: ShirgConfig, variants, image_size, batch_sizes, gen_
     estimates = {}
     for variant in variants:
         settings = config.selection_settings(variant.method, variant.budget, variant.options)
-        tokens = image_token_count(image_size, {**config.token_layout(), **settings})
+        tokens = image_token_count(image_size, settings)
         prefix = 1 + PROMPT_TOKENS + tokens + QUESTION_TOKENS
         per_batch = {}
         for batch in batch_sizes:

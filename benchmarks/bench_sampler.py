@@ -10,15 +10,13 @@ Both modes produce the same tokens under the Prefix-DLM mask; the script checks 
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
 SMALL_TEXT = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4)

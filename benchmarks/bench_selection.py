@@ -15,17 +15,16 @@ is extrapolated as (measured time / measured layers) * 26; the output says so. E
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import SiglipVisionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.shirg_selection import DETAIL_TERMS, METHODS, select_tokens  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.shirg_selection import DETAIL_TERMS, METHODS, select_tokens
 
+SELECTIONS = [name for name, method in METHODS.items() if method.function is not None]  # not pooled / full
 QUESTION_LENGTH = 32  # question tokens (half of them template / padding)
 TARGET_FRACTION = 0.05  # the slowest SHIRG method should cost at most 5% of the full tower
 
@@ -56,7 +55,7 @@ def parse_args(argv=None):
                         help="vision layers actually run (default: all on CUDA, 2 on CPU); fewer extrapolates the "
                              "tower time per layer")
     parser.add_argument("--budget", type=int, default=None, help="K (default: the config's selection_budget)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=SELECTIONS, choices=SELECTIONS)
     return parser, parser.parse_args(argv)
 
 
@@ -112,12 +111,11 @@ def measure_selection(config: ShirgConfig, device, dtype, layers: int, batch_siz
             rows.append(("projector on all N tokens", projection_time))
             for method in methods:
                 options = {"attention_received": attention} if method == "visionzip" else {}
-                # SHIRG: one row per detail term (the pixel contrast reads the view's own pixels); the question
-                # mask is validated once by the caller
+                # SHIRG: one row per detail term (the pixel contrasts read the view's own pixels)
                 details = DETAIL_TERMS if method.startswith("shirg") else (None,)
                 for detail in details:
                     if detail is not None:
-                        options = dict(validate=False, detail=detail, pixels=pixels, patch_size=patch)
+                        options = dict(detail_term=detail, pixels=pixels, patch_size=patch)
                     rows.append((method if detail is None else f"{method} detail={detail}",
                                  timed(lambda: select_tokens(method, features, projected, grid, budget, question,
                                                              mask, **options), device, repeats)))

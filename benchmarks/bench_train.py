@@ -12,16 +12,16 @@ counts the last --steps (data loading included, as in training). Prints samples 
 import argparse
 import json
 import os
-import sys
+import runpy
 import tempfile
 import time
 
 import torch
 from transformers import TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train  # noqa: E402
+# train.py is a script beside this folder, not a package module: its functions, loaded from the file
+build_run = runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"))[
+    "build_run"]
 
 SMALL_CONFIG = {
     "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -56,7 +56,7 @@ def samples_per_second(budget: str, options, folder: str) -> tuple:
             "--dataloader_num_workers", "0", "--seed", "0"]
     if torch.cuda.is_available():
         argv.append("--bf16")
-    run = train.build_run(argv)
+    run = build_run(argv)
     clock = StepClock()
     run.trainer.add_callback(clock)
     run.trainer.train()

@@ -39,19 +39,15 @@ import traceback
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench_latency  # noqa: E402
-import bench_sampler  # noqa: E402
-import bench_selection  # noqa: E402
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.configuration_lavida_shirg import PRESETS, SPECIAL_TOKEN_FIELDS  # noqa: E402
-from lavida_shirg.image_layout import max_source_tokens  # noqa: E402
-from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor  # noqa: E402
-from lavida_shirg.shirg_selection import METHODS  # noqa: E402
-from lavida_shirg.tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer  # noqa: E402
-from shirg_tools.variants import DEFAULT_VARIANTS, default_variants, parse_variants  # noqa: E402
+import bench_latency
+import bench_sampler
+import bench_selection
+from lavida_shirg import ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import PRESETS, SPECIAL_TOKEN_FIELDS
+from lavida_shirg.image_layout import fewest_source_tokens
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
+from shirg_tools.variants import DEFAULT_VARIANTS, default_variants, parse_variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE_CONFIG = os.path.join(ROOT, "configs", "accelerate", "single_gpu.yaml")
@@ -146,7 +142,7 @@ def suite_config(small: bool) -> ShirgConfig:
 def suite_variants(config: ShirgConfig) -> tuple:
     """(variant string, the label of REFERENCE_VARIANT in it): DEFAULT_VARIANTS with budgets scaled to the config's
     high-resolution tokens."""
-    tokens = max_source_tokens({**config.token_layout(), "patch_size": config.vision_config.patch_size})
+    tokens = fewest_source_tokens(config.token_layout())
     scaled = default_variants(tokens)
     reference = DEFAULT_VARIANTS.split(",").index(REFERENCE_VARIANT)
     return scaled, scaled.split(",")[reference]
@@ -228,7 +224,8 @@ def selection(config: ShirgConfig, size: SuiteSize, device: str, dtype: torch.dt
     """bench_selection at the config's sizes on the suite's device (every vision layer), in ms."""
     layers = config.vision_config.num_hidden_layers
     measured = bench_selection.measure_selection(config, torch.device(device), dtype, layers, size.selection_batches,
-                                                 size.selection_repeats, config.selection_budget, list(METHODS))
+                                                 size.selection_repeats, config.selection_budget,
+                                                 bench_selection.SELECTIONS)
     view = config.hires_image_size // config.vision_config.patch_size
     return {"tokens": view * view, "budget": config.selection_budget, "batches": {
         str(batch): {"tower_ms": result["tower_s"] * 1000, "rows_ms": {name: s * 1000 for name, s in result["rows"]}}

@@ -22,20 +22,18 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavida_shirg.configuration_lavida_shirg import PRESETS, ShirgConfig  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
-from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor  # noqa: E402
-from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
-from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples  # noqa: E402
-from shirg_tools.budget_schedule import BudgetEntry  # noqa: E402
-from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig, generate_sample  # noqa: E402
+from lavida_shirg.configuration_lavida_shirg import PRESETS, ShirgConfig
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+from shirg_tools.batching import BatchBuilder, SampleEncoder, collate_samples
+from shirg_tools.budget_schedule import BudgetEntry
+from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SyntheticOCRConfig, generate_sample
 
 STATE_FILE = "probe_training_state.pt"
 ENTRIES = (BudgetEntry("pooled", "pooled", None, {}), BudgetEntry("full", "full", None, {}))

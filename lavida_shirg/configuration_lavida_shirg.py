@@ -2,8 +2,9 @@
 
 `ShirgConfig` = SigLIP vision config + LLaDA-style text config + the projector, the "anyres" image layout,
 the special tokens of the LLaDA tokenizer and the masked-diffusion training options.
-Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes), `"tiny"` (a few MB, tests and demo) and
-`"reader"` (the shipped reading demo's sizes, trained from scratch on the synthetic reading task).
+Presets: `ShirgConfig.from_preset("lavida-llada")` (the real 8.4B sizes), `"lavida-dream"` (LaViDa-Dream's real
+sizes), `"tiny"` (a few MB, tests and demo), `"tiny-dream"` (the same on a Dream decoder) and `"reader"` (the
+shipped reading demo's sizes, trained from scratch on the synthetic reading task).
 """
 
 import dataclasses
@@ -12,13 +13,13 @@ from collections.abc import Mapping
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
-from .image_layout import max_source_tokens
-from .shirg_selection import DETAIL_TERMS
+from .image_layout import fewest_source_tokens
+from .shirg_selection import DETAIL_TERMS, METHODS, SCORE_NORMALIZATIONS
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
-# "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`.
-SELECTION_METHODS = ("pooled", "full", "shirg-fixed", "shirg-v2", "shirg-x", "random", "top-norm", "visionzip",
-                     "divprune")
+# "pooled" is LaViDa's own path; "full" keeps every high-resolution token; the others select `selection_budget`
+# (shirg_selection.METHODS holds each method's token count, selection and token order).
+SELECTION_METHODS = tuple(METHODS)
 HIRES_SOURCES = ("single-view", "anyres-views")
 SCAFFOLDS = ("global-view", "grid", "none")
 
@@ -73,6 +74,36 @@ class LladaTextConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
+class DreamTextConfig(LladaTextConfig):
+    """Dream, LaViDa's second masked-diffusion LM: a bidirectional Qwen2-style decoder (RMSNorm, RoPE, SwiGLU, bias on
+    the query/key/value projections). Defaults: Dream-v0-7B's sizes (Qwen2.5-7B: grouped-query attention with 4
+    key/value heads, RoPE theta 1e6, RMSNorm eps 1e-6). Its sampler reads position j-1's logits for token j."""
+
+    model_type = "lavida_shirg_dream_text"
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    max_position_embeddings: int = 131072
+
+
+# text_config model_type -> its config class (the LM class is chosen from it: modeling_lavida_shirg.LANGUAGE_MODELS)
+TEXT_CONFIGS = {config.model_type: config for config in (LladaTextConfig, DreamTextConfig)}
+
+
+def text_config_from_dict(values: dict) -> LladaTextConfig:
+    """The text config of a dict: the class its `model_type` names (LLaDA's when absent)."""
+    model_type = values.get("model_type", LladaTextConfig.model_type)
+    if model_type not in TEXT_CONFIGS:
+        raise ValueError(f"text_config.model_type must be one of {sorted(TEXT_CONFIGS)}, got {model_type!r}")
+    return TEXT_CONFIGS[model_type](**{k: v for k, v in values.items() if k != "model_type"})
+
+
 class ShirgConfig(PreTrainedConfig):
     """LaViDa = SigLIP (without its last layer, head and post-norm) -> 2-layer GELU MLP -> LLaDA.
 
@@ -89,7 +120,7 @@ class ShirgConfig(PreTrainedConfig):
     sub_configs = {"vision_config": SiglipVisionConfig, "text_config": LladaTextConfig}
 
     vision_config: dict | SiglipVisionConfig | None = None
-    text_config: dict | LladaTextConfig | None = None
+    text_config: dict | LladaTextConfig | DreamTextConfig | None = None
     projector_hidden_act: str = "gelu"
     image_grid_pinpoints: list | None = None
     pooled_view_size: int = 14
@@ -112,12 +143,15 @@ class ShirgConfig(PreTrainedConfig):
     hires_image_size: int = 672
     coverage_region_size: int = 4
     relevance_weight: float = 0.7
-    variance_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
+    detail_weight: float = 0.3  # weight of the detail term (the seed's token variance with detail_term "variance")
     # the detail term of shirg-fixed, shirg-v2 and shirg-x (shirg_selection.DETAIL_TERMS; "variance" = the seed's):
     # chosen by benchmarks/bench_selection_quality.py, see README "Selection quality"
     detail_term: str = "pixel-contrast"
-    v2_alpha: float = 0.25
-    v2_beta: float = 0.15
+    # how each score term is normalised per image before the weights mix them (shirg_selection.SCORE_NORMALIZATIONS;
+    # "min-max" = the seed's)
+    score_normalization: str = "min-max"
+    v2_detail_weight: float = 0.25
+    v2_edge_weight: float = 0.15
     v2_summary_token: bool = True
     v2_kmeans_iterations: int = 4
     x_scaffold: str = "global-view"
@@ -139,7 +173,7 @@ class ShirgConfig(PreTrainedConfig):
         if self.text_config is None:
             self.text_config = LladaTextConfig()
         elif isinstance(self.text_config, dict):
-            self.text_config = LladaTextConfig(**{k: v for k, v in self.text_config.items() if k != "model_type"})
+            self.text_config = text_config_from_dict(self.text_config)
         if self.image_grid_pinpoints is None:
             size = self.vision_config.image_size
             self.image_grid_pinpoints = [[h * size, w * size] for h, w in PINPOINT_GRIDS]
@@ -203,12 +237,12 @@ class ShirgConfig(PreTrainedConfig):
 
     def selection_settings(self, method=None, budget=None, options=None) -> "SelectionSettings":
         """The SHIRG settings of one call: the config's fields, with `method`, `budget` and `options` (a dict of
-        field name -> value) overriding them; validated."""
-        layout = with_selection_overrides(self.token_layout(), method, budget, options)
-        return SelectionSettings(**{name: layout[name] for name in SELECTION_FIELDS})
+        field name -> value) overriding them; validated (the one check of the settings)."""
+        return with_selection_overrides(self.token_layout(), method, budget, options)
 
     def token_layout(self) -> dict:
-        """What the processor needs to count image tokens like the model (see image_layout.image_token_count)."""
+        """The image geometry and the SHIRG fields: what the processor needs to count image tokens like the model
+        (shirg_selection.image_token_count)."""
         return {
             "image_grid_pinpoints": self.image_grid_pinpoints,
             "view_size": self.vision_config.image_size,
@@ -242,33 +276,50 @@ SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_to
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
-    "relevance_weight", "variance_weight", "detail_term", "v2_alpha", "v2_beta", "v2_summary_token",
-    "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
+    "relevance_weight", "detail_weight", "detail_term", "score_normalization", "v2_detail_weight", "v2_edge_weight",
+    "v2_summary_token", "v2_kmeans_iterations", "x_scaffold", "x_scaffold_size", "x_suppression_rounds", "x_suppression_radius",
     "x_suppression_penalty", "visionzip_contextual_tokens", "random_seed", "coordinate_embedding", "adaptive_budget",
     "budget_choices",
 )
 
 
+# the image geometry a call's settings carry with them (not overridable per call)
+LAYOUT_FIELDS = ("image_grid_pinpoints", "view_size", "patch_size", "pooled_view_size")
+SETTINGS_FIELDS = LAYOUT_FIELDS + SELECTION_FIELDS
+
+
 class _SettingsMapping(Mapping):
-    """Read access by field name (settings["selection_method"], {**layout, **settings}) for a settings dataclass."""
+    """Read access by field name (settings["selection_method"]) for a settings dataclass."""
 
     def __getitem__(self, name):
-        if name not in SELECTION_FIELDS:
+        if name not in SETTINGS_FIELDS:
             raise KeyError(name)
         return getattr(self, name)
 
     def __iter__(self):
-        return iter(SELECTION_FIELDS)
+        return iter(SETTINGS_FIELDS)
 
     def __len__(self):
-        return len(SELECTION_FIELDS)
+        return len(SETTINGS_FIELDS)
+
+    def __init__(self, values=None, /, **fields):
+        """SelectionSettings(**fields), or SelectionSettings(mapping): transformers' Trainer and accelerate rebuild
+        every Mapping of a batch as type(m)({key: value}) when they move it to the device."""
+        fields = {**(values or {}), **fields}
+        if set(fields) != set(SETTINGS_FIELDS):
+            raise TypeError(f"SelectionSettings takes the fields {list(SETTINGS_FIELDS)}, got {sorted(fields)}")
+        for name in SETTINGS_FIELDS:
+            object.__setattr__(self, name, fields[name])
 
 
-# The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with one typed field
-# per SELECTION_FIELDS entry (types from ShirgConfig), readable as a mapping too.
+# The validated SHIRG settings of one call (ShirgConfig.selection_settings): a frozen dataclass with the image
+# geometry (LAYOUT_FIELDS) and one typed field per SELECTION_FIELDS entry (types from ShirgConfig), readable as a
+# mapping too.
 SelectionSettings = dataclasses.make_dataclass(
-    "SelectionSettings", [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
-    bases=(_SettingsMapping,), frozen=True, eq=True,
+    "SelectionSettings",
+    [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int)]
+    + [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
+    bases=(_SettingsMapping,), frozen=True, eq=True, init=False,
 )
 SelectionSettings.__module__ = __name__
 
@@ -277,9 +328,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def with_selection_overrides(layout: dict, method=None, budget=None, options=None) -> dict:
-    """A copy of a token layout with a call's `options` (SHIRG field name -> value), `method` and `budget` applied,
-    validated (unknown option names and out-of-range values raise a ValueError naming them)."""
+def with_selection_overrides(layout: dict, method=None, budget=None, options=None) -> SelectionSettings:
+    """The SelectionSettings of a token layout (`ShirgConfig.token_layout`) with a call's `options` (SHIRG field name
+    -> value), `method` and `budget` applied, validated (unknown option names and out-of-range values raise a
+    ValueError naming them)."""
     unknown = sorted(set(options or {}) - set(SELECTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown selection options {unknown}; known: {sorted(SELECTION_FIELDS)}")
@@ -289,20 +341,44 @@ def with_selection_overrides(layout: dict, method=None, budget=None, options=Non
     if budget is not None:
         layout["selection_budget"] = budget
     validate_selection_settings(layout)
-    return layout
+    return SelectionSettings(**{name: layout[name] for name in SETTINGS_FIELDS})
+
+
+# the allowed values of the SHIRG fields besides the method, the budgets and the geometry (validate_selection_settings)
+CHOICES = {"hires_source": HIRES_SOURCES, "x_scaffold": SCAFFOLDS, "detail_term": DETAIL_TERMS,
+           "score_normalization": tuple(SCORE_NORMALIZATIONS)}
+INTEGER_MINIMUMS = {"coverage_region_size": 1, "v2_kmeans_iterations": 1, "x_suppression_rounds": 1,
+                    "x_scaffold_size": 0, "x_suppression_radius": 0, "visionzip_contextual_tokens": 0, "random_seed": 0}
+WEIGHT_MAXIMUMS = {"relevance_weight": math.inf, "detail_weight": math.inf, "v2_detail_weight": 1.0,
+                   "v2_edge_weight": math.inf, "x_suppression_penalty": 1.0}
+FLAGS = ("v2_summary_token", "coordinate_embedding", "adaptive_budget")
+
+
+def _problem(name, value):
+    """What is wrong with the value of one SHIRG field (CHOICES, INTEGER_MINIMUMS, WEIGHT_MAXIMUMS, FLAGS), or None."""
+    if name in CHOICES:
+        return None if value in CHOICES[name] else f"must be one of {CHOICES[name]}"
+    if name in INTEGER_MINIMUMS:
+        low = INTEGER_MINIMUMS[name]
+        ok = _is_int(value) and value >= low
+        return None if ok else f"must be a {'positive' if low else 'non-negative'} integer"
+    if name in WEIGHT_MAXIMUMS:
+        high = WEIGHT_MAXIMUMS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            return "must be a finite non-negative number"
+        return None if value <= high else f"must be in [0, {high:g}]"
+    return None if isinstance(value, bool) else "must be true or false"
 
 
 def validate_selection_settings(settings: dict):
     """Raise a ValueError naming the field for any SHIRG setting of a token layout (`ShirgConfig.token_layout`
-    with a call's overrides) out of its allowed values."""
+    with a call's overrides) out of its allowed values: the one check of a call's settings."""
     if settings["selection_method"] not in SELECTION_METHODS:
         raise ValueError(f"selection_method must be one of {SELECTION_METHODS}, got {settings['selection_method']!r}")
-    if settings["hires_source"] not in HIRES_SOURCES:
-        raise ValueError(f"hires_source must be one of {HIRES_SOURCES}, got {settings['hires_source']!r}")
-    if settings["x_scaffold"] not in SCAFFOLDS:
-        raise ValueError(f"x_scaffold must be one of {SCAFFOLDS}, got {settings['x_scaffold']!r}")
-    if settings["detail_term"] not in DETAIL_TERMS:
-        raise ValueError(f"detail_term must be one of {DETAIL_TERMS}, got {settings['detail_term']!r}")
+    for name in (*CHOICES, *INTEGER_MINIMUMS, *WEIGHT_MAXIMUMS, *FLAGS):
+        problem = _problem(name, settings[name])
+        if problem:
+            raise ValueError(f"{name} {problem}, got {settings[name]!r}")
     size, patch = settings["hires_image_size"], settings["patch_size"]
     if not _is_int(size) or size < patch or size % patch:
         raise ValueError(f"hires_image_size must be a positive integer multiple of the patch size ({patch}), "
@@ -310,37 +386,19 @@ def validate_selection_settings(settings: dict):
     if settings["hires_source"] == "anyres-views" and settings["x_scaffold"] == "grid":
         raise ValueError("x_scaffold='grid' pools a single high-resolution view: use 'global-view' or 'none' with "
                          "hires_source='anyres-views'")
-    num_tokens = max_source_tokens(settings)
+    num_tokens = fewest_source_tokens(settings)
     budgets = {"selection_budget": [settings["selection_budget"]], "budget_choices": settings["budget_choices"]}
     for name, values in budgets.items():
-        if not isinstance(values, (list, tuple)) or not values or not all(
+        if not isinstance(values, (list, tuple)) or not values or len(set(values)) != len(values) or not all(
                 _is_int(b) and 0 < b <= num_tokens for b in values):
-            raise ValueError(
-                f"{name} must be {'a positive integer' if name == 'selection_budget' else 'a non-empty list of positive integers'}"
-                f" at most the {num_tokens} high-resolution tokens, got {settings[name]!r}"
-            )
-    for name in ("coverage_region_size", "v2_kmeans_iterations", "x_suppression_rounds"):
-        if not _is_int(settings[name]) or settings[name] < 1:
-            raise ValueError(f"{name} must be a positive integer, got {settings[name]!r}")
-    for name in ("x_scaffold_size", "x_suppression_radius", "visionzip_contextual_tokens", "random_seed"):
-        if not _is_int(settings[name]) or settings[name] < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {settings[name]!r}")
-    for name in ("relevance_weight", "variance_weight", "v2_alpha", "v2_beta", "x_suppression_penalty"):
-        value = settings[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    if settings["v2_alpha"] > 1:
-        raise ValueError(f"v2_alpha must be in [0, 1], got {settings['v2_alpha']!r}")
-    if settings["x_suppression_penalty"] > 1:
-        raise ValueError(f"x_suppression_penalty must be in [0, 1], got {settings['x_suppression_penalty']!r}")
-    for name in ("v2_summary_token", "coordinate_embedding", "adaptive_budget"):
-        if not isinstance(settings[name], bool):
-            raise ValueError(f"{name} must be true or false, got {settings[name]!r}")
-    if settings["selection_method"] == "visionzip" and settings["visionzip_contextual_tokens"] >= settings["selection_budget"]:
-        raise ValueError(
-            f"visionzip_contextual_tokens ({settings['visionzip_contextual_tokens']}) must be smaller than "
-            f"selection_budget ({settings['selection_budget']}): the budget counts dominant + contextual tokens"
-        )
+            kind = "a positive integer" if name == "selection_budget" else "a list of distinct positive integers"
+            fewest = " of the image with the fewest anyres views" if settings["hires_source"] == "anyres-views" else ""
+            raise ValueError(f"{name} must be {kind} at most the {num_tokens} high-resolution tokens{fewest}, "
+                             f"got {settings[name]!r}")
+    contextual, budget = settings["visionzip_contextual_tokens"], settings["selection_budget"]
+    if settings["selection_method"] == "visionzip" and contextual >= budget:
+        raise ValueError(f"visionzip_contextual_tokens ({contextual}) must be smaller than selection_budget "
+                         f"({budget}): the budget counts dominant + contextual tokens")
 
 
 # Crop grids (rows, cols) of LaViDa's pinpoints, in its order: (w, h) = (384, 768), (768, 384), (768, 768), (1152, 384),
@@ -359,17 +417,23 @@ TINY_TEXT_VOCAB = 512  # the size of the byte-level BPE tokenizer built by `lavi
 TINY_TOKENIZER_IDS = dict(eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2, start_header_token_id=3,
                           end_header_token_id=4, eot_token_id=5)
 
+# Dream-v0-Instruct-7B's tokenizer: <|endoftext|> (eos, pad), <|beginoftext|>, <|mask|>; a ChatML header is
+# <|im_start|>role + newline (id 198) and a turn ends with <|im_end|>
+DREAM_TOKEN_IDS = dict(mask_token_id=151666, bos_token_id=151665, eos_token_id=151643, pad_token_id=151643,
+                       start_header_token_id=151644, end_header_token_id=198, eot_token_id=151645)
+TINY_TEXT = dict(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
 PRESETS = {
     "lavida-llada": dict(vision_config=REAL_VISION, text_config={}),
+    "lavida-dream": dict(vision_config=REAL_VISION, text_config=dict(model_type=DreamTextConfig.model_type),
+                         **DREAM_TOKEN_IDS),
     "tiny": dict(
         vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             patch_size=4, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
         ),
-        text_config=dict(
-            vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        ),
+        text_config=TINY_TEXT,
         pooled_view_size=4,
         hires_image_size=64, selection_budget=64, budget_choices=[32, 64, 96], x_scaffold_size=4,
         visionzip_contextual_tokens=8,
@@ -394,8 +458,11 @@ PRESETS = {
     ),
 }
 
+# the tiny preset on a Dream decoder (tests of the Dream backbone and its sampler)
+PRESETS["tiny-dream"] = {**PRESETS["tiny"], "text_config": {**TINY_TEXT, "model_type": DreamTextConfig.model_type}}
+
 # presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer) with TINY_TOKENIZER_IDS
-TINY_TOKENIZER_PRESETS = ("tiny", "reader")
+TINY_TOKENIZER_PRESETS = ("tiny", "reader", "tiny-dream")
 
 ShirgConfig.register_for_auto_class()
 

@@ -12,11 +12,22 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import ModelOutput
 
+from .configuration_lavida_shirg import DreamTextConfig
 from .modeling_llada import check_sequence_length, positions_from_mask
+from .prefix_cache import PrefixCache
 
+from .dream_sampler import (
+    DREAM_ALGORITHMS,
+    DREAM_EPS,
+    DREAM_GENERATION_DEFAULTS,
+    dream_denoise_step,
+    run_dream_sampler,
+    shift_logits,
+)
 from .masked_diffusion import (
     LAVIDA_SCHEDULE_SHIFT,
     commit_most_confident,
@@ -40,6 +51,9 @@ SAMPLER_FIELDS = {
     "remasking": "low_confidence",  # which predictions a step commits: "low_confidence" or "random"
     "schedule": "uniform",  # tokens committed per step: "uniform" or LaViDa's "shift"
     "schedule_shift": LAVIDA_SCHEDULE_SHIFT,  # a of the shift schedule
+    "alg": None,  # Dream's sampler (dream_sampler.DREAM_ALGORITHMS; a Dream backbone's default: "topk_margin"); None: LLaDA's
+    "alg_temp": None,  # Dream: > 0 draws the committed positions with probabilities softmax(confidence / alg_temp)
+    "eps": DREAM_EPS,  # Dream: the last of the timesteps linspace(1, eps, steps + 1)
     "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
     "prefix_lm_mask": False,  # without the cache: hide the answer from the prefix (else LaViDa's bidirectional mode)
     "kv_cache_dtype": None,  # store the prefix cache in "bfloat16", "float16" or "float8_e4m3fn"
@@ -69,6 +83,7 @@ UNSUPPORTED = {
 UNSUPPORTED_VALUE_ALLOWED = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0}
 # every generate() keyword that names a generation setting (ours, the unsupported standard ones, transformers' alias)
 GENERATION_ARGUMENTS = (*SAMPLER_FIELDS, *UNSUPPORTED, "use_cache")
+DREAM_TEXT_MODEL_TYPE = DreamTextConfig.model_type
 # sampler argument names of diffusion_generate / resolve_sampler_arguments -> generation config names
 GENERATION_NAMES = {"gen_length": "max_new_tokens"}
 
@@ -100,13 +115,17 @@ class LavidaShirgGenerationConfig(GenerationConfig):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if self.num_return_sequences > 1 and not self.do_sample:
+            raise ValueError(f"num_return_sequences={self.num_return_sequences} without do_sample=True gives identical "
+                             "answers: pass do_sample=True (with a temperature) to draw different ones")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer (or None), got {self.top_k!r}")
         if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
                                        or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p!r}")
-        if not self.do_sample and (self.top_k is not None or self.top_p is not None):
-            raise ValueError("top_k / top_p filter sampled tokens: pass do_sample=True with them")
+        if not self.do_sample and self.alg is None and (self.top_k is not None or self.top_p is not None):
+            raise ValueError("top_k / top_p filter sampled tokens in LLaDA's sampler (alg=None): pass do_sample=True "
+                             "with them")
         if self.kv_cache_dtype is not None and not self.use_prefix_cache:
             raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
         if self.compile_step and not self.use_prefix_cache:
@@ -165,7 +184,27 @@ class LavidaShirgGenerationConfig(GenerationConfig):
         given = dict(gen_length=self.max_new_tokens, block_length=self.block_length, temperature=temperature,
                      remasking=self.remasking, schedule=self.schedule, schedule_shift=self.schedule_shift,
                      steps=self.steps if per_block is None else per_block)
-        return resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
+        settings = resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
+        if self.alg is None:
+            return settings
+        return {**settings, **self.dream_arguments()}
+
+    def dream_arguments(self) -> dict:
+        """Dream's sampler settings (alg, alg_temp, eps, top_k, top_p), validated; its answer is one block decoded
+        by its own rule, so LLaDA's block and commit settings must keep their defaults."""
+        if self.alg not in DREAM_ALGORITHMS:
+            raise ValueError(f"alg must be one of {DREAM_ALGORITHMS} (or None: LLaDA's sampler), got {self.alg!r}")
+        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking",
+                                                             "schedule") if getattr(self, name) != SAMPLER_FIELDS[name]}
+        if llada_only:
+            raise ValueError(f"{llada_only} are settings of LLaDA's sampler; alg={self.alg!r} (Dream's) decodes the "
+                             "whole answer with its own schedule: leave them at their defaults")
+        if self.alg_temp is not None and (isinstance(self.alg_temp, bool) or not isinstance(self.alg_temp, (int, float))
+                                          or not 0 <= self.alg_temp < float("inf")):
+            raise ValueError(f"alg_temp must be a finite number >= 0 (or None), got {self.alg_temp!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        return dict(alg=self.alg, alg_temp=self.alg_temp, eps=self.eps, top_k=self.top_k, top_p=self.top_p)
 
     def to_json_string(self, *args, **kwargs) -> str:
         """Every field, always (use_diff=False): GenerationConfig's diff is taken against its own defaults, which
@@ -174,16 +213,11 @@ class LavidaShirgGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config) -> "LavidaShirgGenerationConfig":
-        """The generation config of a model config: its special ids, and the sampler defaults that configs
-        written before generation_config.json existed kept in `sampler_defaults`."""
+        """The default generation config of a model config: the sampler defaults with its special ids."""
         config = model_config if isinstance(model_config, dict) else model_config.to_dict()
-        legacy = dict(config.get("sampler_defaults") or {})
-        fields = {GENERATION_NAMES.get(name, name): value for name, value in legacy.items() if name != "temperature"}
-        temperature = legacy.get("temperature") or 0
-        if temperature:
-            fields.update(do_sample=True, temperature=temperature)
         ids = {name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id") if name in config}
-        return cls(**fields, **ids, _from_model_config=True)
+        dream = (config.get("text_config") or {}).get("model_type") == DREAM_TEXT_MODEL_TYPE
+        return cls(**ids, **(DREAM_GENERATION_DEFAULTS if dream else {}), _from_model_config=True)
 
 
 @dataclass
@@ -193,10 +227,13 @@ class MaskedDiffusionGenerateOutput(ModelOutput):
     sequences: (B * num_return_sequences, P + G) prompt + answer ids.
     history: with output_history, the answer canvas (B * num_return_sequences, G) after every step, in order
         (masked positions hold the mask id), as LaViDa's predict.py prints it.
+    past_key_values: the prefix cache (a PrefixCache) the sampler read, with use_prefix_cache (its `nbytes()` is
+        the memory the image tokens cost).
     """
 
     sequences: torch.LongTensor | None = None
     history: tuple | None = None
+    past_key_values: PrefixCache | None = None
 
 
 def _is_int(value) -> bool:
@@ -241,42 +278,10 @@ def logits_warpers(settings: LavidaShirgGenerationConfig) -> LogitsProcessorList
     return warpers
 
 
-class AnswerLogits:
-    """answer_logits(canvas (B, G)) -> logits (B, G, V) of the answer canvas at `positions` (B, G): against the
-    cached prefix (`prefix_key_values`, a PrefixCache) or, without the cache, after the prefix embeddings
-    `prefix_embeds` (B, P, E) run again (`positions` then cover prefix + answer). `bias`: the attention mask."""
-
-    def __init__(self, language_model, lm_head, bias, positions, prefix_key_values=None, prefix_embeds=None):
-        self.language_model, self.lm_head = language_model, lm_head
-        self.bias, self.positions = bias, positions
-        self.prefix_key_values, self.prefix_embeds = prefix_key_values, prefix_embeds
-        self.vocab_size = lm_head.weight.shape[0]
-
-    def __call__(self, canvas):
-        answer_embeds = self.language_model.embed_tokens(canvas)  # (B, G, E)
-        if self.prefix_key_values is not None:
-            hidden = self.language_model(answer_embeds, self.bias, self.positions,
-                                         self.prefix_key_values).last_hidden_state
-        else:
-            sequence = torch.cat((self.prefix_embeds, answer_embeds), dim=1)
-            hidden = self.language_model(sequence, self.bias, self.positions).last_hidden_state
-            hidden = hidden[:, self.prefix_embeds.shape[1]:]
-        return self.lm_head(hidden)  # (B, G, V)
-
-    def mark_for_compile(self):
-        """For the compiled step: the prefix length is a dynamic dimension (one compilation serves every prefix
-        length). Under CUDA graphs the prefix tensors are copied into the graph's inputs at each replay (the KV
-        bytes once per step), which keeps one recording per shape across calls."""
-        for pair in self.prefix_key_values.layers:
-            for stored, _ in pair:
-                torch._dynamo.maybe_mark_dynamic(stored, 2)  # (B, Hkv, P, d)
-        torch._dynamo.maybe_mark_dynamic(self.bias, self.bias.dim() - 1)  # keys: P + G
-
-
 def denoise_step(answer_logits, canvas, in_block, count, mask_token_id, temperature, remasking, warpers=(),
                  gumbel=None, remask=None):
-    """One sampler step: l = answer_logits(canvas) (B, G, V), filtered by each of `warpers`; x0 = sample_tokens(l)
-    with the Gumbel draws `gumbel`; confidence = token_confidence(l, x0) (the draws `remask` for random remasking);
+    """One sampler step: l = answer_logits(canvas) (B, G, V) (the model's forward on the answer canvas), filtered
+    by each of `warpers`; x0 = sample_tokens(l) with the Gumbel draws `gumbel`; confidence = token_confidence(l, x0) (the draws `remask` for random remasking);
     then the `count` (0-d tensor) most confident masked positions of the block (`in_block` (G,) bool) take x0.
     No host reads and static shapes: it compiles as one graph (`compiled_step`)."""
     logits = answer_logits(canvas)
@@ -294,12 +299,12 @@ COMPILE_NEEDS_CACHE = ("compile_step compiles the answer step against the cached
 
 
 @functools.cache
-def _compiled_denoise_step(mode):
-    return torch.compile(denoise_step, fullgraph=True, mode=mode)
+def _compiled_denoise_step(mode, function=denoise_step):
+    return torch.compile(function, fullgraph=True, mode=mode)
 
 
-def compiled_step(device, dtype, kv_cache_dtype=None):
-    """`denoise_step` under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
+def compiled_step(device, dtype, kv_cache_dtype=None, function=denoise_step):
+    """`function` (`denoise_step`, or Dream's `dream_denoise_step`) under torch.compile(fullgraph=True): mode "reduce-overhead" (CUDA graphs; each output is
     cloned, since a replay overwrites the graph's outputs) on CUDA, the default mode on CPU. Refused up front, with a
     ValueError naming the setting, where it cannot run: a device other than COMPILE_DEVICES, bfloat16 on a GPU
     without bf16, a float8 prefix cache (kv_cache_dtype) on a GPU below compute capability 8.9 (Triton has no
@@ -308,7 +313,15 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
         raise ValueError(f"compile_step runs on the devices {COMPILE_DEVICES}, not {device.type!r}: pass "
                          "compile_step=False")
     if device.type == "cpu":
-        return _compiled_denoise_step(None)
+        from torch._inductor import cpp_builder  # imported here: only the compiled step needs inductor
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:  # inductor compiles the CPU graph with a C++ compiler: a missing one fails here, before any work
+            cpp_builder.get_cpp_compiler()
+        except InvalidCxxCompiler as error:
+            raise ValueError("compile_step on CPU needs a C++ compiler (g++ or clang++, or the one in $CXX): install "
+                             "one or pass compile_step=False") from error
+        return _compiled_denoise_step(None, function)
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ValueError(f"compile_step: this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16; load the "
                          "model in float16 or float32, or pass compile_step=False")
@@ -317,7 +330,7 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
         raise ValueError(f"compile_step with kv_cache_dtype='float8_e4m3fn' needs a GPU of compute capability >= 8.9, "
                          f"this one has {capability[0]}.{capability[1]}: pass kv_cache_dtype None, 'bfloat16' or "
                          "'float16', or compile_step=False")
-    compiled = _compiled_denoise_step("reduce-overhead")
+    compiled = _compiled_denoise_step("reduce-overhead", function)
 
     def replayed(*args, **kwargs):
         return compiled(*args, **kwargs).clone()
@@ -325,37 +338,36 @@ def compiled_step(device, dtype, kv_cache_dtype=None):
     return replayed
 
 
-def run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers=(), generator=None, history=None,
-                step=denoise_step):
+def run_sampler(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers=(), generator=None,
+                keep_history=False, step=denoise_step):
     """LLaDA/LaViDa's sampler: the answer canvas starts as masks; per block, per step, `step` (`denoise_step` or
-    its compiled form) predicts every position with `answer_logits` (an AnswerLogits), samples x0 (Gumbel-max at
-    the temperature) and commits the `count` most confident predictions of the block (counts from the schedule,
-    moved to the device before the loop: the loop reads nothing back). The random draws of every step come from
-    `generator` (`step_noise`). Returns the canvas (B, G); `history` (a list) receives the canvas after every step."""
+    its compiled form) predicts every position with `answer_logits`, samples x0 (Gumbel-max at the temperature)
+    and commits the `count` most confident predictions of the block (counts from the schedule, moved to the device
+    before the loop: the loop reads nothing back). The random draws of every step come from `generator`
+    (`step_noise`). Returns the canvas (B, G) and, with `keep_history`, the canvas after every step (else None)."""
     gen_length, block_length = sampler["gen_length"], sampler["block_length"]
     steps_per_block = sampler["steps"] // (gen_length // block_length)
     schedule = transfer_counts(block_length, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
     counts = torch.tensor(schedule).to(device, non_blocking=True).unbind()  # 0-d tensors, one per step
     canvas = torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)
     answer_index = torch.arange(gen_length, device=device)
-    shape = (batch, gen_length, answer_logits.vocab_size)
+    shape = (batch, gen_length, vocab_size)
+    history = []
     for block_start in range(0, gen_length, block_length):
         in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
         for count in counts:
             gumbel, remask = step_noise(shape, sampler["temperature"], sampler["remasking"], device, generator)
             canvas = step(answer_logits, canvas, in_block, count, mask_token_id, sampler["temperature"],
                           sampler["remasking"], warpers, gumbel, remask)
-            if history is not None:
-                history.append(canvas)
-    return canvas
+            history.append(canvas)
+    return canvas, tuple(history) if keep_history else None
 
 
 PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "compile_step")
 
 
 class LavidaShirgGenerationMixin:
-    """generate() / diffusion_generate() of LavidaShirgForMaskedDiffusion (it provides embed_inputs,
-    selection_settings, language_model, lm_head and build_prefix_cache)."""
+    """generate() / diffusion_generate() of LavidaShirgForMaskedDiffusion: every step is one call of its forward."""
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -366,18 +378,18 @@ class LavidaShirgGenerationMixin:
                              cache_dir, force_download, proxies, local_files_only, token, revision, subfolder,
                              trust_remote_code, **kwargs):
         """from_pretrained's hook: the folder's generation_config.json read as a LavidaShirgGenerationConfig through
-        transformers' loader (a folder without one keeps the config derived in __init__, which folds in the
-        `sampler_defaults` that configs written before generation_config.json held)."""
+        transformers' loader; a folder without one keeps the defaults derived in __init__ (an unreadable one is an
+        error naming the file)."""
         if generation_config is not None:
             self.generation_config = generation_config_of_call(self.generation_config, generation_config)
             return
-        try:
-            self.generation_config = LavidaShirgGenerationConfig.from_pretrained(
-                pretrained_model_name_or_path, cache_dir=cache_dir, force_download=force_download, proxies=proxies,
-                local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder,
-            )
-        except OSError:  # transformers' "no generation_config.json in this folder"
-            pass
+        location = dict(cache_dir=cache_dir, force_download=force_download, proxies=proxies,
+                        local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder)
+        found = cached_file(pretrained_model_name_or_path, GENERATION_CONFIG_NAME,
+                            _raise_exceptions_for_missing_entries=False, **location)
+        if found is not None:
+            self.generation_config = LavidaShirgGenerationConfig.from_pretrained(pretrained_model_name_or_path,
+                                                                                 **location)
 
     def _prepare_generation_config(self, generation_config=None, use_model_defaults=None, **kwargs):
         """transformers' hook, called by pipelines of transformers < 5.24: the call's LavidaShirgGenerationConfig
@@ -386,59 +398,93 @@ class LavidaShirgGenerationMixin:
         prepared = generation_config_of_call(self.generation_config, generation_config, **settings)
         return prepared, {key: value for key, value in kwargs.items() if key not in settings}
 
-    def prefix_and_answer_logits(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values,
-                                 question_mask, selection, settings, sequences_per_prompt=1, on_prefix_cache=None):
-        """Embed and (with the prefix cache) run the prompt + image prefix once, each prompt's prefix repeated
-        `sequences_per_prompt` times. Returns the AnswerLogits of the answer (`mark_for_compile` under
-        compile_step)."""
-        gen_length = settings["gen_length"]
-        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        prefix_embeds, attention_mask = self.embed_inputs(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection
-        )  # (B, P, E), (B, P)
-        prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
-        attention_mask = attention_mask.repeat_interleave(sequences_per_prompt, dim=0)
-        batch, prefix_length = attention_mask.shape
-        device = input_ids.device
-        answer_mask = torch.ones(batch, gen_length, dtype=attention_mask.dtype, device=device)
-        full_mask = torch.cat((attention_mask, answer_mask), dim=1)  # (B, P + G)
-        answer_positions = attention_mask.sum(dim=1, keepdim=True) + torch.arange(gen_length, device=device)
-        language_model, dtype = self.language_model, prefix_embeds.dtype
-        if settings["kv_cache_dtype"] is not None and not settings["use_prefix_cache"]:
-            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
-        if settings["use_prefix_cache"]:
-            prefix_key_values = self.build_prefix_cache(prefix_embeds, attention_mask, settings["kv_cache_dtype"])
-            if on_prefix_cache is not None:
-                on_prefix_cache(prefix_key_values)
-            bias = language_model.attention_bias(full_mask, gen_length, dtype)
-            answer_logits = AnswerLogits(language_model, self.lm_head, bias, answer_positions, prefix_key_values)
-            if settings["compile_step"]:
-                answer_logits.mark_for_compile()
-            return answer_logits
-        prefix_lengths = torch.full((batch,), prefix_length, device=device) if settings["prefix_lm_mask"] else None
-        bias = language_model.attention_bias(full_mask, prefix_length + gen_length, dtype, prefix_lengths)
-        return AnswerLogits(language_model, self.lm_head, bias, positions_from_mask(full_mask),
-                            prefix_embeds=prefix_embeds)
+    def answer_logits(self, prefix_embeds, prefix_mask, gen_length, prefix):
+        """(answer_logits, cache, first_token): answer_logits(canvas (B, G)) -> logits (B, G, V), each call one run of
+        the model's forward. With the prefix cache (prefix["use_prefix_cache"]) the prefix (B, P, E) runs once here
+        (the prefill, stored in prefix["kv_cache_dtype"]) and each call runs the answer against it; without it, each
+        call runs prefix + answer, the prefix blind to the answer with prefix["prefix_lm_mask"] (else LaViDa's
+        bidirectional mode). A Dream backbone reads token j from position j - 1's logits (`shift_logits`; without
+        the cache answer position 0 reads the last prompt position) and its prefill gives the first answer token,
+        the argmax at the last prompt position (B,) (Dream's prefix-LM); otherwise first_token is None."""
+        batch, prefix_length = prefix_mask.shape
+        answer_mask = torch.ones(batch, gen_length, dtype=prefix_mask.dtype, device=prefix_mask.device)
+        full_mask = torch.cat((prefix_mask, answer_mask), dim=1)  # (B, P + G)
+        embed = self.get_input_embeddings()
+        shifted = self.config.text_config.model_type == DREAM_TEXT_MODEL_TYPE
+        if prefix["use_prefix_cache"]:
+            cache, first_token = PrefixCache(prefix["kv_cache_dtype"]), None  # filled by the prefill
+            prefill = dict(inputs_embeds=prefix_embeds, attention_mask=prefix_mask, use_cache=True,
+                           past_key_values=cache, return_dict=True)
+            if shifted:
+                first_token = self(**prefill, logits_to_keep=1).logits[:, -1].argmax(dim=-1)  # (B,)
+            else:
+                self.model(**prefill)
+            positions = positions_from_mask(full_mask)[:, prefix_length:].contiguous()  # (B, G)
+            if prefix["compile_step"]:  # one compilation serves every prefix length P
+                for pair in cache.layers:
+                    for stored, _ in pair:
+                        torch._dynamo.maybe_mark_dynamic(stored, 2)  # (B, Hkv, P, d)
+                torch._dynamo.maybe_mark_dynamic(full_mask, 1)
 
-    def sample_answers(self, input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-                       selection, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None, history=None,
-                       on_prefix_cache=None):
-        """The answer ids (B * sequences_per_prompt, G) of generate and diffusion_generate: the step (`denoise_step`,
-        or with prefix["compile_step"] its compiled form, checked before any work), the prefix (PREFIX_SETTINGS in
-        `prefix`), then `run_sampler` with the resolved `sampler` settings."""
-        step = denoise_step
+            def logits_with_cache(canvas):
+                logits = self(inputs_embeds=embed(canvas), attention_mask=full_mask, position_ids=positions,
+                              past_key_values=cache, return_dict=True).logits
+                return shift_logits(logits) if shifted else logits
+
+            return logits_with_cache, cache, first_token
+        prefix_lengths = None
+        if prefix["prefix_lm_mask"]:
+            prefix_lengths = torch.full((batch,), prefix_length, device=full_mask.device)
+
+        def logits_without_cache(canvas):
+            sequence = torch.cat((prefix_embeds, embed(canvas)), dim=1)  # (B, P + G, E)
+            return self(inputs_embeds=sequence, attention_mask=full_mask, prefix_lengths=prefix_lengths,
+                        logits_to_keep=gen_length + shifted, return_dict=True).logits[:, :gen_length]
+
+        return logits_without_cache, None, None
+
+    def sample_answers(self, inputs, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None,
+                       keep_history=False):
+        """(answer ids (B * sequences_per_prompt, G), history (see run_sampler), prefix cache or None) of generate
+        and diffusion_generate: the step (`denoise_step`, or with prefix["compile_step"] its compiled form, checked
+        before any work), the prefix embedded once (images written in, each prompt repeated `sequences_per_prompt`
+        times), then
+        `run_sampler` with the resolved `sampler` settings. inputs: the model inputs (input_ids, attention_mask,
+        images, selection settings)."""
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != self.device.type):
+            raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device}), got "
+                             f"{generator!r}" + (f" on {generator.device}" if isinstance(generator, torch.Generator)
+                                                 else ""))
+        dream = self.config.text_config.model_type == DREAM_TEXT_MODEL_TYPE
+        if dream != ("alg" in sampler):
+            raise ValueError("a Dream backbone samples with Dream's algorithms: pass alg (one of "
+                             f"{DREAM_ALGORITHMS})" if dream else f"alg={sampler['alg']!r} is Dream's sampler; this "
+                             "model's LLaDA backbone samples with remasking / schedule: pass alg=None")
+        if dream and sampler["block_length"] != sampler["gen_length"]:
+            raise ValueError(f"Dream's sampler decodes the answer in one block: block_length ({sampler['block_length']})"
+                             f" must be None or the answer length ({sampler['gen_length']})")
+        step = dream_denoise_step if dream else denoise_step
         if prefix["compile_step"]:
             if not prefix["use_prefix_cache"]:
                 raise ValueError(COMPILE_NEEDS_CACHE)
-            step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"])
-        answer_logits = self.prefix_and_answer_logits(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask, selection,
-            {**sampler, **prefix}, sequences_per_prompt, on_prefix_cache,
-        )
-        return run_sampler(answer_logits, input_ids.shape[0] * sequences_per_prompt, sampler,
-                           self.config.mask_token_id, input_ids.device, warpers, generator, history, step)
+            step = compiled_step(self.device, self.dtype, prefix["kv_cache_dtype"], step)
+        input_ids, gen_length = inputs["input_ids"], sampler["gen_length"]
+        check_sequence_length(input_ids.shape[1], gen_length, self.config.text_config.max_position_embeddings)
+        prefix_embeds, prefix_mask, _ = self.model.inputs_and_mask(**inputs)  # (B, P, E), (B, P)
+        prefix_embeds = prefix_embeds.repeat_interleave(sequences_per_prompt, dim=0)
+        prefix_mask = prefix_mask.repeat_interleave(sequences_per_prompt, dim=0)
+        answer_logits, cache, first_token = self.answer_logits(prefix_embeds, prefix_mask, gen_length, prefix)
+        vocab_size = self.get_output_embeddings().weight.shape[0]
+        if dream:
+            answers, history = run_dream_sampler(answer_logits, first_token, prefix_mask.shape[0], vocab_size, sampler,
+                                                 self.config.mask_token_id, input_ids.device, generator, keep_history,
+                                                 step)
+        else:
+            answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
+                                           self.config.mask_token_id, input_ids.device, warpers, generator,
+                                           keep_history, step)
+        return answers, history, cache
 
     @torch.no_grad()
     def generate(
@@ -449,12 +495,12 @@ class LavidaShirgGenerationMixin:
         image_sizes=None,
         hires_pixel_values=None,
         question_mask=None,
+        selection=None,
         generation_config=None,
         selection_method=None,
         selection_budget=None,
         selection_options=None,
         generator=None,
-        on_prefix_cache=None,
         **kwargs,
     ):
         """Masked-diffusion generation on transformers' conventions: prompt + answer ids (B * n, P + G).
@@ -464,26 +510,26 @@ class LavidaShirgGenerationMixin:
         top_p, remasking, schedule, schedule_shift, use_prefix_cache (or use_cache), prefix_lm_mask,
         kv_cache_dtype, compile_step, num_return_sequences n, return_dict_in_generate, output_history).
         Autoregressive-only settings (beams, penalties, max_length, stop strings) raise a ValueError. With
-        return_dict_in_generate: a
-        MaskedDiffusionGenerateOutput (sequences, and the answer canvas after every step with output_history).
-        The image and selection arguments are those of `forward`; `generator` seeds sampling; `on_prefix_cache(cache)`
-        is called once the prefix cache is built.
+        return_dict_in_generate: a MaskedDiffusionGenerateOutput (sequences, the answer canvas after every step with
+        output_history, the prefix cache). The inputs are the processor's output, whose `selection` carries its
+        SHIRG settings (see `forward`); `generator` seeds sampling.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (the processor's output)")
         settings = generation_config_of_call(self.generation_config, generation_config, **kwargs)
         n = settings.num_return_sequences
-        history = [] if settings.output_history else None
-        answers = self.sample_answers(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options), settings.sampler_arguments(),
-            {name: getattr(settings, name) for name in PREFIX_SETTINGS}, n, logits_warpers(settings), generator,
-            history, on_prefix_cache,
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_sizes=image_sizes, hires_pixel_values=hires_pixel_values, question_mask=question_mask,
+                      selection=selection, selection_method=selection_method, selection_budget=selection_budget,
+                      selection_options=selection_options)
+        answers, history, cache = self.sample_answers(
+            inputs, settings.sampler_arguments(), {name: getattr(settings, name) for name in PREFIX_SETTINGS}, n,
+            logits_warpers(settings), generator, settings.output_history,
         )
         sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
         if not settings.return_dict_in_generate:
             return sequences
-        return MaskedDiffusionGenerateOutput(sequences=sequences, history=None if history is None else tuple(history))
+        return MaskedDiffusionGenerateOutput(sequences=sequences, history=history, past_key_values=cache)
 
     @torch.no_grad()
     def diffusion_generate(
@@ -494,6 +540,7 @@ class LavidaShirgGenerationMixin:
         image_sizes=None,
         hires_pixel_values=None,
         question_mask=None,
+        selection=None,
         selection_method=None,
         selection_budget=None,
         selection_options=None,
@@ -508,7 +555,6 @@ class LavidaShirgGenerationMixin:
         prefix_lm_mask=False,
         kv_cache_dtype=None,
         generator=None,
-        on_prefix_cache=None,
         compile_step=None,
     ):
         """LaViDa's sampler with LaViDa's argument names, returning the answer ids only (B, gen_length).
@@ -534,10 +580,12 @@ class LavidaShirgGenerationMixin:
         if not isinstance(compile_step, bool):
             raise ValueError(f"compile_step must be true or false (or None: the generation config's), got "
                              f"{compile_step!r}")
+        if kv_cache_dtype is not None and not use_prefix_cache:
+            raise ValueError("kv_cache_dtype stores the prefix cache: it needs use_prefix_cache=True")
         prefix = dict(use_prefix_cache=use_prefix_cache, prefix_lm_mask=prefix_lm_mask, kv_cache_dtype=kv_cache_dtype,
                       compile_step=compile_step)
-        return self.sample_answers(
-            input_ids, attention_mask, pixel_values, image_sizes, hires_pixel_values, question_mask,
-            self.selection_settings(selection_method, selection_budget, selection_options), sampler, prefix,
-            generator=generator, on_prefix_cache=on_prefix_cache,
-        )
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_sizes=image_sizes, hires_pixel_values=hires_pixel_values, question_mask=question_mask,
+                      selection=selection, selection_method=selection_method, selection_budget=selection_budget,
+                      selection_options=selection_options)
+        return self.sample_answers(inputs, sampler, prefix, generator=generator)[0]

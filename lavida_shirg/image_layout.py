@@ -70,9 +70,6 @@ def pooled_image_token_count(image_size, pinpoints, view_size, pooled_size):
     return pooled_size * pooled_size + (bottom - top) * (right - left + 1)
 
 
-SHIRG_METHODS = ("shirg-fixed", "shirg-v2", "shirg-x")
-
-
 def source_grid(image_size, layout):
     """(views, rows, cols) of the high-resolution tokens of one (height, width) image that a method selects from.
 
@@ -87,50 +84,10 @@ def source_grid(image_size, layout):
     return 1 + rows * cols, side, side
 
 
-def max_source_tokens(layout):
-    """The most high-resolution tokens any image can have under `layout` (bounds the budgets)."""
+def fewest_source_tokens(layout):
+    """The fewest high-resolution tokens an image can have under `layout`: the budgets must fit every image."""
     if layout["hires_source"] == "single-view":
         return (layout["hires_image_size"] // layout["patch_size"]) ** 2
-    most_crops = max((h // layout["view_size"]) * (w // layout["view_size"]) for h, w in layout["image_grid_pinpoints"])
-    return (1 + most_crops) * (layout["view_size"] // layout["patch_size"]) ** 2
-
-
-def image_token_count(image_size, layout):
-    """Image tokens the LM receives for one (height, width) image under the selection settings in `layout`.
-
-    pooled: LaViDa's count; full: every high-resolution token (`source_grid`); a selection method: its budget K (the
-    largest of `budget_choices` under adaptive_budget: the positions a smaller choice drops are masked, not
-    removed), plus 1 summary token for shirg-v2 (v2_summary_token) or the scaffold for shirg-x (the global view's
-    pooled^2 tokens, or a g x g grid). VisionZip's K counts its dominant and contextual tokens together.
-    Raises ValueError when the budget exceeds the image's high-resolution tokens.
-    """
-    method = layout["selection_method"]
-    if method == "pooled":
-        return pooled_image_token_count(
-            image_size, layout["image_grid_pinpoints"], layout["view_size"], layout["pooled_view_size"]
-        )
-    views, rows, cols = source_grid(image_size, layout)
-    available = views * rows * cols
-    if method == "full":
-        return available
-    adaptive = layout["adaptive_budget"] and method in SHIRG_METHODS
-    kept = max(layout["budget_choices"]) if adaptive else layout["selection_budget"]
-    if kept > available:
-        raise ValueError(
-            f"selection_budget {kept} exceeds the {available} high-resolution tokens of a {image_size[0]}x"
-            f"{image_size[1]} (height x width) image under hires_source={layout['hires_source']!r}"
-        )
-    return kept + extra_token_count(layout)
-
-
-def extra_token_count(layout):
-    """Tokens a selection method adds after (v2 summary) or before (shirg-x scaffold) its K kept tokens."""
-    method = layout["selection_method"]
-    if method == "shirg-v2":
-        return int(layout["v2_summary_token"])
-    if method == "shirg-x":
-        scaffold = layout["x_scaffold"]
-        if scaffold == "global-view":
-            return layout["pooled_view_size"] ** 2
-        return layout["x_scaffold_size"] ** 2 if scaffold == "grid" else 0
-    return 0
+    fewest_crops = min((h // layout["view_size"]) * (w // layout["view_size"])
+                       for h, w in layout["image_grid_pinpoints"])
+    return (1 + fewest_crops) * (layout["view_size"] // layout["patch_size"]) ** 2

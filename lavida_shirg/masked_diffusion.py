@@ -18,8 +18,11 @@ LAVIDA_SCHEDULE_SHIFT = 3.0  # LaViDa's generate: logit_normal_schedule(schedule
 def sample_complementary_masks(target_mask, min_mask_probability, generator=None):
     """Mask each target token with probability p = (1 - eps) t + eps, t ~ U(0, 1) per sample, and its complement.
 
-    masked = target & (u <= max(p, min_{target} u)) with u ~ U(0, 1) per position, so at least one target of every
-    sample with targets is masked; complement = target & ~masked, so every target is masked in exactly one copy.
+    masked = target & (u <= max(p, min_j u_j)) with u ~ U(0, 1) at every one of the T positions (prompt, image and
+    targets alike) and the minimum over all T of them, as LaViDa's forward_process draws t (B,) then u (B, T): the
+    one position always masked is the sequence's, so a sample whose smallest u falls outside its targets can have
+    no masked target in this copy (all of them are then masked in the complement). complement = target & ~masked:
+    every target is masked in exactly one copy.
 
     target_mask: (B, T) bool. Returns masked (B, T), complement (B, T) and p (B,).
     """
@@ -27,8 +30,7 @@ def sample_complementary_masks(target_mask, min_mask_probability, generator=None
     t = torch.rand(batch, device=target_mask.device, generator=generator)
     p = (1.0 - min_mask_probability) * t + min_mask_probability  # (B,)
     u = torch.rand(batch, length, device=target_mask.device, generator=generator)  # (B, T)
-    smallest_target_u = u.masked_fill(~target_mask, 2.0).amin(dim=1)  # (B,)
-    cutoff = torch.maximum(p, smallest_target_u)[:, None]  # (B, 1)
+    cutoff = torch.maximum(p, u.amin(dim=1))[:, None]  # (B, 1)
     masked = target_mask & (u <= cutoff)
     return masked, target_mask & ~masked, p
 
@@ -41,17 +43,11 @@ def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDU
              per-step counts c_{i+1} - c_i raised to at least 1, the excess taken back one token at a time from the
              first steps that hold more than one, then the order reversed. With LaViDa's a = 3 the first steps commit
              the fewest tokens (8 tokens in 4 steps: [1, 1, 2, 4]).
-    Returns a list of S Python ints that sums to L.
+    Returns a list of S Python ints that sums to L. Arguments as resolve_sampler_arguments validated them.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 1 <= steps <= block_length:
-        raise ValueError(f"steps per block must be in [1, block_length={block_length}], got {steps}")
     if schedule == "uniform":
         base, remainder = divmod(block_length, steps)
         return [base + (i < remainder) for i in range(steps)]
-    if not shift > 0:
-        raise ValueError(f"schedule_shift must be > 0, got {shift}")
     t = torch.linspace(0, 1, steps + 1, dtype=torch.float32)
     cumulative = (shift * t / (1 + (shift - 1) * t) * block_length).to(torch.int64).tolist()
     counts = [max(b - a, 1) for a, b in zip(cumulative[:-1], cumulative[1:])]
@@ -81,12 +77,10 @@ def token_confidence(logits, tokens, remasking, noise=None):
     low_confidence: softmax(l)[x0] in float64 (LLaDA); random: u ~ U(0, 1), the (B, G) float64 `noise` from
     `step_noise`. logits: (B, G, V), tokens: (B, G). Returns (B, G) float64.
     """
-    if remasking == "low_confidence":
-        probabilities = F.softmax(logits.to(torch.float64), dim=-1)
-        return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
     if remasking == "random":
         return noise
-    raise ValueError(f"remasking must be one of {REMASKING_STRATEGIES}, got {remasking!r}")
+    probabilities = F.softmax(logits.to(torch.float64), dim=-1)
+    return probabilities.gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def step_noise(shape, temperature, remasking, device, generator=None):

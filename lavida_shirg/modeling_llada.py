@@ -164,10 +164,12 @@ class LladaPreTrainedModel(PreTrainedModel):
 class LladaModel(LladaPreTrainedModel):
     """LLaDA backbone: token embedding, bidirectional decoder layers, final RMSNorm."""
 
+    decoder_layer_class = LladaDecoderLayer
+
     def __init__(self, config: LladaTextConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LladaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LladaRotaryEmbedding(config)
         self.post_init()

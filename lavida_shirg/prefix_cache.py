@@ -15,14 +15,28 @@ FLOAT8_MAX = 448.0
 
 
 class PrefixCache:
-    """Per-layer (key, value) of the prefix, each (B, Hkv, P, d), stored in `storage` (None: as computed)."""
+    """Per-layer (key, value) of the prefix, each (B, Hkv, P, d), stored in `storage` (None: as computed).
 
-    def __init__(self, key_values, storage=None):
+    Made empty and filled once by the model's forward with `use_cache=True` (the prefill); later forwards given it
+    as `past_key_values` attend to it and never extend it (Prefix-DLM: the answer's keys are recomputed each step).
+    transformers' Cache classes append the queries' keys at every call, which this read-only prefix must not do.
+    """
+
+    def __init__(self, storage=None):
         if storage is not None and storage not in STORAGE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be None or one of {STORAGE_DTYPES}, got {storage!r}")
-        self.compute_dtype = key_values[0][0].dtype
         self.storage = storage
+        self.layers = []
+
+    def store(self, key_values) -> "PrefixCache":
+        """Keep the prefill's per-layer (key, value) pairs (in the storage dtype)."""
+        self.compute_dtype = key_values[0][0].dtype
         self.layers = [tuple(self._store(tensor) for tensor in pair) for pair in key_values]
+        return self
+
+    def get_seq_length(self) -> int:
+        """Cached prefix positions P (0 while empty), as transformers' Cache.get_seq_length."""
+        return self.layers[0][0][0].shape[2] if self.layers else 0
 
     def _store(self, tensor):
         """(stored tensor, per-(sample, head) scale or None)."""

@@ -31,11 +31,18 @@ Conventions
 * Ties are broken towards the lower raster index (stable sorts, first-occurrence argmax/argmin): every method is
   deterministic, and a per-sample method commutes with permutations of the batch.
 * No host synchronisation: the selection paths use no ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(tensor)``,
-  boolean-mask indexing or ``nonzero``. The one exception is the explicit check that every sample has a usable
-  question token (``check_question_mask``), done when ``validate=True`` (the default), which reads one boolean on
-  the host to raise a ``ValueError``; a caller that validated the mask already (e.g. on the tokenizer's CPU mask)
-  passes ``validate=False`` and the call is free of host syncs.
-* Python-int arguments (budget, grid, region size, ...) are validated with ``ValueError`` naming the argument.
+  boolean-mask indexing or ``nonzero``.
+* These functions trust their callers: the settings are validated once, at the boundary (ShirgConfig's
+  ``selection_settings`` / ``validate_selection_settings``); a sample without a usable question token gets
+  relevance 0 (the model refuses such inputs before selecting).
+
+Registry
+--------
+``METHODS[name]`` (a ``SelectionMethod``) holds everything about one method: how many image tokens it gives the LM
+(``token_count``, what the processor reserves), its selection (``select``: the function of this module with the
+call's settings), the tokens it adds and their order (``extra``, ``extra_first``: SHIRG-X's scaffold comes first).
+``TokenSelector`` (an ``nn.Module`` of the model) runs a method and owns its learned parts (``CoordinateEmbedding``,
+``AdaptiveBudgetHead``).
 """
 
 import math
@@ -45,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_BUDGETS = (512, 768, 1024)
+from .image_layout import pooled_image_token_count, source_grid
 
 
 class TokenSelection(NamedTuple):
@@ -56,81 +63,9 @@ class TokenSelection(NamedTuple):
     scores: Optional[torch.Tensor] = None  # (B, N) float32, what the method ranked by
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# validation (Python ints and shapes only)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_grid(grid, num_tokens: int):
-    """(height, width) of a single-view grid; raise if `grid` is not such a pair matching N."""
-    if isinstance(grid, (tuple, list)) and len(grid) == 3:
-        raise ValueError(f"this function takes a single-view (height, width) grid, got the multi-view grid {grid!r}")
-    _, height, width = _view_grid(grid, num_tokens)
-    return height, width
-
-
-def _view_grid(grid, num_tokens: int):
-    """(views, height, width) of a (H, W) or (V, H, W) grid; raise if it is malformed or does not match N."""
-    if (not isinstance(grid, (tuple, list)) or len(grid) not in (2, 3) or not all(_is_int(g) and g > 0 for g in grid)):
-        raise ValueError(f"grid must be a (height, width) pair or a (views, height, width) triple of positive "
-                         f"integers, got {grid!r}")
-    views, height, width = (1, *grid) if len(grid) == 2 else grid
-    if views * height * width != num_tokens:
-        raise ValueError(f"grid {tuple(grid)} has {views * height * width} cells but the tokens have N = {num_tokens}")
-    return views, height, width
-
-
-def _check_tokens(name: str, tokens: torch.Tensor, batch: Optional[int] = None, num: Optional[int] = None):
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or not tokens.is_floating_point():
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{name} must be a floating (B, N, C) tensor, got {shape}")
-    if batch is not None and (tokens.shape[0] != batch or tokens.shape[1] != num):
-        raise ValueError(f"{name} has (B, N) = {tuple(tokens.shape[:2])}, expected ({batch}, {num})")
-
-
-def _check_budget(budget, num_tokens: int) -> int:
-    if not _is_int(budget) or not 1 <= budget <= num_tokens:
-        raise ValueError(f"budget must be an integer in [1, {num_tokens}] (the N tokens of the view), got {budget!r}")
-    return budget
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_inputs(vision_features, projected, grid, budget):
-    _check_tokens("vision_features", vision_features)
-    batch, num = vision_features.shape[:2]
-    _check_tokens("projected", projected, batch, num)
-    _view_grid(grid, num)
-    _check_budget(budget, num)
-    return batch, num
-
-
-def check_question_mask(question_mask: torch.Tensor) -> None:
-    """Raise ValueError unless every sample of `question_mask` (B, L) marks at least one usable question token.
-
-    The only host read of this module (one boolean); the selection functions call it when `validate=True`.
-    """
-    has_question = question_mask.bool().any(dim=1)
-    if not bool(has_question.all()):
-        missing = (~has_question).nonzero().flatten().tolist()
-        raise ValueError(
-            f"question_mask marks no usable question token for sample(s) {missing}: relevance needs a question "
-            "(select a text-free method such as 'top-norm', or pass text_free=True to replace relevance by the "
-            "token norm explicitly)"
-        )
+def view_shape(grid) -> tuple:
+    """(views, height, width) of a (H, W) or (V, H, W) grid."""
+    return (1, *grid) if len(grid) == 2 else tuple(grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,6 +81,23 @@ def normalize_per_sample(scores: torch.Tensor) -> torch.Tensor:
     low = scores.amin(dim=1, keepdim=True)
     span = scores.amax(dim=1, keepdim=True) - low
     return (scores - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def rank_per_sample(scores: torch.Tensor) -> torch.Tensor:
+    """Per-sample rank normalisation: r[b, n] = (mid-rank of s[b, n] among the N scores of sample b - 1) / (N - 1),
+    in [0, 1], the mid-rank of tied scores being their mean rank (a constant sample maps to 0.5 everywhere).
+
+    (B, N) -> (B, N) float32. The terms then mix by order only: a term's outliers or its spread cannot make it
+    dominate the others (what min-max normalisation lets a near-constant term with one extreme token do).
+    """
+    scores = scores.float().contiguous()
+    ordered = scores.sort(dim=1).values
+    below = torch.searchsorted(ordered, scores, side="left")
+    up_to = torch.searchsorted(ordered, scores, side="right")
+    return (below + up_to - 1).float() / (2 * max(scores.shape[1] - 1, 1))
+
+
+SCORE_NORMALIZATIONS = {"min-max": normalize_per_sample, "rank": rank_per_sample}
 
 
 def token_variance(features: torch.Tensor) -> torch.Tensor:
@@ -166,7 +118,7 @@ def centered_token_variance(features: torch.Tensor, grid) -> torch.Tensor:
     view's typical (background) token. (B, N, D), grid (H, W) or (V, H, W) -> (B, N) float32.
     """
     batch, num, channels = features.shape
-    views, _, _ = _view_grid(grid, num)
+    views, _, _ = view_shape(grid)
     per_view = features.float().reshape(batch, views, num // views, channels)
     return token_variance((per_view - per_view.mean(dim=2, keepdim=True)).reshape(batch, num, channels))
 
@@ -179,7 +131,7 @@ def edge_density(features: torch.Tensor, grid) -> torch.Tensor:
     a constant map has zero edge density everywhere, borders included). (B, N, D) -> (B, N) float32.
     """
     batch, num, channels = features.shape
-    views, height, width = _view_grid(grid, num)
+    views, height, width = view_shape(grid)
     # (B V, D, H, W) view of the (B, N, D) tokens in channels-last memory layout: no transposing copy
     grid_map = features.float().reshape(batch * views, height, width, channels).permute(0, 3, 1, 2)
     grid_map = F.pad(grid_map, (1, 1, 1, 1), mode="replicate")
@@ -205,15 +157,9 @@ def pixel_contrast(pixels: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
     (pixels beyond floor(S / p) p are dropped). grid (H, W) or (V, H, W) with H = floor(S_h / p), W = floor(S_w / p).
     Needs no pass through the tower. -> (B, N) float32.
     """
-    _check_positive_int("patch_size", patch_size)
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise ValueError(f"pixels must be a (B V, 3, S, S) tensor of the views the tokens come from, got {shape}")
-    views, height, width = (1, *grid) if len(grid) == 2 else grid
+    views, height, width = view_shape(grid)
     rows, cols = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
-    if (rows, cols) != (height, width) or pixels.shape[0] % views:
-        raise ValueError(f"pixels {tuple(pixels.shape)} with patch_size {patch_size} give {pixels.shape[0]} views of "
-                         f"{rows} x {cols} patches, not a multiple of the grid {tuple(grid)}")
+    torch._check((rows, cols) == (height, width), lambda: f"pixels {tuple(pixels.shape)} do not tile the grid {grid}")
     pixels = pixels.float()[:, :, :rows * patch_size, :cols * patch_size]
     luminance = sum(weight * pixels[:, channel] for channel, weight in enumerate(LUMINANCE))  # (B V, S, S)
     blocks = luminance.reshape(-1, rows, patch_size, cols, patch_size)
@@ -221,62 +167,56 @@ def pixel_contrast(pixels: torch.Tensor, grid, patch_size: int) -> torch.Tensor:
     return contrast.reshape(pixels.shape[0] // views, views * rows * cols)
 
 
-DETAIL_TERMS = ("variance", "centered-variance", "edge-density", "pixel-contrast")
+def local_contrast(pixels: torch.Tensor, grid, patch_size: int, radius: int = 2) -> torch.Tensor:
+    """Pixel contrast above its neighbourhood's: l[b, n] = max(0, c[b, n] - mean of c over the (2R + 1)^2 tokens
+    around n), c = `pixel_contrast`, R = `radius`, the map of each view padded by replication.
+
+    A uniformly busy background (gravel, grass, brick) has a high contrast everywhere and cancels; text on it, or on a
+    smooth sign or sky, stands above its surroundings. (B V, 3, S, S) pixels -> (B, N) float32.
+    """
+    contrast = pixel_contrast(pixels, grid, patch_size)
+    views, height, width = view_shape(grid)
+    maps = F.pad(contrast.reshape(-1, 1, height, width), (radius,) * 4, mode="replicate")
+    around = F.avg_pool2d(maps, 2 * radius + 1, stride=1).reshape(contrast.shape)
+    return (contrast - around).clamp(min=0)
 
 
-def detail_scores(detail: str, vision_features: torch.Tensor, grid=None, pixels=None,
+DETAIL_TERMS = ("variance", "centered-variance", "edge-density", "pixel-contrast", "local-contrast")
+
+
+def detail_scores(detail_term: str, vision_features: torch.Tensor, grid=None, pixels=None,
                   patch_size: Optional[int] = None) -> torch.Tensor:
     """SHIRG's detail term d (B, N) float32 by name: "variance" = `token_variance(x)` (the seed's), "centered-variance"
     = `centered_token_variance(x, grid)`, "edge-density" = `edge_density(x, grid)`, "pixel-contrast" =
-    `pixel_contrast(pixels, grid, patch_size)` (x: the pre-projector vision features (B, N, D)).
-
-    Raises ValueError naming `detail` and DETAIL_TERMS for an unknown name, and for a term whose inputs are missing.
-    """
-    if detail not in DETAIL_TERMS:
-        raise ValueError(f"detail must be one of {DETAIL_TERMS}, got {detail!r}")
-    if detail == "variance":
+    `pixel_contrast(pixels, grid, patch_size)`, "local-contrast" = `local_contrast(pixels, grid, patch_size)` (x: the
+    pre-projector vision features (B, N, D))."""
+    if detail_term == "variance":
         return token_variance(vision_features)
-    if grid is None:
-        raise ValueError(f"detail={detail!r} needs the token grid")
-    if detail == "centered-variance":
+    if detail_term == "centered-variance":
         return centered_token_variance(vision_features, grid)
-    if detail == "edge-density":
+    if detail_term == "edge-density":
         return edge_density(vision_features, grid)
-    if pixels is None or patch_size is None:
-        raise ValueError("detail='pixel-contrast' needs pixels (the views the tokens come from) and patch_size")
-    _view_grid(grid, vision_features.shape[1])
+    if detail_term == "local-contrast":
+        return local_contrast(pixels, grid, patch_size)
     return pixel_contrast(pixels, grid, patch_size)
 
 
-def _detail_term(weight, detail, vision_features, grid, pixels, patch_size):
+def _detail_term(weight, detail_term, vision_features, grid, pixels, patch_size, normalization):
     """weight * norm(d) of `detail_scores`, or zeros (B, N) when weight = 0 (the term's inputs are then not needed)."""
     if weight == 0:
         return vision_features.new_zeros(vision_features.shape[:2], dtype=torch.float32)
-    return weight * normalize_per_sample(detail_scores(detail, vision_features, grid, pixels, patch_size))
+    normalize = SCORE_NORMALIZATIONS[normalization]
+    return weight * normalize(detail_scores(detail_term, vision_features, grid, pixels, patch_size))
 
 
-def relevance_scores(projected: torch.Tensor, question_embeds: torch.Tensor, question_mask: torch.Tensor,
-                     *, validate: bool = True) -> torch.Tensor:
+def relevance_scores(projected: torch.Tensor, question_embeds: torch.Tensor,
+                     question_mask: torch.Tensor) -> torch.Tensor:
     """Text relevance in the LM space: rel[b, n] = max_{l : mask[b, l]} cos(proj[b, n], q[b, l]).
 
-    projected (B, N, E), question_embeds (B, L, E), question_mask (B, L) bool -> (B, N) float32 in [-1, 1].
-    With `validate=True` a sample without a usable question token raises ValueError (`check_question_mask`); with
-    `validate=False` the caller vouches for the mask (no host read) and such a sample would get relevance 0.
+    projected (B, N, E), question_embeds (B, L, E), question_mask (B, L) bool -> (B, N) float32 in [-1, 1]; a sample
+    without a usable question token gets 0.
     """
-    _check_tokens("projected", projected)
-    _check_tokens("question_embeds", question_embeds)
-    batch, length, dim = question_embeds.shape
-    if question_embeds.shape[0] != projected.shape[0] or dim != projected.shape[2]:
-        raise ValueError(
-            f"question_embeds {tuple(question_embeds.shape)} must be (B, L, E) matching projected "
-            f"{tuple(projected.shape)}"
-        )
-    if not isinstance(question_mask, torch.Tensor) or tuple(question_mask.shape) != (batch, length):
-        shape = tuple(question_mask.shape) if isinstance(question_mask, torch.Tensor) else question_mask
-        raise ValueError(f"question_mask must be a (B, L) = ({batch}, {length}) tensor, got {shape}")
     mask = question_mask.bool()
-    if validate:
-        check_question_mask(mask)
     question = F.normalize(question_embeds.float(), dim=-1, eps=1e-6)
     tokens = projected.float()
     # cos = <p, q_hat> / max(|p|, eps), dividing the (B, N, L) products rather than the (B, N, E) tokens
@@ -291,22 +231,12 @@ def feature_norm(features: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(features.float(), dim=-1)
 
 
-def _relevance_term(projected, question_embeds, question_mask, weight, validate, text_free):
-    """The normalised relevance term, or the normalised token norm when the caller asked for `text_free`."""
-    if text_free:
-        if question_embeds is not None or question_mask is not None:
-            raise ValueError("text_free=True selects without the question: pass question_embeds=None, question_mask=None")
-        return normalize_per_sample(feature_norm(projected))
+def _relevance_term(projected, question_embeds, question_mask, weight, normalization):
+    """weight * norm(rel) of `relevance_scores`, or None when weight = 0 (no question is then needed)."""
     if weight == 0:
         return None
-    if question_embeds is None:
-        raise ValueError(
-            "question_embeds is required for a relevance weight > 0 (or pass text_free=True to use the token norm "
-            "instead, explicitly)"
-        )
-    if question_mask is None:
-        raise ValueError("question_mask (B, L) is required with question_embeds: mark the usable question tokens")
-    return normalize_per_sample(relevance_scores(projected, question_embeds, question_mask, validate=validate))
+    normalize = SCORE_NORMALIZATIONS[normalization]
+    return weight * normalize(relevance_scores(projected, question_embeds, question_mask))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,8 +250,7 @@ def region_labels(grid, region_size: int, device=None):
     regions is partial and still counts as a region (ceil(H / r) * ceil(W / r) regions per view, V times that for a
     (V, H, W) grid). A view smaller than r x r is one (partial) region.
     """
-    views, height, width = (1, *grid) if len(grid) == 2 else grid
-    _check_positive_int("region_size", region_size)
+    views, height, width = view_shape(grid)
     per_row = -(-width // region_size)
     per_view = (-(-height // region_size)) * per_row
     rows = torch.arange(height, device=device) // region_size
@@ -334,8 +263,8 @@ def region_labels(grid, region_size: int, device=None):
 def top1_per_group(scores: torch.Tensor, labels: torch.Tensor, num_groups: int):
     """Best-scoring token of every group, per sample: winner[b, g] = argmax_{n : label[b, n] = g} s[b, n].
 
-    scores (B, N), labels (N,) or (B, N) int64 in [0, G). Returns winners (B, G) int64 (ties -> lowest index) and
-    valid (B, G) bool (False for an empty group, whose winner is N).
+    scores (B, N), labels (N,) or (B, N) int64 in [0, G). Returns winners (B, G) int64 (ties -> lowest index; N for an
+    empty group).
     """
     batch, num = scores.shape
     scores = scores.float()
@@ -345,8 +274,7 @@ def top1_per_group(scores: torch.Tensor, labels: torch.Tensor, num_groups: int):
     positions = torch.arange(num, device=scores.device).expand(batch, num)
     candidates = torch.where(is_max, positions, torch.full_like(positions, num))
     winners = torch.full((batch, num_groups), num, dtype=torch.long, device=scores.device)
-    winners = winners.scatter_reduce(1, labels, candidates, "amin")
-    return winners, winners < num
+    return winners.scatter_reduce(1, labels, candidates, "amin")
 
 
 def _winners_mask(winners: torch.Tensor, num: int) -> torch.Tensor:
@@ -382,8 +310,7 @@ def region_coverage(scores: torch.Tensor, grid, region_size: int) -> torch.Tenso
     (B, N) -> (B, N) bool with exactly ceil(H/r) * ceil(W/r) Trues per sample (partial border regions included).
     """
     labels, num_regions = region_labels(grid, region_size, scores.device)
-    winners, _ = top1_per_group(scores, labels, num_regions)
-    return _winners_mask(winners, scores.shape[1])
+    return _winners_mask(top1_per_group(scores, labels, num_regions), scores.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,40 +318,37 @@ def region_coverage(scores: torch.Tensor, grid, region_size: int) -> torch.Tenso
 
 
 def shirg_fixed_scores(vision_features, projected, question_embeds=None, question_mask=None, *,
-                       relevance_weight: float = 0.7, variance_weight: float = 0.3, validate: bool = True,
-                       text_free: bool = False, detail: str = "variance", grid=None, pixels=None,
+                       relevance_weight: float = 0.7, detail_weight: float = 0.3, detail_term: str = "variance",
+                       score_normalization: str = "min-max", grid=None, pixels=None,
                        patch_size: Optional[int] = None) -> torch.Tensor:
-    """SHIRG-Fixed score: s = w_r * norm(rel) + w_v * norm(d), w_r = 0.7, w_v = 0.3 (norm: per-sample min-max).
+    """SHIRG-Fixed score: s = w_r * norm(rel) + w_d * norm(d), w_r = 0.7, w_d = 0.3 (norm: per-sample min-max, the
+    seed's, or per-sample ranks with score_normalization="rank", SCORE_NORMALIZATIONS).
 
-    rel = `relevance_scores(projected, question)` (or the token norm with `text_free=True`), d = `detail_scores(detail,
-    vision_features, grid, pixels, patch_size)`; detail "variance" (d = `token_variance`) is the seed's formula, bit
-    for bit. A zero weight skips its term (no question needed with w_r = 0). (B, N) float32.
+    rel = `relevance_scores(projected, question)`, d = `detail_scores(detail_term, vision_features, grid, pixels,
+    patch_size)`; detail_term "variance" (d = `token_variance`) is the seed's formula, bit for bit. A zero weight
+    skips its term (no question needed with w_r = 0). (B, N) float32.
     """
-    relevance_weight = _check_weight("relevance_weight", relevance_weight)
-    variance_weight = _check_weight("variance_weight", variance_weight)
-    scores = _detail_term(variance_weight, detail, vision_features, grid, pixels, patch_size)
-    relevance = _relevance_term(projected, question_embeds, question_mask, relevance_weight, validate, text_free)
-    if relevance is not None:
-        scores = scores + relevance_weight * relevance
-    return scores
+    scores = _detail_term(detail_weight, detail_term, vision_features, grid, pixels, patch_size, score_normalization)
+    relevance = _relevance_term(projected, question_embeds, question_mask, relevance_weight, score_normalization)
+    return scores if relevance is None else scores + relevance
 
 
 def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                       region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
-                       validate: bool = True, text_free: bool = False, detail: str = "variance", pixels=None,
+                       coverage_region_size: int = 4, relevance_weight: float = 0.7, detail_weight: float = 0.3,
+                       detail_term: str = "variance", score_normalization: str = "min-max", pixels=None,
                        patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-Fixed: keep = cover(s) ∪ top_{K - |cover|}(s), cover = {argmax_{n in R} s[b, n] : every r x r region R}.
 
-    s = `shirg_fixed_scores` (detail term `detail`; pixels / patch_size for "pixel-contrast"). The coverage winners are taken for every sample independently; the global top-k of the
+    s = `shirg_fixed_scores` (detail term `detail_term`; pixels / patch_size for "pixel-contrast"). The coverage
+    winners are taken for every sample independently; the global top-k of the
     remaining tokens fills the budget. K smaller than the region count: the K best-scoring region winners are kept
     (coverage cannot be complete; r = 1 then equals plain top-k). Returns indices (B, K) ascending, scores (B, N).
     """
-    _check_inputs(vision_features, projected, grid, budget)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
-                                relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
-                                patch_size=patch_size)
-    coverage = region_coverage(scores, grid, region_size)
+                                relevance_weight=relevance_weight, detail_weight=detail_weight,
+                                detail_term=detail_term, score_normalization=score_normalization, grid=grid,
+                                pixels=pixels, patch_size=patch_size)
+    coverage = region_coverage(scores, grid, coverage_region_size)
     return TokenSelection(select_with_priority(scores, coverage, budget), None, scores)
 
 
@@ -433,26 +357,24 @@ def shirg_fixed_select(vision_features, projected, grid, budget, question_embeds
 
 
 def shirg_v2_scores(vision_features, projected, grid, question_embeds=None, question_mask=None, *,
-                    alpha: float = 0.25, beta: float = 0.15, validate: bool = True,
-                    text_free: bool = False, detail: str = "variance", pixels=None,
+                    v2_detail_weight: float = 0.25, v2_edge_weight: float = 0.15, detail_term: str = "variance",
+                    score_normalization: str = "min-max", pixels=None,
                     patch_size: Optional[int] = None) -> torch.Tensor:
     """SHIRG-v2 score: s = a * norm(d) + (1 - a) * norm(rel) + b * norm(edge), a = 0.25, b = 0.15.
 
-    d = `detail_scores(detail, ...)` ("variance": `token_variance`, the seed's formula bit for bit), edge =
-    `edge_density` (of the pre-projector vision features), rel = `relevance_scores` (or the token norm with
-    `text_free=True`); norm: per-sample min-max. a = 1 drops the relevance term (no question needed), a = 0 the
+    d = `detail_scores(detail_term, ...)` ("variance": `token_variance`, the seed's formula bit for bit), edge =
+    `edge_density` (of the pre-projector vision features), rel = `relevance_scores`; norm: per-sample min-max. a = 1 drops the relevance term (no question needed), a = 0 the
     detail term. (B, N) float32.
     """
-    alpha = _check_weight("alpha", alpha)
-    beta = _check_weight("beta", beta)
-    if alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1] (relevance weight 1 - alpha), got {alpha}")
-    scores = _detail_term(alpha, detail, vision_features, grid, pixels, patch_size)
-    if beta:
-        scores = scores + beta * normalize_per_sample(edge_density(vision_features, grid))
-    relevance = _relevance_term(projected, question_embeds, question_mask, 1.0 - alpha, validate, text_free)
+    normalize = SCORE_NORMALIZATIONS[score_normalization]
+    scores = _detail_term(v2_detail_weight, detail_term, vision_features, grid, pixels, patch_size,
+                          score_normalization)
+    if v2_edge_weight:
+        scores = scores + v2_edge_weight * normalize(edge_density(vision_features, grid))
+    relevance = _relevance_term(projected, question_embeds, question_mask, 1.0 - v2_detail_weight,
+                                score_normalization)
     if relevance is not None:
-        scores = scores + (1.0 - alpha) * relevance
+        scores = scores + relevance
     return scores
 
 
@@ -469,9 +391,7 @@ def spatial_kmeans(features: torch.Tensor, grid, region_size: int = 4, iteration
     Cost per step O(B N G (D + 2)) as two batched matmuls.
     """
     batch, num, _ = features.shape
-    views, height, width = _view_grid(grid, num)
-    _check_positive_int("iterations", iterations, 0)
-    feature_weight = _check_weight("feature_weight", feature_weight)
+    views, height, width = view_shape(grid)
     seeds, num_clusters = region_labels(grid, region_size, features.device)
     # views are stacked vertically with a gap of 4 r rows, farther than any feature distance (|dx_hat|^2 <= 4):
     # no cluster spans two views
@@ -512,22 +432,23 @@ def dropped_token_summary(projected: torch.Tensor, indices: torch.Tensor) -> tor
 
 
 def shirg_v2_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                    alpha: float = 0.25, beta: float = 0.15, region_size: int = 4, kmeans_iterations: int = 4,
-                    feature_weight: float = 0.5, validate: bool = True, text_free: bool = False,
-                    detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
+                    v2_detail_weight: float = 0.25, v2_edge_weight: float = 0.15, coverage_region_size: int = 4,
+                    v2_kmeans_iterations: int = 4, detail_term: str = "variance",
+                    score_normalization: str = "min-max", pixels=None,
+                    patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-v2: keep = {argmax_{n in C} s[b, n] : every cluster C of spatial_kmeans} ∪ top_rest(s), + summary token.
 
     s = `shirg_v2_scores`; the clusters come from `spatial_kmeans` of the vision features (seed spacing
-    `region_size`, `kmeans_iterations` steps) per sample; the best K cluster winners are kept when K is smaller than
-    the number of non-empty clusters. extra_tokens = `dropped_token_summary` (B, 1, E): the mean of the projected
-    tokens that were not kept. Returns indices (B, K) ascending, extra_tokens (B, 1, E), scores (B, N).
+    `coverage_region_size`, `v2_kmeans_iterations` steps) per sample; the best K cluster winners are kept when K is
+    smaller than the number of non-empty clusters. extra_tokens = `dropped_token_summary` (B, 1, E): the mean of the
+    projected tokens that were not kept. Returns indices (B, K) ascending, extra_tokens (B, 1, E), scores (B, N).
     """
-    _check_inputs(vision_features, projected, grid, budget)
-    scores = shirg_v2_scores(vision_features, projected, grid, question_embeds, question_mask, alpha=alpha,
-                             beta=beta, validate=validate, text_free=text_free, detail=detail, pixels=pixels,
+    scores = shirg_v2_scores(vision_features, projected, grid, question_embeds, question_mask,
+                             v2_detail_weight=v2_detail_weight, v2_edge_weight=v2_edge_weight,
+                             detail_term=detail_term, score_normalization=score_normalization, pixels=pixels,
                              patch_size=patch_size)
-    labels, num_clusters = spatial_kmeans(vision_features, grid, region_size, kmeans_iterations, feature_weight)
-    winners, _ = top1_per_group(scores, labels, num_clusters)
+    labels, num_clusters = spatial_kmeans(vision_features, grid, coverage_region_size, v2_kmeans_iterations)
+    winners = top1_per_group(scores, labels, num_clusters)
     indices = select_with_priority(scores, _winners_mask(winners, scores.shape[1]), budget)
     return TokenSelection(indices, dropped_token_summary(projected, indices), scores)
 
@@ -549,21 +470,10 @@ def distance_aware_selection(scores: torch.Tensor, grid, budget: int, initial_in
     Returns (B, K) distinct indices, ascending.
     """
     batch, num = scores.shape
-    views, height, width = _view_grid(grid, num)
-    _check_budget(budget, num)
-    _check_positive_int("rounds", rounds)
-    _check_positive_int("radius", radius, 0)
-    penalty = _check_weight("penalty", penalty)
-    if penalty > 1:
-        raise ValueError(f"penalty must be in [0, 1] (the fraction of the score a neighbour loses), got {penalty}")
+    views, height, width = view_shape(grid)
     scores = scores.float()
     picked = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
     if initial_indices is not None:
-        if initial_indices.shape[0] != batch or initial_indices.shape[1] > budget:
-            raise ValueError(
-                f"initial_indices {tuple(initial_indices.shape)} must be (B, R0) with B = {batch} and R0 <= budget "
-                f"({budget})"
-            )
         picked.scatter_(1, initial_indices, True)
     remaining = budget - (0 if initial_indices is None else initial_indices.shape[1])
     chunks = [remaining // rounds + (1 if t < remaining % rounds else 0) for t in range(rounds)]
@@ -577,34 +487,27 @@ def distance_aware_selection(scores: torch.Tensor, grid, budget: int, initial_in
     return mask_to_indices(picked, budget)
 
 
-def low_resolution_scaffold(tokens: torch.Tensor, grid, size: int = 8, mode: str = "area") -> torch.Tensor:
-    """Low-resolution scaffold: the (B, N, C) token map pooled to a g x g grid, (B, g*g, C) raster order, tokens.dtype.
+def low_resolution_scaffold(tokens: torch.Tensor, grid, size: int = 8) -> torch.Tensor:
+    """Low-resolution scaffold: the (B, N, C) token map of a (H, W) grid average-pooled to g x g (every output cell
+    averages its own block of tokens, the blocks of F.adaptive_avg_pool2d), (B, g*g, C) raster order, tokens.dtype.
 
-    mode "area" (adaptive average pooling: every output cell averages its own block of tokens, the blocks of
-    F.adaptive_avg_pool2d) or "bilinear" (antialiased bilinear resampling, align_corners=False, as F.interpolate).
+    Separable: pooled = rows @ map @ cols^T with the (g, H) and (g, W) 1-D pooling matrices, computed on the
+    channels-last tokens.
     """
     batch, num, channels = tokens.shape
-    height, width = _check_grid(grid, num)
-    _check_positive_int("size", size)
-    if mode not in ("area", "bilinear"):
-        raise ValueError(f"mode must be 'area' or 'bilinear', got {mode!r}")
-    rows = _resize_weights(height, size, mode, tokens.device)  # (g, H)
-    cols = _resize_weights(width, size, mode, tokens.device)  # (g, W)
+    height, width = grid
+    rows = _pooling_weights(height, size, tokens.device)  # (g, H)
+    cols = _pooling_weights(width, size, tokens.device)  # (g, W)
     grid_map = tokens.float().reshape(batch, height, width, channels)
     pooled = torch.einsum("ih,bhjc->bijc", rows, torch.einsum("jw,bhwc->bhjc", cols, grid_map))
     return pooled.reshape(batch, size * size, channels).to(tokens.dtype)
 
 
-def _resize_weights(length: int, size: int, mode: str, device) -> torch.Tensor:
-    """(size, length) matrix of the 1-D resampling of `mode`: both modes are separable, so resizing a (H, W) map is
-    rows @ map @ cols^T, computed on the channels-last tokens (equal to the 2-D F.adaptive_avg_pool2d/interpolate)."""
-    # channel h = the unit impulse at h, laid along the width (antialiased bilinear mis-weights a (length, 1) map)
+def _pooling_weights(length: int, size: int, device) -> torch.Tensor:
+    """(size, length) matrix of F.adaptive_avg_pool1d from `length` to `size` cells."""
+    # channel h = the unit impulse at h, laid along the width
     one_hot = torch.eye(length, device=device).reshape(1, length, 1, length)
-    if mode == "area":
-        weights = F.adaptive_avg_pool2d(one_hot, (1, size))
-    else:
-        weights = F.interpolate(one_hot, size=(1, size), mode="bilinear", align_corners=False, antialias=True)
-    return weights[0, :, 0, :].transpose(0, 1)
+    return F.adaptive_avg_pool2d(one_hot, (1, size))[0, :, 0, :].transpose(0, 1)
 
 
 def grid_coordinates(grid, device=None, view_boxes=None) -> torch.Tensor:
@@ -614,7 +517,7 @@ def grid_coordinates(grid, device=None, view_boxes=None) -> torch.Tensor:
     (V, H, W) grid: view v's cells are placed in its box (x0, y0, bw, bh) of `view_boxes` (V, 4) (default: every
     view covers [0, 1]^2): x = x0 + bw (col + 0.5) / W, y = y0 + bh (row + 0.5) / H, h = bh / H, w = bw / W.
     """
-    views, height, width = (1, *grid) if len(grid) == 2 else grid
+    views, height, width = view_shape(grid)
     rows = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
     cols = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
     cells = torch.stack([(cols + 0.5) / width, (rows + 0.5) / height,
@@ -635,32 +538,31 @@ def token_coordinates(indices: torch.Tensor, grid, view_boxes=None) -> torch.Ten
 
 
 def shirg_x_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                   region_size: int = 4, relevance_weight: float = 0.7, variance_weight: float = 0.3,
-                   rounds: int = 4, radius: int = 1, penalty: float = 0.5, scaffold_size: int = 8,
-                   scaffold_mode: str = "area", validate: bool = True, text_free: bool = False,
-                   detail: str = "variance", pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
+                   coverage_region_size: int = 4, relevance_weight: float = 0.7, detail_weight: float = 0.3,
+                   x_suppression_rounds: int = 4, x_suppression_radius: int = 1, x_suppression_penalty: float = 0.5,
+                   x_scaffold_size: int = 8, detail_term: str = "variance", score_normalization: str = "min-max",
+                   pixels=None, patch_size: Optional[int] = None) -> TokenSelection:
     """SHIRG-X: keep = cover(s) ∪ distance_aware_selection(s), + a g x g scaffold of the projected map.
 
-    s = `shirg_fixed_scores` (detail term `detail`), cover = the r x r region winners of every sample (`region_coverage`), which seed the
-    picked mask of `distance_aware_selection` that fills the budget; K <= region count keeps the K best winners.
-    extra_tokens = `low_resolution_scaffold(projected, grid, g)` (B, g*g, E) (None when scaffold_size = 0); their
+    s = `shirg_fixed_scores` (detail term `detail_term`), cover = the r x r region winners of every sample
+    (`region_coverage`), which seed the picked mask of `distance_aware_selection` that fills the budget; K <= region count keeps the K best winners.
+    extra_tokens = `low_resolution_scaffold(projected, grid, g)` (B, g*g, E) (None when x_scaffold_size = 0); their
     coordinates are `grid_coordinates((g, g))` and those of the kept tokens `token_coordinates(indices, grid)`, for
     `CoordinateEmbedding`. Returns indices (B, K) ascending, extra_tokens, scores (B, N).
     """
-    _check_inputs(vision_features, projected, grid, budget)
-    _check_positive_int("scaffold_size", scaffold_size, 0)
     scores = shirg_fixed_scores(vision_features, projected, question_embeds, question_mask,
-                                relevance_weight=relevance_weight, variance_weight=variance_weight,
-                                validate=validate, text_free=text_free, detail=detail, grid=grid, pixels=pixels,
-                                patch_size=patch_size)
-    coverage = region_coverage(scores, grid, region_size)
-    _, num_regions = region_labels(grid, region_size)
+                                relevance_weight=relevance_weight, detail_weight=detail_weight,
+                                detail_term=detail_term, score_normalization=score_normalization, grid=grid,
+                                pixels=pixels, patch_size=patch_size)
+    coverage = region_coverage(scores, grid, coverage_region_size)
+    _, num_regions = region_labels(grid, coverage_region_size)
     if budget <= num_regions:
         indices = select_with_priority(scores, coverage, budget)
     else:
         indices = distance_aware_selection(scores, grid, budget, mask_to_indices(coverage, num_regions),
-                                           rounds=rounds, radius=radius, penalty=penalty)
-    scaffold = low_resolution_scaffold(projected, grid, scaffold_size, scaffold_mode) if scaffold_size else None
+                                           rounds=x_suppression_rounds, radius=x_suppression_radius,
+                                           penalty=x_suppression_penalty)
+    scaffold = low_resolution_scaffold(projected, grid, x_scaffold_size) if x_scaffold_size else None
     return TokenSelection(indices, scaffold, scores)
 
 
@@ -674,7 +576,6 @@ class CoordinateEmbedding(nn.Module):
 
     def __init__(self, hidden_size: int, num_coordinates: int = 4):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
         # own parameters (not an nn.Linear) so that a model's weight initialisation reaches this module itself
         self.weight = nn.Parameter(torch.zeros(hidden_size, num_coordinates))
         self.bias = nn.Parameter(torch.zeros(hidden_size))
@@ -719,17 +620,11 @@ class AdaptiveBudgetHead(nn.Module):
 
     num_statistics = 3
 
-    def __init__(self, budgets=DEFAULT_BUDGETS, default_budget: Optional[int] = None, hidden_size: int = 32):
+    def __init__(self, budgets, default_budget: Optional[int] = None, hidden_size: int = 32):
         super().__init__()
-        if (not isinstance(budgets, (tuple, list)) or not budgets
-                or not all(_is_int(b) and b > 0 for b in budgets) or len(set(budgets)) != len(budgets)):
-            raise ValueError(f"budgets must be a non-empty list of distinct positive integers, got {budgets!r}")
         self.budgets = tuple(budgets)
         if default_budget is None:
             default_budget = self.budgets[len(self.budgets) // 2]
-        if default_budget not in self.budgets:
-            raise ValueError(f"default_budget must be one of budgets {self.budgets}, got {default_budget!r}")
-        _check_positive_int("hidden_size", hidden_size)
         self.default_index = self.budgets.index(default_budget)
         self.register_buffer("budget_values", torch.tensor(self.budgets, dtype=torch.long), persistent=False)
         self.hidden = nn.Linear(self.num_statistics, hidden_size)
@@ -778,12 +673,10 @@ def _top_by(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def random_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                  seed: int = 0) -> TokenSelection:
+                  random_seed: int = 0) -> TokenSelection:
     """Random baseline: K tokens uniformly without replacement (seeded torch.Generator on the tokens' device)."""
-    batch, num = _check_inputs(vision_features, projected, grid, budget)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    generator = torch.Generator(device=projected.device).manual_seed(seed)
+    batch, num = projected.shape[:2]
+    generator = torch.Generator(device=projected.device).manual_seed(random_seed)
     keys = torch.rand(batch, num, generator=generator, device=projected.device)
     return TokenSelection(_top_by(keys, budget), None, keys)
 
@@ -791,40 +684,35 @@ def random_select(vision_features, projected, grid, budget, question_embeds=None
 def top_norm_select(vision_features, projected, grid, budget, question_embeds=None,
                     question_mask=None) -> TokenSelection:
     """Top-norm baseline (the plan's text-free fallback): the K projected tokens of largest L2 norm."""
-    _check_inputs(vision_features, projected, grid, budget)
     scores = feature_norm(projected)
     return TokenSelection(_top_by(scores, budget), None, scores)
 
 
 def visionzip_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                     attention_received: Optional[torch.Tensor] = None, num_contextual: int = 32) -> TokenSelection:
+                     attention_received: Optional[torch.Tensor] = None,
+                     visionzip_contextual_tokens: int = 32) -> TokenSelection:
     """VisionZip-style (Yang et al. 2024): dominant = top-K attention received, + contextual = merged remaining tokens.
 
     attention_received (B, N): the attention each token receives in the vision tower's last used layer (the caller
-    computes it, e.g. mean over heads and queries). The N - K other tokens are merged into C = `num_contextual`
-    centres: C targets taken at a uniform stride among them (raster order), every other token joins the target of
+    computes it, e.g. mean over heads and queries). The N - K other tokens are merged into
+    C = `visionzip_contextual_tokens` centres: C targets taken at a uniform stride among them (raster order), every other token joins the target of
     highest cosine similarity of vision features, and a contextual token is the mean of its group's PROJECTED tokens
     (the caller projected all tokens already). Returns indices (B, K) ascending, extra_tokens (B, C, E) (None for
     C = 0), scores = attention_received (B, N) float32.
     """
-    batch, num = _check_inputs(vision_features, projected, grid, budget)
-    if (not isinstance(attention_received, torch.Tensor) or tuple(attention_received.shape) != (batch, num)):
-        shape = tuple(attention_received.shape) if isinstance(attention_received, torch.Tensor) else attention_received
-        raise ValueError(f"attention_received must be a (B, N) = ({batch}, {num}) tensor, got {shape}")
+    batch, num = projected.shape[:2]
     remaining = num - budget
-    if not _is_int(num_contextual) or not 0 <= num_contextual <= remaining:
-        raise ValueError(f"num_contextual must be an integer in [0, N - budget = {remaining}], got {num_contextual!r}")
     scores = attention_received.float()
     dominant = torch.zeros(batch, num, dtype=torch.bool, device=scores.device)
     dominant.scatter_(1, torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :budget], True)
     indices = mask_to_indices(dominant, budget)
-    if num_contextual == 0:
+    if visionzip_contextual_tokens == 0:
         return TokenSelection(indices, None, scores)
     rest = mask_to_indices(~dominant, remaining)  # (B, M) the other tokens, raster order
-    targets = torch.arange(num_contextual, device=scores.device) * remaining // num_contextual
+    targets = torch.arange(visionzip_contextual_tokens, device=scores.device) * remaining // visionzip_contextual_tokens
     features = F.normalize(gather_tokens(vision_features.float(), rest), dim=-1, eps=1e-6)  # (B, M, D)
     similarity = torch.bmm(features, features[:, targets].transpose(1, 2))  # (B, M, C)
-    centres = torch.arange(num_contextual, device=scores.device)
+    centres = torch.arange(visionzip_contextual_tokens, device=scores.device)
     is_target = torch.arange(remaining, device=scores.device).unsqueeze(1) == targets  # (M, C)
     similarity = similarity.masked_fill(is_target, float("inf"))  # a target joins its own group
     groups = (similarity.argmax(dim=-1, keepdim=True) == centres).float()  # (B, M, C)
@@ -833,18 +721,16 @@ def visionzip_select(vision_features, projected, grid, budget, question_embeds=N
     return TokenSelection(indices, contextual.to(projected.dtype), scores)
 
 
-def divprune_select(vision_features, projected, grid, budget, question_embeds=None, question_mask=None, *,
-                    features: str = "projected") -> TokenSelection:
+def divprune_select(vision_features, projected, grid, budget, question_embeds=None,
+                    question_mask=None) -> TokenSelection:
     """DivPrune-style (Alvar et al. 2025): greedy max-min diversity, k_{t+1} = argmax_n min_{m in S_t} (1 - cos(x_n, x_m)).
 
     S_1 = {the token farthest (cosine) from the mean token}; each of the K - 1 steps is one vectorised update over
-    all tokens. `features`: "projected" (the LM-input tokens, as DivPrune) or "vision" (cheaper). Returns indices
-    (B, K) ascending; scores None (the order of picking is greedy, not a score).
+    all tokens, on the projected (LM-input) tokens as DivPrune. Returns indices (B, K) ascending; scores None (the
+    order of picking is greedy, not a score).
     """
-    batch, num = _check_inputs(vision_features, projected, grid, budget)
-    if features not in ("projected", "vision"):
-        raise ValueError(f"features must be 'projected' or 'vision', got {features!r}")
-    unit = F.normalize((projected if features == "projected" else vision_features).float(), dim=-1, eps=1e-6)
+    batch, num = projected.shape[:2]
+    unit = F.normalize(projected.float(), dim=-1, eps=1e-6)
     mean = F.normalize(unit.mean(dim=1), dim=-1, eps=1e-6)
     first = torch.bmm(unit, mean.unsqueeze(-1)).squeeze(-1).argmin(dim=1, keepdim=True)  # farthest from the mean
     selected = torch.zeros(batch, num, dtype=torch.bool, device=unit.device).scatter_(1, first, True)
@@ -861,25 +747,272 @@ def divprune_select(vision_features, projected, grid, budget, question_embeds=No
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# registry
+# registry: what each method gives the LM (count, selection, order), and the module that runs it
 
-METHODS = {
-    "shirg-fixed": shirg_fixed_select,
-    "shirg-v2": shirg_v2_select,
-    "shirg-x": shirg_x_select,
-    "random": random_select,
-    "top-norm": top_norm_select,
-    "visionzip": visionzip_select,
-    "divprune": divprune_select,
-}
+
+class SelectionInputs(NamedTuple):
+    """What one selection call sees: I images' high-resolution tokens on one grid (see the module docstring)."""
+
+    vision_features: torch.Tensor  # (I, N, D) before the projector
+    projected: torch.Tensor  # (I, N, E) after it
+    grid: tuple  # (H, W), or (V, H, W) for anyres views
+    view_boxes: Optional[torch.Tensor] = None  # (V, 4) canvas boxes (x0, y0, w, h) of a (V, H, W) grid's views
+    question_embeds: Optional[torch.Tensor] = None  # (I, L, E)
+    question_mask: Optional[torch.Tensor] = None  # (I, L) bool
+    pixels: Optional[torch.Tensor] = None  # (I V, 3, S, S) the views the tokens come from ("pixel-contrast")
+    patch_size: Optional[int] = None
+    attention_received: Optional[torch.Tensor] = None  # (I, N) VisionZip's attention
+    global_view_tokens: Optional[torch.Tensor] = None  # (I, p*p, E) LaViDa's pooled global view (SHIRG-X scaffold)
+
+
+class SelectionMethod:
+    """A method of METHODS: the image tokens it gives the LM under a call's settings (a SelectionSettings or a
+    mapping of its fields).
+
+    token_count(image_size, settings) = kept_count + extra_count: the image positions the processor reserves.
+    select(inputs, settings): the TokenSelection of its kept_count tokens (under adaptive_budget, for the methods with
+    `learned_budget`, max(budget_choices): the positions beyond each image's chosen budget are masked, not removed).
+    extra(selection, inputs, settings): the tokens it adds (I, M, E) or None, with the (rows, cols) grid of their
+    coordinates for the coordinate embedding (None: no coordinates); `extra_first`: they come before the kept ones.
+    """
+
+    function = None  # the selection function of this module (select_tokens dispatches to it)
+    learned_budget = False  # adaptive_budget applies: the budget head chooses each image's budget
+    needs_attention = False  # select reads inputs.attention_received
+    extra_first = False
+    kept_coordinates = True  # the kept tokens get the coordinate embedding (with coordinate_embedding)
+
+    def kept_count(self, settings) -> int:
+        if self.learned_budget and settings["adaptive_budget"]:
+            return max(settings["budget_choices"])
+        return settings["selection_budget"]
+
+    def extra_count(self, settings) -> int:
+        return 0
+
+    def token_count(self, image_size, settings) -> int:
+        return self.kept_count(settings) + self.extra_count(settings)
+
+    def uses_question(self, settings) -> bool:
+        return False
+
+    def needs_global_view(self, settings) -> bool:
+        return False
+
+    def select(self, inputs: SelectionInputs, settings) -> TokenSelection:
+        return self.function(inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings))
+
+    def extra(self, selection: TokenSelection, inputs: SelectionInputs, settings):
+        return selection.extra_tokens, None
+
+
+class Pooled(SelectionMethod):
+    """LaViDa's own path, nothing selected: every view pooled to p x p, the crops stitched and unpadded with a newline
+    token per row (LavidaShirgModel.pooled_image_features); the count is LaViDa's."""
+
+    def token_count(self, image_size, settings) -> int:
+        return pooled_image_token_count(image_size, settings["image_grid_pinpoints"], settings["view_size"],
+                                        settings["pooled_view_size"])
+
+
+class Full(SelectionMethod):
+    """Every high-resolution token, in raster order (view after view for anyres views), as the projector gives them."""
+
+    kept_coordinates = False
+
+    def token_count(self, image_size, settings) -> int:
+        return math.prod(source_grid(image_size, settings))
+
+    def select(self, inputs, settings):
+        batch, num = inputs.projected.shape[:2]
+        return TokenSelection(torch.arange(num, device=inputs.projected.device).expand(batch, num))
+
+
+def _score_options(inputs, settings) -> dict:
+    """The keyword options of the SHIRG score (detail term and its inputs)."""
+    return dict(detail_term=settings["detail_term"], score_normalization=settings["score_normalization"],
+                pixels=inputs.pixels, patch_size=inputs.patch_size)
+
+
+class ShirgFixed(SelectionMethod):
+    """SHIRG-Fixed (`shirg_fixed_select`): the K kept tokens in raster order."""
+
+    function = staticmethod(shirg_fixed_select)
+    learned_budget = True
+
+    def uses_question(self, settings):
+        return settings["relevance_weight"] > 0
+
+    def select(self, inputs, settings):
+        return shirg_fixed_select(
+            inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings), inputs.question_embeds,
+            inputs.question_mask, coverage_region_size=settings["coverage_region_size"],
+            relevance_weight=settings["relevance_weight"], detail_weight=settings["detail_weight"],
+            **_score_options(inputs, settings))
+
+
+class ShirgV2(SelectionMethod):
+    """SHIRG-v2 (`shirg_v2_select`): the K kept tokens in raster order, then the summary of the dropped tokens
+    (v2_summary_token)."""
+
+    function = staticmethod(shirg_v2_select)
+    learned_budget = True
+
+    def extra_count(self, settings):
+        return int(settings["v2_summary_token"])
+
+    def uses_question(self, settings):
+        return settings["v2_detail_weight"] < 1
+
+    def select(self, inputs, settings):
+        return shirg_v2_select(
+            inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings), inputs.question_embeds,
+            inputs.question_mask, v2_detail_weight=settings["v2_detail_weight"],
+            v2_edge_weight=settings["v2_edge_weight"], coverage_region_size=settings["coverage_region_size"],
+            v2_kmeans_iterations=settings["v2_kmeans_iterations"], **_score_options(inputs, settings))
+
+    def extra(self, selection, inputs, settings):
+        return (selection.extra_tokens if settings["v2_summary_token"] else None), None
+
+
+class ShirgX(SelectionMethod):
+    """SHIRG-X (`shirg_x_select`): the scaffold first, then the K kept tokens in raster order. x_scaffold
+    "global-view": the global view's LaViDa tokens (p x p, pooled), "grid": the projected map pooled to g x g
+    (g = x_scaffold_size, single view), "none": no scaffold. The scaffold tokens carry their own coordinates."""
+
+    function = staticmethod(shirg_x_select)
+    learned_budget = True
+    extra_first = True
+
+    def extra_count(self, settings):
+        scaffold = settings["x_scaffold"]
+        if scaffold == "global-view":
+            return settings["pooled_view_size"] ** 2
+        return settings["x_scaffold_size"] ** 2 if scaffold == "grid" else 0
+
+    def uses_question(self, settings):
+        return settings["relevance_weight"] > 0
+
+    def needs_global_view(self, settings):
+        return settings["x_scaffold"] == "global-view"
+
+    def select(self, inputs, settings):
+        return shirg_x_select(
+            inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings), inputs.question_embeds,
+            inputs.question_mask, coverage_region_size=settings["coverage_region_size"],
+            relevance_weight=settings["relevance_weight"], detail_weight=settings["detail_weight"],
+            x_suppression_rounds=settings["x_suppression_rounds"],
+            x_suppression_radius=settings["x_suppression_radius"],
+            x_suppression_penalty=settings["x_suppression_penalty"],
+            x_scaffold_size=settings["x_scaffold_size"] if settings["x_scaffold"] == "grid" else 0,
+            **_score_options(inputs, settings))
+
+    def extra(self, selection, inputs, settings):
+        if settings["x_scaffold"] == "global-view":
+            return inputs.global_view_tokens, (settings["pooled_view_size"],) * 2
+        if settings["x_scaffold"] == "grid":
+            return selection.extra_tokens, (settings["x_scaffold_size"],) * 2
+        return None, None
+
+
+class Random(SelectionMethod):
+    """`random_select` (seed random_seed): the K kept tokens in raster order."""
+
+    function = staticmethod(random_select)
+
+    def select(self, inputs, settings):
+        return random_select(inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings),
+                             random_seed=settings["random_seed"])
+
+
+class TopNorm(SelectionMethod):
+    """`top_norm_select`: the K kept tokens in raster order."""
+
+    function = staticmethod(top_norm_select)
+
+
+class VisionZip(SelectionMethod):
+    """`visionzip_select`: the K - C dominant tokens in raster order, then C = visionzip_contextual_tokens
+    contextual tokens (the budget K counts both)."""
+
+    function = staticmethod(visionzip_select)
+    needs_attention = True
+
+    def kept_count(self, settings):
+        return settings["selection_budget"] - settings["visionzip_contextual_tokens"]
+
+    def extra_count(self, settings):
+        return settings["visionzip_contextual_tokens"]
+
+    def select(self, inputs, settings):
+        return visionzip_select(inputs.vision_features, inputs.projected, inputs.grid, self.kept_count(settings),
+                                attention_received=inputs.attention_received,
+                                visionzip_contextual_tokens=settings["visionzip_contextual_tokens"])
+
+
+class DivPrune(SelectionMethod):
+    """`divprune_select`: the K kept tokens in raster order."""
+
+    function = staticmethod(divprune_select)
+
+
+METHODS = {"pooled": Pooled(), "full": Full(), "shirg-fixed": ShirgFixed(), "shirg-v2": ShirgV2(), "shirg-x": ShirgX(),
+           "random": Random(), "top-norm": TopNorm(), "visionzip": VisionZip(), "divprune": DivPrune()}
+
+
+def image_token_count(image_size, settings) -> int:
+    """Image positions the LM receives for one (height, width) image under a call's settings (its method's
+    `token_count`)."""
+    return METHODS[settings["selection_method"]].token_count(image_size, settings)
 
 
 def select_tokens(method: str, vision_features, projected, grid, budget, question_embeds=None, question_mask=None,
                   **options) -> TokenSelection:
-    """Dispatch to METHODS[method](vision_features, projected, grid, budget, question_embeds, question_mask, **options).
+    """METHODS[method].function(vision_features, projected, grid, budget, question_embeds, question_mask, **options):
+    a selection method's function with explicit keyword options (named as the SHIRG settings)."""
+    return METHODS[method].function(vision_features, projected, grid, budget, question_embeds, question_mask,
+                                    **options)
 
-    Raises ValueError naming `method` and the allowed names for an unknown method.
+
+class TokenSelector(nn.Module):
+    """Runs a method of METHODS on a group of images and returns the LM's image tokens; owns the learned parts: the
+    coordinate embedding (config.coordinate_embedding) and the adaptive budget head (config.adaptive_budget).
+
+    tokens = the projected tokens of the selected indices (+ CoordinateEmbedding of their (x, y, h, w) with
+    coordinate_embedding) and the method's extra tokens (a scaffold with its own coordinates), in the method's order.
+    Under adaptive_budget (methods with learned_budget) the head picks each image's budget from
+    `budget_statistics(token_variance(x), scores)` and the kept tokens beyond it are invalid (`truncate_to_budget`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; method must be one of {sorted(METHODS)}")
-    return METHODS[method](vision_features, projected, grid, budget, question_embeds, question_mask, **options)
+
+    def __init__(self, config):
+        super().__init__()
+        self.coordinate_embedding = (CoordinateEmbedding(config.text_config.hidden_size)
+                                     if config.coordinate_embedding else None)
+        self.budget_head = None
+        if config.adaptive_budget:
+            default = config.selection_budget if config.selection_budget in config.budget_choices else None
+            self.budget_head = AdaptiveBudgetHead(config.budget_choices, default)
+
+    def forward(self, inputs: SelectionInputs, settings):
+        """(tokens (I, M, E), valid (I, M) bool, the method's TokenSelection)."""
+        method = METHODS[settings["selection_method"]]
+        selection = method.select(inputs, settings)
+        kept = gather_tokens(inputs.projected, selection.indices)  # (I, K, E)
+        if settings["coordinate_embedding"] and method.kept_coordinates:
+            coordinates = token_coordinates(selection.indices, inputs.grid, inputs.view_boxes)  # (I, K, 4)
+            kept = kept + self.coordinate_embedding(coordinates).to(kept.dtype)
+        valid = torch.ones(kept.shape[:2], dtype=torch.bool, device=kept.device)
+        if method.learned_budget and settings["adaptive_budget"]:
+            statistics = budget_statistics(token_variance(inputs.vision_features), selection.scores)
+            chosen = self.budget_head.choose(self.budget_head(statistics))  # (I,)
+            valid = truncate_to_budget(selection.indices, selection.scores, chosen)
+        extra, extra_grid = method.extra(selection, inputs, settings)
+        if extra is None:
+            return kept, valid, selection
+        if settings["coordinate_embedding"] and extra_grid is not None:
+            extra = extra + self.coordinate_embedding(grid_coordinates(extra_grid, extra.device)).to(extra.dtype)
+        extra = extra.to(kept.dtype)
+        extra_valid = torch.ones(extra.shape[:2], dtype=torch.bool, device=kept.device)
+        if method.extra_first:
+            return torch.cat((extra, kept), dim=1), torch.cat((extra_valid, valid), dim=1), selection
+        return torch.cat((kept, extra), dim=1), torch.cat((valid, extra_valid), dim=1), selection

@@ -1,5 +1,6 @@
 """The lmms-eval model `lavida_shirg`: one LaViDa-SHIRG variant, batched masked-diffusion answers for
-`generate_until` tasks, one process or several (`accelerate launch`).
+`generate_until` tasks and Monte Carlo likelihoods for `loglikelihood` (multiple-choice) tasks, one process or
+several (`accelerate launch`).
 
     lmms_eval --model lavida_shirg --tasks textvqa_val --batch_size 8 \\
         --model_args pretrained=FOLDER,dtype=bfloat16,selection_method=shirg-fixed,selection_budget=768
@@ -12,12 +13,13 @@ model_args (anything else is refused, naming the key):
 | dtype | auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 |
 | device | cpu, cuda, cuda:N (cuda when available); with several processes each takes accelerate's device |
 | variant | an eval.py variant string, `METHOD[@BUDGET][:OPTION=VALUE]...` (shirg_tools.variants) |
-| selection_method, selection_budget, OPTION | the same variant as separate keys (pooled); OPTION: a SHIRG option, short or full name |
+| selection_method, selection_budget, OPTION | the same variant as separate keys (pooled); OPTION: a SHIRG option (its config field name) |
 | gen_length | answer tokens for every task (default: the task's gen_kwargs max_new_tokens, else eval.py's per-task length) |
 | block_length | semi-autoregressive block (one block of gen_length) |
 | step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (shift, with LaViDa's 3) |
 | temperature, remasking | sampler (task's gen_kwargs: greedy unless do_sample; remasking: the model's) |
 | use_prefix_cache, prefix_lm_mask, kv_cache_dtype | prefix handling (true, false, none) |
+| mc_num, mc_batch_size, seed | loglikelihood: Monte Carlo masks per continuation (16, LaViDa's), rows per forward (mc_num), the seed of every request's draws (0) |
 
 `--batch_size N` (any N >= 1) batches the sampler. Answer length per request: model_args gen_length, else the
 task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its name starts with
@@ -25,14 +27,23 @@ task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its 
 as LaViDa's own lmms-eval model ignores it (the whole answer is decoded, as in eval.py); `do_sample` with `temperature` samples (Gumbel-max); `num_beams` > 1 is refused, and so are
 `top_p` / `top_k` when sampling (the sampler has no beams or filtering); other keys are ignored. The prompt is the
 task's context in LaViDa's chat template with the document's images first (`processor.build_prompt`).
+
+lmms-eval's command line catches every exception of an evaluation, logs it and exits 0. Under that command line,
+this plugin's refusals (bad model_args, a request it cannot run, loglikelihood) end the process instead: SystemExit
+with `error: lavida_shirg: ...` on stderr and exit status 1, so a script sees the failure. Called from Python
+(`lmms_eval.evaluator.simple_evaluate`, tests), they stay ValueError / NotImplementedError.
 """
 
 import atexit
+import functools
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+import lmms_eval
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
@@ -44,27 +55,34 @@ from lavida_shirg_lmms import MODEL_NAME
 from shirg_tools.eval_tasks import TASKS
 from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, check_device, check_sampling, check_variant,
                                    generation_settings, load_pretrained, model_folder, resolve_dtype)
-from shirg_tools.variants import OPTION_FIELDS, SHORT_NAMES, option_names_help, parse_variant
+from shirg_tools.variants import OPTION_FIELDS, option_names_help, parse_variant
 
 ARGUMENTS = ("pretrained", "dtype", "device", "batch_size", "variant", "selection_method", "selection_budget",
              "gen_length", "block_length", "step_ratio", "schedule", "schedule_shift", "temperature", "remasking",
-             "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype")
+             "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "mc_num", "mc_batch_size", "seed")
 # gen_kwargs the sampler cannot honour when sampling (with greedy decoding they change nothing)
 SAMPLING_ONLY_GEN_KWARGS = {"top_p": "the sampler draws from the whole distribution (no nucleus filtering)",
                             "top_k": "the sampler draws from the whole distribution (no top-k filtering)"}
-LOGLIKELIHOOD_ERROR = (
-    f"{MODEL_NAME}: loglikelihood is not supported by a masked-diffusion sampler (LaViDa/LLaDA decodes the whole "
-    "answer in parallel: it has no left-to-right token likelihood to score a continuation or a choice with); run "
-    "generate_until tasks (e.g. textvqa_val, docvqa_val, chartqa, infovqa_val)")
+# loglikelihood requests: LaViDa's Monte Carlo estimate with its lmms-eval's mc_num
+DEFAULT_MC_NUM = 16
 
 
 def generate_answers(model, processor, images: list, prompts: list, variant, generation: dict) -> list:
     """Decoded answers to `prompts` (images[i]: the list of images of prompt i) under `variant` with the sampler
     arguments `generation`: the one place the plugin calls the model."""
-    settings = variant.call_settings()
-    inputs = processor(images=images, text=prompts, **settings).to(model.device)
-    answers = model.diffusion_generate(**inputs, **settings, **generation)
+    inputs = processor(images=images, text=prompts, **variant.call_settings()).to(model.device)
+    answers = model.diffusion_generate(**inputs, **generation)  # the inputs carry their selection settings
     return processor.decode_answers(answers.cpu())
+
+
+def score_continuation(model, processor, images: list, prompt: str, continuation: str, variant, mc_num: int,
+                       batch_size: int, seed: int) -> float:
+    """log p(continuation | images, prompt) by the model's Monte Carlo estimate (`log_likelihood`), seeded."""
+    inputs = processor(images=[images], text=[prompt], **variant.call_settings()).to(model.device)
+    answer = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    return float(model.log_likelihood(answer.to(model.device), **inputs, mc_num=mc_num, batch_size=batch_size,
+                                      generator=generator)[0])
 
 
 def destroy_process_group():
@@ -73,6 +91,37 @@ def destroy_process_group():
     called without an active exception", pytorch/pytorch#190489); destroyed first, none did in 30 runs."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+LMMS_EVAL_CLI = (os.path.join(os.path.dirname(os.path.abspath(lmms_eval.__file__)), "__main__.py"), "cli_evaluate")
+
+
+def _under_lmms_eval_cli() -> bool:
+    """Whether this call runs inside lmms-eval's command line (its cli_evaluate, which catches and logs every
+    exception of an evaluation and exits 0)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (os.path.abspath(frame.f_code.co_filename), frame.f_code.co_name) == LMMS_EVAL_CLI:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def fails_the_command_line(method):
+    """A plugin entry point whose refusal (ValueError, NotImplementedError) ends lmms-eval's command line with exit
+    status 1 and the message on stderr (SystemExit, which its catch-all does not catch); from Python the error is
+    raised as it is."""
+
+    @functools.wraps(method)
+    def entry_point(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except (ValueError, NotImplementedError) as error:
+            if _under_lmms_eval_cli():
+                raise SystemExit(f"error: {error}") from error
+            raise
+
+    return entry_point
 
 
 def _positive_int(name: str, value, allow_none: bool = False):
@@ -120,16 +169,26 @@ class LavidaShirgLmms(lmms):
 
     is_simple = True
 
+    @fails_the_command_line
     def __init__(self, pretrained=None, dtype="auto", device=None, batch_size=1, variant=None, selection_method=None,
                  selection_budget=None, gen_length=None, block_length=None, step_ratio=DEFAULT_STEP_RATIO,
                  schedule=DEFAULT_SCHEDULE, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None,
-                 use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, **options):
+                 use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, mc_num=DEFAULT_MC_NUM,
+                 mc_batch_size=None, seed=0, **options):
         super().__init__()
-        unknown = [name for name in options if name not in SHORT_NAMES and name not in OPTION_FIELDS]
+        unknown = [name for name in options if name not in OPTION_FIELDS]
         if unknown:
             raise ValueError(f"{MODEL_NAME}: unknown model_args key(s) {unknown}; keys: {', '.join(ARGUMENTS)}, and "
                              f"the SHIRG options ({option_names_help()})")
         self._batch_size = _positive_int("batch_size", batch_size)
+        self.mc_num = _positive_int("mc_num", mc_num)
+        self.mc_batch_size = _positive_int("mc_batch_size", mc_batch_size, allow_none=True) or self.mc_num
+        if self.mc_num % self.mc_batch_size:
+            raise ValueError(f"{MODEL_NAME}: mc_num ({self.mc_num}) must be a multiple of mc_batch_size "
+                             f"({self.mc_batch_size})")
+        if isinstance(seed, bool) or not str(seed).strip().isdigit():
+            raise ValueError(f"{MODEL_NAME}: seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(str(seed).strip())
         self.gen_length = _positive_int("gen_length", gen_length, allow_none=True)
         self.block_length = _positive_int("block_length", block_length, allow_none=True)
         check_sampling(step_ratio, schedule, schedule_shift)
@@ -226,6 +285,7 @@ class LavidaShirgLmms(lmms):
                              f"{found!r}): {MODEL_NAME} answers questions about images; run image tasks only")
         return [visual.convert("RGB") for visual in visuals]
 
+    @fails_the_command_line
     def generate_until(self, requests) -> list:
         """Answers of generate_until requests, batched `batch_size` at a time among requests with the same sampler
         arguments. Every request's settings and the first document of every task are checked before any sample
@@ -256,8 +316,25 @@ class LavidaShirgLmms(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError(LOGLIKELIHOOD_ERROR)
+    @fails_the_command_line
+    def loglikelihood(self, requests) -> list:
+        """(log-likelihood, False) of each request's continuation given its images and context: the model's Monte
+        Carlo estimate with mc_num masks in forwards of mc_batch_size rows, seeded by `seed` (the same for every
+        request, so the choices of a question are scored under the same draws), as LaViDa's lmms-eval scores
+        multiple-choice tasks. The greedy flag is False (a masked-diffusion LM has no left-to-right greedy)."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc=f"{MODEL_NAME} loglikelihood"):
+            context, target = request.args[:2]
+            _, _, _, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            images = self.visuals(request)
+            prompt = self.processor.build_prompt(context, num_images=len(images))
+            score = score_continuation(self.model, self.processor, images, prompt, continuation, self.variant,
+                                       self.mc_num, self.mc_batch_size, self.seed)
+            results.append((score, False))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (score, False))
+        return results
 
+    @fails_the_command_line
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{MODEL_NAME}: multi-round generation is not supported; run generate_until tasks")

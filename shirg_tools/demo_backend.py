@@ -114,7 +114,7 @@ class DemoBackend:
     def run(self, job: Job, answer_box=None) -> VariantResult:
         """Run one prepared variant once (see the module docstring); `answer_box` ((x0, y0, x1, y1) pixels, or
         None) is drawn on the overlay and gives its answer recall."""
-        call = dict(job.inputs, **job.variant.call_settings(), **generation_settings(TASK.gen_length))
+        call = dict(job.inputs, **generation_settings(TASK.gen_length))  # the inputs carry their selection settings
         steps = call.pop("steps")
         answer_ids, timing = timed_generate(self.model, call, steps)
         answer = self.processor.decode_answers(answer_ids.cpu())[0]

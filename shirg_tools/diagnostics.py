@@ -146,14 +146,14 @@ def token_relevance(model, inputs: dict, settings: dict) -> list:
     tokens against the LM embeddings of the question tokens marked by the processor's question_mask)."""
     input_ids = inputs["input_ids"]
     is_image = input_ids == model.config.image_token_id
-    owners = model.image_samples(is_image, inputs["image_sizes"], settings)
+    owners = model.model.image_samples(is_image, inputs["image_sizes"], settings)
     question_embeds = model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))[owners]
     question_mask = inputs["question_mask"].bool()[owners]
     if settings["hires_source"] == "single-view":
-        projected = model.multi_modal_projector(model.vision_features(inputs["hires_pixel_values"])[0])
+        projected = model.multi_modal_projector(model.model.vision_features(inputs["hires_pixel_values"])[0])
         return list(relevance_scores(projected, question_embeds, question_mask).cpu())
-    projected = model.multi_modal_projector(model.vision_features(inputs["pixel_values"])[0])
-    views = model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
+    projected = model.multi_modal_projector(model.model.vision_features(inputs["pixel_values"])[0])
+    views = model.model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
     relevance = []
     for image, ((rows, cols), _, start) in enumerate(views):
         tokens = projected[start:start + 1 + rows * cols].flatten(0, 1)[None]
@@ -178,7 +178,7 @@ def full_resolution_token_area(views) -> float:
     return (x1 - x0) / view.cols * (y1 - y0) / view.rows
 
 
-def kept_masks(model, inputs: dict, settings: dict, layout: dict) -> list:
+def kept_masks(model, inputs: dict, settings) -> list:
     """Per image: ((N,) bool kept mask, (N,) float32 scores or None, grid) of the variant's selection. full keeps
     every token (scores None); pooled has no high-resolution selection (None per image)."""
     sizes = [tuple(size) for size in inputs["image_sizes"].tolist()]
@@ -188,16 +188,14 @@ def kept_masks(model, inputs: dict, settings: dict, layout: dict) -> list:
     if method == "full":
         results = []
         for size in sizes:
-            views, rows, cols = source_grid(size, layout)
+            views, rows, cols = source_grid(size, settings)
             grid = (rows, cols) if settings["hires_source"] == "single-view" else (views, rows, cols)
             results.append((torch.ones(views * rows * cols, dtype=torch.bool), None, grid))
         return results
     results = [None] * len(sizes)
     call = {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes",
                                          "hires_pixel_values", "question_mask") if key in inputs}
-    entries = model.inspect_selection(**call, selection_method=method, selection_budget=settings["selection_budget"],
-                                      selection_options={key: settings[key] for key in settings
-                                                         if key not in ("selection_method", "selection_budget")})
+    entries = model.inspect_selection(**call, selection=settings)
     for entry in entries:
         indices = entry["indices"].cpu()
         num = int(np.prod(entry["grid"]))
@@ -212,16 +210,15 @@ def selection_diagnostics(model, inputs: dict, settings: dict, samples: list, re
     """Per sample (one image each): a dict with relevance_lift, coverage_kept, score_gini, answer_recall (when the
     sample has an answer box) and token_area_px2, plus the kept mask and geometry for overlays under "_kept",
     "_views" (see the module docstring). `relevance`: `token_relevance` of the batch (None for pooled)."""
-    layout = {**model.config.token_layout(), **settings}
-    selections = kept_masks(model, inputs, settings, layout)
+    selections = kept_masks(model, inputs, settings)
     results = []
     for index, (sample, selection) in enumerate(zip(samples, selections)):
         size = (sample.image.height, sample.image.width)
         if selection is None:
-            results.append({"token_area_px2": pooled_token_area(size, layout), "_kept": None, "_views": None})
+            results.append({"token_area_px2": pooled_token_area(size, settings), "_kept": None, "_views": None})
             continue
         kept, scores, grid = selection
-        views = source_views(size, layout)
+        views = source_views(size, settings)
         lift = float(relevance_lift(relevance[index][None], kept[None])[0])
         result = {
             "relevance_lift": None if np.isnan(lift) else lift,

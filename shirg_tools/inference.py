@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
 
@@ -91,7 +92,20 @@ def model_folder(folder: Path, argument: str) -> Path:
     if model_type != "lavida_shirg":
         raise ValueError(f"{argument} {str(folder)!r} holds a {model_type!r} model, not a lavida_shirg one: convert a "
                          "LaViDa checkpoint with convert_lavida_checkpoint.py first")
+    check_weight_files(found, argument)
     return found
+
+
+def check_weight_files(folder: Path, argument: str):
+    """ValueError naming the file when a safetensors file of `folder` cannot be read or is shorter than its header
+    says (a cut download or copy). Reads the headers only."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{argument} {str(folder)!r}: {path.name} is not a complete safetensors file ({error}); "
+                             "copy or download it again") from error
 
 
 def load_pretrained(folder: Path, dtype: str, device: torch.device):
@@ -112,10 +126,11 @@ def high_resolution_tokens(model) -> int:
 
 
 def check_variant(model, processor, variant):
-    """ValueError naming the variant when the model or the processor refuses its settings (budget beyond the token
-    count, out-of-range option, a learned part the model lacks)."""
+    """The variant's SelectionSettings (the model's), validated once; a ValueError naming the variant when the model
+    or the processor refuses its settings (budget beyond the token count, out-of-range option, a learned part the
+    model lacks)."""
     try:
-        model.selection_settings(variant.method, variant.budget, variant.options)
         processor.selection(variant.method, variant.budget, variant.options)
+        return model.selection_settings(variant.method, variant.budget, variant.options)
     except ValueError as error:
         raise ValueError(f"variant {variant.label!r}: {error}") from error

@@ -157,25 +157,24 @@ def variant_panel(model, image: Image.Image, variant, caption: list, diagnostics
     answer_box: (x0, y0, x1, y1) in image pixels, drawn in green, or None.
     """
     settings = model.selection_settings(variant.method, variant.budget, variant.options)
-    layout = {**model.config.token_layout(), **settings}
     size = (image.height, image.width)
     if variant.method == "pooled":
-        pooled = layout["pooled_view_size"]
-        crops = source_views(size, {**layout, "hires_source": "anyres-views"})[1:]
+        pooled = settings["pooled_view_size"]
+        crops = source_views(size, {**settings, "hires_source": "anyres-views"})[1:]
         grids = [(view.box, pooled, pooled) for view in crops]
         area = diagnostics.get("token_area_px2", {})
         lines = [*caption, f"pooled px2/token: crop {area.get('crop', 0):.0f}, global {area.get('global', 0):.0f}"]
         return render_panel(image, lines, pooled_grids=grids, answer_box=answer_box)
     views, kept = diagnostics.get("_views"), diagnostics.get("_kept")
     if views is None:
-        views = source_views(size, layout)
-    scaffold = scaffold_grid(layout, size, views)
+        views = source_views(size, settings)
+    scaffold = scaffold_grid(settings, size, views)
     recall = diagnostics.get("answer_recall")
     lines = [*caption, f"coverage {diagnostics.get('coverage_kept', 1.0):.2f}" +
              ("" if recall is None else f"; answer recall {recall:.2f}") +
              ("; + scaffold (cyan)" if scaffold else "")]
     return render_panel(image, lines, views=views, kept=kept,
-                        region_size=layout["coverage_region_size"] if kept is not None else None,
+                        region_size=settings["coverage_region_size"] if kept is not None else None,
                         scaffold=scaffold, answer_box=answer_box)
 
 

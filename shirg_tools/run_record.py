@@ -7,13 +7,15 @@ seed and batch geometry); `check_resume` refuses any other, naming the differing
 import json
 import os
 
+from .output_folder import write_atomic
+
 RUN_RECORD = "shirg_run.json"
+CONVERSION_RECORD = "shirg_conversion.json"  # written by convert_lavida_checkpoint.py: where the weights came from
 
 
 def write_run_record(folder: str, record: dict):
-    """Write `record` as JSON into folder/RUN_RECORD (the folder must exist)."""
-    with open(os.path.join(folder, RUN_RECORD), "w") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
+    """Write `record` as JSON into folder/RUN_RECORD (atomically; the folder must exist)."""
+    write_atomic(os.path.join(folder, RUN_RECORD), json.dumps(record, indent=2, sort_keys=True).encode())
 
 
 def _differences(saved, current, prefix="") -> list:

@@ -1,7 +1,7 @@
 """Timing of `diffusion_generate` split into prefill and diffusion steps, peak memory, and prefix-cache bytes.
 
 One call is measured as: start (after a device synchronisation) -> the prefix cache is built (image encoding,
-token selection and the prefix LM pass; synchronised) -> the answer is sampled (synchronised). prefill = cache
+token selection and the prefill, the model's forward with use_cache=True, seen by a forward hook; synchronised) -> the answer is sampled (synchronised). prefill = cache
 built - start, per step = (end - cache built) / steps, total = end - start. On CUDA every boundary calls
 `torch.cuda.synchronize()`, and the peak is `torch.cuda.max_memory_allocated` after a reset; on CPU there is no
 allocator peak (None). The prefix cache's bytes are read from its tensors (`PrefixCache.nbytes()`: stored tensors
@@ -41,17 +41,21 @@ def timed_generate(model, inputs: dict, steps: int, **generate_kwargs):
     device = model.device
     marks = {}
 
-    def prefix_cache_built(cache):
-        synchronize(device)
-        marks["prefill_end"] = time.perf_counter()
-        marks["cache"] = cache
+    def prefix_cache_built(module, args, kwargs, output):
+        if kwargs.get("use_cache"):  # the prefill: the first forward of the base model, which fills the cache
+            synchronize(device)
+            marks["prefill_end"] = time.perf_counter()
+            marks["cache"] = output.past_key_values
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
-    answers = model.diffusion_generate(**inputs, steps=steps, use_prefix_cache=True, on_prefix_cache=prefix_cache_built,
-                                       **generate_kwargs)
+    hook = model.model.register_forward_hook(prefix_cache_built, with_kwargs=True)
+    try:
+        answers = model.diffusion_generate(**inputs, steps=steps, use_prefix_cache=True, **generate_kwargs)
+    finally:
+        hook.remove()
     synchronize(device)
     end = time.perf_counter()
     cache = marks.pop("cache")

@@ -4,27 +4,36 @@ Per optimizer step s (0-based `state.global_step` when its micro-batches are fet
   - budget: `schedule.entry_at(s)`, the same for every micro-batch and every process; the collated,
     budget-independent batches get their input_ids / labels for it in `get_batch_samples`, before the Trainer
     counts the accumulated batch's targets (`num_items_in_batch`);
+  - padding: micro-batch m gets LaViDa's random extra EOS positions drawn from (seed, s, m) (the batch builder's
+    `extra_positions`; the same on every process, repeated by a resumed run);
   - randomness: micro-batch m of process r seeds the diffusion masks (the model's `generator`) and the global RNG
     (LoRA dropout) with `noise_seed(seed, s, m, r)`, so a resumed run repeats the uninterrupted one exactly;
   - loss: the model divides its summed loss by `num_items_in_batch` (all targets of the accumulated batch, over
     all processes), so the loss is already scaled for gradient accumulation (`loss_is_scaled_for_ga`);
     the budget head's cost term (when on) is a per-micro-batch mean, divided by the accumulation steps;
-  - a NaN/inf loss raises FloatingPointError naming the step, micro-batch and budget.
+  - a NaN/inf loss raises FloatingPointError naming the step, micro-batch and budget; so does saving weights that
+    hold NaN/inf (a checkpoint or the final model): nothing is saved over good weights;
+  - checkpoints are written aside and renamed into place once complete, with the run record inside
+    (shirg_tools.output_folder): `--resume_from_checkpoint last` only ever finds complete checkpoints, and a run
+    killed during a save (SIGTERM, SIGKILL) leaves no partial one.
 Logs add, per logging window: `budgets` (the budget of each step, in order), `loss_<budget>` (the mean step loss
 of each budget used), `skipped_samples` (cumulative, all processes) and `budget_cost` (when on: the mean of
 E_p[K] / max K over the head's images, per 'adaptive' step; the logged losses include its weighted term).
 """
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
 from peft import PeftModel
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .budget_schedule import ADAPTIVE
 from .lora import parameter_groups
+from .output_folder import FolderWriter, staging_root
 from .run_record import write_run_record
 
 SKIP_EXAMPLES = 5  # skipped samples listed by reason in the summary
@@ -66,27 +75,19 @@ def merge_skip_counters(states: list) -> dict:
     return {"total": sum(counts.values()), "by_reason": dict(counts), "examples": dict(examples)}
 
 
-class RunRecordCallback(TrainerCallback):
-    """Writes the run's configuration record into every checkpoint (checked when a run resumes from it)."""
-
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            write_run_record(f"{args.output_dir}/checkpoint-{state.global_step}", self.record)
-
-
 class ShirgTrainer(Trainer):
     """See the module docstring. Extra arguments: schedule (BudgetSchedule), batch_builder (BatchBuilder),
     learning_rates (parameter group -> lr, see lora.parameter_group_name), budget_cost_weight (weight of the
-    adaptive-budget head's cost E_p[K] / max K on steps that use the head)."""
+    adaptive-budget head's cost E_p[K] / max K on steps that use the head), run_record (the run's configuration,
+    written into every checkpoint; see shirg_tools.run_record)."""
 
     loss_is_scaled_for_ga = True  # the model normalises by num_items_in_batch (transformers >= 5.24 reads this)
 
-    def __init__(self, *args, schedule, batch_builder, learning_rates: dict, budget_cost_weight: float = 0.0,
-                 **kwargs):
+    def __init__(self, *args, schedule, batch_builder, learning_rates: dict, run_record: dict,
+                 budget_cost_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run_record = run_record
+        self._checkpoint_staging = None  # while a checkpoint is saved: the folder it is staged in
         # forward(num_items_in_batch=...) divides the summed loss by it; stated, not inferred from **kwargs
         self.model_accepts_loss_kwargs = True
         self.schedule = schedule
@@ -102,9 +103,10 @@ class ShirgTrainer(Trainer):
         self._budget_logits = []
         base_model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         self._budget_values = None
-        if base_model.budget_head is not None:  # its budgets are config.budget_choices (the model checks it)
+        budget_head = base_model.model.token_selector.budget_head
+        if budget_head is not None:  # its budgets are config.budget_choices (the model checks it)
             self._budget_values = torch.tensor(base_model.config.budget_choices, dtype=torch.float32)
-            base_model.budget_head.register_forward_hook(
+            budget_head.register_forward_hook(
                 lambda module, inputs, output: self._budget_logits.append(output))
 
     # ---- batches -------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class ShirgTrainer(Trainer):
 
         def model_inputs(micro_batch, batch):
             self.skips.add(batch.pop("skipped"))
-            inputs = self.batch_builder.build(batch, entry)
+            inputs = self.batch_builder.build(batch, entry, self.batch_builder.extra_positions(step, micro_batch))
             seed = noise_seed(self.args.seed, step, micro_batch, self.args.process_index)
             inputs["shirg_step"] = {"step": step + 1, "micro_batch": micro_batch, "budget": entry.label,
                                     "budget_index": index, "noise_seed": seed}
@@ -160,6 +162,50 @@ class ShirgTrainer(Trainer):
             )
         self._window_losses[info["budget_index"]] += loss.detach().double()
         return loss
+
+    # ---- saving --------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Trainer's save_model, refused (FloatingPointError naming the step) when a trained tensor holds NaN/inf."""
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if trained and not bool(torch.stack([torch.isfinite(p).all() for _, p in trained]).all()):
+            bad = [name for name, p in trained if not bool(torch.isfinite(p).all())]
+            raise FloatingPointError(
+                f"after step {self.state.global_step} {len(bad)} trained tensor(s) hold NaN/inf (e.g. {bad[0]}): "
+                "training stopped and nothing was saved; lower the learning rate or check the data")
+        super().save_model(output_dir, _internal_call)
+
+    def _get_output_dir(self, trial):
+        """Trainer's run folder; while a checkpoint is saved, its staging folder (see `_save_checkpoint`)."""
+        return str(self._checkpoint_staging) if self._checkpoint_staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint `checkpoint-N`, written (by every process) into `.checkpoint-N.staging/checkpoint-N`
+        of the output folder, completed with the run record and renamed into place by the main process; then the
+        older checkpoints beyond save_total_limit are deleted."""
+        run_dir = super()._get_output_dir(trial)
+        final = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        # the run holds the lock of its output folder (train.py), which covers its checkpoints
+        writer = FolderWriter(final, "checkpoint", overwrite=True, lock=False) if self.args.should_save else None
+        try:
+            if writer is not None:
+                writer.stage()
+            self.accelerator.wait_for_everyone()
+            self._checkpoint_staging = staging_root(final)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_staging = None
+            self.accelerator.wait_for_everyone()
+            if writer is not None:
+                write_run_record(writer.staging, self.run_record)
+                writer.commit()
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        finally:
+            if writer is not None:
+                writer.release()
+        self.accelerator.wait_for_everyone()
 
     # ---- optimizer -----------------------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """Variant strings of the evaluation CLI: `METHOD[@BUDGET][:OPTION=VALUE]...`.
 
-Examples: `pooled`, `full`, `shirg-fixed@768`, `shirg-fixed@768:relevance_weight=1.0:variance_weight=0`,
-`shirg-v2@768:summary=false`, `shirg-v2@768:alpha=0.1`, `shirg-fixed@768:source=anyres-views`,
-`shirg-x@768:detail=pixel-contrast`.
+Examples: `pooled`, `full`, `shirg-fixed@768`, `shirg-fixed@768:relevance_weight=1.0:detail_weight=0`,
+`shirg-v2@768:v2_summary_token=false`, `shirg-v2@768:v2_detail_weight=0.1`,
+`shirg-fixed@768:hires_source=anyres-views`, `shirg-x@768:detail_term=pixel-contrast`.
 METHOD is one of the config's SELECTION_METHODS; BUDGET the number of kept high-resolution tokens (selection
-methods only); each OPTION a SHIRG config field (SELECTION_FIELDS) or one of its short names (SHORT_NAMES).
+methods only); each OPTION a SHIRG config field (SELECTION_FIELDS), by the same name as in the config, the processor's
+`selection_options` and `generate`.
 Values are parsed by the field's type: booleans true/false/1/0/yes/no, integers, numbers, strings, and lists of
 integers written with '/' (budget_choices=32/64/96).
 """
@@ -13,28 +14,6 @@ from typing import NamedTuple
 
 from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SELECTION_METHODS
 
-SHORT_NAMES = {
-    "summary": "v2_summary_token",
-    "alpha": "v2_alpha",
-    "beta": "v2_beta",
-    "kmeans": "v2_kmeans_iterations",
-    "region": "coverage_region_size",
-    "source": "hires_source",
-    "hires_size": "hires_image_size",
-    "relevance": "relevance_weight",
-    "variance": "variance_weight",
-    "detail": "detail_term",
-    "scaffold": "x_scaffold",
-    "scaffold_size": "x_scaffold_size",
-    "rounds": "x_suppression_rounds",
-    "radius": "x_suppression_radius",
-    "penalty": "x_suppression_penalty",
-    "contextual": "visionzip_contextual_tokens",
-    "seed": "random_seed",
-    "coordinates": "coordinate_embedding",
-    "adaptive": "adaptive_budget",
-    "budgets": "budget_choices",
-}
 # set by METHOD@BUDGET itself, never as options
 RESERVED_FIELDS = ("selection_method", "selection_budget")
 OPTION_FIELDS = tuple(name for name in SELECTION_FIELDS if name not in RESERVED_FIELDS)
@@ -69,9 +48,8 @@ FIELD_TYPES = _field_types()
 
 
 def option_names_help() -> str:
-    """The accepted option names, short name -> field, for error messages and --help."""
-    shorts = ", ".join(f"{short} ({field})" for short, field in SHORT_NAMES.items())
-    return f"short names: {shorts}; full names: {', '.join(OPTION_FIELDS)}"
+    """The accepted option names (the SHIRG config fields), for error messages and --help."""
+    return f"options: {', '.join(OPTION_FIELDS)}"
 
 
 def _parse_value(field: str, text: str, variant: str):
@@ -131,7 +109,7 @@ def parse_variant(text: str) -> Variant:
             raise ValueError(f"variant {text!r}: options are written NAME=VALUE, got {part!r}")
         if name in RESERVED_FIELDS:
             raise ValueError(f"variant {text!r}: set {name} with METHOD@BUDGET, not as an option")
-        field = SHORT_NAMES.get(name, name)
+        field = name
         if field not in OPTION_FIELDS:
             raise ValueError(f"variant {text!r}: unknown option {name!r}; {option_names_help()}")
         if field in options:

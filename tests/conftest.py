@@ -11,12 +11,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lavida_shirg import ShirgConfig  # noqa: E402
-from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count  # noqa: E402
-from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion  # noqa: E402
+from lavida_shirg import ShirgConfig
+from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
 
 def build_tiny_model(seed=0, std=0.2, **overrides):
@@ -111,3 +110,17 @@ def served_app(arguments: list, cwd, env: dict, timeout: float = 120):
 @pytest.fixture(scope="module")
 def tiny_model():
     return build_tiny_model()
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder in which this process cannot create anything: a read-only folder, or for root (whom file modes do
+    not stop) a path under sysfs."""
+    from pathlib import Path
+
+    if os.geteuid() == 0:
+        return Path("/sys/lavida-shirg-unwritable")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder

@@ -26,10 +26,11 @@ def step_arguments(model, sampling):
     """The arguments of one denoise_step of a real generate() call (captured from run_sampler)."""
     captured = {}
 
-    def capture(answer_logits, batch, sampler, mask_token_id, device, warpers=(), generator=None, history=None,
-                step=denoise_step):
+    def capture(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers=(), generator=None,
+                keep_history=False, step=denoise_step):
         captured.update(answer_logits=answer_logits, sampler=sampler, warpers=warpers)
-        return run_sampler(answer_logits, batch, sampler, mask_token_id, device, warpers, generator, history, step)
+        return run_sampler(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers, generator,
+                           keep_history, step)
 
     settings = dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, remasking="random") if sampling else {}
     original, generation.run_sampler = generation.run_sampler, capture
@@ -40,7 +41,7 @@ def step_arguments(model, sampling):
     answer_logits, sampler = captured["answer_logits"], captured["sampler"]
     canvas = torch.full((2, 8), model.config.mask_token_id)
     canvas[:, :2] = 7  # two committed positions
-    noise = step_noise((2, 8, answer_logits.vocab_size), sampler["temperature"], sampler["remasking"], "cpu",
+    noise = step_noise((2, 8, model.config.text_config.vocab_size), sampler["temperature"], sampler["remasking"], "cpu",
                        torch.Generator().manual_seed(0))
     return (answer_logits, canvas, torch.ones(8, dtype=torch.bool), torch.tensor(3), model.config.mask_token_id,
             sampler["temperature"], sampler["remasking"], captured["warpers"], *noise)
@@ -59,7 +60,8 @@ def test_the_sampling_loop_reads_nothing_back(model):
     arguments = step_arguments(model, sampling=False)
     sampler = dict(gen_length=8, block_length=4, steps=4, temperature=0.0, remasking="low_confidence",
                    schedule="shift", schedule_shift=3.0)
-    explanation = torch._dynamo.explain(run_sampler)(arguments[0], 2, sampler, model.config.mask_token_id, "cpu")
+    explanation = torch._dynamo.explain(run_sampler)(arguments[0], 2, model.config.text_config.vocab_size, sampler,
+                                                     model.config.mask_token_id, "cpu")
     # one break: the schedule's float32 arithmetic read back as Python ints (a CPU tensor), before the loop
     assert [frame.name for reason in explanation.break_reasons for frame in reason.user_stack[-1:]] == [
         "transfer_counts"]
@@ -107,12 +109,12 @@ def test_commit_takes_a_tensor_count_and_breaks_ties_towards_the_lower_index():
                                    "use_prefix_cache=True"),
     (dict(compile_step="yes"), "compile_step must be true or false"),
 ])
-def test_bad_compile_settings_are_refused_before_any_work(model, call, message):
-    built = []
+def test_bad_compile_settings_are_refused_before_any_work(model, call, message, monkeypatch):
+    runs = []
+    monkeypatch.setattr(model.model, "forward", lambda *args, **kwargs: runs.append(kwargs))
     with pytest.raises(ValueError, match=message):
-        model.diffusion_generate(**inputs(model), gen_length=8, steps=4, on_prefix_cache=built.append,
-                                 **{"compile_step": True, **call})
-    assert built == []
+        model.diffusion_generate(**inputs(model), gen_length=8, steps=4, **{"compile_step": True, **call})
+    assert runs == [], "no forward before the settings are refused"
     with pytest.raises(ValueError, match=message.split(":")[0]):
         model.generate(**inputs(model), max_new_tokens=8, **{"compile_step": True, **call})
 

@@ -51,15 +51,15 @@ def test_inconsistent_values_raise(overrides, match):
 
 
 def test_unknown_preset():
-    message = "unknown preset 'llava'; choose one of \\['lavida-llada', 'reader', 'tiny'\\]"
+    message = "unknown preset 'llava'; choose one of \\['lavida-dream', 'lavida-llada', 'reader', 'tiny', 'tiny-dream'\\]"
     with pytest.raises(ValueError, match=message):
         ShirgConfig.from_preset("llava")
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("relevance_weight", float("nan"), "relevance_weight must be a finite non-negative number"),
-    ("variance_weight", float("inf"), "variance_weight must be a finite non-negative number"),
-    ("v2_beta", float("nan"), "v2_beta must be a finite"),
+    ("detail_weight", float("inf"), "detail_weight must be a finite non-negative number"),
+    ("v2_edge_weight", float("nan"), "v2_edge_weight must be a finite"),
     ("hires_image_size", 66, r"hires_image_size must be a positive integer multiple of the patch size \(4\), got 66"),
     ("hires_image_size", 64.0, "hires_image_size must be a positive integer multiple .* got 64.0"),
     ("hires_image_size", "64", "hires_image_size must be a positive integer multiple .* got '64'"),
@@ -108,18 +108,22 @@ def test_text_config_carries_the_special_ids_for_trainer():
 def test_selection_settings_are_one_typed_frozen_object():
     import dataclasses
 
-    from lavida_shirg.configuration_lavida_shirg import SELECTION_FIELDS, SelectionSettings
+    from lavida_shirg.configuration_lavida_shirg import LAYOUT_FIELDS, SELECTION_FIELDS, SelectionSettings
 
     config = ShirgConfig.from_preset("tiny")
     settings = config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})
     assert isinstance(settings, SelectionSettings)
     assert (settings.selection_method, settings.selection_budget, settings.x_suppression_rounds) == ("shirg-x", 32, 2)
     assert settings["hires_image_size"] == settings.hires_image_size == 64
-    assert tuple(settings) == SELECTION_FIELDS and dict(settings)["relevance_weight"] == config.relevance_weight
+    assert tuple(settings) == LAYOUT_FIELDS + SELECTION_FIELDS
+    assert dict(settings)["relevance_weight"] == config.relevance_weight
+    # the settings carry the image geometry: they count image tokens with no other input
+    assert (settings.pooled_view_size, settings.view_size, settings.patch_size) == (4, 32, 4)
+    assert settings.image_grid_pinpoints == config.image_grid_pinpoints
     fields = {field.name: field.type for field in dataclasses.fields(SelectionSettings)}
     assert fields["selection_budget"] == ShirgConfig.__annotations__["selection_budget"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.selection_budget = 64
     with pytest.raises(KeyError):
-        settings["pooled_view_size"]
+        settings["vision_config"]
     assert settings == config.selection_settings("shirg-x", 32, {"x_suppression_rounds": 2})

@@ -186,11 +186,14 @@ def test_convert_cli_and_load_in_fresh_process(original, source, tmp_path, capsy
     files = set(os.listdir(out))
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "modeling_lavida_shirg.py",
             "configuration_lavida_shirg.py", "image_layout.py", "masked_diffusion.py", "modeling_llada.py",
-            "generation_lavida_shirg.py", "high_resolution_tokens.py"} <= files
+            "generation_lavida_shirg.py", "shirg_selection.py", "pooling.py"} <= files
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["max_new_tokens"], generation["do_sample"], generation["schedule"], generation["steps"]) == (
         32, False, "uniform", None)
     assert config_auto_map_includes_pipeline(out)
+    # the provenance publish.py's card states
+    assert json.loads((out / "shirg_conversion.json").read_text()) == {
+        "converted_from": source.name, "dtype": "float32", "converter": "convert_lavida_checkpoint.py"}
     assert not leftovers(tmp_path, "converted")
     config = json.loads((out / "config.json").read_text())
     assert {name: config["auto_map"][name] for name in ("AutoConfig", "AutoModel")} == {
@@ -392,7 +395,7 @@ def test_not_a_lavida_folder(tmp_path, source):
     llada = tmp_path / "llada"
     llada.mkdir()
     (llada / "config.json").write_text(json.dumps({"model_type": "llada", "architectures": ["LLaDAModelLM"]}))
-    with pytest.raises(converter.ConversionError, match=r"not a LaViDa-LLaDA checkpoint.*model_type='llada'"):
+    with pytest.raises(converter.ConversionError, match=r"not a LaViDa checkpoint.*model_type='llada'.*llava_dream"):
         convert(llada, tmp_path / "out")
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
@@ -440,6 +443,62 @@ def test_existing_output(source, tmp_path):
         convert(source, source, overwrite=True)
     with pytest.raises(converter.ConversionError, match="must be outside SRC"):
         convert(source, source / "inside", overwrite=True)
+
+
+def test_two_conversions_into_one_folder_never_both_succeed(source, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    arguments = [str(source), str(out), "--vision-config", json.dumps(TINY_VISION)]
+    write_weights, second = converter.write_weights, []
+
+    def another_conversion_meanwhile(*args, **kwargs):
+        if not second:  # the first conversion writes its weights: a second one starts into the same OUT
+            second.append(converter.main(arguments))
+        return write_weights(*args, **kwargs)
+
+    monkeypatch.setattr(converter, "write_weights", another_conversion_meanwhile)
+    assert converter.main(arguments) == 0
+    assert second == [2]
+    printed = capsys.readouterr()
+    assert printed.err == (f"error: OUT {str(out)!r} is being written by another process (pid {os.getpid()}): wait "
+                           "for it to end or choose another OUT\n")
+    assert printed.out.count("Converted LaViDa checkpoint") == 1
+    assert (out / "config.json").is_file() and not leftovers(tmp_path, "out")
+
+
+def test_a_conversion_finding_out_written_after_its_first_check_is_refused(source, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    check_output, finished = converter._check_output, []
+
+    def another_conversion_finishes_first(*args):
+        check_output(*args)  # OUT was still empty here
+        if not finished:
+            finished.append(out)
+            convert(source, out)
+
+    monkeypatch.setattr(converter, "_check_output", another_conversion_finishes_first)
+    assert converter.main([str(source), str(out), "--vision-config", json.dumps(TINY_VISION)]) == 2
+    assert capsys.readouterr().err == (f"error: OUT {str(out)!r} exists and is not empty; pass --overwrite to "
+                                       "replace it\n")
+    assert len(finished) == 1 and (out / "config.json").is_file(), "the first conversion's folder stays"
+    assert not leftovers(tmp_path, "out")
+
+
+def test_an_unwritable_out_is_one_error_line(source, unwritable, capsys):
+    out = unwritable / "out"
+    assert converter.main([str(source), str(out), "--vision-config", json.dumps(TINY_VISION)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write OUT {str(out)!r}: [Errno ") and "Traceback" not in error
+    assert not out.exists()
+
+
+def test_a_truncated_weight_file_is_named(original, tmp_path):
+    src = write_lavida_checkpoint(tmp_path / "src", lavida_tensors(original), num_shards=1)
+    (src / "model.safetensors.index.json").unlink()
+    weights = (src / "model-00001-of-00001.safetensors").rename(src / "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])  # a cut download
+    named = r"cannot read safetensors file model.safetensors: .*incomplete"
+    with pytest.raises(converter.ConversionError, match=named):
+        convert(src, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_docvqa_from_a_hub_style_parquet_folder(tmp_path):
     (["--variants", "pooled,best@64"], "unknown variant method 'best'"),
     (["--variants", "shirg-fixed@300"], "variant 'shirg-fixed@300': selection_budget must be a positive integer at "
                                         "most the 256 high-resolution tokens"),
-    (["--variants", "shirg-v2@64:gamma=1"], "unknown option 'gamma'; short names: summary (v2_summary_token)"),
+    (["--variants", "shirg-v2@64:gamma=1"], "unknown option 'gamma'; options: hires_source, hires_image_size"),
     (["--tasks", "textvqa"], "task textvqa: no --data textvqa=PATH given and the Hub is offline"),
     (["--data", "chartqa=/nowhere"], "--data names task(s) ['chartqa'] that --tasks does not run"),
     (["--step-ratio", "2"], "--step-ratio must be in (0, 1]"),
@@ -251,7 +251,7 @@ def test_a_saved_model_folder_loads_through_remote_code(tmp_path):
     LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).save_pretrained(
         tmp_path / "train-output" / "merged")
     assert run_eval(tmp_path / "out", "--model", str(tmp_path / "train-output"), "--limit", "2", "--variants",
-                    "shirg-v2@40:summary=false", "--overlays", "0") == 0
+                    "shirg-v2@40:v2_summary_token=false", "--overlays", "0") == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "tiny/reader-sized LM: did not learn to read" in summary["model"] and not summary["accuracy_is_evidence"]
     assert summary["tasks"]["synthetic-ocr"]["variants"]["shirg-v2@40:v2_summary_token=false"]["image_tokens"] == 40
@@ -317,8 +317,8 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path
         assert first.stdout.readline() == "locked\n"  # it holds the folder and waits in Evaluation.run
         assert evaluation.main(args) == 2
         error = capsys.readouterr().err
-        assert error == (f"error: --output-dir {str(out)!r} is in use by another eval.py run (process {first.pid}): "
-                         "wait for it to end or use another --output-dir\n")
+        assert error == (f"error: --output-dir {str(out)!r} is being written by another process (pid {first.pid}): "
+                         "wait for it to end or choose another --output-dir\n")
         assert not (out / "predictions").exists(), "the refused run wrote nothing"
     finally:
         first.kill()  # SIGKILL: the lock goes with the process
@@ -332,6 +332,13 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_goes_with_it(tmp_path
     assert len(lines(out / "predictions" / "synthetic-ocr.jsonl")) == 6
 
 
+def test_an_unwritable_output_dir_is_one_error_line(unwritable, capsys):
+    assert evaluation.main(["--output-dir", str(unwritable / "out"), *FAST, "--limit", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write --output-dir {str(unwritable / 'out')!r}: [Errno ")
+    assert not (unwritable / "out").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
@@ -341,7 +348,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         os.umask(previous)
     paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
     files = {str(path.relative_to(tmp_path / "out")) for path in paths if path.is_file()}
-    assert files == {"summary.json", "summary.md", "run_config.json", ".eval.lock", "predictions/synthetic-ocr.jsonl",
+    assert files == {"summary.json", "summary.md", "run_config.json", "predictions/synthetic-ocr.jsonl",
                      "overlays/synthetic-ocr/0/sheet.png", "overlays/synthetic-ocr/0/shirg-fixed-40.png",
                      "overlays/synthetic-ocr/0/sample.json"}
     assert {str(path): stat.S_IMODE(path.stat().st_mode) for path in paths} == {
@@ -352,12 +359,12 @@ def test_outputs_follow_the_umask(tmp_path, umask):
 
 
 def test_variant_strings():
-    variant = parse_variant("shirg-fixed@768:relevance=1.0:variance_weight=0")
-    assert variant.options == {"relevance_weight": 1.0, "variance_weight": 0.0}
-    assert variant.label == "shirg-fixed@768:relevance_weight=1.0:variance_weight=0.0"
-    assert parse_variant("shirg-v2@768:summary=false").options == {"v2_summary_token": False}
-    assert parse_variant("shirg-v2@768:alpha=0.1:beta=0").options == {"v2_alpha": 0.1, "v2_beta": 0.0}
-    assert parse_variant("shirg-x@768:source=anyres-views:region=2").options == {
+    variant = parse_variant("shirg-fixed@768:relevance_weight=1.0:detail_weight=0")
+    assert variant.options == {"relevance_weight": 1.0, "detail_weight": 0.0}
+    assert variant.label == "shirg-fixed@768:relevance_weight=1.0:detail_weight=0.0"
+    assert parse_variant("shirg-v2@768:v2_summary_token=false").options == {"v2_summary_token": False}
+    assert parse_variant("shirg-v2@768:v2_detail_weight=0.1:v2_edge_weight=0").options == {"v2_detail_weight": 0.1, "v2_edge_weight": 0.0}
+    assert parse_variant("shirg-x@768:hires_source=anyres-views:coverage_region_size=2").options == {
         "hires_source": "anyres-views", "coverage_region_size": 2}
     assert parse_variant("pooled").call_settings() == dict(selection_method="pooled", selection_budget=None,
                                                            selection_options=None)
@@ -365,7 +372,7 @@ def test_variant_strings():
                                      "shirg-x@85,random@85,visionzip@85,divprune@85")
     assert default_variants(2304).split(",")[2:5] == ["shirg-fixed@512", "shirg-fixed@768", "shirg-fixed@1024"]
     for text, message in [("pooled@64", "pooled keeps no budget"), ("shirg-fixed@x", "must be a positive integer"),
-                          ("shirg-v2@8:summary=maybe", "v2_summary_token takes true or false"),
+                          ("shirg-v2@8:v2_summary_token=maybe", "v2_summary_token takes true or false"),
                           ("shirg-fixed@8:selection_budget=3", "set selection_budget with METHOD@BUDGET"),
                           ("shirg-fixed@8:region", "options are written NAME=VALUE")]:
         with pytest.raises(ValueError, match=message):
@@ -389,7 +396,7 @@ def tiny_layout(**settings):
     from lavida_shirg import ShirgConfig
 
     config = ShirgConfig.from_preset("tiny")
-    return {**config.token_layout(), **config.selection_settings("shirg-fixed", 1, settings or None)}
+    return config.selection_settings("shirg-fixed", 1, settings or None)
 
 
 def test_token_geometry_and_answer_recall():

@@ -9,12 +9,11 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import bench_latency  # noqa: E402
-import gpu_suite  # noqa: E402
-from lavida_shirg import ShirgConfig  # noqa: E402
-from shirg_tools.variants import parse_variants  # noqa: E402
+import bench_latency
+import gpu_suite
+from lavida_shirg import ShirgConfig
+from shirg_tools.variants import parse_variants
 
 
 def numbers(value, path=""):

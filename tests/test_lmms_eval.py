@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image, ImageFile
 
@@ -29,8 +30,8 @@ from shirg_tools.variants import parse_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = "shirg-fixed@40:relevance_weight=0.5"
-# the same variant as separate model_args keys (an option by its short name)
-VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance=0.5"
+# the same variant as separate model_args keys (an option by its config field name)
+VARIANT_ARGS = "selection_method=shirg-fixed,selection_budget=40,relevance_weight=0.5"
 # lmms-eval's textvqa prompt capitalises the question (str.capitalize), and so does eval.py's: half of these change
 QUESTIONS = ["what is written?", "Which BRAND is it?", "What colour is the sign?", "how many cars are there?",
              "What time is it?", "Who is there?"]
@@ -196,6 +197,29 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
 # ---- registration, batching, answer lengths ------------------------------------------------------------------------
 
 
+def test_a_plugin_refusal_fails_the_lmms_eval_command_line(model_dir, tmp_path):
+    """lmms-eval's CLI catches an evaluation's exception, logs it and exits 0; the plugin's refusals end it with exit
+    status 1 and the message instead (at model creation and at a request)."""
+    write_textvqa(tmp_path / "data", [["-"] * 10] * len(QUESTIONS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=tmp_path / "data"))
+    (tasks / f"{TASK}_utils.py").write_text(TASK_UTILS)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf")}
+    for model_args, extra, message in [
+        (f"pretrained={model_dir},foo=1", [], "error: lavida_shirg: unknown model_args key(s) ['foo']"),
+        (f"pretrained={model_dir},device=cpu", ["--gen_kwargs", "num_beams=4"],
+         f"error: lavida_shirg: task '{TASK}' gen_kwargs num_beams=4: a masked-diffusion sampler has no beam search"),
+    ]:
+        run = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "lavida_shirg", "--model_args", model_args,
+                              "--tasks", TASK, "--include_path", str(tasks), "--batch_size", "2", "--output_path",
+                              str(tmp_path / "out"), *extra], cwd=tmp_path, env=environment, capture_output=True,
+                             text=True, timeout=400)
+        assert run.returncode == 1 and message in run.stderr, (run.returncode, run.stdout[-2000:], run.stderr[-3000:])
+    assert not list(tmp_path.glob("out/*/*_results.json"))
+
+
 def test_the_plugin_is_registered_through_the_lmms_eval_entry_point():
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
     assert declared == {"lavida_shirg": "lavida_shirg_lmms:manifest"}
@@ -302,10 +326,10 @@ def test_eval_py_prompts_are_lmms_evals_doc_to_text(name, task):
 
 
 def test_variant_string_and_separate_keys_give_the_same_variant():
-    assert variant_of(VARIANT, None, None, {}) == variant_of(None, "shirg-fixed", 40, {"relevance": 0.5})
+    assert variant_of(VARIANT, None, None, {}) == variant_of(None, "shirg-fixed", 40, {"relevance_weight": 0.5})
     assert variant_of(None, None, None, {}).label == "pooled"
-    assert variant_of(None, "shirg-v2", 64, {"summary": False, "budget_choices": "32/64"}) == parse_variant(
-        "shirg-v2@64:summary=false:budget_choices=32/64")
+    assert variant_of(None, "shirg-v2", 64, {"v2_summary_token": False, "budget_choices": "32/64"}) == parse_variant(
+        "shirg-v2@64:v2_summary_token=false:budget_choices=32/64")
 
 
 # ---- errors before any sample runs ---------------------------------------------------------------------------------
@@ -327,7 +351,7 @@ def eval_py_refusal(variant: str) -> str:
     ("variant=pooled@64", {}, eval_py_refusal("pooled@64")),
     ("selection_method=best", {}, "selection_method must be one of pooled, full, shirg-fixed"),
     ("selection_method=shirg-fixed,selection_budget=0", {}, "selection_budget must be a positive integer, got 0"),
-    ("selection_method=shirg-fixed,relevance=high", {}, "relevance_weight takes a number, got 'high'"),
+    ("selection_method=shirg-fixed,relevance_weight=high", {}, "relevance_weight takes a number, got 'high'"),
     ("variant=pooled,selection_budget=64", {}, "pass the variant as variant=STRING or as selection_method"),
     ("variant=shirg-fixed@300", {}, "variant 'shirg-fixed@300': selection_budget must be a positive integer at most "
                                     "the 256 high-resolution tokens"),
@@ -372,16 +396,36 @@ def test_bad_requests_are_refused_before_any_sample_runs(lmms_model, calls, bad,
     assert message in str(refused.value) and calls == []
 
 
-def test_tasks_without_a_known_length_blocks_that_do_not_fit_and_loglikelihood_are_refused(lmms_model, model_dir,
+def test_tasks_without_a_known_length_and_blocks_that_do_not_fit_are_refused(lmms_model, model_dir,
                                                                                               calls):
     lmms_model.task_dict = {"ocrbench": {"test": tiny_tasks()["textvqa_val"]["validation"]}}
     with pytest.raises(ValueError, match=r"task 'ocrbench' sets no max_new_tokens .* pass gen_length=N in "
                                          r"--model_args or max_new_tokens=N in --gen_kwargs"):
         lmms_model.generate_until([request("ocrbench", 0, split="test")])
-    with pytest.raises(NotImplementedError, match="loglikelihood is not supported by a masked-diffusion sampler"):
-        lmms_model.loglikelihood([])
     blocks = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},block_length=5")
     blocks.task_dict = tiny_tasks()
     with pytest.raises(ValueError, match=r"task 'chartqa': block_length must divide gen_length=16, got 5"):
         blocks.generate_until([request("textvqa_val", 0, {"max_new_tokens": 15}), request("chartqa", 0)])
     assert calls == []
+
+
+def test_loglikelihood_scores_each_choice_with_the_models_estimate(model_dir):
+    """A local multiple-choice task: every (context, choice) request gets model.log_likelihood's value for the same
+    prompt, images, continuation ids and seed, and the choices of one question differ."""
+    scorer = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},mc_num=4,mc_batch_size=2,seed=3")
+    scorer.task_dict = tiny_tasks()
+    choices = [" red", " blue", " a green sign"]
+    requests = [Instance("loglikelihood", (QUESTIONS[0], choice, images_of, 0, "textvqa_val", "validation"), index,
+                         {"task": "textvqa_val", "doc_id": 0, "repeats": 1}) for index, choice in enumerate(choices)]
+    scores = scorer.loglikelihood(requests)
+    assert [greedy for _, greedy in scores] == [False] * 3 and len({score for score, _ in scores}) == 3
+    document = tiny_tasks()["textvqa_val"]["validation"][0]
+    prompt = scorer.processor.build_prompt(QUESTIONS[0], num_images=1)
+    inputs = scorer.processor(images=[[document["image"].convert("RGB")]], text=[prompt])
+    for choice, (score, _) in zip(choices, scores):
+        answer = scorer.processor.tokenizer(choice, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        expected = scorer.model.log_likelihood(answer, **inputs, mc_num=4, batch_size=2,
+                                               generator=torch.Generator().manual_seed(3))
+        assert score == pytest.approx(float(expected[0]), abs=1e-6)
+    with pytest.raises(ValueError, match=r"mc_num \(6\) must be a multiple of mc_batch_size \(4\)"):
+        LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},mc_num=6,mc_batch_size=4")

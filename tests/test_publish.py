@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from conftest import ROOT, build_tiny_model, served_app
 from PIL import Image
 
 import publish
+from shirg_tools.output_folder import OutputFolderError
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
@@ -79,11 +81,24 @@ def test_card_sections(hub_folder):
                         "## Training data and procedure", "## Citation"], headings
     for key in ("@inproceedings{li2025lavida", "@article{nie2025llada", "@inproceedings{zhai2023siglip"):
         assert key in body
-    assert "Weights converted from LaViDa's released checkpoint" in body
+    # a randomly initialised folder with no record: the card claims no origin
+    assert "This folder carries no record of where its weights came from" in body
+    assert "Weights converted" not in body and "Mixed-budget" not in body
     # the model's detail term, and the measurements that chose it
     assert "detail term (the luminance contrast of a token's own pixel patch)" in body
     assert "| shirg-fixed, seed formula (0.7 relevance + 0.3 variance) | 0.510 | 0.447 |" in body
     assert '"max_new_tokens": 32' in body and '"schedule_shift": 3.0' in body
+
+
+def test_card_of_a_converted_folder_names_the_source(saved_model, tmp_path):
+    folder = tmp_path / "converted"
+    shutil.copytree(saved_model[0], folder)
+    (folder / "shirg_conversion.json").write_text(json.dumps({
+        "converted_from": "lavida-llada-v1.0-instruct", "dtype": "bfloat16", "converter": "convert_lavida_checkpoint.py"}))
+    publish.export_model(folder, tmp_path / "hub", "someone/converted")
+    body = (tmp_path / "hub" / "README.md").read_text()
+    assert ("Weights converted with `convert_lavida_checkpoint.py` from LaViDa's checkpoint "
+            "`lavida-llada-v1.0-instruct`") in body and "no record of where" not in body
 
 
 def test_folder_loads_in_a_fresh_process_with_identical_outputs(hub_folder, saved_model, tmp_path):
@@ -159,7 +174,7 @@ def test_bad_publication_inputs(saved_model, tmp_path):
     folder, _ = saved_model
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(publish.PublishError, match="exists and is not empty; pass --overwrite"):
+    with pytest.raises(OutputFolderError, match="exists and is not empty; pass --overwrite"):
         publish.export_model(folder, tmp_path / "busy", "a/b")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
     with pytest.raises(publish.PublishError, match="not a valid repository id"):
@@ -174,6 +189,57 @@ def test_bad_publication_inputs(saved_model, tmp_path):
     assert not (tmp_path / "out").exists()
     assert publish.main(["--model", str(folder), str(tmp_path / "x"), "--push_to_hub", "not a repo"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_two_publications_into_one_folder_never_both_succeed(saved_model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hub"
+    build_card, second = publish.build_card, []
+
+    def another_publication_meanwhile(*args, **kwargs):
+        if not second:
+            second.append(publish.main(["--model", str(saved_model[0]), str(out)]))
+        return build_card(*args, **kwargs)
+
+    monkeypatch.setattr(publish, "build_card", another_publication_meanwhile)
+    assert publish.main(["--model", str(saved_model[0]), str(out)]) == 0 and second == [2]
+    printed = capsys.readouterr()
+    assert printed.err.endswith(f"\nerror: OUT {str(out)!r} is being written by another process (pid {os.getpid()}): "
+                                "wait for it to end or choose another OUT\n") and "Traceback" not in printed.err
+    assert printed.out.count("wrote ") == 1 and (out / "README.md").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["hub"], "no lock, staging or set-aside folder left"
+
+
+def test_a_kill_while_replacing_a_folder_never_loses_it(saved_model, tmp_path, monkeypatch):
+    out = tmp_path / "hub"
+    publish.export_model(saved_model[0], out, "a/b")
+    new = sorted(os.listdir(out))
+    (out / "old.txt").write_text("the old folder")
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed at a rename")
+
+    monkeypatch.setattr(os, "rename", killed)
+    try:
+        publish.export_model(saved_model[0], out, "a/b", overwrite=True)
+    except KeyboardInterrupt:
+        pass
+    assert (out / "old.txt").is_file() or sorted(os.listdir(out)) == new, "the old folder or the whole new one"
+
+
+def test_unwritable_folders_and_truncated_weights_are_one_error_line(saved_model, unwritable, tmp_path, capsys):
+    folder = saved_model[0]
+    assert publish.main(["--model", str(folder), str(unwritable / "hub")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write OUT {str(unwritable / 'hub')!r}: [Errno ")
+    assert publish.main(["--model", str(folder), "--space", str(unwritable / "space")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write --space {str(unwritable / 'space')!r}: [Errno ")
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert publish.main(["--model", str(cut), str(tmp_path / "hub")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: --model {str(cut)!r}: model.safetensors is not a complete safetensors file (")
+    assert not (tmp_path / "hub").exists()
 
 
 class FakeHub:
@@ -232,12 +298,12 @@ class FakeHub:
 def push_in_subprocess(folder, endpoint, cwd, token="hf_fake_token"):
     code = f"""
 import sys
-sys.path.insert(0, {ROOT!r})
 import publish
+from shirg_tools.output_folder import OutputFolderError
 sys.exit(publish.main(["--model", {str(folder)!r}, {str(cwd / "pushed-folder")!r}, "--push_to_hub", "someone/tiny"]))
 """
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(cwd / "hf-home"),
-           "HF_HUB_DISABLE_XET": "1"}
+           "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": ROOT}
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token

@@ -55,29 +55,64 @@ def test_save_pretrained_loads_with_automodel_in_a_fresh_process(tiny_model, tmp
 
 
 PIPELINE = """
-import json, sys, torch
+import json, sys, time, torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 folder, out_path = sys.argv[1:]
 image = Image.new("RGB", (40, 30), (200, 10, 10))
 messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
-answer = pipeline("image-text-to-text", model=folder, trust_remote_code=True)(text=messages, max_new_tokens=8,
-                                                                             return_full_text=False)
+reader = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+calls = []
+generate = reader.model.generate
+def recording_generate(**kwargs):
+    calls.append({"image_tokens": int((kwargs["input_ids"] == reader.model.config.image_token_id).sum()),
+                  "budget": kwargs["selection"]["selection_budget"], "do_sample": kwargs.get("do_sample"),
+                  "temperature": kwargs.get("temperature")})
+    return generate(**kwargs)
+reader.model.generate = recording_generate
+plain = reader(text=messages, max_new_tokens=8, return_full_text=False)
+torch.manual_seed(0)
+sampled = reader(text=messages, selection_method="shirg-fixed", selection_budget=40, max_new_tokens=8,
+                 generate_kwargs={"do_sample": True, "temperature": 0.7}, return_full_text=False)
+top_level = reader(text=messages, selection_method="shirg-fixed", selection_budget=40, max_new_tokens=8,
+                   do_sample=True, temperature=0.7, return_full_text=False)
 model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+pooled = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                        return_tensors="pt")
-sequences = model.generate(**inputs, max_new_tokens=8)
-new = sequences[:, inputs["input_ids"].shape[1]:]
-json.dump({"pipeline": answer[0]["generated_text"], "can_generate": model.can_generate(),
-           "direct": processor.batch_decode(new, skip_special_tokens=True)[0],
-           "class": type(model).__name__, "generation": type(model.generation_config).__name__},
-          open(out_path, "w"))
+shirg = dict(selection_method="shirg-fixed", selection_budget=40)
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt", processor_kwargs=shirg)
+direct = model.generate(**pooled, max_new_tokens=8)
+torch.manual_seed(0)
+direct_sampled = model.generate(**inputs, **shirg, max_new_tokens=8, do_sample=True, temperature=0.7)
+direct_greedy = model.generate(**inputs, max_new_tokens=8)
+decode = lambda ids, prompt: processor.batch_decode(ids[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+url = [{"role": "user", "content": [{"type": "image", "url": "https://example.com/sign.jpg"},
+                                     {"type": "text", "text": "Colour?"}]}]
+start = time.perf_counter()
+try:
+    reader(text=url, max_new_tokens=8)
+    url_error = None
+except ValueError as error:
+    url_error = str(error)
+json.dump({"plain": plain[0]["generated_text"], "direct": decode(direct, pooled), "calls": calls,
+           "sampled": sampled[0]["generated_text"], "direct_sampled": decode(direct_sampled, inputs),
+           "top_level": top_level[0]["generated_text"], "direct_greedy": decode(direct_greedy, inputs),
+           "shirg": shirg, "url_error": url_error, "url_seconds": time.perf_counter() - start,
+           "can_generate": model.can_generate(), "class": type(model).__name__,
+           "generation": type(model.generation_config).__name__}, open(out_path, "w"))
 """
 
 
 def test_image_text_to_text_pipeline_in_a_fresh_process(tmp_path):
-    """pipeline("image-text-to-text") answers chat messages with an image, as model.generate does."""
+    """pipeline("image-text-to-text") in a fresh process answers chat messages with an image as model.generate does.
+    Top-level SHIRG settings (pipe(messages, selection_method=..., selection_budget=..., max_new_tokens=...)) reach
+    the processor (40 image positions) and the model through the inputs' `selection`; sampling settings reach
+    generate through generate_kwargs (transformers' image-text-to-text pipeline hands other top-level keyword
+    arguments, do_sample and temperature included, to the processor, which ignores them: that call answers
+    greedily); `processor_kwargs=shirg` leaves `shirg` usable for generate; an image URL in offline mode fails at
+    once, naming the URL."""
     model = build_tiny_model(seed=4)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
@@ -88,4 +123,12 @@ def test_image_text_to_text_pipeline_in_a_fresh_process(tmp_path):
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["class"] == "LavidaShirgForMaskedDiffusion" and result["can_generate"]
     assert result["generation"] == "LavidaShirgGenerationConfig"
-    assert result["pipeline"] == result["direct"] and len(result["direct"]) > 0
+    assert result["plain"] == result["direct"] and len(result["direct"]) > 0
+    pooled_tokens = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer()).image_token_count((30, 40))
+    assert result["calls"] == [{"image_tokens": pooled_tokens, "budget": 64, "do_sample": None, "temperature": None},
+                               {"image_tokens": 40, "budget": 40, "do_sample": True, "temperature": 0.7},
+                               {"image_tokens": 40, "budget": 40, "do_sample": None, "temperature": None}]
+    assert result["sampled"] == result["direct_sampled"] and result["top_level"] == result["direct_greedy"]
+    assert result["shirg"] == {"selection_method": "shirg-fixed", "selection_budget": 40}
+    assert "https://example.com/sign.jpg" in result["url_error"] and "offline mode" in result["url_error"]
+    assert result["url_seconds"] < 5

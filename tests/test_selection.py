@@ -12,11 +12,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from conftest import build_tiny_model
 from lavida_shirg import ShirgConfig
-from lavida_shirg import shirg_selection as sel
-from lavida_shirg.high_resolution_tokens import selection_options
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.shirg_selection import (
-    DETAIL_TERMS, METHODS, AdaptiveBudgetHead, CoordinateEmbedding, TokenSelection, budget_statistics,
+    DETAIL_TERMS, METHODS, AdaptiveBudgetHead, CoordinateEmbedding, SelectionInputs, TokenSelection, budget_statistics,
     centered_token_variance, detail_scores, distance_aware_selection, dropped_token_summary, edge_density,
     gather_tokens, grid_coordinates, low_resolution_scaffold, normalize_per_sample, pixel_contrast, region_coverage,
     region_labels, relevance_scores, select_tokens, shirg_fixed_scores, shirg_v2_scores, spatial_kmeans,
@@ -25,7 +23,7 @@ from lavida_shirg.shirg_selection import (
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from shirg_tools.variants import parse_variant
 
-ALL_METHODS = sorted(METHODS)
+ALL_METHODS = sorted(name for name, method in METHODS.items() if method.function is not None)  # the selections
 SHIRG_METHODS = ["shirg-fixed", "shirg-v2", "shirg-x"]
 
 
@@ -49,7 +47,7 @@ def make_batch(batch=3, grid=(10, 11), dim=12, embed=16, length=5, seed=0, dtype
 def run(method, vision, projected, grid, budget, question, mask, attention, **options):
     if method == "visionzip":
         options.setdefault("attention_received", attention)
-        options.setdefault("num_contextual", min(3, grid[0] * grid[1] - budget))
+        options.setdefault("visionzip_contextual_tokens", min(3, grid[0] * grid[1] - budget))
     return select_tokens(method, vision, projected, grid, budget, question, mask, **options)
 
 
@@ -72,7 +70,7 @@ def test_exactly_k_distinct_sorted(method, height, width, batch, fraction, regio
     budget = max(1, round(fraction * num))
     dtype = torch.bfloat16 if bf16 else torch.float32
     vision, projected, question, mask, attention = make_batch(batch, (height, width), dtype=dtype)
-    options = {"region_size": region_size} if method in SHIRG_METHODS else {}
+    options = {"coverage_region_size": region_size} if method in SHIRG_METHODS else {}
     result = run(method, vision, projected, (height, width), budget, question, mask, attention, **options)
     assert isinstance(result, TokenSelection)
     assert_valid_indices(result.indices, batch, budget, num)
@@ -100,9 +98,8 @@ def test_real_grid_budgets(budget):
 
 
 def test_unknown_method_lists_names():
-    vision, projected, question, mask, _ = make_batch()
-    with pytest.raises(ValueError, match="method") as info:
-        select_tokens("shirg-z", vision, projected, (10, 11), 10, question, mask)
+    with pytest.raises(ValueError, match="selection_method") as info:
+        ShirgConfig.from_preset("tiny").selection_settings("shirg-z", 10)
     for name in METHODS:
         assert name in str(info.value)
 
@@ -127,7 +124,7 @@ def test_every_region_covered_in_every_sample(method, grid, region_size):
     vision, projected, question, mask, attention = make_batch(4, grid)
     _, regions = region_labels(grid, region_size)
     budget = min(regions + 3, grid[0] * grid[1])
-    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    result = run(method, vision, projected, grid, budget, question, mask, attention, coverage_region_size=region_size)
     per_sample_winners = []
     for b in range(4):
         winners = brute_force_winners(result.scores[b], grid, region_size)
@@ -156,7 +153,7 @@ def test_budget_smaller_than_region_count_keeps_best_winners(method):
     """Documented: K < number of regions (clusters) keeps the K best-scoring region (cluster) winners."""
     grid, region_size, budget = (12, 12), 3, 5  # 16 regions
     vision, projected, question, mask, attention = make_batch(3, grid)
-    result = run(method, vision, projected, grid, budget, question, mask, attention, region_size=region_size)
+    result = run(method, vision, projected, grid, budget, question, mask, attention, coverage_region_size=region_size)
     for b in range(3):
         if method == "shirg-v2":
             labels, clusters = spatial_kmeans(vision[b:b + 1], grid, region_size, 4, 0.5)
@@ -210,9 +207,9 @@ def test_deterministic(method):
 
 def test_random_seeded():
     vision, projected, question, mask, attention = make_batch(2, (9, 10))
-    a = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
-    b = select_tokens("random", vision, projected, (9, 10), 20, seed=1).indices
-    c = select_tokens("random", vision, projected, (9, 10), 20, seed=2).indices
+    a = select_tokens("random", vision, projected, (9, 10), 20, random_seed=1).indices
+    b = select_tokens("random", vision, projected, (9, 10), 20, random_seed=1).indices
+    c = select_tokens("random", vision, projected, (9, 10), 20, random_seed=2).indices
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -273,18 +270,7 @@ def test_fixed_and_v2_scores_by_hand():
     torch.testing.assert_close(shirg_v2_scores(vision, projected, (2, 2), question, mask),
                                0.25 * var + 0.75 * rel + 0.15 * edge)
     # relevance weight 0: no question needed
-    torch.testing.assert_close(shirg_fixed_scores(vision, projected, relevance_weight=0.0, variance_weight=1.0), var)
-
-
-def test_text_free_is_explicit():
-    vision, projected, question, mask, _ = make_batch(2, (4, 4))
-    with pytest.raises(ValueError, match="question_embeds"):
-        select_tokens("shirg-fixed", vision, projected, (4, 4), 5)
-    result = select_tokens("shirg-fixed", vision, projected, (4, 4), 5, text_free=True)
-    expected = 0.7 * normalize_per_sample(projected.norm(dim=-1)) + 0.3 * normalize_per_sample(token_variance(vision))
-    torch.testing.assert_close(result.scores, expected)
-    with pytest.raises(ValueError, match="text_free"):
-        select_tokens("shirg-fixed", vision, projected, (4, 4), 5, question, mask, text_free=True)
+    torch.testing.assert_close(shirg_fixed_scores(vision, projected, relevance_weight=0.0, detail_weight=1.0), var)
 
 
 def test_summary_token_by_hand():
@@ -305,9 +291,8 @@ def test_v2_summary_is_mean_of_dropped():
 
 def test_scaffold_and_coordinates_by_hand():
     tokens = torch.arange(16, dtype=torch.float32).reshape(1, 16, 1)  # 4 x 4 map of 0..15
-    pooled = low_resolution_scaffold(tokens, (4, 4), 2, "area")
+    pooled = low_resolution_scaffold(tokens, (4, 4), 2)
     assert torch.equal(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
-    assert low_resolution_scaffold(tokens, (4, 4), 3, "bilinear").shape == (1, 9, 1)
     coords = grid_coordinates((2, 4))
     assert torch.equal(coords[5], torch.tensor([0.375, 0.75, 0.5, 0.25]))  # row 1, col 1
     picked = token_coordinates(torch.tensor([[0, 5], [7, 1]]), (2, 4))
@@ -335,7 +320,7 @@ def test_visionzip_by_hand():
     projected = torch.arange(12, dtype=torch.float32).reshape(1, 6, 2)
     attention = torch.tensor([[0.1, 0.5, 0.0, 0.2, 0.9, 0.1]])
     result = select_tokens("visionzip", vision, projected, (1, 6), 2, attention_received=attention,
-                           num_contextual=2)
+                           visionzip_contextual_tokens=2)
     assert result.indices.tolist() == [[1, 4]]
     # targets at stride 4 // 2 = 2 among (0, 2, 3, 5): tokens 0 and 3; 2 joins 0, 5 joins 3
     expected = torch.tensor([[[(0 + 4) / 2, (1 + 5) / 2], [(6 + 10) / 2, (7 + 11) / 2]]])
@@ -355,7 +340,7 @@ def test_budget_statistics_and_head():
     scores = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
     stats = budget_statistics(variance, scores)
     torch.testing.assert_close(stats, torch.tensor([[1.0, 0.5, 0.5], [0.0, 0.5, 0.0], [1.0, 0.0, 0.0]]))
-    head = AdaptiveBudgetHead()
+    head = AdaptiveBudgetHead([512, 768, 1024])
     assert head.budgets == (512, 768, 1024)
     budgets = head.choose(head(stats))
     assert budgets.dtype == torch.long and budgets.tolist() == [768, 768, 768]  # untrained: the default
@@ -373,15 +358,10 @@ def test_truncate_to_budget():
     assert keep.tolist() == [[True, False, True, False], [False, True, True, True]]
 
 
-@pytest.mark.parametrize("budgets", [[], [0, 512], [512, 512], [512, -1], [512.0], ["768"], [True], 768])
-def test_budget_head_rejects_bad_budgets(budgets):
-    with pytest.raises(ValueError, match="budgets"):
-        AdaptiveBudgetHead(budgets)
-
-
-def test_budget_head_rejects_bad_default():
-    with pytest.raises(ValueError, match="default_budget"):
-        AdaptiveBudgetHead([512, 1024], default_budget=768)
+@pytest.mark.parametrize("budgets", [[], [0, 32], [32, 32], [32, -1], [32.0], ["64"], [True], 64, [32, 257]])
+def test_bad_budget_choices_are_refused_by_the_config(budgets):
+    with pytest.raises(ValueError, match="budget_choices must be a list of distinct positive integers at most the 256"):
+        ShirgConfig.from_preset("tiny", budget_choices=budgets)
 
 
 # ------------------------------------------------------------------------------------------------ gradients
@@ -452,8 +432,8 @@ def test_synthetic_page_keeps_text_patches():
         features, text = render_page(seed)
         assert features.shape == (1, 2304, 14 * 14 * 3)
         assert 0.15 < text.float().mean() < 0.30
-        # variance + edge terms only: alpha = 1 gives the relevance term weight 1 - alpha = 0
-        result = select_tokens("shirg-v2", features, features, (48, 48), 768, alpha=1.0, beta=0.15)
+        # variance + edge terms only: v2_detail_weight = 1 gives relevance the weight 1 - v2_detail_weight = 0
+        result = select_tokens("shirg-v2", features, features, (48, 48), 768, v2_detail_weight=1.0, v2_edge_weight=0.15)
         kept = torch.zeros(2304, dtype=torch.bool)
         kept[result.indices[0]] = True
         recall = (kept & text).sum() / text.sum()
@@ -489,7 +469,7 @@ def test_guard_catches_a_host_read(no_host_sync):
     mask = torch.tensor([[True, False]])
     no_host_sync()
     with pytest.raises(HostSyncError):
-        sel.check_question_mask(mask)  # the documented host read of validate=True
+        mask.any(dim=1).tolist()
     with pytest.raises(HostSyncError):
         bool(torch.tensor(1.0) > 0)
 
@@ -497,15 +477,14 @@ def test_guard_catches_a_host_read(no_host_sync):
 def test_selection_has_no_host_sync(no_host_sync):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vision, projected, question, mask, attention = [t.to(device) for t in make_batch(2, (12, 12))]
-    head = AdaptiveBudgetHead().to(device)
+    head = AdaptiveBudgetHead([32, 40, 48]).to(device)
     embedding = CoordinateEmbedding(projected.shape[-1]).to(device)
     no_host_sync()
     for method in ALL_METHODS:
-        result = run(method, vision, projected, (12, 12), 40, question, mask, attention, validate=False) \
-            if method in SHIRG_METHODS else run(method, vision, projected, (12, 12), 40, question, mask, attention)
+        result = run(method, vision, projected, (12, 12), 40, question, mask, attention)
         gather_tokens(projected, result.indices)
     embedding(token_coordinates(result.indices, (12, 12)))
-    scores = shirg_fixed_scores(vision, projected, question, mask, validate=False)
+    scores = shirg_fixed_scores(vision, projected, question, mask)
     budgets = head.choose(head(budget_statistics(token_variance(vision), scores)))
     truncate_to_budget(result.indices, scores, budgets)
 
@@ -513,57 +492,20 @@ def test_selection_has_no_host_sync(no_host_sync):
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
-@pytest.mark.parametrize("budget", [0, -3, 111, 2.5, True, None])
-def test_bad_budget(method, budget):
-    vision, projected, question, mask, attention = make_batch(1, (10, 11))
-    with pytest.raises(ValueError, match="budget"):
-        select_tokens(method, vision, projected, (10, 11), budget, question, mask, attention_received=attention) \
-            if method == "visionzip" else select_tokens(method, vision, projected, (10, 11), budget, question, mask)
-
-
-@pytest.mark.parametrize("method", SHIRG_METHODS)
-def test_question_without_usable_token(method):
-    vision, projected, question, mask, _ = make_batch(3, (5, 5))
-    mask[1] = False
-    with pytest.raises(ValueError, match="question_mask") as info:
-        select_tokens(method, vision, projected, (5, 5), 8, question, mask)
-    assert "[1]" in str(info.value)
-    with pytest.raises(ValueError, match="question_mask"):
-        select_tokens(method, vision, projected, (5, 5), 8, question, None)
-
-
-def test_bad_grid_and_shapes():
-    vision, projected, question, mask, attention = make_batch(2, (5, 5))
-    with pytest.raises(ValueError, match="grid"):
-        select_tokens("shirg-fixed", vision, projected, (5, 6), 8, question, mask)
-    with pytest.raises(ValueError, match="grid"):
-        select_tokens("top-norm", vision, projected, (0, 25), 8)
-    with pytest.raises(ValueError, match="projected"):
-        select_tokens("shirg-fixed", vision, projected[:, :-1], (5, 5), 8, question, mask)
-    with pytest.raises(ValueError, match="question_mask"):
-        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask[:, :-1])
-    with pytest.raises(ValueError, match="region_size"):
-        select_tokens("shirg-fixed", vision, projected, (5, 5), 8, question, mask, region_size=0)
-    with pytest.raises(ValueError, match="attention_received"):
-        select_tokens("visionzip", vision, projected, (5, 5), 8)
-    with pytest.raises(ValueError, match="num_contextual"):
-        select_tokens("visionzip", vision, projected, (5, 5), 20, attention_received=attention, num_contextual=6)
-    with pytest.raises(ValueError, match="alpha"):
-        select_tokens("shirg-v2", vision, projected, (5, 5), 8, question, mask, alpha=1.5)
-    with pytest.raises(ValueError, match="penalty"):
-        select_tokens("shirg-x", vision, projected, (5, 5), 8, question, mask, penalty=2.0)
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("budget", [0, -3, 257, 2.5, True])
+def test_bad_budget_is_refused_at_the_boundary(method, budget):
+    """The budget is checked once, by the settings of a call (internal functions trust it)."""
+    with pytest.raises(ValueError, match="selection_budget must be a positive integer at most the 256"):
+        ShirgConfig.from_preset("tiny").selection_settings(method, budget)
 
 
 @pytest.mark.parametrize("grid,size", [((48, 48), 8), ((7, 10), 3), ((4, 4), 6)])
-def test_scaffold_equals_2d_resampling(grid, size):
+def test_scaffold_equals_2d_area_pooling(grid, size):
     tokens = torch.randn(2, grid[0] * grid[1], 5)
     grid_map = tokens.transpose(1, 2).reshape(2, 5, *grid)
     area = torch.nn.functional.adaptive_avg_pool2d(grid_map, (size, size)).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size, "area"), area)
-    bilinear = torch.nn.functional.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False,
-                                               antialias=True).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size, "bilinear"), bilinear)
+    torch.testing.assert_close(low_resolution_scaffold(tokens, grid, size), area)
 
 
 # ---- multi-view grids (LaViDa's anyres views left unpooled) ---------------------------------------------------
@@ -592,7 +534,7 @@ def test_coverage_is_counted_per_view_for_every_sample():
     vision = torch.randn(4, num, 8, generator=generator)
     projected = torch.randn(4, num, 6, generator=generator)
     selection = shirg_fixed_select(vision, projected, (views, side, side), views * 4 + 5, relevance_weight=0.0,
-                                   variance_weight=1.0, region_size=region)
+                                   detail_weight=1.0, coverage_region_size=region)
     labels, regions = region_labels((views, side, side), region)
     for sample in range(4):
         assert set(labels[selection.indices[sample]].tolist()) == set(range(regions))
@@ -675,13 +617,13 @@ def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
         seed = 0.25 * var + 0.15 * normalize_per_sample(edge_density(vision, (12, 12))) + 0.75 * rel
     else:
         seed = 0.3 * var + 0.7 * rel
-    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail="variance")
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term="variance")
     assert torch.equal(result.scores, seed)
-    # the model's option mapping of a config with detail_term="variance" and the seed's weights gives the same call
-    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, variance_weight=0.3, v2_alpha=0.25, v2_beta=0.15,
-                                       detail_term="variance").selection_settings(method, 40)
-    options = selection_options(settings, None, torch.rand(2, 3, 36, 36), 3)
-    through_model = select_tokens(method, vision, projected, (12, 12), 40, question, mask, **options)
+    # the model's registry entry with a config of detail_term="variance" and the seed's weights gives the same call
+    settings = ShirgConfig.from_preset("tiny", relevance_weight=0.7, detail_weight=0.3, v2_detail_weight=0.25,
+                                       v2_edge_weight=0.15, detail_term="variance").selection_settings(method, 40)
+    inputs = SelectionInputs(vision, projected, (12, 12), None, question, mask, torch.rand(2, 3, 36, 36), 3)
+    through_model = METHODS[method].select(inputs, settings)
     assert torch.equal(through_model.scores, seed) and torch.equal(through_model.indices, result.indices)
 
 
@@ -690,7 +632,7 @@ def test_seed_formula_is_the_detail_term_variance_bit_for_bit(method):
 def test_every_shirg_method_takes_every_detail_term(method, detail):
     vision, projected, question, mask, _ = make_batch(2, (12, 12))
     pixels = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail=detail, pixels=pixels,
+    result = select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term=detail, pixels=pixels,
                            patch_size=4)
     assert_valid_indices(result.indices, 2, 40, 144)
     weights = (0.25, 0.75) if method == "shirg-v2" else (0.3, 0.7)
@@ -703,22 +645,14 @@ def test_every_shirg_method_takes_every_detail_term(method, detail):
 
 def test_detail_term_errors_name_the_option():
     vision, pixels = detail_inputs(1, (4, 4))
-    with pytest.raises(ValueError, match=r"detail must be one of \('variance', 'centered-variance'"):
-        detail_scores("norm", vision, (4, 4))
-    with pytest.raises(ValueError, match="detail must be one of"):
-        select_tokens("shirg-x", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="contrast")
-    with pytest.raises(ValueError, match="needs pixels"):
-        select_tokens("shirg-fixed", vision, vision, (4, 4), 4, relevance_weight=0.0, detail="pixel-contrast")
-    with pytest.raises(ValueError, match="not a multiple of the grid"):
-        detail_scores("pixel-contrast", vision, (4, 4), pixels, 4)  # 13 x 12 pixels of patch 4: 3 x 3 patches
-    with pytest.raises(ValueError, match="patch_size must be an integer"):
-        pixel_contrast(pixels, (4, 4), 0)
+    with pytest.raises(ValueError, match=r"detail_term must be one of \('variance', 'centered-variance'"):
+        ShirgConfig.from_preset("tiny").selection_settings("shirg-x", 4, {"detail_term": "contrast"})
     # a zero weight skips the term and its inputs
-    scores = shirg_fixed_scores(vision, vision, relevance_weight=0.0, variance_weight=0.0, detail="pixel-contrast")
+    scores = shirg_fixed_scores(vision, vision, relevance_weight=0.0, detail_weight=0.0, detail_term="pixel-contrast")
     assert torch.equal(scores, torch.zeros(1, 16))
     with pytest.raises(ValueError, match=r"detail_term must be one of \('variance'"):
         ShirgConfig.from_preset("tiny", detail_term="edges")
-    assert parse_variant("shirg-x@64:detail=pixel-contrast").options == {"detail_term": "pixel-contrast"}
+    assert parse_variant("shirg-x@64:detail_term=pixel-contrast").options == {"detail_term": "pixel-contrast"}
 
 
 def test_detail_terms_have_no_host_sync(no_host_sync):
@@ -728,7 +662,7 @@ def test_detail_terms_have_no_host_sync(no_host_sync):
     no_host_sync()
     for method in SHIRG_METHODS:
         for detail in DETAIL_TERMS:
-            select_tokens(method, vision, projected, (12, 12), 40, question, mask, validate=False, detail=detail,
+            select_tokens(method, vision, projected, (12, 12), 40, question, mask, detail_term=detail,
                           pixels=pixels, patch_size=4)
 
 
@@ -738,7 +672,7 @@ def test_model_feeds_the_source_pixels_to_the_pixel_contrast(source):
     processor = LavidaShirgProcessor.from_config(model.config, build_tiny_tokenizer())
     image = Image.new("RGB", (70, 50), (230, 230, 230))
     ImageDraw.Draw(image).text((4, 10), "total 12.50", fill=(0, 0, 0))
-    options = {"relevance_weight": 0.0, "variance_weight": 1.0, "detail_term": "pixel-contrast",
+    options = {"relevance_weight": 0.0, "detail_weight": 1.0, "detail_term": "pixel-contrast",
                "hires_source": source}
     inputs = processor(images=[image, image.transpose(Image.FLIP_LEFT_RIGHT)],
                        text=[processor.build_prompt("What is the total?")] * 2, selection_method="shirg-fixed",
@@ -751,7 +685,7 @@ def test_model_feeds_the_source_pixels_to_the_pixel_contrast(source):
         expected = normalize_per_sample(pixel_contrast(inputs["hires_pixel_values"], entry["grid"], patch))
         torch.testing.assert_close(entry["scores"], expected)
     else:
-        views = model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
+        views = model.model.views_of_images(inputs["pixel_values"], inputs["image_sizes"])
         for entry, ((rows, cols), _, start) in zip(entries, views):
             own = inputs["pixel_values"][start:start + 1 + rows * cols]
             torch.testing.assert_close(entry["scores"], normalize_per_sample(pixel_contrast(own, entry["grid"], patch)))

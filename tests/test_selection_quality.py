@@ -12,7 +12,6 @@ from lavida_shirg.shirg_selection import DETAIL_TERMS, detail_scores, select_tok
 from shirg_tools.selection_quality import (box_token_mask, ink_token_mask, kept_recall, nan_mean, quality_table,
                                            ranking_auc)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def brute_force_auc(scores, positives):
@@ -97,7 +96,7 @@ def test_planted_register_background_reverses_the_seeds_variance():
     budget = int(text.sum())
     for term, expected in (("variance", 0.0), ("centered-variance", 1.0), ("pixel-contrast", 1.0)):
         selection = select_tokens("shirg-fixed", features, features, (8, 8), budget, relevance_weight=0.0,
-                                  variance_weight=1.0, region_size=1, detail=term, pixels=pixels, patch_size=4)
+                                  detail_weight=1.0, coverage_region_size=1, detail_term=term, pixels=pixels, patch_size=4)
         kept = torch.zeros_like(text).scatter_(1, selection.indices, True)
         assert float(kept_recall(kept, text)[0]) == expected, term
 
@@ -118,23 +117,68 @@ def test_harness_on_the_tiny_preset(tmp_path, capsys):
 
     import bench_selection_quality
 
-    rows = bench_selection_quality.main(["--images", "2", "--budgets", "32", "--only-extra", "--threads", "1",
-                                         "--variants", "shirg-fixed:relevance=0:variance=1:detail=pixel-contrast:"
-                                         "region=1,shirg-fixed:relevance=0:detail=variance:region=1,divprune",
+    rows = bench_selection_quality.main(["--images", "2", "--photos", "3", "--budgets", "32", "--only-extra",
+                                         "--threads", "1", "--variants", "shirg-fixed:relevance_weight=0:"
+                                         "detail_weight=1:detail_term=pixel-contrast:coverage_region_size=1,shirg-fixed:"
+                                         "relevance_weight=0:detail_term=variance:coverage_region_size=1,divprune",
                                          "--json", str(tmp_path / "rows.json")])
     output = capsys.readouterr().out
     assert "| extra | divprune | - |" in output and "256 high-resolution tokens" in output
-    assert [row["variant"] for row in rows][2] == "divprune" and rows[2]["auc"] is None
-    # on random weights too, the pixel contrast finds the ink and the seed's variance does not
-    assert rows[0]["auc"] > 0.7 and rows[1]["auc"] < 0.5
-    assert all(0 <= row["recall"][32] <= 1 and 0 <= row["answer_recall"][32] <= 1 for row in rows)
+    assert "### side by side (AUC, recall@K)" in output and "| divprune | - | " in output
+    assert list(rows) == ["synthetic", "photo"]
+    for name, measured in rows.items():
+        assert [row["variant"] for row in measured][2] == "divprune" and measured[2]["auc"] is None
+        # on random weights too, the pixel contrast finds the ink and the seed's variance does not
+        assert measured[0]["auc"] > 0.7 and measured[1]["auc"] < measured[0]["auc"], name
+        assert all(0 <= row["recall"][32] <= 1 and 0 <= row["answer_recall"][32] <= 1 for row in measured)
     saved = json.loads((tmp_path / "rows.json").read_text())
-    assert saved["tokens"] == 256 and saved["rows"][0]["recall"]["32"] == rows[0]["recall"][32]
+    assert saved["sets"]["photo"]["images"] == 3
+    assert saved["sets"]["synthetic"]["rows"][0]["recall"]["32"] == rows["synthetic"][0]["recall"][32]
     # deterministic
-    again = bench_selection_quality.main(["--images", "2", "--budgets", "32", "--only-extra", "--threads", "1",
-                                          "--variants", "divprune"])
-    assert again[0]["recall"] == rows[2]["recall"]
+    again = bench_selection_quality.main(["--sets", "photo", "--photos", "3", "--budgets", "32", "--only-extra",
+                                          "--threads", "1", "--variants", "divprune"])
+    assert again["photo"][0]["recall"] == rows["photo"][2]["recall"]
 
+
+def test_photo_set_is_deterministic_with_ink_on_its_text():
+    from shirg_tools.photo_text import REAL_TEXT, photo_set, photo_sample
+
+    samples = photo_set(6, canvas=96, patch=4, seed=3)
+    assert [s["question"] for s in samples[:2]] == [question for question, _, _ in REAL_TEXT.values()]
+    for sample in samples:
+        ink, (width, height) = sample["ink_mask"], sample["image"].size
+        assert ink.shape == (height, width) and 0 < ink.mean() < 0.6
+        x0, y0, x1, y1 = sample["text_boxes"][sample["answer_box"]]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and ink[y0:y1, x0:x1].any()
+    for composite in samples[2:]:
+        assert composite["image"].size == (96, 96) and composite["ink_mask"].mean() < 0.1
+        # every ink pixel lies in a strip's box, and the ink has the strip's own colour (dark or light text)
+        inside = np.zeros_like(composite["ink_mask"])
+        for x0, y0, x1, y1 in composite["text_boxes"]:
+            inside[y0:y1, x0:x1] = True
+        assert not (composite["ink_mask"] & ~inside).any()
+    again = photo_sample(0, canvas=96, patch=4, seed=3)
+    assert np.array_equal(np.asarray(again["image"]), np.asarray(samples[2]["image"]))
+    assert not np.array_equal(np.asarray(photo_sample(0, canvas=96, patch=4, seed=4)["image"]),
+                              np.asarray(again["image"]))
+
+
+def test_local_contrast_cancels_a_uniformly_busy_background():
+    from lavida_shirg.shirg_selection import local_contrast, pixel_contrast
+
+    generator = torch.Generator().manual_seed(0)
+    # 8 x 8 patches of 4 px: a busy texture everywhere (std ~0.29), one patch with a stronger contrast (the "text")
+    pixels = torch.rand(1, 1, 32, 32, generator=generator).expand(1, 3, 32, 32).clone()
+    pixels[:, :, 12:16, 12:16] = torch.tensor([0.0, 1.0]).repeat(8)[:16].reshape(4, 4)
+    plain, local = pixel_contrast(pixels, (8, 8), 4), local_contrast(pixels, (8, 8), 4)
+    text = torch.zeros(1, 64, dtype=torch.bool)
+    text[0, 3 * 8 + 3] = True
+    assert float(plain.min()) > 0.2  # the texture has contrast everywhere
+    assert int(local.argmax()) == 3 * 8 + 3 and float(ranking_auc(local, text)[0]) == 1.0
+    # above its neighbourhood's mean: about half the texture patches are at 0, the text patch well above the rest
+    assert float((local == 0).float().mean()) > 0.3
+    # a flat map: 0 everywhere
+    assert torch.equal(local_contrast(torch.zeros(1, 3, 32, 32), (8, 8), 4), torch.zeros(1, 64))
 
 
 def test_eval_diagnostics_report_text_auc_and_recall():
@@ -157,7 +201,7 @@ def test_eval_diagnostics_report_text_auc_and_recall():
         settings = model.selection_settings(method, 64)
         (result,) = selection_diagnostics(model, inputs, settings, [sample], token_relevance(model, inputs, settings))
         (entry,) = model.inspect_selection(**inputs, selection_method=method, selection_budget=64)
-        views = source_views((64, 64), {**model.config.token_layout(), **settings})
+        views = source_views((64, 64), settings)
         text = torch.from_numpy(box_token_mask(raw["text_boxes"], cell_boxes(views)))[None]
         kept = torch.zeros_like(text).scatter_(1, entry["indices"], True)
         assert 0 < int(text.sum()) < 256 and result["text_recall"] == float(kept_recall(kept, text)[0])

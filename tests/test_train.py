@@ -298,6 +298,7 @@ def test_batch_builder_equals_the_processor_for_every_budget():
                              text=[processor.build_prompt(s["question"] + "\nShort answer.") for s in samples],
                              answers=[s["answers"][0] for s in samples], **entry.call_kwargs())
         assert set(expected) <= set(built)
+        assert built.pop("selection") == expected.pop("selection"), entry.label  # the settings travel once
         for name, value in expected.items():
             assert torch.equal(built[name], value), (entry.label, name)
 
@@ -322,8 +323,10 @@ def equal_length_vqa(folder, rows=8):
 
 def test_gradient_accumulation_2x1_equals_batch_2(tmp_path):
     data = equal_length_vqa(tmp_path / "vqa")
+    # one batch of 2 and two micro-batches of 1 draw different extra paddings: compare the unpadded batches
     common = ["--data_format", "vqa", "--data_path", data, "--max_steps", "2", "--config_overrides", ALL_MASKED,
-              "--lora_projector_dropout", "0", "--budgets", "32,pooled", "--learning_rate", "1e-3"]
+              "--lora_projector_dropout", "0", "--budgets", "32,pooled", "--learning_rate", "1e-3",
+              "--extra_eos_padding", "false"]
     big = train.main(arguments(tmp_path / "batch2", *common, "--per_device_train_batch_size", "2"))
     accumulated = train.main(arguments(tmp_path / "ga2", *common, "--per_device_train_batch_size", "1",
                                        "--gradient_accumulation_steps", "2"))
@@ -369,6 +372,22 @@ def test_resume_refuses_another_configuration(straight_run, tmp_path):
     with pytest.raises(ValueError, match="(?s)--resume_from_checkpoint.*lora_projector_rank"):
         train.build_run(arguments(tmp_path, "--max_steps", "6", "--lora_projector_rank", "16",
                                   "--resume_from_checkpoint", str(folder / "checkpoint-3")))
+
+
+def test_a_record_without_extra_padding_resumes_with_it_off(straight_run, tmp_path):
+    """Checkpoints written before --extra_eos_padding (their records lack it) resume with it false, not with the
+    new default."""
+    folder, _ = straight_run
+    old = tmp_path / "old"
+    shutil.copytree(folder / "checkpoint-3", old / "checkpoint-3")
+    record_path = old / "checkpoint-3" / "shirg_run.json"
+    record = json.loads(record_path.read_text())
+    assert record["data"].pop("extra_eos_padding") is True
+    record_path.write_text(json.dumps(record))
+    resume = ["--max_steps", "6", "--save_steps", "3", "--resume_from_checkpoint", str(old / "checkpoint-3")]
+    with pytest.raises(ValueError, match="data.extra_eos_padding: None in the checkpoint, True now"):
+        train.build_run(arguments(old, *resume))
+    assert train.build_run(arguments(old, *resume, "--extra_eos_padding", "false")).resume == str(old / "checkpoint-3")
 
 
 def test_adapter_and_merged_model_load_and_agree(straight_run):
@@ -436,11 +455,115 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
         train.command_line(arguments(tmp_path, "--max_steps", "4"))  # an error in training keeps its traceback
 
 
+@pytest.mark.parametrize("extra, flag", [
+    (["--vision_learning_rate", "nan"], "--vision_learning_rate"),
+    (["--projector_learning_rate", "-1"], "--projector_learning_rate"),
+    (["--learning_rate", "inf", "--training_mode", "full"], "--learning_rate"),
+    (["--lm_lora_learning_rate=-inf"], "--lm_lora_learning_rate"),
+    (["--coordinate_learning_rate", "nan"], "--coordinate_learning_rate"),
+    (["--budget_head_learning_rate", "-0.1"], "--budget_head_learning_rate"),
+])
+def test_every_learning_rate_must_be_finite_and_not_negative(extra, flag, tmp_path, capsys):
+    assert train.command_line(arguments(tmp_path / "out", *extra)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {flag} must be a finite number >= 0, got ") and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_turned_nan_are_never_saved_over_good_ones(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train.main(arguments(out, "--max_steps", "1"))
+    good = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    listing = sorted(os.listdir(out))  # with base_model and the final step's checkpoint-1
+    # an update that leaves the loss of its own step finite but the weights NaN (what a NaN learning rate did)
+    monkeypatch.setattr(train, "check_learning_rates", lambda *args: None)
+    for extra in (["--save_steps", "1"], []):  # refused at the step-1 checkpoint, then at the final save
+        with pytest.raises(FloatingPointError, match=r"after step 1 \d+ trained tensor\(s\) hold NaN/inf"):
+            train.main(arguments(out, "--max_steps", "1", "--vision_learning_rate", "nan", *extra))
+        assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == good
+        assert sorted(os.listdir(out)) == listing, "nothing saved, nothing left"
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, capsys):
+    first = train.build_run(arguments(tmp_path / "out", "--max_steps", "1"))
+    capsys.readouterr()
+    try:
+        assert train.command_line(arguments(tmp_path / "out", "--max_steps", "1")) == 2
+        assert capsys.readouterr().err.startswith(
+            f"error: --output_dir '{tmp_path / 'out'}' is being written by another process (pid {os.getpid()})")
+    finally:
+        first.release()
+    summary = train.main(arguments(tmp_path / "out", "--max_steps", "1"))  # free again
+    assert summary["steps"] == 1
+
+
+def test_an_unwritable_output_dir_is_one_error_line(unwritable, capsys):
+    assert train.command_line(arguments(unwritable / "out", "--max_steps", "1")) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write --output_dir {str(unwritable / 'out')!r}: [Errno ")
+    assert "Traceback" not in error
+
+
+KILLED_DURING_A_SAVE = """
+import os, signal, sys
+import torch
+from transformers import Trainer
+import train
+
+torch.set_num_threads(1)
+save_rng_state = Trainer._save_rng_state
+
+def terminated_at_step_2(self, output_dir):
+    if self.state.global_step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # the model and optimizer of checkpoint-2 are written, not the rest
+    return save_rng_state(self, output_dir)
+
+Trainer._save_rng_state = terminated_at_step_2
+train.command_line(sys.argv[1:])
+"""
+
+
+def test_a_checkpoint_is_visible_only_once_complete(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", KILLED_DURING_A_SAVE, *arguments(out, "--max_steps", "3", "--save_steps", "1")]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert killed.returncode == -15, killed.stderr[-3000:]
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-1"]
+    summary = train.main(arguments(out, "--max_steps", "3", "--save_steps", "1", "--resume_from_checkpoint", "last"))
+    assert summary["budgets_per_process"][0][0][0] == 2, "resumed after step 1, the last complete checkpoint"
+    assert sorted(name for name in os.listdir(out) if name.startswith((".", "checkpoint"))) == [
+        "checkpoint-2", "checkpoint-3"], "save_total_limit 2 kept; the killed save's staging folder is gone"
+
+
+def test_outputs_follow_the_umask(straight_run):
+    folder, _ = straight_run
+    mask = os.umask(0o022)
+    os.umask(mask)
+    paths = [folder, *folder.rglob("*")]
+    assert any(path.name == "adapter_model.safetensors" for path in paths)
+    assert any(path.name == "model.safetensors" and path.parent.name == "base_model" for path in paths)
+    assert {str(path): oct(path.stat().st_mode & 0o777) for path in paths} == {
+        str(path): oct((0o777 if path.is_dir() else 0o666) & ~mask) for path in paths}
+
+
+def test_a_truncated_weight_file_is_named(straight_run, tmp_path, capsys):
+    _, summary = straight_run
+    model = tmp_path / "model"
+    shutil.copytree(summary["merged_dir"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert train.command_line(["--model_name_or_path", str(model), *arguments(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --model_name_or_path '{model}': model.safetensors is not a complete safetensors "
+                            "file (") and "Traceback" not in error
+
+
 def test_budget_cost_trains_the_adaptive_head(tmp_path):
     common = ["--adaptive_budget", "--budgets", "adaptive,32", "--max_steps", "2", "--modules_to_save", "none"]
     train.main(arguments(tmp_path / "cost", *common, "--budget_cost_weight", "1.0"))
     train.main(arguments(tmp_path / "plain", *common))
-    key = "base_model.model.model.budget_head.output_bias"
+    key = "base_model.model.model.token_selector.budget_head.output_bias"
     initial = torch.tensor([0.0, 1.0, 0.0])  # the untrained head picks the default budget (64)
     assert not torch.equal(load_file(tmp_path / "cost" / "adapter_model.safetensors")[key], initial)
     logs = step_logs(tmp_path / "cost").values()

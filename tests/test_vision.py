@@ -29,14 +29,14 @@ def test_view_features_skip_post_layernorm_and_interpolate_positions(tiny_model)
     config = tiny_model.config
     size = 2 * config.vision_config.image_size
     pixels = torch.rand(2, 3, size, size) * 2 - 1
-    features = tiny_model.encode_views(pixels)
+    features = tiny_model.model.encode_views(pixels)
     side = size // config.vision_config.patch_size
     assert features.shape == (2, side * side, config.text_config.hidden_size)
     tower = tiny_model.vision_tower
     embedded = tower.embeddings(pixels, interpolate_pos_encoding=True)
     expected = tiny_model.multi_modal_projector(tower.encoder(inputs_embeds=embedded).last_hidden_state)
     torch.testing.assert_close(features, expected)
-    native = tiny_model.encode_views(pixels[:, :, : size // 2, : size // 2])
+    native = tiny_model.model.encode_views(pixels[:, :, : size // 2, : size // 2])
     assert native.shape[1] == (side // 2) ** 2
 
 
@@ -61,7 +61,7 @@ SIZES = [(40, 70), (64, 30), (20, 20), (1, 1), (3, 400), (96, 32)]
 
 def test_image_feature_counts_match_the_layout(tiny_model):
     pixel_values, image_sizes, counts = image_batch(tiny_model.config, SIZES)
-    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
     assert valid.all()
     assert features.shape == (sum(counts), tiny_model.config.text_config.hidden_size)
 
@@ -72,9 +72,9 @@ def test_anyres_layout_values(tiny_model):
     p = config.pooled_view_size
     for size in [(40, 70), (64, 30), (30, 90)]:
         pixel_values, image_sizes, counts = image_batch(config, [size], seed=1)
-        features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+        features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
         assert valid.all()
-        pooled = pool_view_features(tiny_model.encode_views(pixel_values), p)  # (V, p*p, E)
+        pooled = pool_view_features(tiny_model.model.encode_views(pixel_values), p)  # (V, p*p, E)
         rows, cols = anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size)
         stitched = torch.zeros(rows * p, cols * p, pooled.shape[-1])
         for r in range(rows):
@@ -83,7 +83,7 @@ def test_anyres_layout_values(tiny_model):
         top, bottom, left, right = unpad_bounds((rows * p, cols * p), size)
         expected = [pooled[0]]
         for row in stitched[top:bottom, left:right]:
-            expected += [row, tiny_model.image_newline[None]]
+            expected += [row, tiny_model.model.image_newline[None]]
         torch.testing.assert_close(features, torch.cat(expected))
 
 
@@ -91,9 +91,9 @@ def test_image_positions_receive_the_features_in_order(tiny_model):
     config = tiny_model.config
     pixel_values, image_sizes, counts = image_batch(config, [(40, 70), (64, 30)])
     input_ids, padding = prompt_ids(config, counts, [5, 8])
-    embeds, mask = tiny_model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
+    embeds, mask, _ = tiny_model.model.embed_inputs(input_ids, padding, pixel_values, image_sizes)
     assert torch.equal(mask, padding)
-    features, valid = tiny_model.get_image_features(pixel_values, image_sizes)
+    features, valid, _ = tiny_model.get_image_features(pixel_values, image_sizes)
     assert valid.all()
     is_image = input_ids == config.image_token_id
     torch.testing.assert_close(embeds[is_image], features)
