@@ -44,6 +44,7 @@ class LladaAttention(nn.Module):
     """Bidirectional multi-head attention; keys/values of a cached prefix are prepended when given."""
 
     is_causal = False
+    qkv_bias = False  # LLaDA's projections have none (Dream's have)
 
     def __init__(self, config: LladaTextConfig, layer_idx: int):
         super().__init__()
@@ -54,18 +55,23 @@ class LladaAttention(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=self.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=self.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=self.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
-        batch, length, _ = hidden_states.shape
+    def rotate(self, query, key, rotary):
+        """RoPE of LLaDA: in float32 (apply_rotary), cast back."""
         cos, sin = rotary
+        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+    def forward(self, hidden_states, rotary, attention_mask, prefix_key_value=None):
+        """Returns (output (B, T, E), own (key, value) (B, Hkv, T, d) each, for a prefix cache)."""
+        batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, T, d)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        query, key = self.rotate(query, key, rotary)
         present = (key, value)
         if prefix_key_value is not None:
             key = torch.cat((prefix_key_value[0].to(key.dtype), key), dim=2)  # (B, Hkv, P + T, d)
@@ -95,10 +101,12 @@ class LladaMLP(nn.Module):
 class LladaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: h = x + attn(norm(x)); y = h + mlp(norm(h))."""
 
+    attention_class = LladaAttention
+
     def __init__(self, config: LladaTextConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LladaAttention(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LladaMLP(config)
 
