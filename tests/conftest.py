@@ -18,6 +18,19 @@ from lavida_shirg.image_layout import anyres_grid, pooled_image_token_count
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
 
 
+# the start of a script run as `python -c SCRIPT FOLDER INPUTS OUTPUTS`: the folder loaded by AutoModel through its
+# remote code, the saved inputs (torch.save of tensors) run through forward; a test appends what it saves
+LOAD_MODEL_IN_A_FRESH_PROCESS = """
+import sys, torch
+from transformers import AutoModel
+folder, inputs_path, outputs_path = sys.argv[1:]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+inputs = torch.load(inputs_path, weights_only=True)
+with torch.no_grad():
+    logits = model(**inputs).logits
+"""
+
+
 def build_tiny_model(seed=0, std=0.2, **overrides):
     """The tiny preset with weights drawn N(0, std) (norm weights near 1), so outputs are far from uniform."""
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, image_batch, prompt_ids
 from test_converter import TINY_VISION, VISION, lavida_config, write_lavida_checkpoint
 
 import convert_lavida_checkpoint as converter
@@ -88,14 +88,7 @@ def source(original, tmp_path_factory):
     return write_dream_checkpoint(tmp_path_factory.mktemp("lavida") / "src", dream_tensors(original), dream_config())
 
 
-LOAD_AND_RUN = """
-import sys, torch
-from transformers import AutoModel
-folder, inputs_path, outputs_path = sys.argv[1:]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = torch.load(inputs_path, weights_only=True)
-with torch.no_grad():
-    logits = model(**inputs).logits
+LOAD_AND_RUN = LOAD_MODEL_IN_A_FRESH_PROCESS + """
 answer = model.generate(**inputs, max_new_tokens=8)
 torch.save({"logits": logits, "answer": answer, "lm": type(model.model.language_model).__name__,
             "alg": model.generation_config.alg, "top_k": model.generation_config.top_k}, outputs_path)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, image_batch, prompt_ids
 
 from lavida_shirg import DreamTextConfig, ShirgConfig
 from lavida_shirg.configuration_lavida_shirg import PRESETS
@@ -157,14 +157,7 @@ def test_selection_methods_run_on_dream(method):
     assert logits.shape == (1, input_ids.shape[1], DREAM_TEXT["vocab_size"]) and torch.isfinite(logits).all()
 
 
-LOAD_AND_RUN = """
-import sys, torch
-from transformers import AutoModel
-folder, inputs_path, outputs_path = sys.argv[1:]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = torch.load(inputs_path, weights_only=True)
-with torch.no_grad():
-    logits = model(**inputs).logits
+LOAD_AND_RUN = LOAD_MODEL_IN_A_FRESH_PROCESS + """
 torch.save({"logits": logits, "lm": type(model.model.language_model).__name__,
             "module": type(model).__module__}, outputs_path)
 """

@@ -6,19 +6,12 @@ import subprocess
 import sys
 
 import torch
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, image_batch, prompt_ids
 
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
-LOAD_AND_RUN = """
-import sys, torch
-from transformers import AutoModel
-folder, inputs_path, outputs_path = sys.argv[1:]
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-inputs = torch.load(inputs_path, weights_only=True)
-with torch.no_grad():
-    logits = model(**inputs).logits
+LOAD_AND_RUN = LOAD_MODEL_IN_A_FRESH_PROCESS + """
 answer = model.diffusion_generate(**inputs, gen_length=8, steps=4)
 torch.save({"logits": logits, "answer": answer, "class": type(model).__module__}, outputs_path)
 """
