@@ -12,8 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shirg_tools.training_curve import PANEL, draw_chart  # noqa: E402
+from shirg_tools.training_curve import PANEL, draw_chart
 
 
 def log_history(folder: str) -> list:
