@@ -93,10 +93,13 @@ def test_a_generator_that_is_not_one_on_the_models_device_is_named(model, inputs
         model.generate(**inputs, max_new_tokens=8, do_sample=True, generator=generator)
 
 
-def test_compile_step_without_a_cxx_compiler_is_refused_up_front(model, inputs, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler++",))
-    with pytest.raises(ValueError, match="compile_step on CPU needs a C\\+\\+ compiler"):
-        model.generate(**inputs, max_new_tokens=8, compile_step=True)
+def test_compile_step_without_a_cxx_compiler_is_refused_up_front(model, inputs):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):  # restored on exit (monkeypatch deletes it)
+        with pytest.raises(ValueError, match="compile_step on CPU needs a C\\+\\+ compiler"):
+            model.generate(**inputs, max_new_tokens=8, compile_step=True)
+    assert torch._inductor.config.cpp.cxx != ("no-such-compiler++",)
 
 
 def test_top_k_and_top_p_filter_the_sampled_tokens(model, inputs):
