@@ -31,6 +31,16 @@ with torch.no_grad():
 """
 
 
+def run_in_a_fresh_process(script, folder, inputs: dict, tmp_path) -> dict:
+    """Run `script` (LOAD_MODEL_IN_A_FRESH_PROCESS + what it saves) offline in a new interpreter on `folder` and the
+    saved `inputs`, with its own remote-code module cache; return what it saved."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+                   check=True, env=environment, cwd=tmp_path)
+    return torch.load(tmp_path / "outputs.pt", weights_only=True)
+
+
 def build_tiny_model(seed=0, std=0.2, **overrides):
     """The tiny preset with weights drawn N(0, std) (norm weights near 1), so outputs are far from uniform."""
     torch.manual_seed(seed)

@@ -7,12 +7,10 @@ are added, and the converted folder is loaded with AutoModel(trust_remote_code=T
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, image_batch, prompt_ids
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, run_in_a_fresh_process, build_tiny_model, image_batch, prompt_ids
 from test_converter import TINY_VISION, VISION, lavida_config, write_lavida_checkpoint
 
 import convert_lavida_checkpoint as converter
@@ -109,11 +107,7 @@ def test_convert_and_load_in_a_fresh_process(original, source, tmp_path):
     pixel_values, image_sizes, counts = image_batch(original.config, [(40, 70)])
     input_ids, padding = prompt_ids(original.config, counts, [6])
     inputs = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(out), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "outputs.pt")], check=True, env=environment, cwd=tmp_path)
-    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    outputs = run_in_a_fresh_process(LOAD_AND_RUN, out, inputs, tmp_path)
     assert (outputs["lm"], outputs["alg"], outputs["top_k"]) == ("DreamModel", "topk_margin", 50)
     with torch.no_grad():
         torch.testing.assert_close(outputs["logits"], original(**inputs).logits, atol=0, rtol=0)

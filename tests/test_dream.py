@@ -3,12 +3,10 @@ path, SHIRG on it, and save/load through remote code in a fresh process."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, image_batch, prompt_ids
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, run_in_a_fresh_process, build_tiny_model, image_batch, prompt_ids
 
 from lavida_shirg import DreamTextConfig, ShirgConfig
 from lavida_shirg.configuration_lavida_shirg import PRESETS
@@ -170,11 +168,7 @@ def test_save_pretrained_loads_with_automodel_in_a_fresh_process(dream, tmp_path
     pixel_values, image_sizes, counts = image_batch(dream.config, [(40, 70), (20, 50)])
     input_ids, padding = prompt_ids(dream.config, counts, [4, 7])
     inputs = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(folder), str(tmp_path / "inputs.pt"),
-                    str(tmp_path / "outputs.pt")], check=True, env=environment, cwd=tmp_path)
-    outputs = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    outputs = run_in_a_fresh_process(LOAD_AND_RUN, folder, inputs, tmp_path)
     assert outputs["module"].startswith("transformers_modules") and outputs["lm"] == "DreamModel"
     with torch.no_grad():
         torch.testing.assert_close(outputs["logits"], dream(**inputs).logits, atol=0, rtol=0)
