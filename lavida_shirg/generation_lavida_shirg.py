@@ -24,6 +24,7 @@ from .dream_sampler import (
     DREAM_ALGORITHMS,
     DREAM_EPS,
     DREAM_GENERATION_DEFAULTS,
+    check_dream_steps,
     dream_denoise_step,
     run_dream_sampler,
     shift_logits,
@@ -54,6 +55,7 @@ SAMPLER_FIELDS = {
     "alg": None,  # Dream's sampler (DREAM_ALGORITHMS; a Dream backbone's default: "topk_margin"); None: LLaDA's
     "alg_temp": None,  # Dream: > 0 draws the committed positions with probabilities softmax(confidence / alg_temp)
     "eps": DREAM_EPS,  # Dream: the last of the timesteps linspace(1, eps, steps + 1)
+    "step_ratio": None,  # Dream (LaViDa's step_ratio): run int(max_new_tokens x step_ratio) of the `steps` timesteps
     "use_prefix_cache": True,  # run image + prompt once, then each step only the answer (Prefix-DLM)
     "prefix_lm_mask": False,  # without the cache: hide the answer from the prefix (else LaViDa's bidirectional mode)
     "kv_cache_dtype": None,  # store the prefix cache in "bfloat16", "float16" or "float8_e4m3fn"
@@ -186,26 +188,34 @@ class LavidaShirgGenerationConfig(GenerationConfig):
                      steps=self.steps if per_block is None else per_block)
         settings = resolve_sampler_arguments(given, {name: None for name in given}, names=GENERATION_NAMES)
         if self.alg is None:
+            if self.step_ratio is not None:
+                raise ValueError(f"step_ratio={self.step_ratio!r} is a setting of Dream's sampler (alg); LLaDA's takes "
+                                 "steps: pass steps=int(max_new_tokens x ratio)")
             return settings
-        return {**settings, **self.dream_arguments()}
+        return {**settings, **self.dream_arguments(settings)}
 
-    def dream_arguments(self) -> dict:
-        """Dream's sampler settings (alg, alg_temp, eps, top_k, top_p), validated; its answer is one block decoded
-        by its own rule, so LLaDA's block and commit settings must keep their defaults."""
+    def dream_arguments(self, settings) -> dict:
+        """Dream's sampler settings (alg, alg_temp, eps, top_k, top_p, step_ratio), validated with the resolved
+        `settings` (check_dream_steps: schedule "uniform" is Dream's timesteps, "shift" LaViDa's); its answer is one
+        block decoded by its own rule, so LLaDA's block and remasking settings must keep their defaults."""
         if self.alg not in DREAM_ALGORITHMS:
             raise ValueError(f"alg must be one of {DREAM_ALGORITHMS} (or None: LLaDA's sampler), got {self.alg!r}")
-        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking", "schedule")
+        llada_only = {name: getattr(self, name) for name in ("block_length", "steps_per_block", "remasking")
                       if getattr(self, name) != SAMPLER_FIELDS[name]}
         if llada_only:
             raise ValueError(f"{llada_only} are settings of LLaDA's sampler; alg={self.alg!r} (Dream's) decodes the "
-                             "whole answer with its own schedule: leave them at their defaults")
+                             "whole answer as one block with its own commit rule: leave them at their defaults")
         alg_temp = self.alg_temp
         if alg_temp is not None and (isinstance(alg_temp, bool) or not isinstance(alg_temp, (int, float))
                                      or not 0 <= alg_temp < float("inf")):
             raise ValueError(f"alg_temp must be a finite number >= 0 (or None), got {self.alg_temp!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
-        return dict(alg=self.alg, alg_temp=self.alg_temp, eps=self.eps, top_k=self.top_k, top_p=self.top_p)
+        dream = dict(alg=self.alg, alg_temp=self.alg_temp, eps=self.eps, top_k=self.top_k, top_p=self.top_p,
+                     step_ratio=self.step_ratio)
+        check_dream_steps({**settings, **dream}, self.max_new_tokens - self.use_prefix_cache,
+                          {"gen_length": "max_new_tokens"})
+        return dream
 
     def to_json_string(self, *args, **kwargs) -> str:
         """Every field, always (use_diff=False): GenerationConfig's diff is taken against its own defaults, which
@@ -465,6 +475,8 @@ class LavidaShirgGenerationMixin:
         if dream and sampler["block_length"] != sampler["gen_length"]:
             raise ValueError(f"Dream's sampler decodes the answer in one block: block_length "
                              f"({sampler['block_length']}) must be None or the answer length ({sampler['gen_length']})")
+        if dream:  # the masked answer positions: all but the first with the prefix cache (Dream's prefix-LM)
+            check_dream_steps(sampler, sampler["gen_length"] - prefix["use_prefix_cache"])
         step = dream_denoise_step if dream else denoise_step
         if prefix["compile_step"]:
             if not prefix["use_prefix_cache"]:

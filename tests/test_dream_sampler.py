@@ -44,13 +44,37 @@ def dream_filter_and_pick(logits, temperature, top_p, top_k, token_u):
     return probs, x0, confidence
 
 
+def reference_shift_counts(mask_index, steps, shift):
+    """LaViDa's get_num_transfer_tokens_sch(mask_index, steps, "shift", {"shift": shift}) for one row, restated:
+    steps capped at the masked count, sigma(t) = a t / (1 + (a - 1) t) on linspace(0, 1), floor(sigma * n)
+    differences raised to 1, the excess taken from the first entries above 1 in turn, then reversed."""
+    n = int(mask_index.sum())
+    steps = min(steps, n)
+    t = torch.linspace(0, 1, steps + 1)
+    cumulative = (shift * t / (1 + (shift - 1) * t) * torch.tensor(n)).to(torch.int64)
+    counts = torch.clamp(cumulative[1:] - cumulative[:-1], 1, None)
+    delta, j = int(counts.sum()) - n, 0
+    while delta > 0:
+        j = j % len(counts)
+        if counts[j] == 1:
+            j += 1
+            continue
+        delta -= 1
+        counts[j] -= 1
+        j += 1
+    return counts.flip(-1)
+
+
 def reference_dream_sample(model, embeds, gen_length, steps, alg, temperature=0.0, top_p=None, top_k=50,
-                           alg_temp=None, eps=1e-3, prefix_lm=True, generator=None):
+                           alg_temp=None, eps=1e-3, prefix_lm=True, generator=None, step_ratio=None, schedule=None,
+                           shift=3.0):
     """LaViDa's Dream `_sample` for one prompt (B = 1), restated: the whole sequence x (or, with prefix_lm, the
     answer after a prefill whose last-position argmax is the first answer token), logits shifted right by one,
     the masked positions flattened, float32 timesteps, int(n (1 - s / t)) transfers by topk (or by draws without
-    replacement with alg_temp), origin's Bernoulli transfers. Random draws come from `generator` in the sampler's
-    order (sampling (1, G, V), then positions (1, G)), read at the masked positions."""
+    replacement with alg_temp), origin's Bernoulli transfers. LaViDa's options: step_ratio resets the step count to
+    int(gen_length * step_ratio) after the timesteps are built; schedule "shift" takes the counts from its shift
+    schedule over the masked canvas. Random draws come from `generator` in the sampler's order (sampling (1, G, V),
+    then positions (1, G)), read at the masked positions."""
     mask_id, prompt = model.config.mask_token_id, embeds.shape[1]
     vocab = model.config.text_config.vocab_size
     embed = model.get_input_embeddings()
@@ -62,6 +86,9 @@ def reference_dream_sample(model, embeds, gen_length, steps, alg, temperature=0.
         x = x[:, prompt:]
         x[:, :1] = prefill.logits[:, -1:].argmax(dim=-1)
     timesteps = torch.linspace(1, eps, steps + 1)
+    if step_ratio is not None:
+        steps = int(gen_length * step_ratio)
+    schedule_counts = None if schedule is None else reference_shift_counts(x == mask_id, steps, shift)
     history = []
     for i in range(steps):
         mask_index = x == mask_id
@@ -96,7 +123,10 @@ def reference_dream_sample(model, embeds, gen_length, steps, alg, temperature=0.
             elif alg == "entropy":
                 confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
             num_mask_token = mask_index.sum()
-            number = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+            if schedule_counts is not None:
+                number = int(schedule_counts[i])
+            else:
+                number = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
             if number > 0:
                 if alg_temp is None or alg_temp == 0:
                     _, transfer_index = torch.topk(confidence, number)
@@ -120,6 +150,12 @@ CASES = [
     dict(alg="maskgit_plus", do_sample=True, temperature=0.8, top_p=0.9),
     dict(alg="origin", do_sample=True, temperature=1.3),
     dict(alg="entropy", do_sample=True, temperature=0.7, alg_temp=0.2),
+    # LaViDa's step_ratio and shift schedule (its COCO runs: step_ratio=0.5, schedule=shift, shift 0.33)
+    dict(alg="topk_margin", step_ratio=0.5, schedule="shift", schedule_shift=0.33),
+    dict(alg="entropy", step_ratio=0.5),
+    dict(alg="origin", step_ratio=0.75),
+    dict(alg="maskgit_plus", steps=6, schedule="shift"),
+    dict(alg="entropy", do_sample=True, temperature=0.9, step_ratio=0.375, schedule="shift", schedule_shift=3.0),
 ]
 
 
@@ -128,14 +164,16 @@ CASES = [
 def test_generate_equals_the_restated_dream_sampler(dream, inputs, case, use_cache):
     gen_length, steps = 8, case.get("steps", 8)
     settings = {"top_k": 50, **case}
+    run_steps = int(gen_length * case["step_ratio"]) if "step_ratio" in case else steps
     out = dream.generate(**inputs, max_new_tokens=gen_length, use_cache=use_cache, return_dict_in_generate=True,
                          output_history=True, generator=torch.Generator().manual_seed(5), **settings)
     with torch.no_grad():
         embeds = dream.model.inputs_and_mask(**inputs)[0]
         expected, history = reference_dream_sample(
             dream, embeds, gen_length, steps, case["alg"], case.get("temperature", 0.0), case.get("top_p"),
-            settings["top_k"], case.get("alg_temp"), prefix_lm=use_cache, generator=torch.Generator().manual_seed(5))
-    assert len(out.history) == steps == len(history)
+            settings["top_k"], case.get("alg_temp"), prefix_lm=use_cache, generator=torch.Generator().manual_seed(5),
+            step_ratio=case.get("step_ratio"), schedule=case.get("schedule"), shift=case.get("schedule_shift", 3.0))
+    assert len(out.history) == run_steps == len(history)
     for step, (ours, theirs) in enumerate(zip(out.history, history)):
         assert torch.equal(ours, theirs), f"step {step}: {ours.tolist()} != {theirs.tolist()}"
     assert torch.equal(out.sequences[:, -gen_length:], expected)
@@ -163,6 +201,20 @@ def test_transfer_schedule_as_dream_counts_it():
     assert probabilities.dtype == torch.float32 and probabilities[-1] == 1
     # t = [1, 0.75025, 0.5005, 0.25075, 0.001]: int(16 * 0.24975) = 3, int(13 * 0.3329) = 4, int(9 * 0.499) = 4, rest 5
     assert transfer_schedule(16, 4)[0] == [3, 4, 4, 5]
+
+
+def test_step_ratio_keeps_the_timesteps_of_steps_and_shift_takes_lavidas_counts():
+    """LaViDa's step_ratio runs fewer steps on the timesteps of `steps` (its early steps commit little, the last one
+    the rest); its shift schedule spreads the masked positions by transfer counts instead."""
+    t = torch.linspace(1, 1e-3, 9)
+    counts, probabilities = transfer_schedule(7, 8, run_steps=4)
+    assert counts == [0, 0, 1, 6] and transfer_schedule(7, 4)[0] == [1, 1, 2, 3]
+    torch.testing.assert_close(probabilities, torch.cat((1 - t[1:4] / t[:3], torch.ones(1))))
+    for masked, steps, run, shift in [(7, 8, 4, 0.33), (15, 16, 8, 0.33), (7, 8, 7, 3.0), (31, 32, 16, 3.0)]:
+        counts = transfer_schedule(masked, steps, run_steps=run, schedule="shift", shift=shift)[0]
+        assert counts == reference_shift_counts(torch.ones(masked, dtype=torch.bool), run, shift).tolist()
+        assert sum(counts) == masked and min(counts) >= 1
+    assert transfer_schedule(7, 8, run_steps=4, schedule="shift", shift=0.33)[0] == [4, 1, 1, 1]  # a < 1: many first
 
 
 def test_batched_left_padded_prompts_equal_one_by_one(dream):
@@ -195,6 +247,13 @@ def test_dream_generation_defaults_and_round_trip(dream, tmp_path):
     (dict(eps=0.0), "eps must be in \\(0, 1\\)"),
     (dict(block_length=4), "settings of LLaDA's sampler"),
     (dict(alg=None, top_k=None), "a Dream backbone samples with Dream's algorithms"),
+    (dict(step_ratio=2.0), r"step_ratio=2.0 runs int\(max_new_tokens x step_ratio\) = 8 steps: it must be between 1 "
+                           r"and steps \(4\)"),
+    (dict(step_ratio=0.1), "= 0 steps"),
+    (dict(step_ratio=True), "step_ratio must be a finite number > 0"),
+    (dict(schedule="shift"), "4 steps exceed the 3 masked answer positions"),
+    (dict(schedule="shift", alg="origin", steps=2), "alg='origin' commits each masked position"),
+    (dict(schedule="cosine"), "schedule must be one of"),
 ])
 def test_bad_dream_settings_are_named(dream, inputs, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -204,6 +263,8 @@ def test_bad_dream_settings_are_named(dream, inputs, kwargs, message):
 def test_llada_refuses_dream_algorithms(inputs):
     with pytest.raises(ValueError, match="is Dream's sampler"):
         build_tiny_model(seed=0).generate(**inputs, max_new_tokens=4, alg="entropy")
+    with pytest.raises(ValueError, match=r"step_ratio=0.5 is a setting of Dream's sampler"):
+        build_tiny_model(seed=0).generate(**inputs, max_new_tokens=4, step_ratio=0.5)
 
 
 def test_diffusion_generate_equals_generate_on_dream(dream, inputs):
@@ -212,3 +273,8 @@ def test_diffusion_generate_equals_generate_on_dream(dream, inputs):
         assert torch.equal(answer, dream.generate(**inputs, max_new_tokens=8, steps=steps)[:, -8:])
     with pytest.raises(ValueError, match="decodes the answer in one block"):
         dream.diffusion_generate(**inputs, gen_length=8, block_length=4)
+    shifted = dream.diffusion_generate(**inputs, gen_length=8, steps=4, schedule="shift", schedule_shift=0.5)
+    assert torch.equal(shifted, dream.generate(**inputs, max_new_tokens=8, steps=4, schedule="shift",
+                                               schedule_shift=0.5)[:, -8:])
+    with pytest.raises(ValueError, match="8 steps exceed the 7 masked answer positions"):
+        dream.diffusion_generate(**inputs, gen_length=8, schedule="shift")
