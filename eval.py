@@ -14,7 +14,10 @@ writes one (shirg_tools.output_folder), as a folder that a rerun completes: each
 into place, each prediction line appended whole, modes follow the umask, and a run holds the lock of --output-dir
 (released when it ends or dies): a second run into the same folder is refused.
 Prompts and metrics are lmms-eval's, the harness of LaViDa's numbers (shirg_tools.eval_tasks, shirg_tools.metrics).
-Sampling as LaViDa's evaluation: steps = int(answer tokens x --step-ratio), the "shift" schedule with shift 3.
+Sampling as LaViDa's evaluation of the folder's backbone (shirg_tools.inference.generation_settings): LLaDA:
+steps = int(answer tokens x --step-ratio), the "shift" schedule with shift 3; Dream: the folder's Dream sampler
+(topk_margin) on timesteps for one step per answer token, --step-ratio as LaViDa's step_ratio, its own timesteps
+unless --schedule shift.
 Timings: one warm-up batch per task and variant, device synchronisation around timed regions, medians over
 samples of the batch time / batch size.
 """
@@ -34,9 +37,9 @@ from lavida_shirg.shirg_selection import image_token_count
 from shirg_tools.diagnostics import variant_diagnostics
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,
                                     synthetic_config)
-from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, DTYPES, check_device,
-                                   check_sampling, check_variant, generation_settings, high_resolution_tokens,
-                                   load_pretrained, model_folder, resolve_dtype)
+from shirg_tools.inference import (DEFAULT_STEP_RATIO, DTYPES, check_device, check_dream_generation,
+                                   check_sampling, check_variant, default_schedule, denoising_steps, generation_settings, high_resolution_tokens,
+                                   is_dream, load_pretrained, model_folder, resolve_dtype)
 from shirg_tools.metrics import METRICS, exact_match
 from shirg_tools.output_folder import FolderLock, write_atomic
 from shirg_tools.overlays import contact_sheet, variant_panel
@@ -73,9 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--gen-length", type=int, help="answer tokens for every task (default: the task's, "
                         "as LaViDa: TextVQA/ChartQA 16, DocVQA/InfoVQA 32, synthetic 16)")
     parser.add_argument("--step-ratio", type=float, default=DEFAULT_STEP_RATIO, help="diffusion steps = int(answer "
-                        "tokens x this), at least 1, as LaViDa (1.0: one token per step)")
-    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=SCHEDULES,
-                        help="tokens per step (LaViDa: shift)")
+                        "tokens x this), as LaViDa (1.0: one token per step; LLaDA: at least 1; Dream: LaViDa's "
+                        "step_ratio, the timesteps stay those of one step per token)")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="tokens per step (default: LaViDa's for the backbone: "
+                        "shift for LLaDA, Dream's own timesteps, 'uniform', for Dream)")
     parser.add_argument("--schedule-shift", type=float, default=LAVIDA_SCHEDULE_SHIFT,
                         help=f"shift of the 'shift' schedule (LaViDa: {LAVIDA_SCHEDULE_SHIFT}); passed to every "
                         "call, whatever sampler settings the model folder saved")
@@ -220,6 +224,14 @@ class Evaluation:
         device = check_device(args.device, "--device")
         self.dtype = resolve_dtype(args.dtype, device, "--dtype")
         self.model, self.processor, self.model_label, self.is_tiny = load_model(args, device, self.dtype)
+        self.dream = is_dream(self.model)
+        self.schedule = args.schedule or default_schedule(self.dream)
+        if self.dream:
+            for name in self.task_names:
+                try:
+                    check_dream_generation(self.model, self.generation_settings(name))
+                except ValueError as error:
+                    raise EvalError(f"--step-ratio / --schedule / --gen-length on task {name}: {error}") from error
         self.variants = parse_variants(args.variants or default_variants(high_resolution_tokens(self.model)))
         self.selections = {variant.label: check_variant(self.model, self.processor, variant)
                            for variant in self.variants}  # each validated once, here
@@ -228,7 +240,7 @@ class Evaluation:
         self.output = Path(args.output_dir)
         self.settings = {"model": args.model or "tiny-random", "model_label": self.model_label, "dtype": self.dtype,
                          "device": device.type, "kv_cache_dtype": args.kv_cache_dtype,
-                         "step_ratio": args.step_ratio, "schedule": args.schedule,
+                         "step_ratio": args.step_ratio, "schedule": self.schedule,
                          "schedule_shift": args.schedule_shift, "gen_length": args.gen_length,
                          "synthetic": self.synthetic, "batch_size": args.batch_size}
 
@@ -257,9 +269,9 @@ class Evaluation:
                                 "use another --output-dir")
 
     def generation_settings(self, name: str) -> dict:
-        """gen_length / block_length / steps / schedule / schedule_shift of a task (every call passes them all)."""
+        """The sampler arguments of a task (generation_settings for the backbone; every call passes them all)."""
         return generation_settings(self.args.gen_length or TASKS[name].gen_length, self.args.step_ratio,
-                                   self.args.schedule, self.args.schedule_shift)
+                                   self.schedule, self.args.schedule_shift, dream=self.dream)
 
     def run(self):
         write_json(self.output / "run_config.json", self.settings)
@@ -294,7 +306,7 @@ class Evaluation:
             inputs, ready = self.model_inputs(name, variant, ready, records)
             if ready:
                 call = dict(inputs, **generation, kv_cache_dtype=self.args.kv_cache_dtype)  # inputs carry the selection
-                steps = call.pop("steps")
+                steps = denoising_steps(generation)
                 if not warmed_up:
                     timed_generate(self.model, call, steps)
                     warmed_up = True

@@ -157,7 +157,7 @@ def random_image(size: int) -> Image.Image:
 
 
 def generation_call(args) -> dict:
-    return dict(gen_length=args.gen_length, block_length=args.gen_length, schedule="shift",
+    return dict(gen_length=args.gen_length, block_length=args.gen_length, steps=args.steps, schedule="shift",
                 kv_cache_dtype=args.kv_cache_dtype, compile_step=args.compile_step)
 
 
@@ -178,19 +178,19 @@ def measure_interleaved(model, inputs: dict, args) -> dict:
     variants so that a slow phase of the machine hits every variant alike."""
     call = generation_call(args)
     for variant_inputs in inputs.values():
-        timed_generate(model, variant_inputs, args.steps, **call)
+        timed_generate(model, {**variant_inputs, **call}, args.steps)
     runs = {label: [] for label in inputs}
     for _ in range(args.repeats):
         for label, variant_inputs in inputs.items():
-            runs[label].append(timed_generate(model, variant_inputs, args.steps, **call)[1])
+            runs[label].append(timed_generate(model, {**variant_inputs, **call}, args.steps)[1])
     return {label: summarize(label_runs) for label, label_runs in runs.items()}
 
 
 def measure(model, inputs: dict, args) -> dict:
     """`summarize` of --repeats runs of one input after one warm-up."""
     call = generation_call(args)
-    timed_generate(model, inputs, args.steps, **call)
-    return summarize([timed_generate(model, inputs, args.steps, **call)[1] for _ in range(args.repeats)])
+    timed_generate(model, {**inputs, **call}, args.steps)
+    return summarize([timed_generate(model, {**inputs, **call}, args.steps)[1] for _ in range(args.repeats)])
 
 
 def latency(model, variants, args) -> dict:

@@ -9,23 +9,31 @@ model_args (anything else is refused, naming the key):
 
 | key | meaning (default) |
 | --- | --- |
-| pretrained | a lavida_shirg model folder (converted checkpoint, or a train.py output folder with merged/) |
+| pretrained | a lavida_shirg model folder of either backbone (converted checkpoint, or a train.py output folder with merged/) |
 | dtype | auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 |
 | device | cpu, cuda, cuda:N (cuda when available); with several processes each takes accelerate's device |
 | variant | an eval.py variant string, `METHOD[@BUDGET][:OPTION=VALUE]...` (shirg_tools.variants) |
 | selection_method, selection_budget, OPTION | the same variant as separate keys (pooled); OPTION: a SHIRG option (its config field name) |
 | gen_length | answer tokens for every task (default: the task's gen_kwargs max_new_tokens, else eval.py's per-task length) |
-| block_length | semi-autoregressive block (one block of gen_length) |
-| step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (shift, with LaViDa's 3) |
-| temperature, remasking | sampler (task's gen_kwargs: greedy unless do_sample; remasking: the model's) |
+| block_length, remasking | LLaDA only: semi-autoregressive block (one block of gen_length); remasking (the model's) |
+| alg | Dream only: origin, maskgit_plus, topk_margin, entropy (the folder's generation config: topk_margin) |
+| step_ratio, schedule, schedule_shift | steps = int(gen_length x step_ratio) (1.0), schedule (LLaDA: shift; Dream: its own timesteps, uniform), shift (LaViDa's 3) |
+| temperature | sampler (task's gen_kwargs: greedy unless do_sample) |
 | use_prefix_cache, prefix_lm_mask, kv_cache_dtype | prefix handling (true, false, none) |
 | mc_num, mc_batch_size, seed | loglikelihood: Monte Carlo masks per continuation (16), rows per forward (mc_num), seed (0) |
+
+A Dream folder samples as LaViDa's Dream evaluation (eval/run_dream.sh: `alg=topk_margin,prefix_lm=True`, Dream's
+`top_k` 50 from the folder's generation config): timesteps for one step per answer token, of which
+int(gen_length x step_ratio) run (LaViDa's step_ratio), Dream's own counts unless schedule=shift (LaViDa's
+run_coco_dream.sh: step_ratio=0.5,schedule=shift,schedule_shift=0.33); a task's gen_kwargs top_p / top_k reach
+Dream's filters, which act on the confidences even when greedy (top_p 0 is refused: it would tie every confidence).
+LLaDA-only keys on a Dream folder and alg on a LLaDA one are refused, naming the folder's backbone.
 
 `--batch_size N` (any N >= 1) batches the sampler. Answer length per request: model_args gen_length, else the
 task's gen_kwargs max_new_tokens, else the length eval.py uses for the task its name starts with
 (shirg_tools.eval_tasks.TASKS: textvqa 16, docvqa 32, infovqa 32, chartqa 16). gen_kwargs `until` is ignored,
 as LaViDa's own lmms-eval model ignores it (the whole answer is decoded, as in eval.py); `do_sample` with `temperature` samples (Gumbel-max); `num_beams` > 1 is refused, and so are
-`top_p` / `top_k` when sampling (the sampler has no beams or filtering); other keys are ignored. The prompt is the
+`top_p` / `top_k` when sampling a LLaDA folder (its sampler has no beams or filtering); other keys are ignored. The prompt is the
 task's context in LaViDa's chat template with the document's images first (`processor.build_prompt`).
 
 lmms-eval's command line catches every exception of an evaluation, logs it and exits 0. Under that command line,
@@ -49,17 +57,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from lavida_shirg.configuration_lavida_shirg import SELECTION_METHODS
+from lavida_shirg.dream_sampler import DREAM_ALGORITHMS
 from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, REMASKING_STRATEGIES, resolve_sampler_arguments
 from lavida_shirg.prefix_cache import STORAGE_DTYPES
 from lavida_shirg_lmms import MODEL_NAME
 from shirg_tools.eval_tasks import TASKS
-from shirg_tools.inference import (DEFAULT_SCHEDULE, DEFAULT_STEP_RATIO, check_device, check_sampling, check_variant,
+from shirg_tools.inference import (DEFAULT_STEP_RATIO, check_device, check_dream_generation, check_sampling,
+                                   check_variant, default_schedule, folder_is_dream, generate_answer_ids,
                                    generation_settings, load_pretrained, model_folder, resolve_dtype)
 from shirg_tools.variants import OPTION_FIELDS, option_names_help, parse_variant
 
 ARGUMENTS = ("pretrained", "dtype", "device", "batch_size", "variant", "selection_method", "selection_budget",
              "gen_length", "block_length", "step_ratio", "schedule", "schedule_shift", "temperature", "remasking",
-             "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "mc_num", "mc_batch_size", "seed")
+             "alg", "use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "mc_num", "mc_batch_size", "seed")
 # gen_kwargs the sampler cannot honour when sampling (with greedy decoding they change nothing)
 SAMPLING_ONLY_GEN_KWARGS = {"top_p": "the sampler draws from the whole distribution (no nucleus filtering)",
                             "top_k": "the sampler draws from the whole distribution (no top-k filtering)"}
@@ -71,7 +81,7 @@ def generate_answers(model, processor, images: list, prompts: list, variant, gen
     """Decoded answers to `prompts` (images[i]: the list of images of prompt i) under `variant` with the sampler
     arguments `generation`: the one place the plugin calls the model."""
     inputs = processor(images=images, text=prompts, **variant.call_settings()).to(model.device)
-    answers = model.diffusion_generate(**inputs, **generation)  # the inputs carry their selection settings
+    answers = generate_answer_ids(model, {**inputs, **generation})  # the inputs carry their selection settings
     return processor.decode_answers(answers.cpu())
 
 
@@ -172,7 +182,7 @@ class LavidaShirgLmms(lmms):
     @fails_the_command_line
     def __init__(self, pretrained=None, dtype="auto", device=None, batch_size=1, variant=None, selection_method=None,
                  selection_budget=None, gen_length=None, block_length=None, step_ratio=DEFAULT_STEP_RATIO,
-                 schedule=DEFAULT_SCHEDULE, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None,
+                 schedule=None, schedule_shift=LAVIDA_SCHEDULE_SHIFT, temperature=None, remasking=None, alg=None,
                  use_prefix_cache=True, prefix_lm_mask=False, kv_cache_dtype=None, mc_num=DEFAULT_MC_NUM,
                  mc_batch_size=None, seed=0, **options):
         super().__init__()
@@ -192,13 +202,15 @@ class LavidaShirgLmms(lmms):
         self.gen_length = _positive_int("gen_length", gen_length, allow_none=True)
         self.block_length = _positive_int("block_length", block_length, allow_none=True)
         check_sampling(step_ratio, schedule, schedule_shift)
-        self.step_ratio, self.schedule, self.schedule_shift = step_ratio, schedule, schedule_shift
+        self.step_ratio, self.schedule_shift = step_ratio, schedule_shift
         if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                         or not math.isfinite(temperature) or temperature < 0):
             raise ValueError(f"{MODEL_NAME}: temperature must be a finite number >= 0, got {temperature!r}")
         if remasking not in (None, *REMASKING_STRATEGIES):
             raise ValueError(f"{MODEL_NAME}: remasking must be one of {', '.join(REMASKING_STRATEGIES)}, "
                              f"got {remasking!r}")
+        if alg not in (None, *DREAM_ALGORITHMS):
+            raise ValueError(f"{MODEL_NAME}: alg must be one of {', '.join(DREAM_ALGORITHMS)}, got {alg!r}")
         if kv_cache_dtype not in (None, *STORAGE_DTYPES):
             raise ValueError(f"{MODEL_NAME}: kv_cache_dtype must be one of {', '.join(STORAGE_DTYPES)}, "
                              f"got {kv_cache_dtype!r}")
@@ -209,6 +221,15 @@ class LavidaShirgLmms(lmms):
         if not pretrained:
             raise ValueError(f"{MODEL_NAME}: pretrained=FOLDER is required (a converted lavida_shirg model folder)")
         folder = model_folder(Path(str(pretrained)), "pretrained")
+        self.dream = folder_is_dream(folder)
+        wrong = ({"block_length": block_length, "remasking": remasking} if self.dream else {"alg": alg})
+        wrong = [name for name, value in wrong.items() if value is not None]
+        if wrong:
+            raise ValueError(f"{MODEL_NAME}: {', '.join(wrong)} {'is a setting' if len(wrong) == 1 else 'are settings'} "
+                             f"of {'LLaDA' if self.dream else 'Dream'}'s sampler, and {str(folder)!r} holds a "
+                             f"{'Dream' if self.dream else 'LLaDA'} model (its sampler: "
+                             f"{'alg, step_ratio, schedule' if self.dream else 'block_length, remasking, schedule'})")
+        self.schedule, self.alg = schedule or default_schedule(self.dream), alg
         requested = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
         dtype_name = resolve_dtype(dtype, requested, "dtype")
 
@@ -244,9 +265,9 @@ class LavidaShirgLmms(lmms):
                              "max_new_tokens=N in --gen_kwargs")
         return spec.gen_length
 
-    def sampling_temperature(self, task: str, gen_kwargs: dict) -> float:
+    def sampling_temperature(self, task: str, gen_kwargs: dict, filters: bool = False) -> float:
         """model_args temperature, else the task's: gen_kwargs temperature (1.0) with do_sample, 0 (greedy) without.
-        ValueError for beam search, and for top_p / top_k filtering when sampling."""
+        ValueError for beam search, and for top_p / top_k filtering when sampling without `filters` (LLaDA)."""
         if (gen_kwargs.get("num_beams") or 1) != 1:
             raise ValueError(f"{MODEL_NAME}: task {task!r} gen_kwargs num_beams={gen_kwargs['num_beams']!r}: a "
                              "masked-diffusion sampler has no beam search")
@@ -257,19 +278,43 @@ class LavidaShirgLmms(lmms):
         else:
             temperature = 0.0
         for name, reason in SAMPLING_ONLY_GEN_KWARGS.items():
-            if temperature > 0 and gen_kwargs.get(name) not in (None, 0, 1):
+            if temperature > 0 and not filters and gen_kwargs.get(name) not in (None, 0, 1):
                 raise ValueError(f"{MODEL_NAME}: task {task!r} gen_kwargs {name}={gen_kwargs[name]!r}: {reason}")
         return temperature
 
     def call_arguments(self, task: str, gen_kwargs: dict) -> dict:
-        """The diffusion_generate arguments of a request (the same for every request of a batch), checked as the
-        sampler checks them (blocks dividing the answer, steps a multiple of the blocks)."""
-        generation = generation_settings(self.answer_length(task, gen_kwargs), self.step_ratio, self.schedule,
-                                         self.schedule_shift, self.block_length)
+        """The sampler arguments of a request (the same for every request of a batch), checked as the sampler
+        checks them: LLaDA's diffusion_generate arguments (blocks dividing the answer, steps a multiple of the
+        blocks), or Dream's generate arguments (`dream_arguments`)."""
+        gen_length = self.answer_length(task, gen_kwargs)
+        if self.dream:
+            return self.dream_arguments(task, gen_kwargs, gen_length)
+        generation = generation_settings(gen_length, self.step_ratio, self.schedule, self.schedule_shift,
+                                         self.block_length)
         call = dict(generation, temperature=self.sampling_temperature(task, gen_kwargs), **self.sampler)
         sampler = {name: call[name] for name in (*generation, "temperature", "remasking")}
         try:  # remasking None takes the model's: any valid value stands in for the check
             resolve_sampler_arguments(sampler, {**sampler, "remasking": REMASKING_STRATEGIES[0]})
+        except ValueError as error:
+            raise ValueError(f"{MODEL_NAME}: task {task!r}: {error}") from error
+        return call
+
+    def dream_arguments(self, task: str, gen_kwargs: dict, gen_length: int) -> dict:
+        """generate()'s arguments of a request on a Dream folder, as LaViDa's Dream evaluation: its step settings
+        (generation_settings), model_args alg (else the folder's), the task's top_p / top_k (Dream's filters), the
+        temperature of `sampling_temperature`; checked against the model's generation config."""
+        temperature = self.sampling_temperature(task, gen_kwargs, filters=True)
+        if gen_kwargs.get("top_p") == 0:
+            raise ValueError(f"{MODEL_NAME}: task {task!r} gen_kwargs top_p=0: Dream's top-p filter would keep one "
+                             "token per position, tying every confidence (LaViDa's order of ties is its device's); "
+                             "pass --gen_kwargs top_p=1.0 for no filter")
+        filters = {name: gen_kwargs[name] for name in ("top_p", "top_k") if gen_kwargs.get(name) is not None}
+        call = dict(generation_settings(gen_length, self.step_ratio, self.schedule, self.schedule_shift, dream=True),
+                    do_sample=temperature > 0, temperature=temperature or None, **filters,
+                    **({} if self.alg is None else {"alg": self.alg}),
+                    **{name: value for name, value in self.sampler.items() if name != "remasking"})
+        try:
+            check_dream_generation(self.model, call)
         except ValueError as error:
             raise ValueError(f"{MODEL_NAME}: task {task!r}: {error}") from error
         return call

@@ -3,8 +3,9 @@ question, running each chosen variant once and measuring it. A change of the pro
 this file only.
 
 Questions are asked as the synthetic OCR task asks them (eval.py's "synthetic-ocr": the question + LaViDa's
-short-answer instruction, answers of 16 tokens) with LaViDa's sampling (shirg_tools.inference.generation_settings:
-one token per step, the "shift" schedule). Per variant: the answer (processor.decode_answers), the image-token
+short-answer instruction, answers of 16 tokens) with LaViDa's sampling of the folder's backbone
+(shirg_tools.inference.generation_settings: one token per step; LLaDA: the "shift" schedule, Dream: its own
+timesteps and the folder's Dream sampler). Per variant: the answer (processor.decode_answers), the image-token
 count (processor.image_token_count), the latency of one call (prefill + every diffusion step, prefix cache on,
 shirg_tools.timing), the prefix KV cache's size, and the kept/dropped overlay (shirg_tools.overlays.variant_panel).
 Bad inputs raise ValueError with a message for the user (the processor's own, or one naming the field).
@@ -18,8 +19,8 @@ from PIL import Image
 
 from shirg_tools.diagnostics import variant_diagnostics
 from shirg_tools.eval_tasks import TASKS, EvalSample
-from shirg_tools.inference import (check_device, check_variant, generation_settings, high_resolution_tokens,
-                                   load_pretrained, model_folder, resolve_dtype)
+from shirg_tools.inference import (check_device, check_variant, denoising_steps, generation_settings,
+                                   high_resolution_tokens, is_dream, load_pretrained, model_folder, resolve_dtype)
 from shirg_tools.overlays import variant_panel
 from shirg_tools.timing import timed_generate
 from shirg_tools.variants import UNBUDGETED_METHODS, Variant, parse_variant
@@ -114,9 +115,9 @@ class DemoBackend:
     def run(self, job: Job, answer_box=None) -> VariantResult:
         """Run one prepared variant once (see the module docstring); `answer_box` ((x0, y0, x1, y1) pixels, or
         None) is drawn on the overlay and gives its answer recall."""
-        call = dict(job.inputs, **generation_settings(TASK.gen_length))  # the inputs carry their selection settings
-        steps = call.pop("steps")
-        answer_ids, timing = timed_generate(self.model, call, steps)
+        generation = generation_settings(TASK.gen_length, dream=is_dream(self.model))
+        call = dict(job.inputs, **generation)  # the inputs carry their selection settings
+        answer_ids, timing = timed_generate(self.model, call, denoising_steps(generation))
         answer = self.processor.decode_answers(answer_ids.cpu())[0]
         sample = EvalSample("query", job.question, [], job.image, answer_box=None if answer_box is None else 0,
                             text_boxes=None if answer_box is None else [answer_box])

@@ -1,7 +1,9 @@
-"""Model loading and sampling settings shared by the evaluation front ends (eval.py and the lmms-eval plugin
-`lavida_shirg_lmms`): LaViDa's sampling as its evaluation runs it (steps = int(answer tokens x step ratio), the
-"shift" schedule with shift 3, one block), the model-folder rules, the device check and the check of a variant
-against a loaded model. Errors are ValueErrors naming the caller's argument (`argument`)."""
+"""Model loading and sampling settings shared by the evaluation front ends (eval.py, the app and the lmms-eval plugin
+`lavida_shirg_lmms`): LaViDa's sampling as its evaluation runs it, per backbone (LLaDA: steps = int(answer tokens x
+step ratio), the "shift" schedule with shift 3, one block; Dream: its eval's topk_margin sampler from the folder's
+generation config, timesteps for one step per answer token, LaViDa's step_ratio and schedule when given), the one
+call that samples answers, the model-folder rules, the device check and the check of a variant against a loaded
+model. Errors are ValueErrors naming the caller's argument (`argument`)."""
 
 import json
 import math
@@ -10,10 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lavida_shirg.configuration_lavida_shirg import DreamTextConfig
 from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
 
 DEFAULT_STEP_RATIO = 1.0  # one answer token per step, as LaViDa evaluates
-DEFAULT_SCHEDULE = "shift"  # LaViDa's schedule (with LAVIDA_SCHEDULE_SHIFT)
+DEFAULT_SCHEDULE = "shift"  # LaViDa's LLaDA schedule (with LAVIDA_SCHEDULE_SHIFT)
+DREAM_DEFAULT_SCHEDULE = "uniform"  # Dream's own timesteps, as LaViDa's eval/run_dream.sh (no schedule)
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -23,22 +27,72 @@ def diffusion_steps(gen_length: int, step_ratio: float) -> int:
     return max(1, int(gen_length * step_ratio))
 
 
-def generation_settings(gen_length: int, step_ratio: float = DEFAULT_STEP_RATIO, schedule: str = DEFAULT_SCHEDULE,
-                        schedule_shift: float = LAVIDA_SCHEDULE_SHIFT, block_length: int | None = None) -> dict:
-    """The sampler arguments of one diffusion_generate call for answers of `gen_length` tokens (block_length
-    None: one block, as LaViDa's evaluation)."""
+def is_dream(model) -> bool:
+    """Whether the model's LM is Dream (its sampler takes generate()'s Dream settings) rather than LLaDA."""
+    return model.config.text_config.model_type == DreamTextConfig.model_type
+
+
+def folder_is_dream(folder: Path) -> bool:
+    """Whether the LM of a model folder (as `model_folder` found it) is Dream, read from its config.json."""
+    text_config = json.loads((Path(folder) / "config.json").read_text()).get("text_config") or {}
+    return text_config.get("model_type") == DreamTextConfig.model_type
+
+
+def default_schedule(dream: bool) -> str:
+    """LaViDa's evaluation schedule of a backbone: "shift" for LLaDA, Dream's own timesteps ("uniform") for Dream."""
+    return DREAM_DEFAULT_SCHEDULE if dream else DEFAULT_SCHEDULE
+
+
+def generation_settings(gen_length: int, step_ratio: float = DEFAULT_STEP_RATIO, schedule: str | None = None,
+                        schedule_shift: float = LAVIDA_SCHEDULE_SHIFT, block_length: int | None = None,
+                        dream: bool = False) -> dict:
+    """The sampler arguments of one call for answers of `gen_length` tokens (schedule None: the backbone's
+    `default_schedule`). LLaDA: diffusion_generate's, steps = int(gen_length x step_ratio), one block unless
+    `block_length`. Dream: generate()'s, as LaViDa's Dream evaluation calls its sampler: timesteps for gen_length
+    steps (LaViDa: min(512, gen_length)) of which int(gen_length x step_ratio) run (LaViDa's step_ratio); the
+    algorithm and filters are the folder's generation config (a converted folder: topk_margin, top_k 50)."""
+    schedule = schedule or default_schedule(dream)
+    if dream:
+        return dict(max_new_tokens=gen_length, steps=gen_length, step_ratio=step_ratio, schedule=schedule,
+                    schedule_shift=schedule_shift)
     return dict(gen_length=gen_length, block_length=block_length or gen_length,
                 steps=diffusion_steps(gen_length, step_ratio), schedule=schedule, schedule_shift=schedule_shift)
 
 
+def denoising_steps(settings: dict) -> int:
+    """The diffusion steps a call of `generation_settings` runs: Dream's int(max_new_tokens x step_ratio), LLaDA's
+    steps."""
+    if "step_ratio" in settings:
+        return int(settings["max_new_tokens"] * settings["step_ratio"])
+    return settings["steps"]
+
+
+def check_dream_generation(model, settings: dict, **prefix):
+    """ValueError (the sampler's message, naming the setting) unless the Dream model's sampler takes `settings`
+    (`generation_settings`' Dream arguments) with the prefix settings `prefix` (default: the prefix cache), checked
+    against its generation config before any sample runs."""
+    from lavida_shirg.generation_lavida_shirg import generation_config_of_call
+
+    generation_config_of_call(model.generation_config, None, **settings, **prefix)
+
+
+def generate_answer_ids(model, call: dict):
+    """The answer ids (B, G) of one sampler call (processor outputs + `generation_settings` arguments + prefix
+    settings): LLaDA through diffusion_generate (LaViDa's argument names), Dream through generate (the prompt cut
+    off)."""
+    if is_dream(model):
+        return model.generate(**call)[:, call["input_ids"].shape[1]:]
+    return model.diffusion_generate(**call)
+
+
 def check_sampling(step_ratio, schedule, schedule_shift, names: dict | None = None):
     """ValueError naming the argument (`names` maps step_ratio / schedule / schedule_shift to the caller's
-    argument names, e.g. --step-ratio) unless step_ratio is in (0, 1], schedule one of SCHEDULES and schedule_shift
-    finite and > 0."""
+    argument names, e.g. --step-ratio) unless step_ratio is in (0, 1], schedule None (the backbone's) or one of
+    SCHEDULES and schedule_shift finite and > 0."""
     names = {name: (names or {}).get(name, name) for name in ("step_ratio", "schedule", "schedule_shift")}
     if isinstance(step_ratio, bool) or not isinstance(step_ratio, (int, float)) or not 0 < step_ratio <= 1:
         raise ValueError(f"{names['step_ratio']} must be in (0, 1], got {step_ratio!r}")
-    if schedule not in SCHEDULES:
+    if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"{names['schedule']} must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if (isinstance(schedule_shift, bool) or not isinstance(schedule_shift, (int, float))
             or not (math.isfinite(schedule_shift) and schedule_shift > 0)):

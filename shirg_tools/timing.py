@@ -1,4 +1,5 @@
-"""Timing of `diffusion_generate` split into prefill and diffusion steps, peak memory, and prefix-cache bytes.
+"""Timing of a sampler call (`generate_answer_ids`) split into prefill and diffusion steps, peak memory, and
+prefix-cache bytes.
 
 One call is measured as: start (after a device synchronisation) -> the prefix cache is built (image encoding,
 token selection and the prefill, the model's forward with use_cache=True, seen by a forward hook; synchronised) -> the answer is sampled (synchronised). prefill = cache
@@ -14,6 +15,8 @@ import statistics
 import time
 
 import torch
+
+from shirg_tools.inference import generate_answer_ids
 
 
 @dataclasses.dataclass
@@ -35,9 +38,9 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timed_generate(model, inputs: dict, steps: int, **generate_kwargs):
-    """Run `model.diffusion_generate(**inputs, steps=steps, **generate_kwargs)` with the prefix cache and measure
-    it (see the module docstring). Returns (answer ids, GenerationTiming)."""
+def timed_generate(model, call: dict, steps: int):
+    """Run `generate_answer_ids(model, call)` (inputs and sampler arguments) with the prefix cache and measure it
+    (see the module docstring); `steps`: the diffusion steps the call runs. Returns (answer ids, GenerationTiming)."""
     device = model.device
     marks = {}
 
@@ -53,7 +56,7 @@ def timed_generate(model, inputs: dict, steps: int, **generate_kwargs):
     start = time.perf_counter()
     hook = model.model.register_forward_hook(prefix_cache_built, with_kwargs=True)
     try:
-        answers = model.diffusion_generate(**inputs, steps=steps, use_prefix_cache=True, **generate_kwargs)
+        answers = generate_answer_ids(model, {**call, "use_prefix_cache": True})
     finally:
         hook.remove()
     synchronize(device)

@@ -54,6 +54,36 @@ def build_tiny_model(seed=0, std=0.2, **overrides):
     return model.eval()
 
 
+# the tiny Dream LM with rows for the tiny tokenizer's `<image>` (512) and Dream's ChatML tokens (513, 514)
+TINY_DREAM_VOCAB = 520
+
+
+def tiny_dream_tokenizer():
+    """The tiny tokenizer with Dream's ChatML tokens added: `<|im_start|>` 513, `<|im_end|>` 514."""
+    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def save_tiny_dream_folder(folder, seed=0, **overrides):
+    """A saved tiny LaViDa-Dream folder as the converter writes one (model, Dream's generation config, processor
+    on the "dream" chat format, `<|im_end|>` closing a turn); returns the model."""
+    from lavida_shirg.configuration_lavida_shirg import PRESETS
+    from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+
+    tokenizer = tiny_dream_tokenizer()
+    text_config = {**PRESETS["tiny-dream"]["text_config"], "vocab_size": TINY_DREAM_VOCAB}
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<image>"), ("start_header_token_id", "<|im_start|>"), ("eot_token_id", "<|im_end|>"))}
+    model = build_tiny_model(seed=seed, text_config=text_config, **ids, **overrides)
+    model.save_pretrained(folder)
+    LavidaShirgProcessor.from_config(model.config, tokenizer).save_pretrained(folder)
+    return model
+
+
 def image_batch(config, image_sizes, seed=0):
     """Random pixel_values for the anyres views of images of the given (height, width), and their token counts."""
     generator = torch.Generator().manual_seed(seed)
