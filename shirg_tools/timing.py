@@ -2,7 +2,7 @@
 prefix-cache bytes.
 
 One call is measured as: start (after a device synchronisation) -> the prefix cache is built (image encoding,
-token selection and the prefill, the model's forward with use_cache=True, seen by a forward hook; synchronised) -> the answer is sampled (synchronised). prefill = cache
+token selection and the prefill, the base model's first forward (use_cache=True), seen by a forward hook; synchronised) -> the answer is sampled (synchronised). prefill = cache
 built - start, per step = (end - cache built) / steps, total = end - start. On CUDA every boundary calls
 `torch.cuda.synchronize()`, and the peak is `torch.cuda.max_memory_allocated` after a reset; on CPU there is no
 allocator peak (None). The prefix cache's bytes are read from its tensors (`PrefixCache.nbytes()`: stored tensors
@@ -45,7 +45,7 @@ def timed_generate(model, call: dict, steps: int):
     marks = {}
 
     def prefix_cache_built(module, args, kwargs, output):
-        if kwargs.get("use_cache"):  # the prefill: the first forward of the base model, which fills the cache
+        if "cache" not in marks:  # the prefill: the first forward of the base model, which fills the cache
             synchronize(device)
             marks["prefill_end"] = time.perf_counter()
             marks["cache"] = output.past_key_values

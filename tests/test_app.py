@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, served_app
+from conftest import ROOT, save_tiny_dream_folder, served_app
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -182,6 +182,29 @@ def test_a_browser_runs_an_example_and_shows_the_answers(client, server, example
     assert shown == expected
     with Image.open(SCREENSHOT) as screenshot:
         assert screenshot.format == "PNG" and screenshot.width >= 1000
+
+
+def test_the_backend_runs_a_dream_folder_with_lavidas_dream_sampler(tmp_path):
+    """The app's backend on a saved tiny LaViDa-Dream folder: the "dream" chat format, and per variant the answer of
+    LaViDa's Dream evaluation (topk_margin, top_k 50, one step per token, prefix cache), its token count and cache."""
+    from shirg_tools.demo_backend import TASK, DemoBackend
+
+    save_tiny_dream_folder(tmp_path / "dream", seed=1)
+    backend = DemoBackend.from_folder(tmp_path / "dream", "cpu", "float32")
+    sample = demo_examples(1)[0]
+    jobs = backend.prepare(sample["image"], sample["question"], backend.variants(["pooled", "shirg-fixed"], 40))
+    im_start = backend.processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert backend.processor.chat_format == "dream" and jobs[0].inputs["input_ids"][0, 0] == im_start
+    answers = []
+    for job in jobs:
+        result = backend.run(job)
+        length = job.inputs["input_ids"].shape[1]
+        expected = backend.model.generate(**job.inputs, max_new_tokens=TASK.gen_length, steps=TASK.gen_length,
+                                          alg="topk_margin", top_k=50, use_cache=True)[:, length:]
+        assert result.answer == backend.processor.decode_answers(expected)[0]
+        assert result.image_tokens == job.image_tokens and result.latency_ms > 0 and result.kv_mb > 0
+        answers.append(result.answer)
+    assert jobs[1].image_tokens == 40 and jobs[0].image_tokens > 40
 
 
 def test_cli_errors_name_the_model_argument(tmp_path, monkeypatch, capsys):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import eval as evaluation
+from conftest import save_tiny_dream_folder
 from lavida_shirg.configuration_lavida_shirg import SELECTION_PRESETS
 from shirg_tools.diagnostics import (answer_recall, coverage_kept, gini, pooled_token_area, relevance_lift,
                                      source_views)
@@ -291,6 +292,42 @@ def test_every_call_gets_lavidas_sampler_settings(tmp_path, monkeypatch):
     # a rerun with another shift into the same folder would mix results
     assert run_eval(tmp_path, "--limit", "2", "--variants", "pooled", "--gen-length", "32", "--step-ratio", "0.3",
                     "--schedule-shift", "1") == 2
+
+
+def test_a_dream_folder_runs_lavidas_dream_evaluation(tmp_path, capsys):
+    """eval.py on a saved tiny LaViDa-Dream folder: its calls are LaViDa's Dream evaluation (the folder's
+    topk_margin sampler with top_k 50, timesteps for one step per token, the prefix cache) on the "dream" chat
+    format, batched equal to one by one; LLaDA's shift schedule at one step per token does not fit and is refused."""
+    from shirg_tools.eval_tasks import TASKS, make_sample
+
+    folder = tmp_path / "dream"
+    save_tiny_dream_folder(folder, seed=1)
+    arguments = ["--model", str(folder), "--limit", "3", "--variants", "pooled,shirg-fixed@40", "--overlays", "1"]
+    assert run_eval(tmp_path / "out", *arguments) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tasks"]["synthetic-ocr"]["generation"] == {"max_new_tokens": 4, "steps": 4, "step_ratio": 1.0,
+                                                               "schedule": "uniform", "schedule_shift": 3.0}
+    assert summary["settings"]["schedule"] == "uniform"
+    records = [json.loads(line) for line in lines(tmp_path / "out" / "predictions" / "synthetic-ocr.jsonl")]
+    assert len(records) == 6 and all(r["error"] is None and r["steps"] == 4 for r in records)
+    rows = summary["tasks"]["synthetic-ocr"]["variants"]
+    assert all(row["step_ms"] > 0 and row["kv_mb"] > 0 for row in rows.values())
+
+    run = evaluation.Evaluation(evaluation.parse_args(["--output-dir", str(tmp_path / "unused"), *FAST, *arguments]))
+    assert run.processor.chat_format == "dream"
+    spec, dataset = TASKS["synthetic-ocr"], run.datasets["synthetic-ocr"]
+    for record in records:
+        sample = make_sample(spec, dataset[int(record["id"])], int(record["id"]))
+        inputs = run.processor(images=[sample.image], text=[run.processor.build_prompt(spec.prompt(sample.question))],
+                               **parse_variant(record["variant"]).call_settings())
+        answer = run.model.generate(**inputs, max_new_tokens=4, steps=4, alg="topk_margin", top_k=50,
+                                    use_cache=True)[:, inputs["input_ids"].shape[1]:]
+        assert record["prediction"] == run.processor.decode_answers(answer)[0], record
+    assert len({r["prediction"] for r in records}) > 1
+
+    assert run_eval(tmp_path / "shift", *arguments, "--schedule", "shift") == 2
+    assert ("--step-ratio / --schedule / --gen-length on task synthetic-ocr: schedule='shift' commits at least one "
+            "token per step: 4 steps exceed the 3 masked answer positions") in capsys.readouterr().err
 
 
 BLOCKED_EVAL = """

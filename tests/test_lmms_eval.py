@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 
 import eval as evaluation
 import lavida_shirg_lmms.model as plugin
-from conftest import build_tiny_model
+from conftest import build_tiny_model, save_tiny_dream_folder
 from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 from lavida_shirg_lmms.model import LavidaShirgLmms, variant_of
@@ -88,6 +88,14 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def dream_dir(tmp_path_factory):
+    """A saved tiny LaViDa-Dream folder (Dream's generation config: topk_margin, top_k 50; "dream" chat format)."""
+    folder = tmp_path_factory.mktemp("lmms-dream") / "model"
+    save_tiny_dream_folder(folder, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def lmms_model(model_dir):
     """The plugin as lmms-eval builds it (model_args string + the CLI's batch_size)."""
     return LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},{VARIANT_ARGS},step_ratio=0.5",
@@ -107,11 +115,11 @@ def write_textvqa(folder: Path, answers: list):
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(folder)
 
 
-def run_eval_py(model_dir, data, output) -> tuple:
+def run_eval_py(model_dir, data, output, *extra) -> tuple:
     """eval.py on the local TextVQA copy: {question id: record} of predictions/textvqa.jsonl, and the summary row."""
     assert evaluation.main(["--model", str(model_dir), "--tasks", "textvqa", "--data", f"textvqa={data}",
                             "--variants", VARIANT, "--batch-size", "2", "--overlays", "0", "--no-diagnostics",
-                            "--step-ratio", "0.5", "--device", "cpu", "--output-dir", str(output)]) == 0
+                            "--step-ratio", "0.5", "--device", "cpu", "--output-dir", str(output), *extra]) == 0
     records = [json.loads(line) for line in (output / "predictions" / "textvqa.jsonl").read_text().splitlines()]
     summary = json.loads((output / "summary.json").read_text())
     return {int(r["id"]): r for r in records}, summary["tasks"]["textvqa"]["variants"][parse_variant(VARIANT).label]
@@ -123,7 +131,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_lmms_eval(tmp_path, model_dir, data, name, batch_size, processes=1):
+def start_lmms_eval(tmp_path, model_dir, data, name, batch_size, processes=1, model_args="step_ratio=0.5"):
     """Start `lmms_eval` on the local task (a subprocess; several processes through accelerate launch). Returns what
     `lmms_eval_results` reads."""
     tasks = tmp_path / f"tasks-{name}"
@@ -132,7 +140,7 @@ def start_lmms_eval(tmp_path, model_dir, data, name, batch_size, processes=1):
     (tasks / f"{TASK}_utils.py").write_text(TASK_UTILS)
     output = tmp_path / f"lmms-{name}"
     arguments = ["-m", "lmms_eval", "--model", "lavida_shirg", "--model_args",
-                 f"pretrained={model_dir},dtype=float32,device=cpu,{VARIANT_ARGS},step_ratio=0.5", "--tasks", TASK,
+                 f"pretrained={model_dir},dtype=float32,device=cpu,{VARIANT_ARGS},{model_args}", "--tasks", TASK,
                  "--include_path", str(tasks), "--batch_size", str(batch_size), "--log_samples", "--output_path",
                  str(output)]
     if processes > 1:
@@ -192,6 +200,23 @@ def test_lmms_eval_reports_eval_py_predictions_and_scores_in_one_and_two_process
     assert {d: (s["filtered_resps"], s["exact_match"]) for d, s in double_samples.items()} == {
         d: (s["filtered_resps"], s["exact_match"]) for d, s in single_samples.items()}
     assert double["exact_match,none"] == pytest.approx(single["exact_match,none"], abs=1e-12)
+
+
+def test_lmms_eval_on_a_dream_folder_reports_eval_py_predictions(dream_dir, tmp_path):
+    """A LaViDa-Dream folder through lmms-eval's command line (LaViDa's COCO settings: step_ratio 0.5, the shift
+    schedule with shift 0.33) and through eval.py with the same settings: the same answers and scores."""
+    write_textvqa(tmp_path / "first", [["-"] * 10] * len(QUESTIONS))
+    predictions, _ = run_eval_py(dream_dir, tmp_path / "first", tmp_path / "eval-first", "--schedule", "shift",
+                                 "--schedule-shift", "0.33")
+    answers = [[predictions[i]["prediction"]] * i + ["zzz"] * (10 - i) for i in range(len(QUESTIONS))]
+    write_textvqa(tmp_path / "data", answers)
+    started = start_lmms_eval(tmp_path, dream_dir, tmp_path / "data", "dream", batch_size=4,
+                              model_args="step_ratio=0.5,schedule=shift,schedule_shift=0.33")
+    result, samples, _ = lmms_eval_results(started)
+    assert len({sample["filtered_resps"] for sample in samples.values()}) > 1
+    for doc_id, sample in samples.items():
+        assert sample["filtered_resps"] == predictions[doc_id]["prediction"], doc_id
+    assert [samples[i]["exact_match"] for i in sorted(samples)] == pytest.approx([0, 0.3, 0.6, 0.9, 1, 1])
 
 
 # ---- registration, batching, answer lengths ------------------------------------------------------------------------
@@ -292,6 +317,84 @@ def test_generate_until_batches_with_lavidas_per_task_lengths(lmms_model, model_
     calls.clear()
     fixed.generate_until(requests)
     assert [(size, call["gen_length"], call["steps"]) for size, call in calls] == [(7, 4, 4)]
+
+
+def lavida_dream_answers(plugin, requests, **settings) -> list:
+    """The answers LaViDa's Dream evaluation gives: generate with its settings (alg topk_margin, Dream's top_k 50,
+    the prefix cache, timesteps for one step per answer token, `settings`) on each request's prompt, one by one."""
+    answers = []
+    for request in requests:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        images = [image.convert("RGB") for image in doc_to_visual(plugin.task_dict[task][split][doc_id])]
+        inputs = plugin.processor(images=[images], text=[plugin.processor.build_prompt(context)],
+                                  **plugin.variant.call_settings())
+        length = plugin.answer_length(task, gen_kwargs)
+        sequences = plugin.model.generate(**inputs, max_new_tokens=length, steps=length,
+                                          **{"alg": "topk_margin", "top_k": 50, "use_cache": True, **settings})
+        answers.append(plugin.processor.decode_answers(sequences[:, inputs["input_ids"].shape[1]:])[0])
+    return answers
+
+
+@pytest.mark.parametrize("model_args, settings", [
+    ("", {}),  # eval/run_dream.sh: alg=topk_margin,prefix_lm=True
+    (",step_ratio=0.5,schedule=shift,schedule_shift=0.33", dict(step_ratio=0.5, schedule="shift",
+                                                                 schedule_shift=0.33)),  # eval/run_coco_dream.sh
+    (",alg=entropy,step_ratio=0.75", dict(step_ratio=0.75, alg="entropy")),
+], ids=["run_dream", "run_coco_dream", "entropy"])
+def test_generate_until_on_a_dream_folder_runs_lavidas_dream_evaluation(dream_dir, calls, model_args, settings):
+    plugin = LavidaShirgLmms.create_from_arg_string(f"pretrained={dream_dir},{VARIANT_ARGS}{model_args}",
+                                                    {"batch_size": "3"})
+    plugin.task_dict = tiny_tasks()
+    requests = [request("textvqa_val", i) for i in range(4)] + [request("chartqa", 0, {"max_new_tokens": 8})]
+    answers = plugin.generate_until(requests)
+    ratio = settings.get("step_ratio", 1.0)
+    assert [(size, call["max_new_tokens"], call["steps"], call["step_ratio"]) for size, call in calls] == [
+        (3, 16, 16, ratio), (1, 16, 16, ratio), (1, 8, 8, ratio)]
+    assert all((call["schedule"], call["schedule_shift"], call["do_sample"], call["use_prefix_cache"]) ==
+               (settings.get("schedule", "uniform"), settings.get("schedule_shift", 3.0), False, True)
+               for _, call in calls)
+    assert "block_length" not in calls[0][1] and "remasking" not in calls[0][1]
+    assert answers == lavida_dream_answers(plugin, requests, **settings)
+    assert len(set(answers)) > 1
+
+
+def test_dream_filters_of_a_task_reach_the_dream_sampler(dream_dir, calls):
+    plugin = LavidaShirgLmms.create_from_arg_string(f"pretrained={dream_dir}")
+    plugin.task_dict = tiny_tasks()
+    filtered = [request("textvqa_val", i, {"top_p": 0.5, "top_k": 3}) for i in range(2)]
+    assert plugin.generate_until(filtered) == lavida_dream_answers(plugin, filtered, top_p=0.5, top_k=3)
+    assert calls[0][1]["top_p"] == 0.5 and calls[0][1]["top_k"] == 3
+    with pytest.raises(ValueError, match=r"task 'textvqa_val' gen_kwargs top_p=0: Dream's top-p filter would keep "
+                                         r"one token per position"):
+        plugin.generate_until([request("textvqa_val", 0, {"top_p": 0})])
+
+
+@pytest.mark.parametrize("folder, model_args, message", [
+    ("dream_dir", "block_length=8", "block_length is a setting of LLaDA's sampler, and '{folder}' holds a Dream "
+                                    "model (its sampler: alg, step_ratio, schedule)"),
+    ("dream_dir", "remasking=random,block_length=8", "block_length, remasking are settings of LLaDA's sampler"),
+    ("model_dir", "alg=entropy", "alg is a setting of Dream's sampler, and '{folder}' holds a LLaDA model (its "
+                                 "sampler: block_length, remasking, schedule)"),
+    ("dream_dir", "alg=greedy", "alg must be one of origin, maskgit_plus, topk_margin, entropy, got 'greedy'"),
+])
+def test_sampler_keys_of_the_other_backbone_are_refused(request, folder, model_args, message):
+    folder = request.getfixturevalue(folder)
+    with pytest.raises(ValueError) as refused:
+        LavidaShirgLmms.create_from_arg_string(f"pretrained={folder},{model_args}")
+    assert message.format(folder=folder) in str(refused.value)
+
+
+def test_dream_step_settings_that_do_not_fit_are_refused_before_any_sample(dream_dir, calls):
+    shifted = LavidaShirgLmms.create_from_arg_string(f"pretrained={dream_dir},schedule=shift")
+    shifted.task_dict = tiny_tasks()
+    with pytest.raises(ValueError, match=r"task 'textvqa_val': schedule='shift' commits at least one token per step: "
+                                         r"16 steps exceed the 15 masked answer positions"):
+        shifted.generate_until([request("textvqa_val", 0)])
+    fewer = LavidaShirgLmms.create_from_arg_string(f"pretrained={dream_dir},step_ratio=0.1")
+    fewer.task_dict = tiny_tasks()
+    with pytest.raises(ValueError, match=r"task 'chartqa': step_ratio=0.1 runs int\(max_new_tokens x step_ratio\) = 0"):
+        fewer.generate_until([request("textvqa_val", 0), request("chartqa", 0, {"max_new_tokens": 8})])
+    assert calls == []
 
 
 def lmms_eval_task(task: str) -> tuple:
@@ -409,9 +512,11 @@ def test_tasks_without_a_known_length_and_blocks_that_do_not_fit_are_refused(lmm
     assert calls == []
 
 
-def test_loglikelihood_scores_each_choice_with_the_models_estimate(model_dir):
+@pytest.mark.parametrize("folder", ["model_dir", "dream_dir"], ids=["llada", "dream"])
+def test_loglikelihood_scores_each_choice_with_the_models_estimate(request, folder):
     """A local multiple-choice task: every (context, choice) request gets model.log_likelihood's value for the same
-    prompt, images, continuation ids and seed, and the choices of one question differ."""
+    prompt, images, continuation ids and seed, and the choices of one question differ (both backbones)."""
+    model_dir = request.getfixturevalue(folder)
     scorer = LavidaShirgLmms.create_from_arg_string(f"pretrained={model_dir},mc_num=4,mc_batch_size=2,seed=3")
     scorer.task_dict = tiny_tasks()
     choices = [" red", " blue", " a green sign"]

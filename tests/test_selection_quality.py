@@ -140,6 +140,22 @@ def test_harness_on_the_tiny_preset(tmp_path, capsys):
     assert again["photo"][0]["recall"] == rows["photo"][2]["recall"]
 
 
+def test_harness_on_a_dream_folder(tmp_path):
+    """The harness loads a LaViDa-Dream folder (its "dream" prompts give relevance its question): the pixel-contrast
+    row, which reads pixels only, measures what it measures on the tiny LLaDA preset; the relevance row runs."""
+    import bench_selection_quality
+    from conftest import save_tiny_dream_folder
+
+    save_tiny_dream_folder(tmp_path / "dream", seed=1)
+    variants = ["--variants", "shirg-fixed:relevance_weight=0:detail_weight=1:detail_term=pixel-contrast:"
+                "coverage_region_size=1,shirg-fixed:relevance_weight=1:detail_weight=0:coverage_region_size=1"]
+    common = ["--sets", "synthetic", "--images", "2", "--budgets", "32", "--only-extra", "--threads", "1", *variants]
+    dream = bench_selection_quality.main(["--model", str(tmp_path / "dream"), *common])["synthetic"]
+    llada = bench_selection_quality.main(common)["synthetic"]
+    assert dream[0]["auc"] == llada[0]["auc"] > 0.7 and dream[0]["recall"] == llada[0]["recall"]
+    assert 0 <= dream[1]["auc"] <= 1 and 0 <= dream[1]["recall"][32] <= 1
+
+
 def test_photo_set_is_deterministic_with_ink_on_its_text():
     from shirg_tools.photo_text import REAL_TEXT, photo_set, photo_sample
 
