@@ -246,3 +246,44 @@ def test_dream_chat_format(tmp_path):
                              chat_format="chatml")
     with pytest.raises(ValueError, match="eot_token_id"):  # LLaDA's format wants <|eot_id|>
         LavidaShirgProcessor(processor.image_processor, processor.tokenizer, 512, 4, 2048, 0, 0, 514)
+
+
+LAVIDA_DREAM_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                       "that the user provides, and assist the user with a variety of tasks using natural language.")
+
+
+def lavida_dream_prompt(turns: list) -> str:
+    """LaViDa's `dream` conversation (llava/conversation.py: LLAMA_3 style, so Dream's tokenizer renders it) for
+    `turns` [(role, text)], restated: its system message, then each turn, then the open assistant turn, in Qwen2's
+    ChatML ("<|im_start|>" role newline text "<|im_end|>" newline). Its lmms-eval model puts "<image>" and a newline in
+    front of the question."""
+    messages = [("system", LAVIDA_DREAM_SYSTEM), *turns]
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in messages) + "<|im_start|>assistant\n"
+
+
+def test_dream_prompts_equal_lavidas_dream_conversation():
+    from PIL import Image
+
+    processor = dream_processor()
+    for question in ["What is written?", "Line one\nline two: 3 + 4 = ?", "  spaced  "]:
+        assert processor.build_prompt(question) == lavida_dream_prompt([("user", "<image>\n" + question)])
+    image = Image.new("RGB", (40, 30))
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Who?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert rendered == lavida_dream_prompt([("user", "<image>\nWho?"), ("assistant", "A cat."),
+                                            ("user", "And its colour?")])
+    # tokenized: the ChatML markers are the tokenizer's special tokens (no bos in front, as Qwen2's ChatML)
+    ids = processor(images=[image], text=[rendered])["input_ids"][0].tolist()
+    im_start, im_end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert ids.count(im_start) == 5 and ids.count(im_end) == 4 and ids[0] == im_start
+
+
+def test_dream_token_ids_are_qwen2s_chatml_ids():
+    """The real preset's ids: Qwen2's <|endoftext|> 151643 (eos, pad), <|im_start|> 151644, <|im_end|> 151645 (the end
+    of a turn), its newline 198 (a ChatML header's end), Dream's <|beginoftext|> 151665 and <|mask|> 151666."""
+    real = ShirgConfig.from_preset("lavida-dream")
+    assert (real.eos_token_id, real.pad_token_id, real.start_header_token_id, real.eot_token_id,
+            real.end_header_token_id, real.bos_token_id, real.mask_token_id) == (
+        151643, 151643, 151644, 151645, 198, 151665, 151666)
