@@ -38,8 +38,9 @@ from shirg_tools.diagnostics import variant_diagnostics
 from shirg_tools.eval_tasks import (TASKS, TaskError, load_task_dataset, make_sample, parse_task_names,
                                     synthetic_config)
 from shirg_tools.inference import (DEFAULT_STEP_RATIO, DTYPES, check_device, check_dream_generation,
-                                   check_sampling, check_variant, default_schedule, denoising_steps, generation_settings, high_resolution_tokens,
-                                   is_dream, load_pretrained, model_folder, resolve_dtype)
+                                   check_sampling, check_variant, default_schedule, denoising_steps,
+                                   generation_settings, high_resolution_tokens, is_dream, load_pretrained,
+                                   model_folder, resolve_dtype)
 from shirg_tools.metrics import METRICS, exact_match
 from shirg_tools.output_folder import FolderLock, write_atomic
 from shirg_tools.overlays import contact_sheet, variant_panel

@@ -59,7 +59,7 @@ def transfer_schedule(num_masked, steps, eps=DREAM_EPS, run_steps=None, schedule
     return counts, torch.cat((ratio[:-1], torch.ones(1)))
 
 
-def denoising_steps(sampler) -> int:
+def run_steps(sampler) -> int:
     """The steps Dream's sampler runs: int(gen_length * step_ratio) with LaViDa's step_ratio, else `steps`."""
     if sampler["step_ratio"] is None:
         return sampler["steps"]
@@ -77,17 +77,18 @@ def check_dream_steps(sampler, num_masked, names=None):
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
             raise ValueError(f"step_ratio must be a finite number > 0 (or None), got {ratio!r}")
-        run = denoising_steps(sampler)
+        run = run_steps(sampler)
         if not 1 <= run <= sampler["steps"]:
-            raise ValueError(f"step_ratio={ratio!r} runs int({names['gen_length']} x step_ratio) = {run} steps: it must "
-                             f"be between 1 and {names['steps']} ({sampler['steps']}), the timesteps LaViDa builds")
+            raise ValueError(f"step_ratio={ratio!r} runs int({names['gen_length']} x step_ratio) = {run} steps: it "
+                             f"must be between 1 and {names['steps']} ({sampler['steps']}), the timesteps LaViDa "
+                             "builds")
     if sampler["schedule"] == "shift":
         if sampler["alg"] == "origin":
             raise ValueError("schedule='shift' sets how many tokens each step commits; alg='origin' commits each "
                              "masked position with probability 1 - t_{s+1} / t_s and never reads it: pass another "
                              "alg or schedule='uniform'")
-        if denoising_steps(sampler) > num_masked:
-            raise ValueError(f"schedule='shift' commits at least one token per step: {denoising_steps(sampler)} steps "
+        if run_steps(sampler) > num_masked:
+            raise ValueError(f"schedule='shift' commits at least one token per step: {run_steps(sampler)} steps "
                              f"exceed the {num_masked} masked answer positions (with the prefix cache the prefill "
                              f"fixes the first answer token): run fewer steps ({names['steps']} or step_ratio)")
 
@@ -159,7 +160,7 @@ def run_dream_sampler(answer_logits, first_token, batch, vocab_size, sampler, ma
     if first_token is not None:
         canvas[:, 0] = first_token
     num_masked = gen_length - (first_token is not None)
-    counts, probabilities = transfer_schedule(num_masked, sampler["steps"], sampler["eps"], denoising_steps(sampler),
+    counts, probabilities = transfer_schedule(num_masked, sampler["steps"], sampler["eps"], run_steps(sampler),
                                               sampler["schedule"], sampler["schedule_shift"])
     counts = torch.tensor(counts).to(device, non_blocking=True).unbind()  # 0-d tensors: the loop reads nothing back
     probabilities = probabilities.to(device, non_blocking=True).unbind()

@@ -222,13 +222,14 @@ class LavidaShirgLmms(lmms):
             raise ValueError(f"{MODEL_NAME}: pretrained=FOLDER is required (a converted lavida_shirg model folder)")
         folder = model_folder(Path(str(pretrained)), "pretrained")
         self.dream = folder_is_dream(folder)
-        wrong = ({"block_length": block_length, "remasking": remasking} if self.dream else {"alg": alg})
-        wrong = [name for name, value in wrong.items() if value is not None]
-        if wrong:
-            raise ValueError(f"{MODEL_NAME}: {', '.join(wrong)} {'is a setting' if len(wrong) == 1 else 'are settings'} "
-                             f"of {'LLaDA' if self.dream else 'Dream'}'s sampler, and {str(folder)!r} holds a "
-                             f"{'Dream' if self.dream else 'LLaDA'} model (its sampler: "
-                             f"{'alg, step_ratio, schedule' if self.dream else 'block_length, remasking, schedule'})")
+        other = {"block_length": block_length, "remasking": remasking} if self.dream else {"alg": alg}
+        wrong = [name for name, value in other.items() if value is not None]
+        if wrong:  # a sampler key of the other backbone
+            owner, backbone, keys = (("LLaDA", "Dream", "alg, step_ratio, schedule") if self.dream else
+                                     ("Dream", "LLaDA", "block_length, remasking, schedule"))
+            verb = "is a setting" if len(wrong) == 1 else "are settings"
+            raise ValueError(f"{MODEL_NAME}: {', '.join(wrong)} {verb} of {owner}'s sampler, and {str(folder)!r} "
+                             f"holds a {backbone} model (its sampler: {keys})")
         self.schedule, self.alg = schedule or default_schedule(self.dream), alg
         requested = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
         dtype_name = resolve_dtype(dtype, requested, "dtype")

@@ -18,6 +18,7 @@ from lavida_shirg.masked_diffusion import LAVIDA_SCHEDULE_SHIFT, SCHEDULES
 DEFAULT_STEP_RATIO = 1.0  # one answer token per step, as LaViDa evaluates
 DEFAULT_SCHEDULE = "shift"  # LaViDa's LLaDA schedule (with LAVIDA_SCHEDULE_SHIFT)
 DREAM_DEFAULT_SCHEDULE = "uniform"  # Dream's own timesteps, as LaViDa's eval/run_dream.sh (no schedule)
+DREAM_EVAL_STEPS = 512  # LaViDa's LlavaDream.generate: steps=512, capped at the answer length by Dream's _sample
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on CUDA, float32 on CPU
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -48,12 +49,14 @@ def generation_settings(gen_length: int, step_ratio: float = DEFAULT_STEP_RATIO,
                         dream: bool = False) -> dict:
     """The sampler arguments of one call for answers of `gen_length` tokens (schedule None: the backbone's
     `default_schedule`). LLaDA: diffusion_generate's, steps = int(gen_length x step_ratio), one block unless
-    `block_length`. Dream: generate()'s, as LaViDa's Dream evaluation calls its sampler: timesteps for gen_length
-    steps (LaViDa: min(512, gen_length)) of which int(gen_length x step_ratio) run (LaViDa's step_ratio); the
-    algorithm and filters are the folder's generation config (a converted folder: topk_margin, top_k 50)."""
+    `block_length`. Dream: generate()'s, as LaViDa's Dream evaluation calls its sampler: timesteps for
+    min(512, gen_length) steps, of which int(gen_length x step_ratio) run (LaViDa's step_ratio; 1.0 passes none,
+    as its eval/run_dream.sh); the algorithm and filters are the folder's generation config (a converted folder:
+    topk_margin, top_k 50)."""
     schedule = schedule or default_schedule(dream)
     if dream:
-        return dict(max_new_tokens=gen_length, steps=gen_length, step_ratio=step_ratio, schedule=schedule,
+        return dict(max_new_tokens=gen_length, steps=min(DREAM_EVAL_STEPS, gen_length),
+                    step_ratio=None if step_ratio == DEFAULT_STEP_RATIO else step_ratio, schedule=schedule,
                     schedule_shift=schedule_shift)
     return dict(gen_length=gen_length, block_length=block_length or gen_length,
                 steps=diffusion_steps(gen_length, step_ratio), schedule=schedule, schedule_shift=schedule_shift)
@@ -62,7 +65,7 @@ def generation_settings(gen_length: int, step_ratio: float = DEFAULT_STEP_RATIO,
 def denoising_steps(settings: dict) -> int:
     """The diffusion steps a call of `generation_settings` runs: Dream's int(max_new_tokens x step_ratio), LLaDA's
     steps."""
-    if "step_ratio" in settings:
+    if settings.get("step_ratio") is not None:
         return int(settings["max_new_tokens"] * settings["step_ratio"])
     return settings["steps"]
 

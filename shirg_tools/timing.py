@@ -2,10 +2,10 @@
 prefix-cache bytes.
 
 One call is measured as: start (after a device synchronisation) -> the prefix cache is built (image encoding,
-token selection and the prefill, the base model's first forward (use_cache=True), seen by a forward hook; synchronised) -> the answer is sampled (synchronised). prefill = cache
-built - start, per step = (end - cache built) / steps, total = end - start. On CUDA every boundary calls
-`torch.cuda.synchronize()`, and the peak is `torch.cuda.max_memory_allocated` after a reset; on CPU there is no
-allocator peak (None). The prefix cache's bytes are read from its tensors (`PrefixCache.nbytes()`: stored tensors
+token selection and the prefill, the base model's first forward (use_cache=True), seen by a forward hook;
+synchronised) -> the answer is sampled (synchronised). prefill = cache built - start, per step = (end - cache
+built) / steps, total = end - start. On CUDA every boundary calls `torch.cuda.synchronize()`, and the peak is
+`torch.cuda.max_memory_allocated` after a reset; on CPU there is no allocator peak (None). The prefix cache's bytes are read from its tensors (`PrefixCache.nbytes()`: stored tensors
 and scales on every device), and the bytes the same tensors take in the compute dtype give the saving of
 `kv_cache_dtype`.
 """

@@ -305,7 +305,7 @@ def test_a_dream_folder_runs_lavidas_dream_evaluation(tmp_path, capsys):
     arguments = ["--model", str(folder), "--limit", "3", "--variants", "pooled,shirg-fixed@40", "--overlays", "1"]
     assert run_eval(tmp_path / "out", *arguments) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["tasks"]["synthetic-ocr"]["generation"] == {"max_new_tokens": 4, "steps": 4, "step_ratio": 1.0,
+    assert summary["tasks"]["synthetic-ocr"]["generation"] == {"max_new_tokens": 4, "steps": 4, "step_ratio": None,
                                                                "schedule": "uniform", "schedule_shift": 3.0}
     assert summary["settings"]["schedule"] == "uniform"
     records = [json.loads(line) for line in lines(tmp_path / "out" / "predictions" / "synthetic-ocr.jsonl")]

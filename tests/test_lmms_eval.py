@@ -347,7 +347,7 @@ def test_generate_until_on_a_dream_folder_runs_lavidas_dream_evaluation(dream_di
     plugin.task_dict = tiny_tasks()
     requests = [request("textvqa_val", i) for i in range(4)] + [request("chartqa", 0, {"max_new_tokens": 8})]
     answers = plugin.generate_until(requests)
-    ratio = settings.get("step_ratio", 1.0)
+    ratio = settings.get("step_ratio")
     assert [(size, call["max_new_tokens"], call["steps"], call["step_ratio"]) for size, call in calls] == [
         (3, 16, 16, ratio), (1, 16, 16, ratio), (1, 8, 8, ratio)]
     assert all((call["schedule"], call["schedule_shift"], call["do_sample"], call["use_prefix_cache"]) ==
