@@ -232,3 +232,169 @@ def test_dream_refuses_drafts():
     dream = build_tiny_model(seed=1, text_config=dict(PRESETS["tiny-dream"]["text_config"]))
     with pytest.raises(ValueError, match="LaViDa has no FIM for Dream"):
         dream.generate(**one_prompt(dream), draft_ids=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=8)
+
+
+# ---- FIM training data and the training forward ----------------------------------------------------------------
+
+FIM, FILL = "<|reserved_token_1|>", "<|reserved_token_2|>"
+
+
+def lavida_infill_answer(content):
+    """LaViDa's train.py (IS_INFILLE_MODEL) + infill_utils.insert_infill_substrings, restated on the global numpy
+    RNG: 80% of the answers of more than 3 words, N = min(max(5, int(0.1 n)), 10), n ~ randint(1, N + 1) sorted
+    distinct boundaries of range(1, len(words)), k ~ randint(0, K + 1) fillers then the marker, joined by spaces."""
+    n_words = len(content.split())
+    if not (n_words > 3 and np.random.rand() < 0.8):
+        return content
+    N = min(max(5, int(n_words * 0.1)), 10)
+    words = content.split()
+    n = np.random.randint(1, N + 1)
+    if len(words) < 2 or n == 0:
+        return content
+    insert_positions = sorted(np.random.choice(range(1, len(words)), size=min(n, len(words) - 1), replace=False))
+    result = []
+    for i, word in enumerate(words):
+        result.append(word)
+        if i + 1 in insert_positions:
+            k = np.random.randint(0, 5 + 1)
+            result.append("".join([FILL] * k + [FIM]) if k > 0 else FIM)
+    return " ".join(result)
+
+
+ANSWERS = ["Yes", "a red box", "The quick brown fox jumps", "one two three four",
+           "A long answer\nwith   several lines and many words " * 8, " ".join(map(str, range(150)))]
+
+
+def test_fim_answers_equal_lavidas_rule_under_the_same_draws():
+    from shirg_tools.training_data import insert_infill_markers
+
+    changed = 0
+    for seed in range(40):
+        for answer in ANSWERS:
+            np.random.seed(seed)
+            expected = lavida_infill_answer(answer)
+            ours = insert_infill_markers(answer, np.random.RandomState(seed), FIM, FILL)
+            assert ours == expected, (seed, answer)
+            changed += ours != answer
+    assert changed > 40
+
+
+def test_fim_answers_follow_the_rule():
+    """Distribution over seeds of a 30-word answer: changed 80% of the time; 1..5 markers at distinct word
+    boundaries; 0..5 fillers before each, uniform; the words unchanged and in order; short answers never change."""
+    from shirg_tools.training_data import insert_infill_markers
+
+    words = [f"w{i}" for i in range(30)]
+    answer = " ".join(words)
+    markers, fills, changed = [], [], 0
+    for seed in range(2000):
+        out = insert_infill_markers(answer, np.random.RandomState(seed), FIM, FILL)
+        pieces = out.split(" ")
+        assert [p for p in pieces if FIM not in p] == words
+        inserted = [p for p in pieces if FIM in p]
+        assert all(p == FILL * p.count(FILL) + FIM for p in inserted)
+        assert pieces[0] == words[0] and FIM not in pieces[-1] or not inserted
+        changed += bool(inserted)
+        if inserted:
+            markers.append(len(inserted))
+            fills += [p.count(FILL) for p in inserted]
+        assert insert_infill_markers("a b c", np.random.RandomState(seed), FIM, FILL) == "a b c"
+    assert abs(changed / 2000 - 0.8) < 0.03
+    assert set(markers) == {1, 2, 3, 4, 5} and max(np.bincount(markers)[1:]) / min(np.bincount(markers)[1:]) < 1.3
+    assert set(fills) == set(range(6))
+    assert np.allclose(np.bincount(fills) / len(fills), 1 / 6, atol=0.02)
+    # N grows with the answer: 150 words give up to 10 markers
+    long = [insert_infill_markers(ANSWERS[-1], np.random.RandomState(s), FIM, FILL).count(FIM) for s in range(300)]
+    assert max(long) == 10
+
+
+def tiny_processor(model=None):
+    from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
+    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
+
+    return LavidaShirgProcessor.from_config(ShirgConfig.from_preset("tiny") if model is None else model.config,
+                                            build_tiny_tokenizer())
+
+
+def test_fim_answers_encode_their_markers_as_lavida_tokenizes_them():
+    processor = tiny_processor()
+    answer = f"the red {FILL}{FILL}{FIM} box is <|eot_id|> here {FIM} now"
+    ids = processor.encode_answer(answer, fim_tokens=True)
+    lavida = processor.tokenizer(answer.replace("<|eot_id|>", ""), add_special_tokens=False)["input_ids"]
+    assert ids.count(192) == 2 and ids.count(193) == 2 and ids[-1] == processor.eot_token_id
+    # LaViDa tokenizes the whole string, special tokens parsed; a literal <|eot_id|> in the answer stays text here
+    plain = processor.encode_answer(answer.replace("<|eot_id|>", ""), fim_tokens=True)
+    assert plain[:-1] == lavida
+    assert 5 not in ids[:-1], "other special-token strings stay text"
+    assert 192 not in processor.encode_answer(answer), "without fim_tokens the markers are text"
+
+
+def test_fim_training_source_and_batches(tmp_path):
+    """train.py --fim: FimAnswers over the source (seeded by seed and index), answers encoded with the marker ids,
+    labels holding them; the trainer's item count leaves the markers out; one training step runs."""
+    import datasets
+    from PIL import Image
+
+    import train
+
+    rows = 4
+    images = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(rows)]
+    answers = [[" ".join(f"word{j}" for j in range(12 + i))] for i in range(rows)]
+    datasets.Dataset.from_dict({"image": images, "question": ["Describe it."] * rows, "answers": answers}
+                               ).save_to_disk(str(tmp_path / "vqa"))
+    common = ["--data_format", "vqa", "--data_path", str(tmp_path / "vqa"), "--per_device_train_batch_size", "2",
+              "--use_cpu", "--dataloader_num_workers", "0", "--save_steps", "1000", "--max_steps", "1",
+              "--budgets", "pooled", "--seed", "3"]
+    run = train.build_run([*common, "--output_dir", str(tmp_path / "out"), "--fim"])
+    dataset = run.trainer.train_dataset
+    with_markers = [dataset[i]["answer"].count(192) for i in range(rows)]
+    assert sum(with_markers) > 0
+    again = train.build_run([*common, "--output_dir", str(tmp_path / "out2"), "--fim"]).trainer.train_dataset
+    assert [again[i]["answer"] for i in range(rows)] == [dataset[i]["answer"] for i in range(rows)]
+    labels = torch.tensor([[-100, 7, 192, 193, 192, 8], [-100, -100, 9, 192, 10, 11]])
+    assert int(run.trainer._get_num_items_in_batch([{"labels": labels}], "cpu")) == 6
+    run.release()
+    summary = train.main([*common, "--output_dir", str(tmp_path / "trained"), "--fim"])
+    assert summary["steps"] == 1 and np.isfinite(summary["last_logged_loss"])
+
+
+def test_fim_needs_fim_tokens(tmp_path):
+    import train
+
+    overrides = '{"fim_token_id": null, "fill_token_id": null}'
+    with pytest.raises(ValueError, match="--fim needs a model whose config has fim_token_id"):
+        train.build_run(["--use_cpu", "--output_dir", str(tmp_path / "out"), "--fim", "--config_overrides",
+                         overrides])
+
+
+def test_the_fim_marker_is_never_masked_nor_predicted_and_fillers_are_targets(model):
+    """forward(labels=...) with FIM markers in the labels: the loss equals an independent computation in which the
+    masks are drawn over the targets without the markers (same draws), the markers keep their embedding in both
+    copies, are never predicted and do not count in the denominator."""
+    config = model.config
+    pixel_values, image_sizes, counts = image_batch(config, [(40, 70), (64, 30)], seed=2)
+    input_ids, padding = prompt_ids(config, counts, [6, 9], seed=2, pad_left=False)
+    fim, fill = config.fim_token_id, config.fill_token_id
+    answer = torch.tensor([[21, fill, fill, fim, 23, fim, config.eot_token_id, 0],
+                           [31, fim, 32, fill, fim, config.eot_token_id, 0, 0]])
+    input_ids = torch.cat((input_ids, answer), 1)
+    padding = torch.cat((padding, torch.ones_like(answer)), 1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer.shape[1]:] = answer
+    batch = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
+    out = model(**batch, labels=labels, output_logits=True, generator=torch.Generator().manual_seed(5))
+    markers = labels == fim
+    assert not out.diffusion_masks[markers.repeat(2, 1)].any(), "a marker is masked in neither copy"
+    from lavida_shirg.masked_diffusion import sample_complementary_masks
+
+    targets = (labels != -100) & ~markers
+    masked, complement, _ = sample_complementary_masks(targets, config.min_mask_probability,
+                                                       torch.Generator().manual_seed(5))
+    assert torch.equal(out.diffusion_masks, torch.cat((masked, complement)))
+    total = 0.0
+    with torch.no_grad():
+        for copy in (masked, complement):
+            logits = model(**dict(batch, input_ids=input_ids.masked_fill(copy, config.mask_token_id))).logits
+            total = total + F.cross_entropy(logits[copy], labels[copy], reduction="sum")
+    torch.testing.assert_close(out.loss, total / targets.sum(), atol=1e-5, rtol=1e-5)
+    assert (masked | complement)[labels == fill].all(), "fillers are targets"
