@@ -398,3 +398,90 @@ def test_the_fim_marker_is_never_masked_nor_predicted_and_fillers_are_targets(mo
             total = total + F.cross_entropy(logits[copy], labels[copy], reduction="sum")
     torch.testing.assert_close(out.loss, total / targets.sum(), atol=1e-5, rtol=1e-5)
     assert (masked | complement)[labels == fill].all(), "fillers are targets"
+
+
+# ---- config and processor --------------------------------------------------------------------------------------
+
+
+def test_fim_token_ids_of_the_presets_and_their_checks():
+    assert (ShirgConfig.from_preset("lavida-llada").fim_token_id, ShirgConfig.from_preset("lavida-llada").fill_token_id
+            ) == (126085, 126086)
+    assert (ShirgConfig.from_preset("tiny").fim_token_id, ShirgConfig.from_preset("reader").fill_token_id) == (192, 193)
+    assert ShirgConfig.from_preset("tiny-dream").fim_token_id is None
+    assert ShirgConfig.from_preset("lavida-dream").fim_token_id is None and ShirgConfig().fim_token_id is None
+    for overrides, message in [
+        (dict(fill_token_id=None), "set together"),
+        (dict(fim_token_id=600), r"fim_token_id must be a token of the LM vocabulary \[0, 512\)"),
+        (dict(fill_token_id=2), "fill_token_id must be a token of the LM vocabulary"),
+        (dict(fim_token_id=193), "must differ"),
+        (dict(fim_token_id="192"), "fim_token_id must be"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ShirgConfig.from_preset("tiny", **overrides)
+
+
+def test_drafts_become_right_padded_draft_ids():
+    from PIL import Image
+
+    processor = tiny_processor()
+    tokenizer = processor.tokenizer
+    image = Image.new("RGB", (40, 30))
+    prompt = processor.build_prompt("Describe it.")
+    text = "Sure<|mdm_mask|><|mdm_mask|><|reserved_token_1|>\n<|eot_id|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[-5:] == [2, 2, 192, 204, 5]
+    single = processor(images=[image, image], text=[prompt, prompt], draft=text)["draft_ids"]
+    assert single.tolist() == [ids, ids] and single.dtype == torch.int64
+    both = processor(images=[image, image], text=[prompt, prompt], draft=[text, "a b"])["draft_ids"]
+    short = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    assert both.tolist() == [ids, short + [2] * (len(ids) - len(short))]
+    for as_ids in ([7, 2, 192], np.array([[7, 2, 192]]), torch.tensor([7, 2, 192]), [[7, 2, 192]]):
+        assert processor(images=image, text=prompt, draft=as_ids)["draft_ids"].tolist() == [[7, 2, 192]]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi?"}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", processor_kwargs={"draft": text})
+    assert chat["draft_ids"].tolist() == [ids]
+
+
+@pytest.mark.parametrize("call,message", [
+    (dict(draft=["a", "b", "c"]), "`draft` must be a string, a list of non-negative token ids, or one of these per "
+                                  r"prompt \(2 prompts\)"),
+    (dict(draft=[1.5, 2]), "`draft` must be"),
+    (dict(draft=[-1, 2]), "`draft` must be"),
+    (dict(draft=""), "`draft` is empty"),
+    (dict(draft="<image>"), "`draft` holds the image token"),
+    (dict(draft="x", answers=["a", "b"]), "a training call"),
+])
+def test_bad_drafts_are_named(call, message):
+    from PIL import Image
+
+    processor = tiny_processor()
+    image = Image.new("RGB", (40, 30))
+    prompt = processor.build_prompt("Describe it.")
+    with pytest.raises(ValueError, match=message):
+        processor(images=[image, image], text=[prompt, prompt], **call)
+
+
+def test_a_processor_without_the_mask_id_refuses_drafts():
+    from PIL import Image
+
+    processor = tiny_processor()
+    processor.mask_token_id = None
+    with pytest.raises(ValueError, match="`draft` needs the model's mask_token_id"):
+        processor(images=Image.new("RGB", (40, 30)), text=processor.build_prompt("Hi?"), draft="x")
+
+
+def test_decoding_drops_the_fim_tokens_with_the_special_tokens():
+    processor = tiny_processor()
+    ids = processor.tokenizer("A red<|reserved_token_2|><|reserved_token_2|><|reserved_token_1|>\nBlue"
+                              "<|reserved_token_1|><|eot_id|><|endoftext|>", add_special_tokens=False)["input_ids"]
+    batch = torch.tensor([ids, ids])
+    assert processor.batch_decode(batch, skip_special_tokens=True) == ["A red\nBlue"] * 2
+    assert processor.post_process_image_text_to_text(batch) == ["A red\nBlue"] * 2
+    assert processor.decode(ids, skip_special_tokens=True) == "A red\nBlue"
+    assert processor.decode_answers(batch) == ["A red\nBlue"] * 2
+    shown = processor.batch_decode(batch)[0]  # LaViDa's predict_fim.py prints them
+    assert shown.startswith("A red<|reserved_token_2|><|reserved_token_2|><|reserved_token_1|>\nBlue")
+    # dropped by id (whether or not a tokenizer marks them special)
+    assert processor.without_fim_tokens(torch.tensor([[7, 192, 193, 5], [193, 8, 9, 192]])) == [[7, 5], [8, 9]]
+    assert processor.without_fim_tokens(np.array([192, 7])) == [7]
