@@ -485,3 +485,63 @@ def test_decoding_drops_the_fim_tokens_with_the_special_tokens():
     # dropped by id (whether or not a tokenizer marks them special)
     assert processor.without_fim_tokens(torch.tensor([[7, 192, 193, 5], [193, 8, 9, 192]])) == [[7, 5], [8, 9]]
     assert processor.without_fim_tokens(np.array([192, 7])) == [7]
+
+
+# ---- the pipeline in a fresh process ---------------------------------------------------------------------------
+
+PIPELINE = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+folder, draft, out_path = sys.argv[1:]
+image = Image.new("RGB", (40, 30), (200, 10, 10))
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+reader = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+calls = []
+generate = reader.model.generate
+def recording_generate(**kwargs):
+    calls.append(kwargs["draft_ids"].tolist())
+    return generate(**kwargs)
+reader.model.generate = recording_generate
+settings = dict(max_new_tokens=16, generate_kwargs={"block_length": 8, "steps": 16, "schedule": "shift",
+                                                    "schedule_shift": 1 / 3})
+filled = reader(text=messages, draft=draft, return_full_text=False, **settings)[0]["generated_text"]
+prompt = reader.processor.build_prompt("Colour?")
+plain_prompt = reader(image, text=prompt, draft=draft, return_full_text=False, **settings)[0]["generated_text"]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt", processor_kwargs={"draft": draft})
+sequences = model.generate(**inputs, max_new_tokens=16, **settings["generate_kwargs"])
+answer = sequences[:, inputs["input_ids"].shape[1]:]
+json.dump({"filled": filled, "plain_prompt": plain_prompt, "calls": calls, "draft_ids": inputs["draft_ids"].tolist(),
+           "answer": answer.tolist(), "decoded": processor.batch_decode(answer, skip_special_tokens=True)[0],
+           "shown": processor.batch_decode(answer)[0]}, open(out_path, "w"))
+"""
+
+
+def test_the_pipeline_fills_a_draft_in_a_fresh_process(model, tmp_path):
+    """pipeline("image-text-to-text")(..., draft=...) in a fresh process: the draft reaches generate as draft_ids,
+    the answer keeps every fixed id of the draft at its position, and the text is the direct generate's answer
+    decoded without special tokens (no FIM marker or filler)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tiny_processor(model).save_pretrained(folder)
+    draft = "Sure<|mdm_mask|><|mdm_mask|><|mdm_mask|><|reserved_token_1|> red<|mdm_mask|><|mdm_mask|><|reserved_token_1|>"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", PIPELINE, str(folder), draft, str(tmp_path / "out.json")], check=True,
+                   env=environment, cwd=tmp_path)
+    result = json.loads((tmp_path / "out.json").read_text())
+    draft_ids = tiny_processor().tokenizer(draft, add_special_tokens=False)["input_ids"]
+    assert result["calls"] == [[draft_ids], [draft_ids]] and result["draft_ids"] == [draft_ids]
+    answer = result["answer"][0]
+    assert all(answer[i] == token for i, token in enumerate(draft_ids) if token != model.config.mask_token_id)
+    assert 2 not in answer[: len(draft_ids)], "every masked position of the draft is filled"
+    assert result["filled"] == result["plain_prompt"] == result["decoded"]
+    assert result["filled"].startswith("Sure") and " red" in result["filled"] and "reserved" not in result["filled"]
+    assert result["shown"].count("<|reserved_token_1|>") == 2
