@@ -239,8 +239,8 @@ class ShirgConfig(PreTrainedConfig):
         for name, value in fim_ids.items():
             if value is not None and (not _is_int(value) or not 0 <= value < vocab or value in special_ids.values()
                                       or value == self.image_token_id):
-                raise ValueError(f"{name} must be a token of the LM vocabulary [0, {vocab}) other than the special ids "
-                                 f"{special_ids} and image_token_id ({self.image_token_id}), got {value!r}")
+                raise ValueError(f"{name} must be a token of the LM vocabulary [0, {vocab}) other than the special "
+                                 f"ids {special_ids} and image_token_id ({self.image_token_id}), got {value!r}")
         if fim_ids["fim_token_id"] is not None and fim_ids["fim_token_id"] == fim_ids["fill_token_id"]:
             raise ValueError(f"fim_token_id and fill_token_id must differ, got {fim_ids}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -290,7 +290,8 @@ TEXT_CONFIG_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "start_header_token_id",
                         "end_header_token_id", "eot_token_id")
 FIM_TOKEN_FIELDS = ("fim_token_id", "fill_token_id")
-LLADA_FIM_TOKEN_IDS = dict(fim_token_id=126085, fill_token_id=126086)  # <|reserved_token_1|>, <|reserved_token_2|>
+# LLaDA's <|reserved_token_1|> (LaViDa's FIM marker) and <|reserved_token_2|> (its filler)
+LLADA_FIM_TOKEN_IDS = dict(fim_token_id=126085, fill_token_id=126086)
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",

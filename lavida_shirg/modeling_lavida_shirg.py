@@ -550,8 +550,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
                        output_logits=False):
         """LaViDa's loss with complementary masking: (loss, logits, masks).
 
-        Targets: the positions whose label is not -100 nor the FIM marker (`fim_token_id`, which stays unmasked in both
-        copies and is never predicted, as in LaViDa's FIM training; filler tokens are ordinary targets).
+        Targets: the positions whose label is neither -100 nor the FIM marker (`fim_token_id`, which stays unmasked in
+        both copies and is never predicted, as in LaViDa's FIM training; filler tokens are ordinary targets).
         Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
         positions get the mask-token embedding; both copies share the image features.
         loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),

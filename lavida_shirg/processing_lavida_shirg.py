@@ -108,9 +108,9 @@ class LavidaShirgProcessor(ProcessorMixin):
     vocabulary. `pooled_view_size` is the side of each view's pooled feature map, `model_max_length` the LM's maximum
     number of positions; `eos_token_id`, `pad_token_id` and `eot_token_id` must be the tokenizer's ids of its eos and
     pad tokens and of `<|eot_id|>`; `mask_token_id`, `fim_token_id` and `fill_token_id` the model's mask, FIM marker
-    and filler ids (drafts need the mask; decoding drops the other two). `selection_layout` holds the model's SHIRG fields (SELECTION_FIELDS) and the
-    vision patch size, so that the image positions of every selection method are counted as the model counts them;
-    without it only the pooled path is available.
+    and filler ids (drafts need the mask; decoding drops the other two). `selection_layout` holds the model's SHIRG
+    fields (SELECTION_FIELDS) and the vision patch size, so that the image positions of every selection method are
+    counted as the model counts them; without it only the pooled path is available.
     """
 
     valid_processor_kwargs = LavidaShirgProcessorKwargs
@@ -280,11 +280,12 @@ class LavidaShirgProcessor(ProcessorMixin):
         "pt"); `draft` (text infilling, LaViDa's FIM; generation only): the start of each answer, fixed, with
         `<|mdm_mask|>` at the positions to fill and `<|reserved_token_1|>` after each infilled span, as a string (one
         draft for every prompt) or one string per prompt, or token ids (a list, one list per prompt, or an array);
-        strings are tokenized without added special tokens; the image processor's do_rescale, rescale_factor, do_normalize, image_mean, image_std. Other keyword
-        arguments (generation settings such as max_new_tokens, do_sample, temperature that a pipeline passes on) are
-        ignored with transformers' warning.
+        strings are tokenized without added special tokens; the image processor's do_rescale, rescale_factor,
+        do_normalize, image_mean, image_std. Other keyword arguments (generation settings such as max_new_tokens,
+        do_sample, temperature that a pipeline passes on) are ignored with transformers' warning.
         Returns input_ids, attention_mask, question_mask (the question's tokens, for text-conditioned selection),
-        (labels), (draft_ids: (B, D) right-padded with the mask id, for `generate`), pixel_values + image_sizes (+ hires_pixel_values) when there are images, and `selection`.
+        (labels), (draft_ids: (B, D) right-padded with the mask id, for `generate`), pixel_values + image_sizes
+        (+ hires_pixel_values) when there are images, and `selection`.
         """
         if videos is not None or audio is not None:
             raise ValueError("`videos` and `audio` are not supported: LaViDa-SHIRG reads images")
@@ -316,7 +317,8 @@ class LavidaShirgProcessor(ProcessorMixin):
                                  layout, **padding)
         if text_kwargs.get("draft") is not None:
             if answer_list is not None:
-                raise ValueError("`draft` is the start of an answer to generate: a training call (`answers`) takes none")
+                raise ValueError("`draft` is the start of an answer to generate: a training call (`answers`) takes "
+                                 "none")
             batch["draft_ids"] = self.draft_ids(text_kwargs["draft"], len(prompts))
         encoded = BatchFeature({**batch, **image_inputs}, tensor_type=text_kwargs.get("return_tensors"))
         if isinstance(layout, SelectionSettings):  # the model reads the settings from the inputs

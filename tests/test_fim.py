@@ -195,7 +195,8 @@ def test_a_batch_of_different_drafts_equals_one_by_one(model):
     batch_draft[0], batch_draft[1, :4] = drafts[0][0], drafts[1][0]
     settings = dict(gen_length=16, block_length=8, steps=8, schedule="shift", schedule_shift=1 / 3)
     batched = model.diffusion_generate(input_ids, padding, pixel_values, image_sizes, draft_ids=batch_draft, **settings)
-    views = [1 + r * c for r, c in (anyres_grid(s, model.config.image_grid_pinpoints, 32) for s in image_sizes.tolist())]
+    grids = [anyres_grid(size, model.config.image_grid_pinpoints, 32) for size in image_sizes.tolist()]
+    views = [1 + rows * cols for rows, cols in grids]
     starts = [0, views[0]]
     for i in range(2):
         keep = padding[i].bool()
@@ -532,7 +533,8 @@ def test_the_pipeline_fills_a_draft_in_a_fresh_process(model, tmp_path):
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     tiny_processor(model).save_pretrained(folder)
-    draft = "Sure<|mdm_mask|><|mdm_mask|><|mdm_mask|><|reserved_token_1|> red<|mdm_mask|><|mdm_mask|><|reserved_token_1|>"
+    draft = ("Sure<|mdm_mask|><|mdm_mask|><|mdm_mask|><|reserved_token_1|> red<|mdm_mask|><|mdm_mask|>"
+             "<|reserved_token_1|>")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", PIPELINE, str(folder), draft, str(tmp_path / "out.json")], check=True,
                    env=environment, cwd=tmp_path)
