@@ -547,3 +547,16 @@ def test_the_pipeline_fills_a_draft_in_a_fresh_process(model, tmp_path):
     assert result["filled"] == result["plain_prompt"] == result["decoded"]
     assert result["filled"].startswith("Sure") and " red" in result["filled"] and "reserved" not in result["filled"]
     assert result["shown"].count("<|reserved_token_1|>") == 2
+
+
+def test_compiled_steps_with_per_row_drafts_equal_eager(model):
+    """compile_step: the per-row counts (B,) enter the one compiled graph; the same answers as eager."""
+    pixel_values, image_sizes, counts = image_batch(model.config, [(40, 70), (20, 20)], seed=6)
+    input_ids, padding = prompt_ids(model.config, counts, [6, 10], seed=6)
+    draft = torch.cat((draft_of(model, "ttmmmmfmmt", seed=1), F.pad(draft_of(model, "tmmf", seed=2), (0, 6), value=2)))
+    settings = dict(draft_ids=draft, max_new_tokens=16, block_length=8, steps=8, schedule="shift",
+                    return_dict_in_generate=True, output_history=True)
+    inputs = dict(input_ids=input_ids, attention_mask=padding, pixel_values=pixel_values, image_sizes=image_sizes)
+    eager = model.generate(**inputs, **settings)
+    compiled = model.generate(**inputs, **settings, compile_step=True)
+    assert torch.equal(eager.sequences, compiled.sequences) and len(eager.history) == len(compiled.history)
