@@ -453,9 +453,10 @@ class LavidaShirgProcessor(ProcessorMixin):
         return np.array([row + [self.mask_token_id] * (width - len(row)) for row in rows], dtype=np.int64)
 
     def without_fim_tokens(self, sequences) -> list:
-        """Token ids (one sequence or a batch) as lists without the FIM marker and filler ids."""
+        """Token ids (one id, one sequence or a batch) as lists without the FIM marker and filler ids."""
         dropped = {self.fim_token_id, self.fill_token_id} - {None}
-        rows = sequences.tolist() if hasattr(sequences, "tolist") else list(sequences)
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        rows = [rows] if _is_token_id(rows) else list(rows)
         if not rows or _is_token_id(rows[0]):
             return [i for i in rows if i not in dropped]
         return [[i for i in row if i not in dropped] for row in rows]

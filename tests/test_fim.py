@@ -486,6 +486,7 @@ def test_decoding_drops_the_fim_tokens_with_the_special_tokens():
     # dropped by id (whether or not a tokenizer marks them special)
     assert processor.without_fim_tokens(torch.tensor([[7, 192, 193, 5], [193, 8, 9, 192]])) == [[7, 5], [8, 9]]
     assert processor.without_fim_tokens(np.array([192, 7])) == [7]
+    assert processor.decode(192, skip_special_tokens=True) == "" and processor.decode(torch.tensor(56)) == "S"
 
 
 # ---- the pipeline in a fresh process ---------------------------------------------------------------------------
