@@ -155,6 +155,8 @@ TOKEN_FIELDS = {
     "end_header_token_id": "<|end_header_id|>",
     "eot_token_id": "<|eot_id|>",
     "image_token_id": "<image>",  # registered by `register_image_token` when the tokenizer lacks it
+    "fim_token_id": "<|reserved_token_1|>",  # LaViDa's FIM marker and filler (text infilling)
+    "fill_token_id": "<|reserved_token_2|>",
 }
 MASK_TOKEN = "<|mdm_mask|>"
 IMAGE_TOKEN = "<image>"

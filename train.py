@@ -46,7 +46,14 @@ from shirg_tools.output_folder import FolderWriter, staged_folder, write_folder
 from shirg_tools.run_record import RUN_RECORD, check_resume, write_run_record
 from shirg_tools.synthetic_ocr import SYNTHETIC_OCR_PROMPT_SUFFIX, SYNTHETIC_TASKS, SyntheticOCRConfig, synthetic_task
 from shirg_tools.trainer import ShirgTrainer
-from shirg_tools.training_data import LlavaJsonSource, SyntheticOCRSource, TrainingSamples, VQASource, load_vqa_table
+from shirg_tools.training_data import (
+    FimAnswers,
+    LlavaJsonSource,
+    SyntheticOCRSource,
+    TrainingSamples,
+    VQASource,
+    load_vqa_table,
+)
 
 DATA_FORMATS = ("synthetic-ocr", "llava-json", "vqa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,6 +119,11 @@ class DataArguments:
     synthetic_font_max: int | None = dataclasses.field(default=None, metadata={
         "help": "synthetic-ocr: largest font (px); default: the task's."})
     synthetic_seed: int = dataclasses.field(default=0, metadata={"help": "synthetic-ocr: the generator's seed."})
+    fim: bool = dataclasses.field(default=False, metadata={
+        "help": "Train text infilling as LaViDa's FIM checkpoint: 80% of the answers of more than 3 words get 1..N "
+                "(N = clamp(words / 10, 5, 10)) FIM markers at random word boundaries, each after 0..5 filler tokens "
+                "(drawn from the seed and the sample's index); the markers are never masked nor predicted. Needs a "
+                "model whose config has fim_token_id and fill_token_id (LLaDA presets and tiny)."})
 
 
 @dataclasses.dataclass
@@ -547,6 +559,12 @@ def _build_run(output, model_args, data_args, shirg_args, lora_args, training_ar
     source = build_source(data_args, seed)
     model, tokenizer, randomly_initialised = load_model(model_args, seed)
     processor = LavidaShirgProcessor.from_config(model.config, tokenizer)
+    if data_args.fim:
+        if model.config.fim_token_id is None:
+            raise ValueError("--fim needs a model whose config has fim_token_id and fill_token_id (LaViDa's FIM is "
+                             "on the LLaDA backbone; its presets and tiny have them), this one has none")
+        fim_token, fill_token = tokenizer.convert_ids_to_tokens([model.config.fim_token_id, model.config.fill_token_id])
+        source = FimAnswers(source, seed, fim_token, fill_token)
     entries = budget_entries(shirg_args, model, processor)
     full_training = check_training_mode(lora_args)
     plan = None if full_training else lora_plan(lora_args, model, randomly_initialised)
@@ -578,7 +596,7 @@ def _build_run(output, model_args, data_args, shirg_args, lora_args, training_ar
     print(f"budgets per step (seeded shuffle of each cycle): {[entry.label for entry in entries]}; numeric budgets "
           f"use {shirg_args.selection_method}", flush=True)
 
-    dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args)), seed,
+    dataset = TrainingSamples(source, SampleEncoder(processor, entries, prompt_suffix(data_args), data_args.fim), seed,
                               data_args.max_samples)
     print(f"training samples: {len(dataset)} ({data_args.data_format})", flush=True)
     if training_args.process_index == 0 and not os.path.exists(os.path.join(output_dir, RUN_RECORD)):

@@ -132,6 +132,10 @@ class ShirgConfig(PreTrainedConfig):
     start_header_token_id: int = 126346
     end_header_token_id: int = 126347
     eot_token_id: int = 126348
+    # text infilling (LaViDa's FIM checkpoint): the marker that closes an infilled span (`<|reserved_token_1|>`) and
+    # the filler token that pads a span to its drafted length (`<|reserved_token_2|>`); None: no FIM tokens
+    fim_token_id: int | None = None
+    fill_token_id: int | None = None
     min_mask_probability: float = 1e-3
     loss_weighting: str = "mean"
     prefix_lm_training: bool = False
@@ -228,6 +232,17 @@ class ShirgConfig(PreTrainedConfig):
                 f"image_token_id must be a non-negative integer other than the special ids {special_ids}, got "
                 f"{self.image_token_id!r}"
             )
+        fim_ids = {name: getattr(self, name) for name in FIM_TOKEN_FIELDS}
+        if (fim_ids["fim_token_id"] is None) != (fim_ids["fill_token_id"] is None):
+            raise ValueError(f"fim_token_id and fill_token_id are set together (LLaDA: {LLADA_FIM_TOKEN_IDS}) or both "
+                             f"left None, got {fim_ids}")
+        for name, value in fim_ids.items():
+            if value is not None and (not _is_int(value) or not 0 <= value < vocab or value in special_ids.values()
+                                      or value == self.image_token_id):
+                raise ValueError(f"{name} must be a token of the LM vocabulary [0, {vocab}) other than the special "
+                                 f"ids {special_ids} and image_token_id ({self.image_token_id}), got {value!r}")
+        if fim_ids["fim_token_id"] is not None and fim_ids["fim_token_id"] == fim_ids["fill_token_id"]:
+            raise ValueError(f"fim_token_id and fill_token_id must differ, got {fim_ids}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not 0.0 < self.min_mask_probability < 1.0:
@@ -274,6 +289,9 @@ class ShirgConfig(PreTrainedConfig):
 TEXT_CONFIG_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SPECIAL_TOKEN_FIELDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "start_header_token_id",
                         "end_header_token_id", "eot_token_id")
+FIM_TOKEN_FIELDS = ("fim_token_id", "fill_token_id")
+# LLaDA's <|reserved_token_1|> (LaViDa's FIM marker) and <|reserved_token_2|> (its filler)
+LLADA_FIM_TOKEN_IDS = dict(fim_token_id=126085, fill_token_id=126086)
 
 SELECTION_FIELDS = (
     "selection_method", "selection_budget", "hires_source", "hires_image_size", "coverage_region_size",
@@ -426,7 +444,7 @@ REAL_VISION = dict(
 TINY_TEXT_VOCAB = 512  # the size of the byte-level BPE tokenizer built by `lavida_shirg.tiny_tokenizer`
 # ids of the special tokens in the tiny tokenizer (see lavida_shirg.tiny_tokenizer.SPECIAL_TOKENS)
 TINY_TOKENIZER_IDS = dict(eos_token_id=0, pad_token_id=0, bos_token_id=1, mask_token_id=2, start_header_token_id=3,
-                          end_header_token_id=4, eot_token_id=5)
+                          end_header_token_id=4, eot_token_id=5, fim_token_id=192, fill_token_id=193)
 
 # Dream-v0-Instruct-7B's tokenizer: <|endoftext|> (eos, pad), <|beginoftext|>, <|mask|>; a ChatML header is
 # <|im_start|>role + newline (id 198) and a turn ends with <|im_end|>
@@ -436,7 +454,7 @@ TINY_TEXT = dict(vocab_size=TINY_TEXT_VOCAB, hidden_size=64, intermediate_size=1
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 
 PRESETS = {
-    "lavida-llada": dict(vision_config=REAL_VISION, text_config={}),
+    "lavida-llada": dict(vision_config=REAL_VISION, text_config={}, **LLADA_FIM_TOKEN_IDS),
     "lavida-dream": dict(vision_config=REAL_VISION, text_config=dict(model_type=DreamTextConfig.model_type),
                          **DREAM_TOKEN_IDS),
     "tiny": dict(
@@ -470,7 +488,8 @@ PRESETS = {
 }
 
 # the tiny preset on a Dream decoder (tests of the Dream backbone and its sampler)
-PRESETS["tiny-dream"] = {**PRESETS["tiny"], "text_config": {**TINY_TEXT, "model_type": DreamTextConfig.model_type}}
+PRESETS["tiny-dream"] = {**PRESETS["tiny"], "text_config": {**TINY_TEXT, "model_type": DreamTextConfig.model_type},
+                         "fim_token_id": None, "fill_token_id": None}  # LaViDa has no FIM for Dream
 
 # presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer) with TINY_TOKENIZER_IDS
 TINY_TOKENIZER_PRESETS = ("tiny", "reader", "tiny-dream")

@@ -32,11 +32,11 @@ from .dream_sampler import (
 from .masked_diffusion import (
     LAVIDA_SCHEDULE_SHIFT,
     commit_most_confident,
+    masked_transfer_counts,
     resolve_sampler_arguments,
     sample_tokens,
     step_noise,
     token_confidence,
-    transfer_counts,
 )
 
 # what each field of the generation config means for the masked-diffusion sampler, and its default
@@ -350,28 +350,62 @@ def compiled_step(device, dtype, kv_cache_dtype=None, function=denoise_step):
 
 
 def run_sampler(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers=(), generator=None,
-                keep_history=False, step=denoise_step):
-    """LLaDA/LaViDa's sampler: the answer canvas starts as masks; per block, per step, `step` (`denoise_step` or
+                keep_history=False, step=denoise_step, draft_ids=None):
+    """LLaDA/LaViDa's sampler: the answer canvas starts as masks (with `draft_ids` (B, D), LaViDa's draft on its
+    first D positions: every id other than the mask stays fixed); per block, per step, `step` (`denoise_step` or
     its compiled form) predicts every position with `answer_logits`, samples x0 (Gumbel-max at the temperature)
-    and commits the `count` most confident predictions of the block (counts from the schedule, moved to the device
-    before the loop: the loop reads nothing back). The random draws of every step come from `generator`
-    (`step_noise`). Returns the canvas (B, G) and, with `keep_history`, the canvas after every step (else None)."""
+    and commits the most confident predictions of the block, c[b] for row b (`masked_transfer_counts` of the
+    row's masked positions in the block). A step where no row has a masked position left in the block is skipped
+    (no forward, no history entry), as LaViDa's `continue`. Counts and skips are worked out on the host before the
+    loop (one read of the draft), then moved to the device: the loop reads nothing back. The random draws of every
+    step come from `generator` (`step_noise`). Returns the canvas (B, G) and, with `keep_history`, the canvas after
+    every step (else None)."""
     gen_length, block_length = sampler["gen_length"], sampler["block_length"]
-    steps_per_block = sampler["steps"] // (gen_length // block_length)
-    schedule = transfer_counts(block_length, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
-    counts = torch.tensor(schedule).to(device, non_blocking=True).unbind()  # 0-d tensors, one per step
+    num_blocks = gen_length // block_length
+    steps_per_block = sampler["steps"] // num_blocks
     canvas = torch.full((batch, gen_length), mask_token_id, dtype=torch.long, device=device)
+    if draft_ids is None:
+        masked = [[block_length] * batch] * num_blocks
+    else:
+        canvas[:, : draft_ids.shape[1]] = draft_ids
+        masked = (canvas == mask_token_id).view(batch, num_blocks, block_length).sum(-1).T.tolist()  # (blocks, B)
+    schedules = {m: masked_transfer_counts(m, steps_per_block, sampler["schedule"], sampler["schedule_shift"])
+                 for m in {m for row in masked for m in row}}
+    table = [[schedules[m] for m in row] for row in masked]  # (blocks, B, steps)
+    # a row's counts are zero only after its last commit, so block k runs its first `runs[k]` steps: up to the
+    # last one in which some row still has masked positions (sum_{j < i} c_j[b] < m[b])
+    runs = [max(sum(map(bool, counts)) for counts in rows) for rows in table]
+    counts = torch.tensor(table).transpose(1, 2).to(device, non_blocking=True)  # (blocks, steps, B)
     answer_index = torch.arange(gen_length, device=device)
     shape = (batch, gen_length, vocab_size)
     history = []
-    for block_start in range(0, gen_length, block_length):
+    for block, block_start in enumerate(range(0, gen_length, block_length)):
         in_block = (answer_index >= block_start) & (answer_index < block_start + block_length)  # (G,)
-        for count in counts:
+        for i in range(runs[block]):
             gumbel, remask = step_noise(shape, sampler["temperature"], sampler["remasking"], device, generator)
-            canvas = step(answer_logits, canvas, in_block, count, mask_token_id, sampler["temperature"],
+            canvas = step(answer_logits, canvas, in_block, counts[block, i], mask_token_id, sampler["temperature"],
                           sampler["remasking"], warpers, gumbel, remask)
             history.append(canvas)
     return canvas, tuple(history) if keep_history else None
+
+
+def check_draft_ids(draft_ids, input_ids, gen_length, config):
+    """A draft must be (B, D) integer ids of the LM vocabulary, one row per prompt, with D <= gen_length (the
+    processor right-pads drafts with the mask id); a ValueError names `draft_ids` otherwise."""
+    if not isinstance(draft_ids, torch.Tensor) or draft_ids.dim() != 2 or draft_ids.dtype != torch.long:
+        raise ValueError(f"draft_ids must be a (batch, draft length) int64 tensor (the processor's `draft_ids`), got "
+                         f"{type(draft_ids).__name__}" + (f" {draft_ids.dtype} of shape {tuple(draft_ids.shape)}"
+                                                          if isinstance(draft_ids, torch.Tensor) else ""))
+    if draft_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"draft_ids has {draft_ids.shape[0]} rows for {input_ids.shape[0]} prompts: one draft per "
+                         "prompt (pad shorter ones with the mask id)")
+    if draft_ids.shape[1] > gen_length:
+        raise ValueError(f"draft_ids has {draft_ids.shape[1]} positions, more than the answer's max_new_tokens "
+                         f"(gen_length) {gen_length}: raise max_new_tokens or shorten the draft")
+    vocab = config.text_config.vocab_size
+    if draft_ids.numel() and not 0 <= int(draft_ids.min()) <= int(draft_ids.max()) < vocab:
+        raise ValueError(f"draft_ids must be token ids of the LM vocabulary [0, {vocab}), got values in "
+                         f"[{int(draft_ids.min())}, {int(draft_ids.max())}]")
 
 
 PREFIX_SETTINGS = ("use_prefix_cache", "prefix_lm_mask", "kv_cache_dtype", "compile_step")
@@ -455,13 +489,13 @@ class LavidaShirgGenerationMixin:
         return logits_without_cache, None, None
 
     def sample_answers(self, inputs, sampler, prefix, sequences_per_prompt=1, warpers=(), generator=None,
-                       keep_history=False):
+                       keep_history=False, draft_ids=None):
         """(answer ids (B * sequences_per_prompt, G), history (see run_sampler), prefix cache or None) of generate
         and diffusion_generate: the step (`denoise_step`, or with prefix["compile_step"] its compiled form, checked
         before any work), the prefix embedded once (images written in, each prompt repeated `sequences_per_prompt`
         times), then
         `run_sampler` with the resolved `sampler` settings. inputs: the model inputs (input_ids, attention_mask,
-        images, selection settings)."""
+        images, selection settings); draft_ids: (B, D) LaViDa's FIM draft (see `check_draft_ids`) or None."""
         if generator is not None and (not isinstance(generator, torch.Generator)
                                       or generator.device.type != self.device.type):
             raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device}), got "
@@ -472,6 +506,12 @@ class LavidaShirgGenerationMixin:
             raise ValueError("a Dream backbone samples with Dream's algorithms: pass alg (one of "
                              f"{DREAM_ALGORITHMS})" if dream else f"alg={sampler['alg']!r} is Dream's sampler; this "
                              "model's LLaDA backbone samples with remasking / schedule: pass alg=None")
+        if draft_ids is not None:
+            if dream:
+                raise ValueError("draft_ids (text infilling) is LaViDa's FIM on the LLaDA backbone: LaViDa has no FIM "
+                                 "for Dream; pass draft_ids=None")
+            check_draft_ids(draft_ids, inputs["input_ids"], sampler["gen_length"], self.config)
+            draft_ids = draft_ids.repeat_interleave(sequences_per_prompt, dim=0)
         if dream and sampler["block_length"] != sampler["gen_length"]:
             raise ValueError(f"Dream's sampler decodes the answer in one block: block_length "
                              f"({sampler['block_length']}) must be None or the answer length ({sampler['gen_length']})")
@@ -494,9 +534,10 @@ class LavidaShirgGenerationMixin:
                                                  sampler, self.config.mask_token_id, input_ids.device, generator,
                                                  keep_history, step)
         else:
+            drafted = {} if draft_ids is None else {"draft_ids": draft_ids}
             answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
                                            self.config.mask_token_id, input_ids.device, warpers, generator,
-                                           keep_history, step)
+                                           keep_history, step, **drafted)
         return answers, history, cache
 
     @torch.no_grad()
@@ -514,6 +555,7 @@ class LavidaShirgGenerationMixin:
         selection_budget=None,
         selection_options=None,
         generator=None,
+        draft_ids=None,
         **kwargs,
     ):
         """Masked-diffusion generation on transformers' conventions: prompt + answer ids (B * n, P + G).
@@ -525,7 +567,8 @@ class LavidaShirgGenerationMixin:
         Autoregressive-only settings (beams, penalties, max_length, stop strings) raise a ValueError. With
         return_dict_in_generate: a MaskedDiffusionGenerateOutput (sequences, the answer canvas after every step with
         output_history, the prefix cache). The inputs are the processor's output, whose `selection` carries its
-        SHIRG settings (see `forward`); `generator` seeds sampling.
+        SHIRG settings (see `forward`); `generator` seeds sampling; `draft_ids` (B, D), the processor's draft (text
+        infilling, LaViDa's FIM): its ids other than the mask are fixed on the first D answer positions.
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids (the processor's output)")
@@ -537,7 +580,7 @@ class LavidaShirgGenerationMixin:
                       selection_options=selection_options)
         answers, history, cache = self.sample_answers(
             inputs, settings.sampler_arguments(), {name: getattr(settings, name) for name in PREFIX_SETTINGS}, n,
-            logits_warpers(settings), generator, settings.output_history,
+            logits_warpers(settings), generator, settings.output_history, draft_ids,
         )
         sequences = torch.cat((input_ids.repeat_interleave(n, dim=0), answers), dim=1)
         if not settings.return_dict_in_generate:
@@ -569,6 +612,7 @@ class LavidaShirgGenerationMixin:
         kv_cache_dtype=None,
         generator=None,
         compile_step=None,
+        draft_ids=None,
     ):
         """LaViDa's sampler with LaViDa's argument names, returning the answer ids only (B, gen_length).
 
@@ -584,7 +628,8 @@ class LavidaShirgGenerationMixin:
         CUDA graphs on CUDA, the same answers as eager; needs the prefix cache).
         Sampler arguments left None take the model's generation_config (max_new_tokens is gen_length; block_length
         and steps left None there: gen_length; steps_per_block: steps = steps_per_block x blocks). Prompts are
-        left-padded.
+        left-padded. `draft_ids` (B, D <= gen_length): LaViDa's `draft_tokens` (text infilling): every id other than
+        the mask is fixed on the first D answer positions, and each block commits only its masked positions.
         """
         given = dict(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
                      remasking=remasking, schedule=schedule, schedule_shift=schedule_shift)
@@ -601,4 +646,4 @@ class LavidaShirgGenerationMixin:
                       image_sizes=image_sizes, hires_pixel_values=hires_pixel_values, question_mask=question_mask,
                       selection=selection, selection_method=selection_method, selection_budget=selection_budget,
                       selection_options=selection_options)
-        return self.sample_answers(inputs, sampler, prefix, generator=generator)[0]
+        return self.sample_answers(inputs, sampler, prefix, generator=generator, draft_ids=draft_ids)[0]

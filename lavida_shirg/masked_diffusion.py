@@ -60,6 +60,14 @@ def transfer_counts(block_length, steps, schedule="uniform", shift=LAVIDA_SCHEDU
     return counts[::-1]
 
 
+def masked_transfer_counts(masked, steps, schedule="uniform", shift=LAVIDA_SCHEDULE_SHIFT):
+    """Tokens committed at each of `steps` steps of a block that holds `masked` masked positions (a draft fixes the
+    others), as LaViDa counts them: uniform spreads m over all the steps (zeros after the first m when m < steps);
+    shift spreads it over min(steps, m) steps, then zeros. Returns `steps` Python ints summing to m."""
+    used = steps if schedule == "uniform" else min(steps, masked)
+    return (transfer_counts(masked, used, schedule, shift) if used else []) + [0] * (steps - used)
+
+
 def sample_tokens(logits, temperature, noise=None):
     """x0 = argmax(log softmax(l) + T g), g = -log(-log u), u ~ U(0, 1), computed in float64 (T = 0: plain argmax).
 
@@ -97,11 +105,13 @@ def commit_most_confident(canvas, predictions, confidence, eligible, count):
     """Write the `count` most confident eligible predictions into the canvas; committed tokens are never remasked.
 
     rank(b, g) = position of g in row b sorted by confidence, descending (ties: the lower index first; ineligible
-    positions last); commit where rank < count. `count` is an int or a 0-d tensor (the same rule in one static-shape
-    graph for every count, no host read).
+    positions last); commit where rank < count. `count` is an int, a 0-d tensor or a (B,) tensor of per-row counts
+    (the same rule in one static-shape graph for every count, no host read).
     canvas, predictions: (B, G) int64; confidence: (B, G); eligible: (B, G) bool (masked and inside the current block,
     at least `count` per row). Returns the new canvas (B, G).
     """
+    if isinstance(count, torch.Tensor) and count.dim() == 1:
+        count = count[:, None]  # (B, 1)
     confidence = confidence.masked_fill(~eligible, float("-inf"))
     order = confidence.argsort(dim=-1, descending=True, stable=True)  # (B, G)
     positions = torch.arange(order.shape[1], device=order.device).expand_as(order)

@@ -550,6 +550,8 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
                        output_logits=False):
         """LaViDa's loss with complementary masking: (loss, logits, masks).
 
+        Targets: the positions whose label is neither -100 nor the FIM marker (`fim_token_id`, which stays unmasked in
+        both copies and is never predicted, as in LaViDa's FIM training; filler tokens are ordinary targets).
         Each target is masked in exactly one of two copies (mask probability p, then its complement); masked
         positions get the mask-token embedding; both copies share the image features.
         loss = sum_masked w * CE(logits, label) / n with n = the number of targets (or Trainer's num_items_in_batch),
@@ -559,7 +561,9 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
         returned with their masks (2B, T); otherwise logits and masks are None.
         """
         config = self.config
-        targets = labels != IGNORE_INDEX  # (B, T)
+        answer = labels != IGNORE_INDEX  # (B, T)
+        # LaViDa's FIM marker (fim_token_id) stays visible in both copies and is never predicted; fillers are targets
+        targets = answer if config.fim_token_id is None else answer & (labels != config.fim_token_id)
         masked, complement, p = sample_complementary_masks(targets, config.min_mask_probability, generator)
         copies = torch.cat((masked, complement))  # (2B, T)
         mask_embedding = self.get_input_embeddings().weight[config.mask_token_id].to(inputs_embeds.dtype)  # (E,)
@@ -567,7 +571,7 @@ class LavidaShirgForMaskedDiffusion(LavidaShirgGenerationMixin, LikelihoodMixin,
         padding = attention_mask.repeat(2, 1)
         prefix_lengths = None
         if config.prefix_lm_training:
-            prefix_lengths = targets.int().argmax(dim=1).repeat(2)  # first target = end of the prefix
+            prefix_lengths = answer.int().argmax(dim=1).repeat(2)  # first answer position = end of the prefix
         hidden = self.model(inputs_embeds=embeds, attention_mask=padding, prefix_lengths=prefix_lengths,
                             return_dict=True).last_hidden_state  # (2B, T, E)
         all_logits = self.lm_head(hidden) if output_logits else None  # (2B, T, V)

@@ -78,6 +78,7 @@ class LavidaShirgTextKwargs(TextKwargs, total=False):
     selection_method: str | None
     selection_budget: int | None
     selection_options: dict | None
+    draft: str | list | None
 
 
 class LavidaShirgProcessorKwargs(ProcessingKwargs, total=False):
@@ -106,16 +107,18 @@ class LavidaShirgProcessor(ProcessorMixin):
     positions with image features): the tokenizer's `<image>` token where it has one, else an id beyond its
     vocabulary. `pooled_view_size` is the side of each view's pooled feature map, `model_max_length` the LM's maximum
     number of positions; `eos_token_id`, `pad_token_id` and `eot_token_id` must be the tokenizer's ids of its eos and
-    pad tokens and of `<|eot_id|>`. `selection_layout` holds the model's SHIRG fields (SELECTION_FIELDS) and the
-    vision patch size, so that the image positions of every selection method are counted as the model counts them;
-    without it only the pooled path is available.
+    pad tokens and of `<|eot_id|>`; `mask_token_id`, `fim_token_id` and `fill_token_id` the model's mask, FIM marker
+    and filler ids (drafts need the mask; decoding drops the other two). `selection_layout` holds the model's SHIRG
+    fields (SELECTION_FIELDS) and the vision patch size, so that the image positions of every selection method are
+    counted as the model counts them; without it only the pooled path is available.
     """
 
     valid_processor_kwargs = LavidaShirgProcessorKwargs
 
     def __init__(self, image_processor, tokenizer, image_token_id: int, pooled_view_size: int, model_max_length: int,
                  eos_token_id: int, pad_token_id: int, eot_token_id: int, image_token: str = "<image>",
-                 chat_template: str | None = None, selection_layout: dict | None = None, chat_format: str = "llada"):
+                 chat_template: str | None = None, selection_layout: dict | None = None, chat_format: str = "llada",
+                 mask_token_id: int | None = None, fim_token_id: int | None = None, fill_token_id: int | None = None):
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format must be one of {sorted(CHAT_FORMATS)}, got {chat_format!r}")
         self.chat_format = chat_format
@@ -127,6 +130,7 @@ class LavidaShirgProcessor(ProcessorMixin):
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
         self.eot_token_id = int(eot_token_id)
+        self.mask_token_id, self.fim_token_id, self.fill_token_id = mask_token_id, fim_token_id, fill_token_id
         template, eot_token, _ = CHAT_FORMATS[chat_format]
         super().__init__(image_processor, tokenizer, chat_template=chat_template or template)
         expected = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -165,7 +169,9 @@ class LavidaShirgProcessor(ProcessorMixin):
                    pad_token_id=config.pad_token_id, eot_token_id=config.eot_token_id,
                    selection_layout={"patch_size": config.vision_config.patch_size,
                                      **{name: getattr(config, name) for name in SELECTION_FIELDS}},
-                   chat_format="dream" if config.text_config.model_type == DreamTextConfig.model_type else "llada")
+                   chat_format="dream" if config.text_config.model_type == DreamTextConfig.model_type else "llada",
+                   mask_token_id=config.mask_token_id, fim_token_id=config.fim_token_id,
+                   fill_token_id=config.fill_token_id)
 
     # ------------------------------------------------------------------------------------------- chat template
 
@@ -271,11 +277,15 @@ class LavidaShirgProcessor(ProcessorMixin):
         hires_source 'single-view' also gets `hires_pixel_values`); the tokenizer's `padding` (default longest),
         `max_length` (default model_max_length; longer samples are refused, never truncated), `pad_to_multiple_of`,
         `padding_side` (must be the batch's: left for generation, right for training), `return_tensors` (default
-        "pt"); the image processor's do_rescale, rescale_factor, do_normalize, image_mean, image_std. Other keyword
-        arguments (generation settings such as max_new_tokens, do_sample, temperature that a pipeline passes on) are
-        ignored with transformers' warning.
+        "pt"); `draft` (text infilling, LaViDa's FIM; generation only): the start of each answer, fixed, with
+        `<|mdm_mask|>` at the positions to fill and `<|reserved_token_1|>` after each infilled span, as a string (one
+        draft for every prompt) or one string per prompt, or token ids (a list, one list per prompt, or an array);
+        strings are tokenized without added special tokens; the image processor's do_rescale, rescale_factor,
+        do_normalize, image_mean, image_std. Other keyword arguments (generation settings such as max_new_tokens,
+        do_sample, temperature that a pipeline passes on) are ignored with transformers' warning.
         Returns input_ids, attention_mask, question_mask (the question's tokens, for text-conditioned selection),
-        (labels), pixel_values + image_sizes (+ hires_pixel_values) when there are images, and `selection`.
+        (labels), (draft_ids: (B, D) right-padded with the mask id, for `generate`), pixel_values + image_sizes
+        (+ hires_pixel_values) when there are images, and `selection`.
         """
         if videos is not None or audio is not None:
             raise ValueError("`videos` and `audio` are not supported: LaViDa-SHIRG reads images")
@@ -305,6 +315,11 @@ class LavidaShirgProcessor(ProcessorMixin):
         batch = self.text_inputs([self.encode_prompt(prompt) for prompt in prompts], image_sizes,
                                  None if answer_list is None else list(map(self.encode_answer, answer_list)),
                                  layout, **padding)
+        if text_kwargs.get("draft") is not None:
+            if answer_list is not None:
+                raise ValueError("`draft` is the start of an answer to generate: a training call (`answers`) takes "
+                                 "none")
+            batch["draft_ids"] = self.draft_ids(text_kwargs["draft"], len(prompts))
         encoded = BatchFeature({**batch, **image_inputs}, tensor_type=text_kwargs.get("return_tensors"))
         if isinstance(layout, SelectionSettings):  # the model reads the settings from the inputs
             encoded["selection"] = layout
@@ -328,9 +343,17 @@ class LavidaShirgProcessor(ProcessorMixin):
 
     # -------------------------------------------------------------------------------------------------- text
 
-    def encode_answer(self, answer: str) -> list:
-        """Token ids of a training answer (special-token strings in it as ordinary text) + `<|eot_id|>`."""
-        ids = self.tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    def encode_answer(self, answer: str, fim_tokens: bool = False) -> list:
+        """Token ids of a training answer (special-token strings in it as ordinary text) + `<|eot_id|>`. With
+        `fim_tokens` (LaViDa's FIM training data), the FIM marker and filler strings in it are their ids."""
+        pieces = [answer]
+        if fim_tokens:
+            tokens = self.tokenizer.convert_ids_to_tokens([self.fim_token_id, self.fill_token_id])
+            pieces = re.split("(" + "|".join(map(re.escape, tokens)) + ")", answer)
+        ids = []
+        for index, piece in enumerate(pieces):  # odd pieces: the FIM tokens matched by re.split
+            ids += (self.tokenizer.convert_tokens_to_ids([piece]) if index % 2 else
+                    self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         return ids + [self.eot_token_id]
 
     def encode_prompt(self, prompt: str) -> tuple:
@@ -403,12 +426,69 @@ class LavidaShirgProcessor(ProcessorMixin):
             outputs["attention_mask"] = np.ones_like(input_ids)
         return outputs
 
+    def draft_ids(self, draft, batch_size: int) -> np.ndarray:
+        """(B, D) int64 drafts of `__call__`'s `draft`, right-padded with the mask id (the positions a draft leaves
+        out are generated freely); one draft is used for every prompt. Strings are tokenized without added special
+        tokens (special-token strings in them, `<|mdm_mask|>` and `<|reserved_token_1|>` included, are tokens)."""
+        if self.mask_token_id is None:
+            raise ValueError("`draft` needs the model's mask_token_id: build the processor with "
+                             "LavidaShirgProcessor.from_config(model.config, tokenizer)")
+        drafts = draft.tolist() if hasattr(draft, "tolist") else draft
+        single = isinstance(drafts, str) or (isinstance(drafts, (list, tuple)) and drafts
+                                             and all(_is_token_id(i) for i in drafts))
+        drafts = [drafts] * batch_size if single else drafts
+        if not isinstance(drafts, (list, tuple)) or len(drafts) != batch_size or not all(
+                isinstance(d, str) or (isinstance(d, (list, tuple)) and all(_is_token_id(i) for i in d))
+                for d in drafts):
+            raise ValueError(f"`draft` must be a string, a list of non-negative token ids, or one of these per prompt "
+                             f"({batch_size} prompts), got {draft!r}")
+        rows = [self.tokenizer(d, add_special_tokens=False)["input_ids"] if isinstance(d, str) else list(map(int, d))
+                for d in drafts]
+        if self.image_token_id in {i for row in rows for i in row}:
+            raise ValueError(f"`draft` holds the image token ({self.image_token}, id {self.image_token_id}): a draft "
+                             "is answer text")
+        width = max(map(len, rows))
+        if width == 0:
+            raise ValueError("`draft` is empty: pass the answer's start (fixed text and <|mdm_mask|> tokens), or none")
+        return np.array([row + [self.mask_token_id] * (width - len(row)) for row in rows], dtype=np.int64)
+
+    def without_fim_tokens(self, sequences) -> list:
+        """Token ids (one id, one sequence or a batch) as lists without the FIM marker and filler ids."""
+        dropped = {self.fim_token_id, self.fill_token_id} - {None}
+        rows = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        rows = [rows] if _is_token_id(rows) else list(rows)
+        if not rows or _is_token_id(rows[0]):
+            return [i for i in rows if i not in dropped]
+        return [[i for i in row if i not in dropped] for row in rows]
+
+    def batch_decode(self, sequences, skip_special_tokens=False, **kwargs) -> list:
+        """tokenizer.batch_decode; with skip_special_tokens the FIM marker and filler ids are dropped too (an infilled
+        answer reads as plain text), without it they show as LaViDa's predict_fim.py prints them."""
+        if skip_special_tokens:
+            sequences = self.without_fim_tokens(sequences)
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens=False, **kwargs) -> str:
+        """tokenizer.decode, dropping the FIM marker and filler ids with skip_special_tokens (see `batch_decode`)."""
+        if skip_special_tokens:
+            token_ids = self.without_fim_tokens(token_ids)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs) -> list:
+        """The pipeline's decoding: `batch_decode` (the FIM marker and filler dropped with skip_special_tokens)."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     def decode_answers(self, answer_ids) -> list:
         """LaViDa's answer text of each row of generated answer ids (B, G), as its lmms-eval model reports it:
-        tokenizer.batch_decode(skip_special_tokens=True), then leading "!" and surrounding whitespace stripped
-        (LaViDa strips "!", the text of id 0 in LLaDA's tokenizer, that its uncached sampler leaves in front)."""
-        texts = self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+        `batch_decode(skip_special_tokens=True)` (which also drops the FIM marker and filler), then leading "!" and
+        surrounding whitespace stripped (LaViDa strips "!", the text of id 0 in LLaDA's tokenizer, that its uncached
+        sampler leaves in front)."""
+        texts = self.batch_decode(answer_ids, skip_special_tokens=True)
         return [text.lstrip("!").strip() for text in texts]
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 LavidaShirgProcessor.register_for_auto_class("AutoProcessor")

@@ -8,7 +8,13 @@ text are matched as single ids. Byte-level BPE encodes any text; the merges are 
 LaViDa's prompts and of synthetic OCR images, so that those encode in few tokens. Numbers are split into single
 digits by a pre-tokenizer rule before the byte-level split (as LLaMA-style tokenizers split numbers into short digit
 chunks), so no merge ever joins digits: "497" is `4` `9` `7`, one token per digit.
+
+LaViDa's FIM tokens `<|reserved_token_1|>` (the infill marker) and `<|reserved_token_2|>` (the filler) take the ids
+of the byte tokens of 0xFE and 0xFF (`FIM_TOKENS`): bytes that never occur in UTF-8, so no text ever encoded to those
+ids, and every other id and every tokenization stays as it was.
 """
+
+import json
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -24,6 +30,11 @@ SPECIAL_TOKENS = {
     "<|end_header_id|>": 4,
     "<|eot_id|>": 5,
 }
+
+# FIM token -> the byte it replaces in the BPE vocabulary (0xFE, 0xFF: never in UTF-8 text), ids 192 and 193 =
+# the tiny presets' fim_token_id / fill_token_id
+FIM_TOKENS = {"<|reserved_token_1|>": 0xFE, "<|reserved_token_2|>": 0xFF}
+FIM_TOKEN_IDS = {"<|reserved_token_1|>": 192, "<|reserved_token_2|>": 193}
 
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
@@ -73,12 +84,28 @@ def _trained_bpe() -> Tokenizer:
     return tokenizer
 
 
+def with_fim_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The byte-level BPE with the vocabulary entries of the bytes in `FIM_TOKENS` renamed to the FIM tokens (no
+    merge uses those bytes), which are then added as special tokens at those same ids. Byte-level BPE writes a byte
+    of 0xAE..0xFF as the character of that code point."""
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for token, byte in FIM_TOKENS.items():
+        vocab[token] = vocab.pop(chr(byte))
+    renamed = Tokenizer.from_str(json.dumps(spec))
+    renamed.add_special_tokens(list(FIM_TOKENS))
+    return renamed
+
+
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny tokenizer: 512 text tokens and `<image>` (id 512); raises if the ids are not the fixed ones."""
-    backend = _trained_bpe()
+    backend = with_fim_tokens(_trained_bpe())
     if backend.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"the tiny BPE has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
     for token, expected in SPECIAL_TOKENS.items():
+        if backend.token_to_id(token) != expected:
+            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
+    for token, expected in FIM_TOKEN_IDS.items():
         if backend.token_to_id(token) != expected:
             raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
     backend.add_special_tokens([IMAGE_TOKEN])
@@ -90,5 +117,5 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         mask_token="<|mdm_mask|>",
-        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN],
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN, *FIM_TOKENS],
     )

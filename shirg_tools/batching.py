@@ -43,8 +43,9 @@ def hires_size_of(entries: list, processor):
 class SampleEncoder:
     """The budget-independent part of a training sample (see the module docstring)."""
 
-    def __init__(self, processor, entries: list, prompt_suffix: str = ""):
+    def __init__(self, processor, entries: list, prompt_suffix: str = "", fim_tokens: bool = False):
         self.processor = processor
+        self.fim_tokens = fim_tokens  # answers hold LaViDa's FIM marker and filler (training_data.FimAnswers)
         self.layouts = [processor.selection(e.method, e.budget, e.options) for e in entries]
         self.hires_size = hires_size_of(entries, processor)
         self.prompt_suffix = prompt_suffix
@@ -65,7 +66,7 @@ class SampleEncoder:
         views = processor.image_processor.preprocess([image], return_tensors="pt", hires_size=self.hires_size)
         size = tuple(views["image_sizes"][0].tolist())
         longest = max(image_token_count(size, layout) for layout in self.layouts)
-        encoded_prompt, answer_ids = processor.encode_prompt(prompt), processor.encode_answer(answer)
+        encoded_prompt, answer_ids = processor.encode_prompt(prompt), processor.encode_answer(answer, self.fim_tokens)
         prompt_length = sum(map(len, encoded_prompt[0])) + longest
         if prompt_length + len(answer_ids) > processor.model_max_length:
             raise SkippedSample("too long", f"{prompt_length} prompt + {len(answer_ids)} answer tokens exceed the "

@@ -133,6 +133,15 @@ class ShirgTrainer(Trainer):
             self._window_steps[index] += 1
         return batch_samples, num_items_in_batch
 
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """Trainer's count of the accumulated batch's targets, without the FIM marker positions (labels equal to
+        the config's fim_token_id: never predicted, see the model's diffusion_loss)."""
+        fim = self.accelerator.unwrap_model(self.model).config.fim_token_id
+        if fim is not None:
+            batch_samples = [{**batch, "labels": batch["labels"].masked_fill(batch["labels"] == fim, -100)}
+                             for batch in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
     # ---- loss ----------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

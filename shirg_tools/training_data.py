@@ -5,6 +5,7 @@
 - `VQASource`: image / question / answers (or answer) columns, in the schemas of lmms-lab/textvqa,
   lmms-lab/DocVQA and lmms-lab/ChartQA, from a `save_to_disk` folder, parquet files or the Hub.
 - `SyntheticOCRSource`: `shirg_tools.synthetic_ocr.generate_sample`, rendered on the fly.
+- `FimAnswers`: any source with its answers turned into LaViDa's FIM training data (`insert_infill_markers`).
 
 `TrainingSamples` turns a source into a torch Dataset of encoded samples (see `batching.SampleEncoder`): a sample
 whose image is missing or corrupt, or that is otherwise unusable, is replaced by another index drawn from
@@ -169,6 +170,48 @@ class SyntheticOCRSource:
     def load(self, index: int):
         sample = generate_sample(index, self.config)
         return sample["image"], sample["question"], sample["answers"][0]
+
+
+FIM_ANSWER_PROBABILITY = 0.8  # LaViDa's train.py: answers of more than 3 words get FIM markers 80% of the time
+FIM_MAX_FILL = 5  # K: filler tokens before a marker, k ~ U{0..K}
+
+
+def insert_infill_markers(answer: str, rng: np.random.RandomState, fim_token: str, fill_token: str) -> str:
+    """LaViDa's FIM training answer (train.py with IS_INFILLE_MODEL, infill_utils.insert_infill_substrings).
+
+    An answer of n > 3 words (str.split) is changed with probability 0.8: n_insert ~ U{1..N}, N = min(max(5,
+    floor(0.1 n)), 10); min(n_insert, n - 1) distinct word boundaries 1..n-1 each get k ~ U{0..K} (K =
+    FIM_MAX_FILL) `fill_token`s and one `fim_token`, as one more word; the words are joined by single spaces.
+    Other answers come back unchanged. The draws are LaViDa's, in its order (rand, randint, choice, one randint per
+    boundary), from `rng`."""
+    words = answer.split()
+    if len(words) <= 3 or rng.rand() >= FIM_ANSWER_PROBABILITY:
+        return answer
+    most = min(max(5, int(len(words) * 0.1)), 10)
+    count = rng.randint(1, most + 1)
+    boundaries = set(rng.choice(range(1, len(words)), size=min(count, len(words) - 1), replace=False).tolist())
+    pieces = []
+    for index, word in enumerate(words, start=1):
+        pieces.append(word)
+        if index in boundaries:
+            pieces.append(fill_token * rng.randint(0, FIM_MAX_FILL + 1) + fim_token)
+    return " ".join(pieces)
+
+
+class FimAnswers:
+    """A source whose answers are LaViDa's FIM training data: `insert_infill_markers` with a RandomState seeded by
+    (seed, index), so a sample is the same in every epoch, process and resumed run."""
+
+    def __init__(self, source, seed: int, fim_token: str, fill_token: str):
+        self.source, self.seed, self.fim_token, self.fill_token = source, seed, fim_token, fill_token
+
+    def __len__(self):
+        return len(self.source)
+
+    def load(self, index: int):
+        image, question, answer = self.source.load(index)
+        rng = np.random.RandomState([self.seed, index, 2])
+        return image, question, insert_infill_markers(answer, rng, self.fim_token, self.fill_token)
 
 
 class TrainingSamples(torch.utils.data.Dataset):

@@ -544,7 +544,7 @@ def test_save_processor_step(tmp_path, source):
     tokenizer = build_tiny_tokenizer()
     ids = converter.special_token_ids(tokenizer)
     assert ids == {"bos_token_id": 1, "start_header_token_id": 3, "end_header_token_id": 4, "eot_token_id": 5,
-                   "image_token_id": 512, "mask_token_id": 2}
+                   "image_token_id": 512, "mask_token_id": 2, "fim_token_id": 192, "fill_token_id": 193}
     config, _ = converter.build_config(lavida_config(), TINY_VISION, ids)
     saved = converter.save_processor(tmp_path, config, tokenizer)
     from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
