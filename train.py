@@ -359,7 +359,7 @@ def load_model(model_args: ModelArguments, seed: int):
     if preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     if preset in TINY_TOKENIZER_PRESETS and model_args.tokenizer_name_or_path is None:
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer(TINY_TOKENIZER_PRESETS[preset])
     elif model_args.tokenizer_name_or_path is None:
         raise ValueError(f"--preset {preset} needs --tokenizer_name_or_path (only "
                          f"{', '.join(TINY_TOKENIZER_PRESETS)} build their own)")

@@ -487,12 +487,20 @@ PRESETS = {
     ),
 }
 
-# the tiny preset on a Dream decoder (tests of the Dream backbone and its sampler)
-PRESETS["tiny-dream"] = {**PRESETS["tiny"], "text_config": {**TINY_TEXT, "model_type": DreamTextConfig.model_type},
-                         "fim_token_id": None, "fill_token_id": None}  # LaViDa has no FIM for Dream
+# the tiny preset on a Dream decoder: the tiny tokenizer built with chat_format "dream" adds Dream's ChatML tokens
+# <|im_start|> 513 and <|im_end|> 514 (lavida_shirg.tiny_tokenizer.DREAM_CHAT_TOKENS) after <image> 512, which its LM
+# vocabulary holds;
+# a header ends with a newline (id 204), as Dream's; LaViDa has no FIM for Dream
+TINY_DREAM_TEXT_VOCAB = 520
+PRESETS["tiny-dream"] = {
+    **PRESETS["tiny"],
+    "text_config": {**TINY_TEXT, "vocab_size": TINY_DREAM_TEXT_VOCAB, "model_type": DreamTextConfig.model_type},
+    "image_token_id": TINY_TEXT_VOCAB, "start_header_token_id": TINY_TEXT_VOCAB + 1, "end_header_token_id": 204,
+    "eot_token_id": TINY_TEXT_VOCAB + 2, "fim_token_id": None, "fill_token_id": None,
+}
 
-# presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer) with TINY_TOKENIZER_IDS
-TINY_TOKENIZER_PRESETS = ("tiny", "reader", "tiny-dream")
+# presets whose LM reads the tiny byte-level tokenizer (lavida_shirg.tiny_tokenizer), with its chat format
+TINY_TOKENIZER_PRESETS = {"tiny": "llada", "reader": "llada", "tiny-dream": "dream"}
 
 ShirgConfig.register_for_auto_class()
 

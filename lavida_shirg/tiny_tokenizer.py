@@ -21,6 +21,8 @@ from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 512  # text tokens = configuration_lavida_shirg.TINY_TEXT_VOCAB
 IMAGE_TOKEN = "<image>"  # id VOCAB_SIZE = the tiny preset's image_token_id
+# Dream's ChatML tokens of the tiny-dream preset, just past `<image>` (its LM vocabulary is larger to hold them)
+DREAM_CHAT_TOKENS = {"<|im_start|>": VOCAB_SIZE + 1, "<|im_end|>": VOCAB_SIZE + 2}
 
 SPECIAL_TOKENS = {
     "<|endoftext|>": 0,  # eos and pad
@@ -97,8 +99,10 @@ def with_fim_tokens(tokenizer: Tokenizer) -> Tokenizer:
     return renamed
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny tokenizer: 512 text tokens and `<image>` (id 512); raises if the ids are not the fixed ones."""
+def build_tiny_tokenizer(chat_format: str = "llada") -> PreTrainedTokenizerFast:
+    """The tiny tokenizer: 512 text tokens and `<image>` (id 512); with chat_format "dream" also Dream's ChatML
+    tokens `<|im_start|>` 513 and `<|im_end|>` 514 (`DREAM_CHAT_TOKENS`; the tiny-dream preset's LM reads them).
+    Raises if the ids are not the fixed ones."""
     backend = with_fim_tokens(_trained_bpe())
     if backend.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"the tiny BPE has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
@@ -111,11 +115,17 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend.add_special_tokens([IMAGE_TOKEN])
     if backend.token_to_id(IMAGE_TOKEN) != VOCAB_SIZE:
         raise RuntimeError(f"{IMAGE_TOKEN} got id {backend.token_to_id(IMAGE_TOKEN)}, expected {VOCAB_SIZE}")
+    chat_tokens = list(DREAM_CHAT_TOKENS) if chat_format == "dream" else []
+    backend.add_special_tokens(chat_tokens)
+    for token in chat_tokens:
+        if backend.token_to_id(token) != DREAM_CHAT_TOKENS[token]:
+            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {DREAM_CHAT_TOKENS[token]}")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         mask_token="<|mdm_mask|>",
-        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN, *FIM_TOKENS],
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN, *FIM_TOKENS,
+                              *chat_tokens],
     )

@@ -41,10 +41,10 @@ def run_in_a_fresh_process(script, folder, inputs: dict, tmp_path) -> dict:
     return torch.load(tmp_path / "outputs.pt", weights_only=True)
 
 
-def build_tiny_model(seed=0, std=0.2, **overrides):
-    """The tiny preset with weights drawn N(0, std) (norm weights near 1), so outputs are far from uniform."""
+def build_tiny_model(seed=0, std=0.2, preset="tiny", **overrides):
+    """A tiny preset with weights drawn N(0, std) (norm weights near 1), so outputs are far from uniform."""
     torch.manual_seed(seed)
-    model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny", **overrides))
+    model = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset(preset, **overrides))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -54,33 +54,21 @@ def build_tiny_model(seed=0, std=0.2, **overrides):
     return model.eval()
 
 
-# the tiny Dream LM with rows for the tiny tokenizer's `<image>` (512) and Dream's ChatML tokens (513, 514)
-TINY_DREAM_VOCAB = 520
-
-
 def tiny_dream_tokenizer():
-    """The tiny tokenizer with Dream's ChatML tokens added: `<|im_start|>` 513, `<|im_end|>` 514."""
+    """The tiny tokenizer with Dream's ChatML tokens: `<|im_start|>` 513, `<|im_end|>` 514."""
     from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
-                                 replace_extra_special_tokens=False)
-    return tokenizer
+    return build_tiny_tokenizer("dream")
 
 
 def save_tiny_dream_folder(folder, seed=0, **overrides):
     """A saved tiny LaViDa-Dream folder as the converter writes one (model, Dream's generation config, processor
     on the "dream" chat format, `<|im_end|>` closing a turn); returns the model."""
-    from lavida_shirg.configuration_lavida_shirg import PRESETS
     from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 
-    tokenizer = tiny_dream_tokenizer()
-    text_config = {**PRESETS["tiny-dream"]["text_config"], "vocab_size": TINY_DREAM_VOCAB}
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<image>"), ("start_header_token_id", "<|im_start|>"), ("eot_token_id", "<|im_end|>"))}
-    model = build_tiny_model(seed=seed, text_config=text_config, **ids, **overrides)
+    model = build_tiny_model(seed=seed, preset="tiny-dream", **overrides)
     model.save_pretrained(folder)
-    LavidaShirgProcessor.from_config(model.config, tokenizer).save_pretrained(folder)
+    LavidaShirgProcessor.from_config(model.config, tiny_dream_tokenizer()).save_pretrained(folder)
     return model
 
 

@@ -19,7 +19,7 @@ from lavida_shirg.configuration_lavida_shirg import PRESETS
 
 MM_FIELDS = {key: value for key, value in lavida_config().items() if key.startswith(("mm_", "image_"))}
 # the tiny tokenizer (<image> = 512) with Dream's ChatML tokens added (513, 514): an LM of 520 rows holds them
-DREAM_TEXT = {**PRESETS["tiny-dream"]["text_config"], "vocab_size": 520}
+DREAM_TEXT = PRESETS["tiny-dream"]["text_config"]
 
 
 def dream_tokenizer():

@@ -5,7 +5,6 @@ import pytest
 import torch
 from conftest import build_tiny_model, image_batch, prompt_ids
 
-from lavida_shirg.configuration_lavida_shirg import PRESETS
 from lavida_shirg.dream_sampler import transfer_schedule
 from lavida_shirg.generation_lavida_shirg import LavidaShirgGenerationConfig
 from lavida_shirg.prefix_cache import PrefixCache
@@ -13,7 +12,7 @@ from lavida_shirg.prefix_cache import PrefixCache
 
 @pytest.fixture(scope="module")
 def dream():
-    return build_tiny_model(seed=1, text_config=dict(PRESETS["tiny-dream"]["text_config"]))
+    return build_tiny_model(seed=1, preset="tiny-dream")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from conftest import build_tiny_model, image_batch, prompt_ids
 
 from lavida_shirg import ShirgConfig
-from lavida_shirg.configuration_lavida_shirg import PRESETS
 from lavida_shirg.image_layout import anyres_grid
 from lavida_shirg.masked_diffusion import masked_transfer_counts
 from lavida_shirg.prefix_cache import PrefixCache
@@ -230,7 +229,7 @@ def test_bad_draft_ids_are_named(model, draft, message):
 
 
 def test_dream_refuses_drafts():
-    dream = build_tiny_model(seed=1, text_config=dict(PRESETS["tiny-dream"]["text_config"]))
+    dream = build_tiny_model(seed=1, preset="tiny-dream")
     with pytest.raises(ValueError, match="LaViDa has no FIM for Dream"):
         dream.generate(**one_prompt(dream), draft_ids=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=8)
 

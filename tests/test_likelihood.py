@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_model, image_batch, prompt_ids
 
-from lavida_shirg.configuration_lavida_shirg import PRESETS
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def model(request):
-    text = {} if request.param == "llada" else {"text_config": dict(PRESETS["tiny-dream"]["text_config"])}
-    return build_tiny_model(seed=2, **text)
+    return build_tiny_model(seed=2, preset="tiny" if request.param == "llada" else "tiny-dream")
 
 
 @pytest.fixture(scope="module")

@@ -411,6 +411,27 @@ def test_adapter_and_merged_model_load_and_agree(straight_run):
     assert (adapted_logits - base_logits).abs().max() > 1e-3, "training changed the model"
 
 
+def test_the_tiny_dream_preset_trains_and_its_merged_folder_generates(tmp_path):
+    """train.py --preset tiny-dream: the tiny tokenizer with Dream's ChatML tokens, a Dream decoder; the merged folder
+    loads with its `dream` chat template and generates with Dream's sampler."""
+    folder = tmp_path / "out"
+    summary = train.main(arguments(folder, "--preset", "tiny-dream", "--max_steps", "2", "--save_merged_model"))
+    assert summary["steps"] == 2 and np.isfinite(summary["last_logged_loss"])
+    processor = AutoProcessor.from_pretrained(summary["merged_dir"], trust_remote_code=True)
+    merged = AutoModel.from_pretrained(summary["merged_dir"], trust_remote_code=True).eval()
+    assert merged.config.text_config.model_type == "lavida_shirg_dream_text"
+    assert merged.generation_config.alg == "topk_margin"
+    sample = generate_sample(0, SyntheticOCRConfig(canvas_size=(96, 96), num_texts=3, font_size_range=(8, 10)))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.count("<|im_start|>") == 3 and prompt.endswith("<|im_start|>assistant\n"), prompt
+    inputs = processor(images=[sample["image"]], text=[prompt])
+    sequences = merged.generate(**inputs, max_new_tokens=8)
+    assert sequences.shape == (1, inputs["input_ids"].shape[1] + 8)
+    assert torch.equal(sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert not (sequences == merged.config.mask_token_id).any(), "every answer position was decoded"
+
+
 def test_a_published_folder_trains_without_a_prompt_or_a_special_token_warning(straight_run, tmp_path):
     # a fresh process without a terminal: transformers' "[y/N]" trust prompt would hang a real job
     _, summary = straight_run
