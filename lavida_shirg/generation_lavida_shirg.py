@@ -534,10 +534,9 @@ class LavidaShirgGenerationMixin:
                                                  sampler, self.config.mask_token_id, input_ids.device, generator,
                                                  keep_history, step)
         else:
-            drafted = {} if draft_ids is None else {"draft_ids": draft_ids}
             answers, history = run_sampler(answer_logits, prefix_mask.shape[0], vocab_size, sampler,
                                            self.config.mask_token_id, input_ids.device, warpers, generator,
-                                           keep_history, step, **drafted)
+                                           keep_history, step, draft_ids)
         return answers, history, cache
 
     @torch.no_grad()

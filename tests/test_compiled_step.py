@@ -27,10 +27,10 @@ def step_arguments(model, sampling):
     captured = {}
 
     def capture(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers=(), generator=None,
-                keep_history=False, step=denoise_step):
+                keep_history=False, step=denoise_step, draft_ids=None):
         captured.update(answer_logits=answer_logits, sampler=sampler, warpers=warpers)
         return run_sampler(answer_logits, batch, vocab_size, sampler, mask_token_id, device, warpers, generator,
-                           keep_history, step)
+                           keep_history, step, draft_ids)
 
     settings = dict(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, remasking="random") if sampling else {}
     original, generation.run_sampler = generation.run_sampler, capture
