@@ -1,0 +1,145 @@
+"""The LLaDA and Dream backbones side by side, in one run: CPU time of one diffusion step with the prefix cache, and
+the cost of scoring one answer choice with `log_likelihood`.
+
+    python benchmarks/bench_backbones.py                  # tiny presets (tiny, tiny-dream)
+    python benchmarks/bench_backbones.py --real-width     # real widths, heads and vocabularies, --layers 2 LM layers
+
+Per backbone, on random weights and a random text prefix (the images do not enter a step: they are part of the
+cached prefix):
+  step ms   a `generate` step against the prefix cache (the LM on the answer canvas + the backbone's commit rule:
+            LLaDA low-confidence remasking, Dream topk_margin with top_k 50, each folder's default sampler),
+            measured as (t(steps_high) - t(steps_low)) / (forwards_high - forwards_low), the LM forwards counted by a
+            hook, so the prefill and the per-call setup cancel out;
+  prefill   the rest of t(steps_low): embedding the prefix and filling the cache, plus one-off setup;
+  choice    `log_likelihood` of one --choice-length answer at mc_num 16 (batch_size 16: one forward of 16 rows over
+            prefix + answer; no cache, as LLaDA's estimator runs the whole sequence).
+Medians of --repeats runs after one warm-up; Dream's numbers also as a ratio to LLaDA's.
+
+--real-width: LLaDA-8B's decoder widths (hidden 4096, intermediate 12288, 32 heads, 32 KV heads, vocabulary 126464)
+and Dream-7B's (hidden 3584, intermediate 18944, 28 heads, 4 KV heads, vocabulary 152064) with --layers layers
+each, one SigLIP layer, bf16 (about 3 GB per model, built one after the other).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lavida_shirg import ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import PRESETS
+from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+
+BACKBONES = {"tiny": ("LLaDA", "tiny"), "tiny-dream": ("Dream", "tiny-dream"),
+             "real-llada": ("LLaDA", "lavida-llada"), "real-dream": ("Dream", "lavida-dream")}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real-width", action="store_true", help="real widths and vocabularies, --layers LM layers")
+    parser.add_argument("--layers", type=int, default=2, help="LM layers of --real-width (default 2)")
+    parser.add_argument("--prefix-length", type=int, help="prefix tokens (default 256; --real-width 128)")
+    parser.add_argument("--gen-length", type=int, default=32, help="answer tokens of generate")
+    parser.add_argument("--steps", default="4,16", help="the two step counts whose difference gives the step time")
+    parser.add_argument("--choice-length", type=int, default=8, help="tokens of the scored answer choice")
+    parser.add_argument("--mc-num", type=int, default=16)
+    parser.add_argument("--repeats", type=int, help="timed runs (default 5; --real-width 3)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32; --real-width bfloat16")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: steadier on a shared CPU)")
+    args = parser.parse_args(argv)
+    args.prefix_length = args.prefix_length or (128 if args.real_width else 256)
+    args.repeats = args.repeats or (3 if args.real_width else 5)
+    args.dtype = args.dtype or ("bfloat16" if args.real_width else "float32")
+    args.steps = sorted(int(s) for s in args.steps.split(","))
+    if len(args.steps) != 2 or args.steps[0] == args.steps[1]:
+        raise SystemExit("--steps must be two different step counts, e.g. 4,16")
+    return args
+
+
+def backbone_config(preset: str, layers=None) -> ShirgConfig:
+    """The preset; with `layers`, that many LM layers and one SigLIP layer (the vision tower does not enter a step)."""
+    if layers is None:
+        return ShirgConfig.from_preset(preset)
+    base = PRESETS[preset]
+    text = {**ShirgConfig.from_preset(preset).text_config.to_dict(), "num_hidden_layers": layers}
+    return ShirgConfig.from_preset(preset, vision_config={**base["vision_config"], "num_hidden_layers": 1},
+                                   text_config=text)
+
+
+def build_model(config: ShirgConfig, dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        model = LavidaShirgForMaskedDiffusion(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model, args) -> dict:
+    """{"step": s, "prefill": s, "choice": s, "forwards": (low, high)} of one backbone."""
+    vocab = model.config.text_config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(10, min(vocab, 30000), (1, args.prefix_length), generator=generator)
+    forwards = []
+    hook = model.model.language_model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def generate(steps):
+        return model.generate(input_ids, max_new_tokens=args.gen_length, steps=steps, use_prefix_cache=True)
+
+    counts, seconds = [], []
+    for steps in args.steps:
+        forwards.clear()
+        generate(steps)
+        counts.append(len(forwards))
+        seconds.append(median_seconds(lambda: generate(steps), args.repeats))
+    hook.remove()
+    step = (seconds[1] - seconds[0]) / (counts[1] - counts[0])
+    choice = torch.randint(10, min(vocab, 30000), (1, args.choice_length), generator=generator)
+    likelihood = median_seconds(lambda: model.log_likelihood(choice, input_ids, mc_num=args.mc_num,
+                                                             batch_size=args.mc_num,
+                                                             generator=torch.Generator().manual_seed(0)),
+                                args.repeats)
+    return {"step": step, "prefill": seconds[0] - counts[0] * step, "choice": likelihood, "forwards": counts}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    names = ("real-llada", "real-dream") if args.real_width else ("tiny", "tiny-dream")
+    results = {}
+    for name in names:
+        backbone, preset = BACKBONES[name]
+        model = build_model(backbone_config(preset, args.layers if args.real_width else None), dtype)
+        text = model.config.text_config
+        results[backbone] = (measure(model, args), text)
+        del model
+    print(f"{'real-width' if args.real_width else 'tiny presets'}: dtype={args.dtype} threads={args.threads} "
+          f"prefix={args.prefix_length} gen_length={args.gen_length} steps={args.steps[0]}/{args.steps[1]} "
+          f"choice={args.choice_length} tokens mc_num={args.mc_num} repeats={args.repeats} (medians)")
+    llada = results["LLaDA"][0]
+    for backbone, (result, text) in results.items():
+        sizes = (f"hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
+                 f"{text.num_attention_heads}/{text.num_key_value_heads}, layers {text.num_hidden_layers}, vocab "
+                 f"{text.vocab_size}")
+        print(f"  {backbone:5s} ({sizes}); LM forwards per generate {result['forwards'][0]}/{result['forwards'][1]}")
+        print(f"        step {result['step'] * 1000:9.2f} ms  x{result['step'] / llada['step']:5.2f} vs LLaDA   "
+              f"prefill {result['prefill'] * 1000:9.2f} ms   "
+              f"choice @mc_num {args.mc_num} {result['choice'] * 1000:9.2f} ms  "
+              f"x{result['choice'] / llada['choice']:5.2f} vs LLaDA")
+
+
+if __name__ == "__main__":
+    main()
