@@ -208,6 +208,9 @@ LM_SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_si
 # LaViDa's FIM checkpoint, by the names its README gives it (Hub and local): its conversion record says fim=true
 FIM_FOLDER_NAMES = ("lavida-llada-1.0-fim", "lavida-llada-hd-fim")
 FIM_MARKER = "<|reserved_token_1|>"  # predict_fim.py's FIM marker
+# LaViDa's low-resolution checkpoint, by its README's names: LaViDa evaluates it with its image features unpooled
+# (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL), whatever its config.json says, which our model never does
+LOWRES_FOLDER_NAMES = ("lavida-llada-1.0-lowres", "lavida-llada-lowres")
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -1053,6 +1056,12 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
         raise ConversionError(f"--base-lm and --vision-tower are for LaViDa's stage-1 checkpoints (the projector "
                               f"alone); SRC {str(src)!r} is not one")
     fim = bool(fim) or src.resolve().name in FIM_FOLDER_NAMES
+    if src.resolve().name in LOWRES_FOLDER_NAMES:
+        raise ConversionError(
+            f"SRC {str(src)!r} is LaViDa's low-resolution checkpoint (by its folder name), which LaViDa runs on "
+            "unpooled image features (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL) of one view; not implemented here: "
+            "our model pools every view of the anyres layout that SHIRG selects from"
+        )
     writer = FolderWriter(out, "OUT", overwrite)  # one writer of OUT at a time; see shirg_tools.output_folder
     try:
         with tempfile.TemporaryDirectory() as scratch:

@@ -6,14 +6,14 @@ the cost of scoring one answer choice with `log_likelihood`.
 
 Per backbone, on random weights and a random text prefix (the images do not enter a step: they are part of the
 cached prefix):
-  step ms   a `generate` step against the prefix cache (the LM on the answer canvas + the backbone's commit rule:
-            LLaDA low-confidence remasking, Dream topk_margin with top_k 50, each folder's default sampler),
-            measured as (t(steps_high) - t(steps_low)) / (forwards_high - forwards_low), the LM forwards counted by a
-            hook, so the prefill and the per-call setup cancel out;
-  prefill   the rest of t(steps_low): embedding the prefix and filling the cache, plus one-off setup;
+  step      one `generate` step against the prefix cache: the LM on the answer canvas + the backbone's commit rule
+            (LLaDA low-confidence remasking, Dream topk_margin with top_k 50: each folder's default sampler), timed
+            between the LM forwards' starts (a forward pre-hook), median over every step of every run;
+  prefill   from the call to the first step: embedding the prefix, filling the cache (Dream: + its first token);
   choice    `log_likelihood` of one --choice-length answer at mc_num 16 (batch_size 16: one forward of 16 rows over
             prefix + answer; no cache, as LLaDA's estimator runs the whole sequence).
-Medians of --repeats runs after one warm-up; Dream's numbers also as a ratio to LLaDA's.
+Medians of --repeats runs after one warm-up (per step: of every step of those runs); Dream's numbers also as a
+ratio to LLaDA's.
 
 --real-width: LLaDA-8B's decoder widths (hidden 4096, intermediate 12288, 32 heads, 32 KV heads, vocabulary 126464)
 and Dream-7B's (hidden 3584, intermediate 18944, 28 heads, 4 KV heads, vocabulary 152064) with --layers layers
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="LM layers of --real-width (default 2)")
     parser.add_argument("--prefix-length", type=int, help="prefix tokens (default 256; --real-width 128)")
     parser.add_argument("--gen-length", type=int, default=32, help="answer tokens of generate")
-    parser.add_argument("--steps", default="4,16", help="the two step counts whose difference gives the step time")
+    parser.add_argument("--steps", type=int, default=16, help="diffusion steps of each generate call")
     parser.add_argument("--choice-length", type=int, default=8, help="tokens of the scored answer choice")
     parser.add_argument("--mc-num", type=int, default=16)
     parser.add_argument("--repeats", type=int, help="timed runs (default 5; --real-width 3)")
@@ -50,9 +50,6 @@ def parse_args(argv=None):
     args.prefix_length = args.prefix_length or (128 if args.real_width else 256)
     args.repeats = args.repeats or (3 if args.real_width else 5)
     args.dtype = args.dtype or ("bfloat16" if args.real_width else "float32")
-    args.steps = sorted(int(s) for s in args.steps.split(","))
-    if len(args.steps) != 2 or args.steps[0] == args.steps[1]:
-        raise SystemExit("--steps must be two different step counts, e.g. 4,16")
     return args
 
 
@@ -87,31 +84,41 @@ def median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_generate(model, input_ids, args) -> tuple:
+    """(prefill seconds, [seconds of each step]) of one `generate` call: the LM forwards are timestamped by a
+    pre-hook; the prefill runs from the call to the first step's forward, step k from its forward to the next one's
+    (or to the end of the call), so each step holds its LM forward and its commit."""
+    starts = []
+    hook = model.model.language_model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    try:
+        begin = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=args.gen_length, steps=args.steps, use_prefix_cache=True)
+        end = time.perf_counter()
+    finally:
+        hook.remove()
+    marks = starts[1:] + [end]  # starts[0] is the prefill's forward
+    return marks[0] - begin, [after - before for before, after in zip(marks, marks[1:])]
+
+
 def measure(model, args) -> dict:
-    """{"step": s, "prefill": s, "choice": s, "forwards": (low, high)} of one backbone."""
+    """{"step": s, "prefill": s, "choice": s, "steps": n} of one backbone: medians over --repeats generate calls
+    (each of their steps) after one warm-up, and of --repeats likelihood calls."""
     vocab = model.config.text_config.vocab_size
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(10, min(vocab, 30000), (1, args.prefix_length), generator=generator)
-    forwards = []
-    hook = model.model.language_model.register_forward_hook(lambda *_: forwards.append(1))
-
-    def generate(steps):
-        return model.generate(input_ids, max_new_tokens=args.gen_length, steps=steps, use_prefix_cache=True)
-
-    counts, seconds = [], []
-    for steps in args.steps:
-        forwards.clear()
-        generate(steps)
-        counts.append(len(forwards))
-        seconds.append(median_seconds(lambda: generate(steps), args.repeats))
-    hook.remove()
-    step = (seconds[1] - seconds[0]) / (counts[1] - counts[0])
+    timed_generate(model, input_ids, args)  # warm-up
+    prefills, steps = [], []
+    for _ in range(args.repeats):
+        prefill, durations = timed_generate(model, input_ids, args)
+        prefills.append(prefill)
+        steps += durations
     choice = torch.randint(10, min(vocab, 30000), (1, args.choice_length), generator=generator)
     likelihood = median_seconds(lambda: model.log_likelihood(choice, input_ids, mc_num=args.mc_num,
                                                              batch_size=args.mc_num,
                                                              generator=torch.Generator().manual_seed(0)),
                                 args.repeats)
-    return {"step": step, "prefill": seconds[0] - counts[0] * step, "choice": likelihood, "forwards": counts}
+    return {"step": statistics.median(steps), "prefill": statistics.median(prefills), "choice": likelihood,
+            "steps": len(steps) // args.repeats}
 
 
 def main(argv=None):
@@ -127,14 +134,14 @@ def main(argv=None):
         results[backbone] = (measure(model, args), text)
         del model
     print(f"{'real-width' if args.real_width else 'tiny presets'}: dtype={args.dtype} threads={args.threads} "
-          f"prefix={args.prefix_length} gen_length={args.gen_length} steps={args.steps[0]}/{args.steps[1]} "
+          f"prefix={args.prefix_length} gen_length={args.gen_length} steps={args.steps} "
           f"choice={args.choice_length} tokens mc_num={args.mc_num} repeats={args.repeats} (medians)")
     llada = results["LLaDA"][0]
     for backbone, (result, text) in results.items():
         sizes = (f"hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
                  f"{text.num_attention_heads}/{text.num_key_value_heads}, layers {text.num_hidden_layers}, vocab "
                  f"{text.vocab_size}")
-        print(f"  {backbone:5s} ({sizes}); LM forwards per generate {result['forwards'][0]}/{result['forwards'][1]}")
+        print(f"  {backbone:5s} ({sizes}); {result['steps']} steps timed per generate")
         print(f"        step {result['step'] * 1000:9.2f} ms  x{result['step'] / llada['step']:5.2f} vs LLaDA   "
               f"prefill {result['prefill'] * 1000:9.2f} ms   "
               f"choice @mc_num {args.mc_num} {result['choice'] * 1000:9.2f} ms  "

@@ -96,13 +96,24 @@ def test_fim_flag_marks_any_folder(llada, tmp_path, capsys):
 def test_lowres_single_view_layout_is_refused(llada, tmp_path, layout):
     config = lavida_config(image_aspect_ratio=layout, mm_patch_merge_type="flat")
     del config["image_grid_pinpoints"]
-    src = write_lavida_checkpoint(tmp_path / "lavida-llada-1.0-lowres", lavida_tensors(llada), config=config)
+    src = write_lavida_checkpoint(tmp_path / "lowres", lavida_tensors(llada), config=config)
     with pytest.raises(converter.ConversionError) as raised:
         converter.convert_checkpoint(src, tmp_path / "out", vision_config=TINY_VISION)
     message = str(raised.value)
     assert f"image_aspect_ratio={layout!r} (our model implements image_aspect_ratio='anyres')" in message
     assert "LaViDa's low-resolution single-view layout" in message and "lavida-llada-1.0-lowres" in message
     assert "mm_patch_merge_type='flat'" in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["lavida-llada-1.0-lowres", "lavida-llada-lowres"])
+def test_the_lowres_release_is_refused_whatever_its_config(llada, tmp_path, name):
+    """LaViDa runs its lowres checkpoint unpooled (NOT_ALWASY_DO_2DPOOL), which no config field of ours can say:
+    the release is refused by its folder name even with an anyres config.json."""
+    src = write_lavida_checkpoint(tmp_path / name, lavida_tensors(llada))
+    with pytest.raises(converter.ConversionError, match=r"is LaViDa's low-resolution checkpoint \(by its folder "
+                                                        r"name\), which LaViDa runs on unpooled image features"):
+        converter.convert_checkpoint(src, tmp_path / "out", vision_config=TINY_VISION)
     assert not (tmp_path / "out").exists()
 
 
