@@ -34,8 +34,8 @@ LaViDa-Dream (vision tower, projector and image_newline as above; Dream's Qwen2-
     lm_head.weight                                    -> lm_head.weight (a copy of the embedding when
                                                          tie_word_embeddings is set)
 LaViDa's releases: the instruct, FIM and reason folders convert alike (LLaDA's or Dream's layout; a FIM folder is
-recorded as such, see --fim). lavida-llada-1.0-lowres's single-view layout (image_aspect_ratio pad / square) is
-refused by name. A stage-1 folder (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: config.json + the projector) is
+recorded as such, see --fim). lavida-llada-1.0-lowres is refused, naming why: by its folder name (LaViDa runs it
+unpooled) and by any config.json with its single-view layout (image_aspect_ratio pad / square). A stage-1 folder (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: config.json + the projector) is
 joined with --base-lm (LLaDA-8B-Instruct or Dream-v0-Instruct-7B) and --vision-tower (SigLIP) into LaViDa's stage-2
 starting point; its projector must be mm_projector.safetensors (LaViDa's mm_projector.bin pickle is refused):
 

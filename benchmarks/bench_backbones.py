@@ -8,7 +8,8 @@ Per backbone, on random weights and a random text prefix (the images do not ente
 cached prefix):
   step      one `generate` step against the prefix cache: the LM on the answer canvas + the backbone's commit rule
             (LLaDA low-confidence remasking, Dream topk_margin with top_k 50: each folder's default sampler), timed
-            between the LM forwards' starts (a forward pre-hook), median over every step of every run;
+            between the LM forwards' starts (a forward pre-hook), median over every step of every run; split into
+            the decoder (layers + final norm, to the forward hook) and the rest (LM head + commit);
   prefill   from the call to the first step: embedding the prefix, filling the cache (Dream: + its first token);
   choice    `log_likelihood` of one --choice-length answer at mc_num 16 (batch_size 16: one forward of 16 rows over
             prefix + answer; no cache, as LLaDA's estimator runs the whole sequence).
@@ -85,19 +86,23 @@ def median_seconds(function, repeats: int) -> float:
 
 
 def timed_generate(model, input_ids, args) -> tuple:
-    """(prefill seconds, [seconds of each step]) of one `generate` call: the LM forwards are timestamped by a
-    pre-hook; the prefill runs from the call to the first step's forward, step k from its forward to the next one's
-    (or to the end of the call), so each step holds its LM forward and its commit."""
-    starts = []
-    hook = model.model.language_model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+    """(prefill seconds, [seconds of each step], [seconds of each step's LM forward]) of one `generate` call: the
+    LM forwards are timestamped by hooks; the prefill runs from the call to the first step's forward, step k from
+    its forward's start to the next one's (or to the end of the call), so each step holds its LM forward (the decoder
+    layers and the final norm; the LM head follows) and the rest: the head and the commit."""
+    language_model, starts, ends = model.model.language_model, [], []
+    hooks = (language_model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())),
+             language_model.register_forward_hook(lambda *_: ends.append(time.perf_counter())))
     try:
         begin = time.perf_counter()
         model.generate(input_ids, max_new_tokens=args.gen_length, steps=args.steps, use_prefix_cache=True)
         end = time.perf_counter()
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     marks = starts[1:] + [end]  # starts[0] is the prefill's forward
-    return marks[0] - begin, [after - before for before, after in zip(marks, marks[1:])]
+    steps = [after - before for before, after in zip(marks, marks[1:])]
+    return marks[0] - begin, steps, [stop - start for start, stop in zip(starts[1:], ends[1:])]
 
 
 def measure(model, args) -> dict:
@@ -107,18 +112,19 @@ def measure(model, args) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(10, min(vocab, 30000), (1, args.prefix_length), generator=generator)
     timed_generate(model, input_ids, args)  # warm-up
-    prefills, steps = [], []
+    prefills, steps, forwards = [], [], []
     for _ in range(args.repeats):
-        prefill, durations = timed_generate(model, input_ids, args)
+        prefill, durations, lm = timed_generate(model, input_ids, args)
         prefills.append(prefill)
         steps += durations
+        forwards += lm
     choice = torch.randint(10, min(vocab, 30000), (1, args.choice_length), generator=generator)
     likelihood = median_seconds(lambda: model.log_likelihood(choice, input_ids, mc_num=args.mc_num,
                                                              batch_size=args.mc_num,
                                                              generator=torch.Generator().manual_seed(0)),
                                 args.repeats)
-    return {"step": statistics.median(steps), "prefill": statistics.median(prefills), "choice": likelihood,
-            "steps": len(steps) // args.repeats}
+    return {"step": statistics.median(steps), "decoder": statistics.median(forwards),
+            "prefill": statistics.median(prefills), "choice": likelihood, "steps": len(steps) // args.repeats}
 
 
 def main(argv=None):
@@ -142,10 +148,11 @@ def main(argv=None):
                  f"{text.num_attention_heads}/{text.num_key_value_heads}, layers {text.num_hidden_layers}, vocab "
                  f"{text.vocab_size}")
         print(f"  {backbone:5s} ({sizes}); {result['steps']} steps timed per generate")
-        print(f"        step {result['step'] * 1000:9.2f} ms  x{result['step'] / llada['step']:5.2f} vs LLaDA   "
-              f"prefill {result['prefill'] * 1000:9.2f} ms   "
-              f"choice @mc_num {args.mc_num} {result['choice'] * 1000:9.2f} ms  "
-              f"x{result['choice'] / llada['choice']:5.2f} vs LLaDA")
+        rest = result["step"] - result["decoder"]
+        print(f"        step {result['step'] * 1000:9.2f} ms  x{result['step'] / llada['step']:5.2f} vs LLaDA  "
+              f"(decoder {result['decoder'] * 1000:.2f} ms, head + commit {rest * 1000:.2f} ms)")
+        print(f"        prefill {result['prefill'] * 1000:9.2f} ms   choice @mc_num {args.mc_num} "
+              f"{result['choice'] * 1000:9.2f} ms  x{result['choice'] / llada['choice']:5.2f} vs LLaDA")
 
 
 if __name__ == "__main__":
