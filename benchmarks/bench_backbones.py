@@ -13,12 +13,12 @@ cached prefix):
   prefill   from the call to the first step: embedding the prefix, filling the cache (Dream: + its first token);
   choice    `log_likelihood` of one --choice-length answer at mc_num 16 (batch_size 16: one forward of 16 rows over
             prefix + answer; no cache, as LLaDA's estimator runs the whole sequence).
-Medians of --repeats runs after one warm-up (per step: of every step of those runs); Dream's numbers also as a
-ratio to LLaDA's.
+Medians of --repeats runs after one warm-up (per step: of every step of those runs), the two backbones run in
+turn within each repeat (a shared CPU's load falls on both alike); Dream's numbers also as a ratio to LLaDA's.
 
 --real-width: LLaDA-8B's decoder widths (hidden 4096, intermediate 12288, 32 heads, 32 KV heads, vocabulary 126464)
 and Dream-7B's (hidden 3584, intermediate 18944, 28 heads, 4 KV heads, vocabulary 152064) with --layers layers
-each, one SigLIP layer, bf16 (about 3 GB per model, built one after the other).
+each, one SigLIP layer, bf16 (about 3 GB per model; both are held, about 6 GB).
 """
 
 import argparse
@@ -75,16 +75,6 @@ def build_model(config: ShirgConfig, dtype: torch.dtype):
     return model.eval()
 
 
-def median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def timed_generate(model, input_ids, args) -> tuple:
     """(prefill seconds, [seconds of each step], [seconds of each step's LM forward]) of one `generate` call: the
     LM forwards are timestamped by hooks; the prefill runs from the call to the first step's forward, step k from
@@ -105,26 +95,37 @@ def timed_generate(model, input_ids, args) -> tuple:
     return marks[0] - begin, steps, [stop - start for start, stop in zip(starts[1:], ends[1:])]
 
 
-def measure(model, args) -> dict:
-    """{"step": s, "prefill": s, "choice": s, "steps": n} of one backbone: medians over --repeats generate calls
-    (each of their steps) after one warm-up, and of --repeats likelihood calls."""
-    vocab = model.config.text_config.vocab_size
+def timed_likelihood(model, input_ids, choice, args) -> float:
+    start = time.perf_counter()
+    model.log_likelihood(choice, input_ids, mc_num=args.mc_num, batch_size=args.mc_num,
+                         generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - start
+
+
+def measure(models: dict, args) -> dict:
+    """{backbone: {"step", "decoder", "prefill", "choice": seconds, "steps": n}}: medians over --repeats generate
+    calls (every step of them) and --repeats likelihood calls after one warm-up each, the backbones taken in turn
+    within each repeat so that a shared CPU's load falls on both alike."""
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(10, min(vocab, 30000), (1, args.prefix_length), generator=generator)
-    timed_generate(model, input_ids, args)  # warm-up
-    prefills, steps, forwards = [], [], []
-    for _ in range(args.repeats):
-        prefill, durations, lm = timed_generate(model, input_ids, args)
-        prefills.append(prefill)
-        steps += durations
-        forwards += lm
-    choice = torch.randint(10, min(vocab, 30000), (1, args.choice_length), generator=generator)
-    likelihood = median_seconds(lambda: model.log_likelihood(choice, input_ids, mc_num=args.mc_num,
-                                                             batch_size=args.mc_num,
-                                                             generator=torch.Generator().manual_seed(0)),
-                                args.repeats)
-    return {"step": statistics.median(steps), "decoder": statistics.median(forwards),
-            "prefill": statistics.median(prefills), "choice": likelihood, "steps": len(steps) // args.repeats}
+    inputs = {}
+    for backbone, model in models.items():
+        vocab = min(model.config.text_config.vocab_size, 30000)
+        inputs[backbone] = (torch.randint(10, vocab, (1, args.prefix_length), generator=generator),
+                            torch.randint(10, vocab, (1, args.choice_length), generator=generator))
+    timings = {backbone: {"prefill": [], "step": [], "decoder": [], "choice": []} for backbone in models}
+    for repeat in range(args.repeats + 1):  # the first is the warm-up
+        for backbone, model in models.items():
+            input_ids, choice = inputs[backbone]
+            prefill, steps, decoder = timed_generate(model, input_ids, args)
+            seconds = timed_likelihood(model, input_ids, choice, args)
+            if repeat:
+                timing = timings[backbone]
+                timing["prefill"].append(prefill)
+                timing["step"] += steps
+                timing["decoder"] += decoder
+                timing["choice"].append(seconds)
+    return {backbone: {**{name: statistics.median(values) for name, values in timing.items()},
+                       "steps": len(timing["step"]) // args.repeats} for backbone, timing in timings.items()}
 
 
 def main(argv=None):
@@ -132,18 +133,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     names = ("real-llada", "real-dream") if args.real_width else ("tiny", "tiny-dream")
-    results = {}
-    for name in names:
-        backbone, preset = BACKBONES[name]
-        model = build_model(backbone_config(preset, args.layers if args.real_width else None), dtype)
-        text = model.config.text_config
-        results[backbone] = (measure(model, args), text)
-        del model
+    models = {BACKBONES[name][0]: build_model(backbone_config(BACKBONES[name][1],
+                                                              args.layers if args.real_width else None), dtype)
+              for name in names}
+    results = measure(models, args)
     print(f"{'real-width' if args.real_width else 'tiny presets'}: dtype={args.dtype} threads={args.threads} "
           f"prefix={args.prefix_length} gen_length={args.gen_length} steps={args.steps} "
           f"choice={args.choice_length} tokens mc_num={args.mc_num} repeats={args.repeats} (medians)")
-    llada = results["LLaDA"][0]
-    for backbone, (result, text) in results.items():
+    llada = results["LLaDA"]
+    for backbone, result in results.items():
+        text = models[backbone].config.text_config
         sizes = (f"hidden {text.hidden_size}, intermediate {text.intermediate_size}, heads "
                  f"{text.num_attention_heads}/{text.num_key_value_heads}, layers {text.num_hidden_layers}, vocab "
                  f"{text.vocab_size}")
