@@ -33,6 +33,19 @@ LaViDa-Dream (vision tower, projector and image_newline as above; Dream's Qwen2-
     model.norm.weight                                 -> model.language_model.norm.weight
     lm_head.weight                                    -> lm_head.weight (a copy of the embedding when
                                                          tie_word_embeddings is set)
+LaViDa's releases: the instruct, FIM and reason folders convert alike (LLaDA's or Dream's layout; a FIM folder is
+recorded as such, see --fim). lavida-llada-1.0-lowres is refused, naming why: by its folder name (LaViDa runs it
+unpooled) and by any config.json with its single-view layout (image_aspect_ratio pad / square). A stage-1 folder (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: config.json + the projector) is
+joined with --base-lm (LLaDA-8B-Instruct or Dream-v0-Instruct-7B) and --vision-tower (SigLIP) into LaViDa's stage-2
+starting point; its projector must be mm_projector.safetensors (LaViDa's mm_projector.bin pickle is refused):
+
+    python convert_lavida_checkpoint.py STAGE1 OUT --base-lm LM --vision-tower SIGLIP [--seed N]
+
+    SigLIP's vision_model.<X>                         -> model.vision_tower.<X> (its last encoder layer, post_layernorm,
+                                                         head, text tower and logit scale/bias dropped)
+    model.mm_projector.{0,2}.* (mm_projector.safetensors), the LM's own names -> as above
+    image_newline (absent from every source)          -> randn(hidden) / sqrt(hidden) with --seed, as LaViDa's stage 2
+
 Known-unused LaViDa tensors (dropped and listed in the report): SigLIP's post_layernorm and pooling head, and vision
 encoder layers at or past our vision_config.num_hidden_layers (LaViDa removes SigLIP's last layer). A --vision-config
 with one layer more than the checkpoint holds (a plain SigLIP config: 27 layers for so400m) gets LaViDa's deletion
@@ -49,9 +62,11 @@ folder and files get the modes of the user's umask.
 import argparse
 import ast
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +184,35 @@ DREAM_TOKEN_FIELDS = {
     "image_token_id": IMAGE_TOKEN,
 }
 DREAM_MASK_TOKEN = "<|mask|>"
+# LaViDa's single-view layouts (lavida-llada-1.0-lowres, and the stage-1 projector's training): the image padded to a
+# square ("pad") or resized ("square") to one 384 px view, all 729 SigLIP tokens, no pooling, no image_newline
+SINGLE_VIEW_LAYOUTS = ("pad", "square")
+SINGLE_VIEW_REFUSAL = (
+    "LaViDa's low-resolution single-view layout (image_aspect_ratio 'pad' / 'square': one view of the whole image, "
+    "all its SigLIP tokens, no pooling and no image_newline, as lavida-llada-1.0-lowres runs) is not implemented: our "
+    "processor and model implement the anyres layout (a global view + crops, each pooled, image_newline per row) "
+    "that SHIRG selects from"
+)
+# Stage-1 folders (see `read_stage1_sources`)
+STAGE1_PROJECTOR = "mm_projector.safetensors"
+STAGE1_PICKLE = "mm_projector.bin"  # what LaViDa's training saves for a projector-only run
+BASE_ARCHITECTURES = {LAVIDA_MODEL_TYPE: "LLaDAModelLM", DREAM_MODEL_TYPE: "DreamModel"}  # the LMs stage 1 loads
+SIGLIP_VISION = "vision_model."  # SigLIP's (SiglipModel or SiglipVisionModel) names of the vision tower
+IMAGE_NEWLINE = "model.image_newline"
+# LaViDa's stage-2 scripts: anyres over (width, height) grids of views (the pinpoints [(384, 768), (768, 384),
+# (768, 768), (1152, 384), (384, 1152)] at 384 px), spatial_unpad, bilinear pooling (ALWASY_DO_2DPOOL)
+STAGE2_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+STAGE2_LAYOUT = dict(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", mm_spatial_pool_mode="bilinear",
+                     mm_use_im_start_end=False)
+LM_SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "embedding_size", "vocab_size",
+                  "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads")
+# LaViDa's FIM checkpoint, by the names its README gives it (Hub and local): its conversion record says fim=true
+FIM_FOLDER_NAMES = ("lavida-llada-1.0-fim", "lavida-llada-hd-fim")
+FIM_MARKER = "<|reserved_token_1|>"  # predict_fim.py's FIM marker
+# LaViDa's low-resolution checkpoint, by its README's names: LaViDa evaluates it with its image features unpooled
+# (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL), whatever its config.json says, which our model never does
+LOWRES_FOLDER_NAMES = ("lavida-llada-1.0-lowres", "lavida-llada-lowres")
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -185,6 +229,8 @@ class LavidaCheckpoint:
     shards: dict  # file name -> list of tensor names, in the index's order of files
     shapes: dict  # tensor name -> tuple shape
     dtypes: dict  # tensor name -> torch dtype
+    file_names: dict = field(default_factory=dict)  # tensor name -> its name inside its file, where they differ
+    dropped: list = field(default_factory=list)  # (name, reason): known-unused tensors left out before the plan
 
 
 @dataclass
@@ -261,13 +307,20 @@ def read_lavida_checkpoint(src) -> LavidaCheckpoint:
             f"SRC {str(src)!r} is not a LaViDa checkpoint: config.json has model_type={model_type!r} and "
             f"architectures={architectures!r}, expected a model_type and architecture of {LAVIDA_ARCHITECTURES}"
         )
+    shards, shapes, dtypes = read_safetensors_folder(path, "SRC")
+    return LavidaCheckpoint(path=path, config=config, shards=shards, shapes=shapes, dtypes=dtypes)
 
+
+def read_safetensors_folder(path: Path, argument: str):
+    """(shards, shapes, dtypes) of the safetensors weights in folder `path` (sharded with an index, or one
+    model.safetensors): shards maps each file name to its tensor names; headers only. Errors name `argument`."""
+    where = f"{argument} {str(path)!r}"
     index_path, single_path = path / INDEX_NAME, path / SINGLE_NAME
     if index_path.is_file():
-        index = _read_json(index_path, f"SRC {INDEX_NAME}")
+        index = _read_json(index_path, f"{argument} {INDEX_NAME}")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ConversionError(f"SRC {str(src)!r}: {INDEX_NAME} has no weight_map")
+            raise ConversionError(f"{where}: {INDEX_NAME} has no weight_map")
         shards = {}
         for name, file_name in weight_map.items():
             shards.setdefault(file_name, []).append(name)
@@ -279,38 +332,46 @@ def read_lavida_checkpoint(src) -> LavidaCheckpoint:
         )
         if pickles:
             raise ConversionError(
-                f"SRC {str(src)!r} holds only pickle weights ({', '.join(pickles)}); they are refused because "
+                f"{where} holds only pickle weights ({', '.join(pickles)}); they are refused because "
                 "loading a pickle can run arbitrary code. Convert them to safetensors first."
             )
-        raise ConversionError(f"SRC {str(src)!r} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+        raise ConversionError(f"{where} has neither {INDEX_NAME} nor {SINGLE_NAME}")
 
     missing_files = sorted(name for name in shards if not (path / name).is_file())
     if missing_files:
-        raise ConversionError(f"SRC {str(src)!r}: the index names shard files that do not exist: {missing_files}")
+        raise ConversionError(f"{where}: the index names shard files that do not exist: {missing_files}")
 
     shapes, dtypes, problems = {}, {}, []
-    for file_name, names in list(shards.items()):
-        try:
-            with safe_open(path / file_name, framework="pt") as handle:
-                present = list(handle.keys())
-                if names is None:
-                    names = shards[file_name] = present
-                present_set = set(present)
-                for name in names:
-                    if name not in present_set:
-                        problems.append(f"{name} (listed in the index for {file_name}, absent from that file)")
-                        continue
-                    view = handle.get_slice(name)
-                    shapes[name] = tuple(view.get_shape())
-                    dtypes[name] = _safetensors_dtype(view.get_dtype())
-        except ConversionError:
-            raise
-        except Exception as error:  # a corrupt or foreign file
-            raise ConversionError(f"SRC {str(src)!r}: cannot read safetensors file {file_name}: {error}") from error
+    for file_name in list(shards):
+        names = read_safetensors_headers(path / file_name, shards[file_name], shapes, dtypes, problems, where)
+        shards[file_name] = names
     if problems:
-        raise ConversionError(f"SRC {str(src)!r}: {len(problems)} tensor(s) of the index are missing:\n  "
+        raise ConversionError(f"{where}: {len(problems)} tensor(s) of the index are missing:\n  "
                               + "\n  ".join(problems))
-    return LavidaCheckpoint(path=path, config=config, shards=shards, shapes=shapes, dtypes=dtypes)
+    return shards, shapes, dtypes
+
+
+def read_safetensors_headers(file_path: Path, names, shapes: dict, dtypes: dict, problems: list, where: str) -> list:
+    """Record the shape and dtype of `names` (None: every tensor) of one safetensors file; names listed but absent
+    go to `problems`. Returns the names read."""
+    try:
+        with safe_open(file_path, framework="pt") as handle:
+            present = list(handle.keys())
+            if names is None:
+                names = present
+            present_set = set(present)
+            for name in names:
+                if name not in present_set:
+                    problems.append(f"{name} (listed in the index for {file_path.name}, absent from that file)")
+                    continue
+                view = handle.get_slice(name)
+                shapes[name] = tuple(view.get_shape())
+                dtypes[name] = _safetensors_dtype(view.get_dtype())
+    except ConversionError:
+        raise
+    except Exception as error:  # a corrupt or foreign file
+        raise ConversionError(f"{where}: cannot read safetensors file {file_path.name}: {error}") from error
+    return names
 
 
 _SAFETENSORS_DTYPES = {
@@ -499,6 +560,8 @@ def check_supported_options(config: dict, notes: list) -> list:
             notes.append(f"config.json has no {name}; assuming LaViDa's {required!r}")
         elif config[name] != required:
             problems.append(f"{name}={config[name]!r} (our model implements {name}={required!r})")
+    if config.get("image_aspect_ratio") in SINGLE_VIEW_LAYOUTS:
+        problems.append(SINGLE_VIEW_REFUSAL)
     tower = config.get("mm_vision_tower")
     if tower is None:
         notes.append("config.json has no mm_vision_tower; assuming SigLIP")
@@ -642,7 +705,7 @@ def plan_conversion(checkpoint: LavidaCheckpoint, config: ShirgConfig, expected:
     model_type = checkpoint.config["model_type"]
     _, _, _, head_name, tying_flag = KEY_PLANS[model_type]
     tied = bool(checkpoint.config.get(tying_flag, False))
-    shards, dropped, unexpected, mismatched, duplicates = {}, [], [], [], []
+    shards, dropped, unexpected, mismatched, duplicates = {}, list(checkpoint.dropped), [], [], []
     placed = {}  # target -> source
     for file_name, names in checkpoint.shards.items():
         pairs = shards.setdefault(file_name, [])
@@ -726,20 +789,141 @@ def _ranges(values) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LaViDa's stage-1 checkpoints (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1): the projector alone, the start of
+# LaViDa's stage 2 once joined with the LM and the SigLIP tower it was trained with
+
+
+def is_stage1_folder(path: Path) -> bool:
+    """A LaViDa stage-1 folder: config.json of a LaViDa model type, the projector file (safetensors or LaViDa's
+    pickle) and no model weights."""
+    if not (path / "config.json").is_file() or (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file():
+        return False
+    if not any((path / name).is_file() for name in (STAGE1_PROJECTOR, STAGE1_PICKLE)):
+        return False
+    return _read_json(path / "config.json", "SRC config.json").get("model_type") in LAVIDA_ARCHITECTURES
+
+
+def read_stage1_sources(src: Path, base_lm, vision_tower, notes: list):
+    """(checkpoint, vision config) of LaViDa's stage-2 starting point: the LM of `base_lm` (LLaDA-8B-Instruct or
+    Dream-v0-Instruct-7B, whichever SRC's model_type names), the SigLIP tower of `vision_tower` without its last
+    encoder layer, the stage-1 projector of SRC (mm_projector.safetensors). Its LaViDa config is the base LM's
+    config.json + SRC's mm_* fields + the layout of LaViDa's stage-2 scripts (anyres over STAGE2_GRIDS,
+    spatial_unpad, bilinear pooling); image_newline, which stage 2 draws at random, comes from `add_image_newline`."""
+    stage1 = _read_json(src / "config.json", "SRC config.json")
+    model_type = stage1["model_type"]
+    if not (src / STAGE1_PROJECTOR).is_file():
+        raise ConversionError(
+            f"SRC {str(src)!r} is a LaViDa stage-1 checkpoint whose projector is a pickle ({STAGE1_PICKLE}); pickles "
+            "are refused because loading one can run arbitrary code. Save its four tensors (model.mm_projector.0/2 "
+            f"weight and bias) as {STAGE1_PROJECTOR} in SRC (see the README, 'LaViDa's stage-1 checkpoints'), then "
+            "pass --base-lm and --vision-tower"
+        )
+    missing = [flag for flag, value in (("--base-lm", base_lm), ("--vision-tower", vision_tower)) if value is None]
+    if missing:
+        raise ConversionError(
+            f"SRC {str(src)!r} is a LaViDa stage-1 checkpoint (the projector alone): pass {' and '.join(missing)} (the "
+            f"{BASE_ARCHITECTURES[model_type]} LM folder it was trained on and the SigLIP folder, safetensors) to "
+            "assemble LaViDa's stage-2 starting point"
+        )
+    base, tower = Path(base_lm), Path(vision_tower)
+    configs = {}
+    for flag, folder in (("--base-lm", base), ("--vision-tower", tower)):
+        if not (folder / "config.json").is_file():
+            raise ConversionError(f"{flag} {str(folder)!r} is not a model folder with a config.json")
+        configs[flag] = _read_json(folder / "config.json", f"{flag} config.json")
+    base_config = configs["--base-lm"]
+    expected = BASE_ARCHITECTURES[model_type]
+    if expected not in (base_config.get("architectures") or []):
+        raise ConversionError(
+            f"--base-lm {str(base)!r} is not a {expected} folder (SRC's model_type {model_type!r} was trained on one): "
+            f"its config.json has architectures={base_config.get('architectures')!r}"
+        )
+    disagreements = [f"{name}: SRC {stage1[name]!r}, --base-lm {base_config[name]!r}" for name in LM_SIZE_FIELDS
+                     if name in stage1 and name in base_config and stage1[name] != base_config[name]]
+    if disagreements:
+        raise ConversionError("SRC's config.json and --base-lm's disagree on the LM sizes (the stage-1 projector was "
+                              "trained on another LM):\n  " + "\n  ".join(disagreements))
+
+    shards, shapes, dtypes, file_names, dropped = {}, {}, {}, {}, []
+    lm_shards, lm_shapes, lm_dtypes = read_safetensors_folder(base, "--base-lm")
+    shards.update({str(base.resolve() / name): names for name, names in lm_shards.items()})
+    shapes.update(lm_shapes)
+    dtypes.update(lm_dtypes)
+    problems = []
+    names = read_safetensors_headers(src / STAGE1_PROJECTOR, None, shapes, dtypes, problems, f"SRC {str(src)!r}")
+    shards[str(src.resolve() / STAGE1_PROJECTOR)] = names
+    tower_shards, tower_shapes, tower_dtypes = read_safetensors_folder(tower, "--vision-tower")
+    for file_name, names in tower_shards.items():
+        kept = []
+        for name in names:
+            if not name.startswith(SIGLIP_VISION):
+                dropped.append((name, "SigLIP's text tower and contrastive scale: not part of LaViDa"))
+                continue
+            ours = VISION_PREFIX + name[len(SIGLIP_VISION):]
+            kept.append(ours)
+            file_names[ours] = name
+            shapes[ours], dtypes[ours] = tower_shapes[name], tower_dtypes[name]
+        shards[str(tower.resolve() / file_name)] = kept
+
+    vision = vision_config_dict(configs["--vision-tower"])
+    vision["num_hidden_layers"] = int(vision["num_hidden_layers"]) - 1
+    notes.append(f"--vision-tower's SigLIP has {vision['num_hidden_layers'] + 1} encoder layers: LaViDa deletes the "
+                 f"last, so the converted tower has {vision['num_hidden_layers']}")
+    lavida_config = stage1_lavida_config(stage1, base_config, int(vision["image_size"]))
+    notes.append(
+        f"SRC is a stage-1 checkpoint: its projector was trained on LaViDa's square single-view layout "
+        f"(image_aspect_ratio={stage1.get('image_aspect_ratio', 'square')!r}); the folder is LaViDa's stage-2 starting "
+        "point (the anyres pooled layout of its stage-2 scripts, a random image_newline) and needs fine-tuning "
+        "(train.py) before its answers mean anything"
+    )
+    checkpoint = LavidaCheckpoint(path=src, config=lavida_config, shards=shards, shapes=shapes, dtypes=dtypes,
+                                  file_names=file_names, dropped=dropped)
+    return checkpoint, vision
+
+
+def stage1_lavida_config(stage1: dict, base_config: dict, view_size: int) -> dict:
+    """The LaViDa config.json of LaViDa's stage-2 starting point: the base LM's config.json, the stage-1 mm_* fields
+    (projector type and sizes, vision tower) and the layout of LaViDa's stage-2 scripts at `view_size` px views."""
+    model_type = stage1["model_type"]
+    return {
+        **base_config, **{name: value for name, value in stage1.items() if name.startswith("mm_")},
+        "model_type": model_type, "architectures": [LAVIDA_ARCHITECTURES[model_type]], **STAGE2_LAYOUT,
+        "image_grid_pinpoints": [[width * view_size, height * view_size] for width, height in STAGE2_GRIDS],
+    }
+
+
+def add_image_newline(checkpoint: LavidaCheckpoint, hidden_size: int, seed: int, folder: Path, notes: list):
+    """Add image_newline as LaViDa's stage 2 creates it, randn(hidden) / sqrt(hidden), drawn from a CPU generator
+    seeded with `seed`, in the dtype of the LM's embedding; written to `folder` (a temporary folder) as a source."""
+    embedding = KEY_PLANS[checkpoint.config["model_type"]][0]
+    embedding = next(name for name, ours in embedding.items() if ours == "model.language_model.embed_tokens.weight")
+    dtype = checkpoint.dtypes.get(embedding, torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    newline = (torch.randn(hidden_size, generator=generator) / math.sqrt(hidden_size)).to(dtype)
+    path = folder / "image_newline.safetensors"
+    save_file({IMAGE_NEWLINE: newline}, str(path))
+    checkpoint.shards[str(path)] = [IMAGE_NEWLINE]
+    checkpoint.shapes[IMAGE_NEWLINE], checkpoint.dtypes[IMAGE_NEWLINE] = tuple(newline.shape), dtype
+    notes.append(f"image_newline drawn as LaViDa's stage 2 draws it: randn({hidden_size}) / sqrt({hidden_size}), "
+                 f"seed {seed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizer and processor
 
 
-def load_source_tokenizer(src, tokenizer=None):
-    """The tokenizer at `tokenizer` (a path) or else in SRC, loaded from local files only."""
+def load_source_tokenizer(src, tokenizer=None, source_argument="SRC"):
+    """The tokenizer at `tokenizer` (a path) or else in `src` (the folder of `source_argument`), loaded from local
+    files only."""
     from transformers import AutoTokenizer
 
-    location, argument = (tokenizer, "--tokenizer") if tokenizer is not None else (src, "SRC")
+    location, argument = (tokenizer, "--tokenizer") if tokenizer is not None else (src, source_argument)
     path = Path(location)
     if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
         if tokenizer is None:
             raise ConversionError(
-                f"SRC {str(src)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer PATH "
-                "(a folder with the LLaDA tokenizer)"
+                f"{source_argument} {str(src)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass "
+                "--tokenizer PATH (a folder with the LLaDA or Dream tokenizer)"
             )
         raise ConversionError(f"--tokenizer {str(tokenizer)!r} is not a folder with tokenizer files")
     try:
@@ -816,7 +1000,7 @@ def write_weights(checkpoint: LavidaCheckpoint, plan: ConversionPlan, folder: Pa
         tensors, read = {}, set()
         with safe_open(checkpoint.path / file_name, framework="pt") as handle:
             for source, target in plan.shards[file_name]:
-                tensor = handle.get_tensor(source)
+                tensor = handle.get_tensor(checkpoint.file_names.get(source, source))
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 if source in read:
@@ -851,12 +1035,14 @@ def write_config_and_code(config: ShirgConfig, folder: Path):
 
 
 def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=None, dtype="keep",
-                       config_overrides=None) -> ConversionReport:
+                       config_overrides=None, base_lm=None, vision_tower=None, seed=0, fim=False) -> ConversionReport:
     """Convert the LaViDa folder `src` into our folder `out`; returns the report. Raises ConversionError.
 
-    tokenizer: folder of the LLaDA tokenizer when SRC has none. vision_config: SigLIP sizes (dict, JSON or path)
-    over the so400m/26-layer default (see `lavida_vision_config`). dtype: "keep", "bfloat16" or "float32".
-    config_overrides: ShirgConfig fields.
+    tokenizer: folder of the LLaDA / Dream tokenizer when SRC has none. vision_config: SigLIP sizes (dict, JSON or
+    path) over the so400m/26-layer default (see `lavida_vision_config`). dtype: "keep", "bfloat16" or "float32".
+    config_overrides: ShirgConfig fields. A stage-1 SRC (the projector alone) is joined with the LM folder `base_lm`
+    and the SigLIP folder `vision_tower` (see `read_stage1_sources`), image_newline drawn with `seed`. fim: record
+    the folder as LaViDa's FIM checkpoint (automatic for the folder names FIM_FOLDER_NAMES).
     """
     src, out = Path(src), Path(out)
     if dtype not in DTYPES:
@@ -864,27 +1050,56 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
     if not src.is_dir():
         raise ConversionError(f"SRC {str(src)!r} is not a directory (expected a LaViDa checkpoint folder)")
     _check_output(out, src, overwrite)
+    stage1 = is_stage1_folder(src)
+    if stage1 and vision_config is not None:
+        raise ConversionError("--vision-config does not apply to a stage-1 SRC: the tower's sizes come from "
+                              "--vision-tower's config.json")
+    if not stage1 and (base_lm is not None or vision_tower is not None):
+        raise ConversionError(f"--base-lm and --vision-tower are for LaViDa's stage-1 checkpoints (the projector "
+                              f"alone); SRC {str(src)!r} is not one")
+    fim = bool(fim) or src.resolve().name in FIM_FOLDER_NAMES
+    if src.resolve().name in LOWRES_FOLDER_NAMES:
+        raise ConversionError(
+            f"SRC {str(src)!r} is LaViDa's low-resolution checkpoint (by its folder name), which LaViDa runs on "
+            "unpooled image features (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL) of one view; not implemented here: "
+            "our model pools every view of the anyres layout that SHIRG selects from"
+        )
     writer = FolderWriter(out, "OUT", overwrite)  # one writer of OUT at a time; see shirg_tools.output_folder
     try:
-        checkpoint = read_lavida_checkpoint(src)
-        tok = load_source_tokenizer(src, tokenizer)
-        notes = []
-        register_image_token(tok, notes)
-        vision = lavida_vision_config(vision_config, checkpoint, notes)
-        config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, checkpoint.config["model_type"]),
-                                     config_overrides, notes)
-        plan = plan_conversion(checkpoint, config, expected_state(config))
-        processor, processor_description = build_processor(config, tok)  # checked before any weight is written
+        with tempfile.TemporaryDirectory() as scratch:
+            notes = []
+            if stage1:
+                checkpoint, vision = read_stage1_sources(src, base_lm, vision_tower, notes)
+                tok = load_source_tokenizer(base_lm, tokenizer, "--base-lm")
+            else:
+                checkpoint = read_lavida_checkpoint(src)
+                tok = load_source_tokenizer(src, tokenizer)
+                vision = lavida_vision_config(vision_config, checkpoint, notes)
+            register_image_token(tok, notes)
+            model_type = checkpoint.config["model_type"]
+            config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, model_type),
+                                         config_overrides, notes)
+            if stage1:
+                add_image_newline(checkpoint, config.text_config.hidden_size, seed, Path(scratch), notes)
+            plan = plan_conversion(checkpoint, config, expected_state(config))
+            processor, processor_description = build_processor(config, tok)  # checked before any weight is written
+            if fim:
+                marker = tok.get_vocab().get(FIM_MARKER)
+                notes.append(f"LaViDa's FIM checkpoint: recorded as fim=true in {CONVERSION_RECORD}; its FIM marker "
+                             f"{FIM_MARKER} is token {marker} of the tokenizer")
 
-        tmp = writer.stage()
-        total_bytes, out_shards, elements = write_weights(checkpoint, plan, tmp, DTYPES[dtype])
+            tmp = writer.stage()
+            total_bytes, out_shards, elements = write_weights(checkpoint, plan, tmp, DTYPES[dtype])
         main_dtype = max(elements, key=elements.get)
         config.dtype = main_dtype
         write_config_and_code(config, tmp)
         processor.save_pretrained(str(tmp))
         # where the weights came from, read by publish.py's model card
         provenance = {"converted_from": src.resolve().name, "dtype": str(main_dtype).removeprefix("torch."),
-                      "converter": "convert_lavida_checkpoint.py"}
+                      "converter": "convert_lavida_checkpoint.py", "fim": fim}
+        if stage1:
+            provenance["stage1"] = {"base_lm": Path(base_lm).resolve().name,
+                                    "vision_tower": Path(vision_tower).resolve().name, "image_newline_seed": seed}
         (tmp / CONVERSION_RECORD).write_text(json.dumps(provenance, indent=2))
         writer.commit()  # the umask's modes (not mkdir's or the copied code files'), then swapped into place
     finally:
@@ -910,11 +1125,21 @@ def main(argv=None) -> int:
                         "with one layer more than the checkpoint holds gets LaViDa's deletion of the last layer")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="dtype of the written weights")
     parser.add_argument("--config-overrides", metavar="JSON", help="ShirgConfig fields (JSON or a JSON file path)")
+    stage1 = parser.add_argument_group("a stage-1 SRC (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: the projector "
+                                       "alone, as mm_projector.safetensors)")
+    stage1.add_argument("--base-lm", metavar="PATH", help="the LM it was trained on: LLaDA-8B-Instruct or "
+                        "Dream-v0-Instruct-7B (safetensors + tokenizer)")
+    stage1.add_argument("--vision-tower", metavar="PATH", help="SigLIP (google/siglip-so400m-patch14-384, "
+                        "safetensors); LaViDa deletes its last layer")
+    stage1.add_argument("--seed", type=int, default=0, help="seed of image_newline, drawn as LaViDa's stage 2 does")
+    parser.add_argument("--fim", action="store_true", help="record OUT as LaViDa's FIM checkpoint (automatic for the "
+                        f"folder names {', '.join(FIM_FOLDER_NAMES)})")
     args = parser.parse_args(argv)
     try:
         report = convert_checkpoint(
             args.src, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer, vision_config=args.vision_config,
-            dtype=args.dtype, config_overrides=args.config_overrides,
+            dtype=args.dtype, config_overrides=args.config_overrides, base_lm=args.base_lm,
+            vision_tower=args.vision_tower, seed=args.seed, fim=args.fim,
         )
     except (ConversionError, OutputFolderError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -193,7 +193,7 @@ def test_convert_cli_and_load_in_fresh_process(original, source, tmp_path, capsy
     assert config_auto_map_includes_pipeline(out)
     # the provenance publish.py's card states
     assert json.loads((out / "shirg_conversion.json").read_text()) == {
-        "converted_from": source.name, "dtype": "float32", "converter": "convert_lavida_checkpoint.py"}
+        "converted_from": source.name, "dtype": "float32", "converter": "convert_lavida_checkpoint.py", "fim": False}
     assert not leftovers(tmp_path, "converted")
     config = json.loads((out / "config.json").read_text())
     assert {name: config["auto_map"][name] for name in ("AutoConfig", "AutoModel")} == {
