@@ -31,7 +31,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCar
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from lavida_shirg.configuration_lavida_shirg import ShirgConfig
+from lavida_shirg.configuration_lavida_shirg import DreamTextConfig, ShirgConfig
 from shirg_tools.inference import check_weight_files
 from shirg_tools.output_folder import OutputFolderError, write_folder
 from shirg_tools.run_record import CONVERSION_RECORD, RUN_RECORD
@@ -40,6 +40,11 @@ ROOT = Path(__file__).resolve().parent
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SPACE_PACKAGES = ("lavida_shirg", "shirg_tools")  # the project packages app.py imports, copied whole
 TAGS = ["custom_code", "lavida", "shirg", "diffusion", "token-pruning", "multimodal", "ocr"]
+
+
+# the model a card describes, by its text_config.model_type (a LLaDA decoder otherwise)
+BACKBONE_NAMES = {DreamTextConfig.model_type: ("LaViDa-Dream", "Dream-7B")}
+LLADA_NAMES = ("LaViDa-LLaDA", "LLaDA-8B")
 
 
 class PublishError(ValueError):
@@ -152,10 +157,19 @@ def training_section(record, datasets, conversion=None) -> str:
     """Training data and procedure, as the folder proves it: from a train.py run record (shirg_run.json), else the
     converter's record (shirg_conversion.json), else a statement that the weights' origin is unknown."""
     listed = f" Datasets named for this upload: {', '.join(datasets)}." if datasets else ""
+    if not record and conversion and "stage1" in conversion:
+        parts = conversion["stage1"]
+        return (f"Assembled with `{conversion['converter']}` from LaViDa's stage-1 checkpoint "
+                f"`{conversion['converted_from']}` (its projector), the language model `{parts['base_lm']}` and the "
+                f"vision tower `{parts['vision_tower']}` (its last layer removed), with a random `image_newline` (seed "
+                f"{parts['image_newline_seed']}), stored in {conversion['dtype']}: LaViDa's stage-2 starting point, "
+                "not fine-tuned; its answers mean nothing until it is trained." + listed)
     if not record and conversion:
+        fim = (" It is LaViDa's text-infilling (FIM) checkpoint: pass a draft to the processor (`draft=`)."
+               if conversion.get("fim") else "")
         return (f"Weights converted with `{conversion['converter']}` from LaViDa's checkpoint "
-                f"`{conversion['converted_from']}` (SigLIP-so400m, projector and LLaDA-8B as LaViDa trained them, "
-                f"stored in {conversion['dtype']}); no further training." + listed)
+                f"`{conversion['converted_from']}` (vision tower, projector and language model as LaViDa trained "
+                f"them, stored in {conversion['dtype']}); no further training." + fim + listed)
     if not record:
         return ("This folder carries no record of where its weights came from (neither a train.py run record nor a "
                 "converter record): they may be randomly initialised, and results obtained with them say nothing "
@@ -231,9 +245,10 @@ def card_text(repo_id, config, results_markdown, base_model, adapter, record=Non
     detail = config.get("detail_term", ShirgConfig.detail_term)  # a config saved before the field: the default
     snippet = adapter_snippet(repo_id, base_model) if adapter else demo_snippet(repo_id, method, budget)
     adapter_line = f"\nThis repository holds a LoRA adapter (PEFT) for the base model `{base_model}`.\n" if adapter else ""
+    model_name, lm_name = BACKBONE_NAMES.get(config.get("text_config", {}).get("model_type"), LLADA_NAMES)
     return f"""# {repo_id.split("/")[-1]}
 
-LaViDa-LLaDA (SigLIP-so400m + 2-layer MLP projector + LLaDA-8B masked-diffusion LM) with **SHIRG**, a
+{model_name} (SigLIP-so400m + 2-layer MLP projector + {lm_name} masked-diffusion LM) with **SHIRG**, a
 text-conditioned, coverage-guaranteed selection of high-resolution vision tokens. Instead of pooling every 384px
 view to 14x14 tokens (which blurs small text), SHIRG looks at the image at high resolution (one
 {config["hires_image_size"]}px view through SigLIP with interpolated position embeddings) and keeps only K tokens:

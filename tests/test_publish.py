@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, build_tiny_model, served_app
+from conftest import ROOT, build_tiny_model, save_tiny_dream_folder, served_app
 from PIL import Image
 
 import publish
@@ -99,6 +99,35 @@ def test_card_of_a_converted_folder_names_the_source(saved_model, tmp_path):
     body = (tmp_path / "hub" / "README.md").read_text()
     assert ("Weights converted with `convert_lavida_checkpoint.py` from LaViDa's checkpoint "
             "`lavida-llada-v1.0-instruct`") in body and "no record of where" not in body
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"fim": True}, "LaViDa's text-infilling (FIM) checkpoint: pass a draft to the processor (`draft=`)"),
+    ({"stage1": {"base_lm": "LLaDA-8B-Instruct", "vision_tower": "siglip-so400m-patch14-384", "image_newline_seed": 3}},
+     "from LaViDa's stage-1 checkpoint `lavida-llada-1.0-stage1` (its projector), the language model "
+     "`LLaDA-8B-Instruct` and the vision tower `siglip-so400m-patch14-384` (its last layer removed), with a random "
+     "`image_newline` (seed 3), stored in bfloat16: LaViDa's stage-2 starting point, not fine-tuned"),
+])
+def test_card_of_a_fim_or_stage1_conversion_says_what_it_holds(saved_model, tmp_path, record, expected):
+    folder = tmp_path / "converted"
+    shutil.copytree(saved_model[0], folder)
+    source = "lavida-llada-1.0-stage1" if "stage1" in record else "lavida-llada-1.0-fim"
+    (folder / "shirg_conversion.json").write_text(json.dumps({
+        "converted_from": source, "dtype": "bfloat16", "converter": "convert_lavida_checkpoint.py", **record}))
+    publish.export_model(folder, tmp_path / "hub", "someone/converted")
+    body = (tmp_path / "hub" / "README.md").read_text()
+    assert expected in body
+    assert ("LaViDa's stage-2 starting point" in body) == ("stage1" in record)
+
+
+def test_card_names_the_backbone(hub_folder, tmp_path):
+    save_tiny_dream_folder(tmp_path / "dream")
+    publish.export_model(tmp_path / "dream", tmp_path / "hub", "someone/dream")
+    body = (tmp_path / "hub" / "README.md").read_text()
+    assert "LaViDa-Dream (SigLIP-so400m + 2-layer MLP projector + Dream-7B masked-diffusion LM)" in body
+    assert "LLaDA" not in body
+    llada = (hub_folder / "README.md").read_text()
+    assert "LaViDa-LLaDA (SigLIP-so400m + 2-layer MLP projector + LLaDA-8B masked-diffusion LM)" in llada
 
 
 def test_folder_loads_in_a_fresh_process_with_identical_outputs(hub_folder, saved_model, tmp_path):
