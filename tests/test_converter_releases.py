@@ -17,11 +17,12 @@ from conftest import build_tiny_model
 from safetensors.torch import load_file, save_file
 from test_converter import (TINY_VISION, VISION, lavida_config, lavida_name, lavida_tensors,
                             write_lavida_checkpoint)
-from test_converter_dream import DREAM_TEXT, dream_config, dream_name, dream_tokenizer
+from test_converter_dream import dream_config, dream_name, dream_tokenizer
 
 import convert_lavida_checkpoint as converter
 from lavida_shirg import ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
 
 def converted_weights(folder) -> dict:
@@ -39,28 +40,19 @@ def llada():
 
 @pytest.fixture(scope="module")
 def dream():
-    return build_tiny_model(seed=6, text_config=dict(DREAM_TEXT), image_token_id=512, start_header_token_id=513,
-                            end_header_token_id=204, eot_token_id=514)
+    return build_tiny_model(seed=6, preset="tiny-dream")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # FIM and reason: LaViDa-LLaDA's class and layout; the FIM folder is recorded as such
 
 
-def fim_tokenizer():
-    from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [converter.FIM_MARKER]},
-                                 replace_extra_special_tokens=False)
-    return tokenizer
-
-
 @pytest.mark.parametrize("release, fim", [("lavida-llada-1.0-fim", True), ("lavida-llada-hd-fim", True),
                                           ("lavida-llada-reason", False), ("lavida-llada-v1.0-instruct", False)])
 def test_llada_layout_releases(llada, tmp_path, release, fim):
     src = write_lavida_checkpoint(tmp_path / release, lavida_tensors(llada), tokenizer=False)
-    fim_tokenizer().save_pretrained(str(src))  # the LLaDA tokenizer holds the FIM marker <|reserved_token_1|>
+    # the tokenizer holds the FIM marker <|reserved_token_1|> and filler <|reserved_token_2|>, as LLaDA's does
+    build_tiny_tokenizer().save_pretrained(str(src))
     out = tmp_path / "out"
     report = converter.convert_checkpoint(src, out, vision_config=TINY_VISION)
     assert report.tensors_converted == len(llada.state_dict())
@@ -71,12 +63,13 @@ def test_llada_layout_releases(llada, tmp_path, release, fim):
     assert record == {"converted_from": release, "dtype": "float32", "converter": "convert_lavida_checkpoint.py",
                       "fim": fim}
     marker_notes = [note for note in report.notes if "FIM marker" in note]
-    assert marker_notes == ([f"LaViDa's FIM checkpoint: recorded as fim=true in shirg_conversion.json; its FIM "
-                             f"marker <|reserved_token_1|> is token 513 of the tokenizer"] if fim else [])
+    assert marker_notes == (["LaViDa's FIM checkpoint: recorded as fim=true in shirg_conversion.json; its FIM "
+                             "marker <|reserved_token_1|> is token 192 of the tokenizer"] if fim else [])
     config = json.loads((out / "config.json").read_text())
     for name in ("mask_token_id", "eos_token_id", "bos_token_id", "start_header_token_id", "eot_token_id",
-                 "image_token_id", "image_grid_pinpoints", "pooled_view_size"):
+                 "image_token_id", "image_grid_pinpoints", "pooled_view_size", "fim_token_id", "fill_token_id"):
         assert config[name] == getattr(llada.config, name), name
+    assert (config["fim_token_id"], config["fill_token_id"]) == (192, 193)
     assert json.loads((out / "processor_config.json").read_text())["chat_format"] == "llada"
 
 
@@ -85,7 +78,9 @@ def test_fim_flag_marks_any_folder(llada, tmp_path, capsys):
     out = tmp_path / "out"
     assert converter.main([str(src), str(out), "--vision-config", json.dumps(TINY_VISION), "--fim"]) == 0
     assert json.loads((out / "shirg_conversion.json").read_text())["fim"] is True
-    assert "its FIM marker <|reserved_token_1|> is token None" in capsys.readouterr().out  # absent: said, not hidden
+    assert "its FIM marker <|reserved_token_1|> is token 192 of the tokenizer" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["fim_token_id"], config["fill_token_id"]) == (192, 193)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def write_stage1_sources(model, model_type, tmp_path, projector="safetensors"):
                                                                                   "model.mm_projector.",
                                                                                   "model.image_newline"))}
     if tokenizer is None:
-        from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer as tokenizer
+        tokenizer = build_tiny_tokenizer
     base = write_folder(tmp_path / "base-lm", lm, base_config(), tokenizer())
 
     generator = torch.Generator().manual_seed(11)
