@@ -34,8 +34,10 @@ LaViDa-Dream (vision tower, projector and image_newline as above; Dream's Qwen2-
     lm_head.weight                                    -> lm_head.weight (a copy of the embedding when
                                                          tie_word_embeddings is set)
 LaViDa's releases: the instruct, FIM and reason folders convert alike (LLaDA's or Dream's layout; a FIM folder is
-recorded as such, see --fim). lavida-llada-1.0-lowres is refused, naming why: by its folder name (LaViDa runs it
-unpooled) and by any config.json with its single-view layout (image_aspect_ratio pad / square). A stage-1 folder (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: config.json + the projector) is
+recorded as such, see --fim). A config.json with LaViDa's single-view layout (image_aspect_ratio pad / square: LaViDa's
+eval passes one view per image as a 4-D tensor, which it never pools nor gives an image_newline) converts to our
+single-view layout, unpooled; lavida-llada-1.0-lowres (by its folder name) is run unpooled whatever its layout, as
+LaViDa's eval/run_coco_lowres.sh does (NOT_ALWASY_DO_2DPOOL). A stage-1 folder (lavida-llada-1.0-stage1, lavida-dream-1.0-stage1: config.json + the projector) is
 joined with --base-lm (LLaDA-8B-Instruct or Dream-v0-Instruct-7B) and --vision-tower (SigLIP) into LaViDa's stage-2
 starting point; its projector must be mm_projector.safetensors (LaViDa's mm_projector.bin pickle is refused):
 
@@ -185,14 +187,11 @@ DREAM_TOKEN_FIELDS = {
 }
 DREAM_MASK_TOKEN = "<|mask|>"
 # LaViDa's single-view layouts (lavida-llada-1.0-lowres, and the stage-1 projector's training): the image padded to a
-# square ("pad") or resized ("square") to one 384 px view, all 729 SigLIP tokens, no pooling, no image_newline
+# square ("pad") or resized ("square") to one view; LaViDa's eval passes them as a 4-D tensor, which its
+# prepare_inputs_labels_for_multimodal only encodes (no pooling, no image_newline): our image_aspect_ratio of the same
+# name, unpooled. mm_patch_merge_type and mm_spatial_pool_mode are not read on that path.
 SINGLE_VIEW_LAYOUTS = ("pad", "square")
-SINGLE_VIEW_REFUSAL = (
-    "LaViDa's low-resolution single-view layout (image_aspect_ratio 'pad' / 'square': one view of the whole image, "
-    "all its SigLIP tokens, no pooling and no image_newline, as lavida-llada-1.0-lowres runs) is not implemented: our "
-    "processor and model implement the anyres layout (a global view + crops, each pooled, image_newline per row) "
-    "that SHIRG selects from"
-)
+MULTI_VIEW_OPTIONS = ("mm_patch_merge_type", "mm_spatial_pool_mode")
 # Stage-1 folders (see `read_stage1_sources`)
 STAGE1_PROJECTOR = "mm_projector.safetensors"
 STAGE1_PICKLE = "mm_projector.bin"  # what LaViDa's training saves for a projector-only run
@@ -211,7 +210,8 @@ LM_SIZE_FIELDS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_si
 FIM_FOLDER_NAMES = ("lavida-llada-1.0-fim", "lavida-llada-hd-fim")
 FIM_MARKER = "<|reserved_token_1|>"  # predict_fim.py's FIM marker
 # LaViDa's low-resolution checkpoint, by its README's names: LaViDa evaluates it with its image features unpooled
-# (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL), whatever its config.json says, which our model never does
+# (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL), whatever its config.json's layout: pooled_view_size = the
+# patches per side of a view
 LOWRES_FOLDER_NAMES = ("lavida-llada-1.0-lowres", "lavida-llada-lowres")
 CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
@@ -555,13 +555,19 @@ def check_supported_options(config: dict, notes: list) -> list:
             problems.append(f"{name}={value!r} (our LLaDA implements {name}={required!r})")
     if not dream and config.get("bias_for_layer_norm"):
         problems.append("bias_for_layer_norm=True (our RMSNorms have no bias)")
+    single_view = config.get("image_aspect_ratio") in SINGLE_VIEW_LAYOUTS
     for name, required in LAVIDA_REQUIRED_OPTIONS:
-        if name not in config:
+        if name == "image_aspect_ratio" and single_view:
+            notes.append(f"image_aspect_ratio={config[name]!r}: LaViDa's single-view layout (one view per image, "
+                         "unpooled, no image_newline)")
+        elif name in MULTI_VIEW_OPTIONS and single_view:
+            if name in config:
+                notes.append(f"{name}={config[name]!r} is not read by LaViDa's single-view image path")
+        elif name not in config:
             notes.append(f"config.json has no {name}; assuming LaViDa's {required!r}")
         elif config[name] != required:
-            problems.append(f"{name}={config[name]!r} (our model implements {name}={required!r})")
-    if config.get("image_aspect_ratio") in SINGLE_VIEW_LAYOUTS:
-        problems.append(SINGLE_VIEW_REFUSAL)
+            allowed = f" in {(required, *SINGLE_VIEW_LAYOUTS)}" if name == "image_aspect_ratio" else f"={required!r}"
+            problems.append(f"{name}={config[name]!r} (our model implements {name}{allowed})")
     tower = config.get("mm_vision_tower")
     if tower is None:
         notes.append("config.json has no mm_vision_tower; assuming SigLIP")
@@ -575,9 +581,11 @@ def check_supported_options(config: dict, notes: list) -> list:
     return problems
 
 
-def build_config(lavida_config: dict, vision_config=None, token_ids=None, config_overrides=None, notes=None):
+def build_config(lavida_config: dict, vision_config=None, token_ids=None, config_overrides=None, notes=None,
+                 unpooled=False):
     """A ShirgConfig from LaViDa's config.json (dict), the SigLIP sizes (`vision_config_dict`), the tokenizer's
     special ids (`special_token_ids`) and explicit `config_overrides` (ShirgConfig fields, applied last).
+    `unpooled`: LaViDa runs the checkpoint with NOT_ALWASY_DO_2DPOOL (its lowres release): views are not pooled.
 
     Returns (config, notes). Raises ConversionError listing every unsupported option or inconsistent size.
     """
@@ -601,8 +609,11 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     if problems:
         raise ConversionError("SRC config.json has settings this model does not implement:\n  " + "\n  ".join(problems))
 
-    kwargs = dict(vision_config=vision, text_config=text)
-    if "image_grid_pinpoints" not in overrides:
+    single_view = lavida_config.get("image_aspect_ratio") in SINGLE_VIEW_LAYOUTS
+    kwargs = dict(vision_config=vision, text_config=text,
+                  image_aspect_ratio=lavida_config["image_aspect_ratio"] if single_view else "anyres")
+    if "image_grid_pinpoints" not in overrides and not (single_view and lavida_config.get("image_grid_pinpoints")
+                                                        is None):
         if lavida_config.get("image_grid_pinpoints") is None:
             raise ConversionError(
                 "SRC config.json has no image_grid_pinpoints (LaViDa's anyres layout needs them); pass "
@@ -616,7 +627,10 @@ def build_config(lavida_config: dict, vision_config=None, token_ids=None, config
     if stride not in (None, 2):
         notes.append(f"mm_spatial_pool_stride={stride} is ignored: LaViDa pools image views with stride 2")
     patches_per_side = int(vision["image_size"]) // int(vision["patch_size"])
-    kwargs["pooled_view_size"] = -(-patches_per_side // 2)
+    kwargs["pooled_view_size"] = patches_per_side if single_view or unpooled else -(-patches_per_side // 2)
+    if unpooled and not single_view:
+        notes.append(f"LaViDa runs this checkpoint unpooled (NOT_ALWASY_DO_2DPOOL): pooled_view_size = "
+                     f"{patches_per_side}, the patches per side of a view")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id", *(("bos_token_id",) if dream else ())):
         if lavida_config.get(name) is not None:
             kwargs[name] = int(lavida_config[name])
@@ -1058,12 +1072,6 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
         raise ConversionError(f"--base-lm and --vision-tower are for LaViDa's stage-1 checkpoints (the projector "
                               f"alone); SRC {str(src)!r} is not one")
     fim = bool(fim) or src.resolve().name in FIM_FOLDER_NAMES
-    if src.resolve().name in LOWRES_FOLDER_NAMES:
-        raise ConversionError(
-            f"SRC {str(src)!r} is LaViDa's low-resolution checkpoint (by its folder name), which LaViDa runs on "
-            "unpooled image features (eval/run_coco_lowres.sh sets NOT_ALWASY_DO_2DPOOL) of one view; not implemented here: "
-            "our model pools every view of the anyres layout that SHIRG selects from"
-        )
     writer = FolderWriter(out, "OUT", overwrite)  # one writer of OUT at a time; see shirg_tools.output_folder
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -1078,7 +1086,7 @@ def convert_checkpoint(src, out, overwrite=False, tokenizer=None, vision_config=
             register_image_token(tok, notes)
             model_type = checkpoint.config["model_type"]
             config, notes = build_config(checkpoint.config, vision, special_token_ids(tok, model_type),
-                                         config_overrides, notes)
+                                         config_overrides, notes, unpooled=src.resolve().name in LOWRES_FOLDER_NAMES)
             if stage1:
                 add_image_newline(checkpoint, config.text_config.hidden_size, seed, Path(scratch), notes)
             plan = plan_conversion(checkpoint, config, expected_state(config))

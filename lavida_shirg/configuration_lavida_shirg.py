@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from transformers import PreTrainedConfig, SiglipVisionConfig
 
-from .image_layout import fewest_source_tokens
+from .image_layout import IMAGE_ASPECT_RATIOS, fewest_source_tokens
 from .shirg_selection import DETAIL_TERMS, METHODS, SCORE_NORMALIZATIONS
 
 LOSS_WEIGHTINGS = ("mean", "inverse_probability")
@@ -107,9 +107,12 @@ def text_config_from_dict(values: dict) -> LladaTextConfig:
 class ShirgConfig(PreTrainedConfig):
     """LaViDa = SigLIP (without its last layer, head and post-norm) -> 2-layer GELU MLP -> LLaDA.
 
-    Image layout ("anyres"): each image is resized and padded to the best of `image_grid_pinpoints`
-    ((height, width) pairs, multiples of the vision image size), cut into vision-size crops and preceded by a
-    global view; every view's projected features are bilinearly pooled to `pooled_view_size` x `pooled_view_size`.
+    Image layout (`image_aspect_ratio`): "anyres" (default): each image is resized and padded to the best of
+    `image_grid_pinpoints` ((height, width) pairs, multiples of the vision image size), cut into vision-size crops
+    and preceded by a global view; every view's projected features are bilinearly pooled to `pooled_view_size` x
+    `pooled_view_size` (pooled_view_size = patches per side: unpooled), the crops stitched, unpadded, with a newline
+    token per row. "pad" / "square": one view per image (padded to a square of the mean colour / resized), its
+    features pooled alike, no newline (LaViDa's single-view path, lavida-llada-1.0-lowres: unpooled).
 
     Special tokens: `image_token_id` marks image positions in `input_ids` (default: text vocab_size, just past the
     LM vocabulary; the tokenizer's `<image>` token where it has one); those positions are filled with image
@@ -122,6 +125,7 @@ class ShirgConfig(PreTrainedConfig):
     vision_config: dict | SiglipVisionConfig | None = None
     text_config: dict | LladaTextConfig | DreamTextConfig | None = None
     projector_hidden_act: str = "gelu"
+    image_aspect_ratio: str = "anyres"
     image_grid_pinpoints: list | None = None
     pooled_view_size: int = 14
     image_token_id: int | None = None
@@ -204,6 +208,8 @@ class ShirgConfig(PreTrainedConfig):
 
     def _validate(self):
         vision = self.vision_config
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if not 0 < self.pooled_view_size <= self.patches_per_side:
             raise ValueError(
                 f"pooled_view_size must be in [1, {self.patches_per_side}] (the patches per side of a view), "
@@ -264,6 +270,7 @@ class ShirgConfig(PreTrainedConfig):
             "view_size": self.vision_config.image_size,
             "patch_size": self.vision_config.patch_size,
             "pooled_view_size": self.pooled_view_size,
+            "image_aspect_ratio": self.image_aspect_ratio,
             **{name: getattr(self, name) for name in SELECTION_FIELDS},
         }
 
@@ -313,7 +320,7 @@ SELECTION_PRESETS = {
 }
 
 # the image geometry a call's settings carry with them (not overridable per call)
-LAYOUT_FIELDS = ("image_grid_pinpoints", "view_size", "patch_size", "pooled_view_size")
+LAYOUT_FIELDS = ("image_grid_pinpoints", "view_size", "patch_size", "pooled_view_size", "image_aspect_ratio")
 SETTINGS_FIELDS = LAYOUT_FIELDS + SELECTION_FIELDS
 
 
@@ -346,7 +353,8 @@ class _SettingsMapping(Mapping):
 # mapping too.
 SelectionSettings = dataclasses.make_dataclass(
     "SelectionSettings",
-    [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int)]
+    [("image_grid_pinpoints", list), ("view_size", int), ("patch_size", int), ("pooled_view_size", int),
+     ("image_aspect_ratio", str)]
     + [(name, ShirgConfig.__annotations__[name]) for name in SELECTION_FIELDS],
     bases=(_SettingsMapping,), frozen=True, eq=True, init=False,
 )
@@ -412,6 +420,10 @@ def validate_selection_settings(settings: dict):
     if not _is_int(size) or size < patch or size % patch:
         raise ValueError(f"hires_image_size must be a positive integer multiple of the patch size ({patch}), "
                          f"got {size!r}")
+    if settings["hires_source"] == "anyres-views" and settings["image_aspect_ratio"] != "anyres":
+        raise ValueError(f"hires_source='anyres-views' selects among the anyres views, which "
+                         f"image_aspect_ratio={settings['image_aspect_ratio']!r} does not make (one view per image): "
+                         "use hires_source='single-view'")
     if settings["hires_source"] == "anyres-views" and settings["x_scaffold"] == "grid":
         raise ValueError("x_scaffold='grid' pools a single high-resolution view: use 'global-view' or 'none' with "
                          "hires_source='anyres-views'")

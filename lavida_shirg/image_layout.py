@@ -10,6 +10,10 @@ import math
 
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 
+# LaViDa's image layouts (its `image_aspect_ratio`): "anyres" (a global view + crops of the best pinpoint canvas),
+# "pad" (one view: the image centred on a square of the mean colour), "square" (one view: the image resized)
+IMAGE_ASPECT_RATIOS = ("anyres", "pad", "square")
+
 
 def select_best_resolution(image_size, pinpoints):
     """Pick the pinpoint that keeps the most image pixels after an aspect-preserving resize, then wastes the least.

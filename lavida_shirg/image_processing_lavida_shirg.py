@@ -1,6 +1,8 @@
-"""LaViDa's "anyres" image preprocessing: per image, a global view (the whole image squashed to view_size x
-view_size) followed by the view-size crops, in row-major order, of the image resized into its best pinpoint canvas
-(black padding around it; the geometry is `image_layout`'s), rescaled and normalised by transformers' utilities.
+"""LaViDa's image preprocessing, rescaled and normalised by transformers' utilities. "anyres": per image, a global
+view (the whole image squashed to view_size x view_size) followed by the view-size crops, in row-major order, of the
+image resized into its best pinpoint canvas (black padding around it; the geometry is `image_layout`'s). "pad": one
+view, the image centred on a square of the mean colour (LaViDa's expand2square) then resized; "square": one view,
+the image resized.
 
 Remote code with saved processors: it imports only `transformers` (and its dependencies), PIL, numpy and torch.
 """
@@ -18,7 +20,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ChannelDimension, load_image
 from transformers.processing_utils import ImagesKwargs
 
-from .image_layout import resized_size_in_canvas, select_best_resolution
+from .image_layout import IMAGE_ASPECT_RATIOS, resized_size_in_canvas, select_best_resolution
 
 URL_TIMEOUT = 10.0  # seconds without progress before an image download fails
 ACCEPTED_IMAGES = (
@@ -119,14 +121,17 @@ class LavidaShirgImagesKwargs(ImagesKwargs, total=False):
 
     view_size: int
     image_grid_pinpoints: list
+    image_aspect_ratio: str
     max_image_pixels: int
 
 
 class LavidaShirgImageProcessor(BaseImageProcessor):
-    """LaViDa's anyres preprocessing: per image, [global view, crops...] as normalised CHW float32 views.
+    """LaViDa's preprocessing: per image, its views as normalised CHW float32 arrays ("anyres": [global view,
+    crops...]; "pad" / "square": one view).
 
     Parameters: `view_size` (side of a vision view in pixels), `image_grid_pinpoints` ((height, width) canvases,
-    multiples of view_size, in LaViDa's order: it breaks ties), `image_mean`/`image_std` (per channel),
+    multiples of view_size, in LaViDa's order: it breaks ties), `image_aspect_ratio` ("anyres", "pad" or "square",
+    see the module), `image_mean`/`image_std` (per channel; "pad" fills with int(255 mean) per channel, as LaViDa),
     `rescale_factor` (pixel scale before normalising), `resample` (PIL filter code, 3 = bicubic) and
     `max_image_pixels` (larger images are refused before any pixel is copied; default: PIL's decompression-bomb
     threshold, 89,478,485 pixels; downscale larger images yourself, e.g. with `Image.thumbnail`).
@@ -138,8 +143,11 @@ class LavidaShirgImageProcessor(BaseImageProcessor):
     def __init__(self, view_size: int, image_grid_pinpoints: list, image_mean=(0.5, 0.5, 0.5),
                  image_std=(0.5, 0.5, 0.5), rescale_factor: float = 1 / 255,
                  resample: int = int(Image.Resampling.BICUBIC), max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 **kwargs):
+                 image_aspect_ratio: str = "anyres", **kwargs):
         super().__init__(**kwargs)
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+        self.image_aspect_ratio = image_aspect_ratio
         self.view_size = int(view_size)
         self.image_grid_pinpoints = [[int(height), int(width)] for height, width in image_grid_pinpoints]
         self.image_mean = [float(value) for value in image_mean]
@@ -164,13 +172,23 @@ class LavidaShirgImageProcessor(BaseImageProcessor):
         return to_rgb_image(image, index)
 
     def views(self, image: Image.Image) -> list:
-        """LaViDa's views of an RGB image: [global view, crops of the padded best-pinpoint canvas, row-major]."""
+        """LaViDa's views of an RGB image: "anyres": [global view, crops of the padded best-pinpoint canvas,
+        row-major]; "pad": [the image pasted at ((side - w) // 2, (side - h) // 2) on a side x side square (side =
+        max(h, w)) of colour int(255 image_mean), resized]; "square": [the image resized]."""
+        step = self.view_size
+        if self.image_aspect_ratio == "pad":
+            side = max(image.height, image.width)
+            fill = tuple(int(mean * 255) for mean in self.image_mean)
+            square = Image.new("RGB", (side, side), fill)
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            return [square.resize((step, step), self.resample)]
+        if self.image_aspect_ratio == "square":
+            return [image.resize((step, step), self.resample)]
         size = (image.height, image.width)
         canvas_h, canvas_w = select_best_resolution(size, self.image_grid_pinpoints)
         new_h, new_w = resized_size_in_canvas(size, (canvas_h, canvas_w))
         canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
         canvas.paste(image.resize((new_w, new_h), self.resample), ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
-        step = self.view_size
         crops = [canvas.crop((left, top, left + step, top + step))
                  for top in range(0, canvas_h, step) for left in range(0, canvas_w, step)]
         return [image.resize((step, step), self.resample), *crops]

@@ -264,15 +264,18 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
 
     def views_of_images(self, pixel_values, image_sizes):
         """Per image: ((rows, cols), unpad bounds, index of its global view); checks pixel_values' view count.
+        Single-view layouts ("pad", "square"): ((0, 0), None, image index), the view alone.
         image_sizes: (I, 2) tensor, or its rows already read as [height, width] lists (`embed_inputs`)."""
         config = self.config
         p, view_size = config.pooled_view_size, config.vision_config.image_size
         layouts, start = [], 0
-        # host read (unless done already): each image's crop grid, bounds and view count depend on its size
-        for size in image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes:
-            (rows, cols), bounds = pooled_layout(size, config.image_grid_pinpoints, view_size, p)
-            layouts.append(((rows, cols), bounds, start))
-            start += 1 + rows * cols
+        if config.image_aspect_ratio != "anyres":
+            layouts, start = [((0, 0), None, index) for index in range(len(image_sizes))], len(image_sizes)
+        else:  # host read (unless done already): each image's crop grid, bounds and view count depend on its size
+            for size in image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes:
+                (rows, cols), bounds = pooled_layout(size, config.image_grid_pinpoints, view_size, p)
+                layouts.append(((rows, cols), bounds, start))
+                start += 1 + rows * cols
         if start != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values holds {pixel_values.shape[0]} views but image_sizes implies {start}: pass the "
@@ -281,14 +284,17 @@ class LavidaShirgModel(LavidaShirgPreTrainedModel):
         return layouts
 
     def pooled_image_features(self, pixel_values, views):
-        """LaViDa's pooled anyres image tokens of every image, concatenated: (sum_i N_i, E).
+        """LaViDa's pooled image tokens of every image, concatenated: (sum_i N_i, E).
 
-        Per image (views [global, crops row-major]): global p x p tokens, then the crops stitched into a
+        anyres, per image (views [global, crops row-major]): global p x p tokens, then the crops stitched into a
         (rows p, cols p) map, unpadded to the image's aspect ratio, with `image_newline` after every row.
+        Single-view layouts: the view's p x p tokens, no newline (LaViDa's 4-D image path: encode_images alone).
         """
         p = self.config.pooled_view_size
         pooled = pool_view_features(self.encode_views(pixel_values), p)  # (V, p*p, E)
         dim = pooled.shape[-1]
+        if self.config.image_aspect_ratio != "anyres":
+            return pooled.reshape(-1, dim)  # (I p*p, E)
         tokens = []
         for (rows, cols), (top, bottom, left, right), start in views:
             crops = pooled[start + 1 : start + 1 + rows * cols]

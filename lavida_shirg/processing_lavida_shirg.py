@@ -162,7 +162,8 @@ class LavidaShirgProcessor(ProcessorMixin):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
         image_processor = LavidaShirgImageProcessor(view_size=config.vision_config.image_size,
-                                                    image_grid_pinpoints=config.image_grid_pinpoints)
+                                                    image_grid_pinpoints=config.image_grid_pinpoints,
+                                                    image_aspect_ratio=config.image_aspect_ratio)
         return cls(image_processor, tokenizer, image_token_id=config.image_token_id,
                    pooled_view_size=config.pooled_view_size,
                    model_max_length=config.text_config.max_position_embeddings, eos_token_id=config.eos_token_id,
@@ -249,7 +250,7 @@ class LavidaShirgProcessor(ProcessorMixin):
         `budget` and `options` (SHIRG field name -> value), validated as the model validates them."""
         layout = {"image_grid_pinpoints": self.image_processor.image_grid_pinpoints,
                   "view_size": self.image_processor.view_size, "pooled_view_size": self.pooled_view_size,
-                  "selection_method": "pooled"}
+                  "image_aspect_ratio": self.image_processor.image_aspect_ratio, "selection_method": "pooled"}
         if self.selection_layout is None:
             if (method or "pooled") != "pooled" or options:
                 raise ValueError("this processor has no selection_layout (build it with from_config): only "

@@ -808,9 +808,12 @@ class SelectionMethod:
 
 class Pooled(SelectionMethod):
     """LaViDa's own path, nothing selected: every view pooled to p x p, the crops stitched and unpadded with a newline
-    token per row (LavidaShirgModel.pooled_image_features); the count is LaViDa's."""
+    token per row (LavidaShirgModel.pooled_image_features); the count is LaViDa's. Single-view layouts ("pad",
+    "square"): the view's p x p tokens alone."""
 
     def token_count(self, image_size, settings) -> int:
+        if settings["image_aspect_ratio"] != "anyres":
+            return settings["pooled_view_size"] ** 2
         return pooled_image_token_count(image_size, settings["image_grid_pinpoints"], settings["view_size"],
                                         settings["pooled_view_size"])
 

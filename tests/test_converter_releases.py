@@ -1,6 +1,6 @@
 """convert_lavida_checkpoint.py on every LaViDa release besides the two instruct ones (test_converter.py,
-test_converter_dream.py): the FIM and reason checkpoints (LLaDA's layout), the low-resolution one (refused by name)
-and the stage-1 checkpoints of both backbones (the projector alone, joined with the LM and SigLIP folders into
+test_converter_dream.py): the FIM and reason checkpoints (LLaDA's layout), the low-resolution one (single view,
+unpooled) and the stage-1 checkpoints of both backbones (the projector alone, joined with the LM and SigLIP folders into
 LaViDa's stage-2 starting point).
 
 The synthetic folders are written from tiny models with LaViDa's names (the inverse mappings of test_converter and
@@ -13,7 +13,9 @@ import os
 
 import pytest
 import torch
-from conftest import build_tiny_model
+import numpy as np
+from conftest import LOAD_MODEL_IN_A_FRESH_PROCESS, build_tiny_model, run_in_a_fresh_process
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_converter import (TINY_VISION, VISION, lavida_config, lavida_name, lavida_tensors,
                             write_lavida_checkpoint)
@@ -22,6 +24,7 @@ from test_converter_dream import dream_config, dream_name, dream_tokenizer
 import convert_lavida_checkpoint as converter
 from lavida_shirg import ShirgConfig
 from lavida_shirg.modeling_lavida_shirg import LavidaShirgForMaskedDiffusion
+from lavida_shirg.processing_lavida_shirg import LavidaShirgProcessor
 from lavida_shirg.tiny_tokenizer import build_tiny_tokenizer
 
 
@@ -84,31 +87,87 @@ def test_fim_flag_marks_any_folder(llada, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# lowres: LaViDa's single-view layout is refused by name
+# lowres: LaViDa's single-view layout (pad / square), unpooled; the lowres release by name: unpooled whatever its layout
+
+LOAD_AND_GENERATE = LOAD_MODEL_IN_A_FRESH_PROCESS + """
+answer = model.generate(**inputs, max_new_tokens=6)
+torch.save({"logits": logits, "answer": answer, "layout": model.config.image_aspect_ratio,
+            "pooled": model.config.pooled_view_size}, outputs_path)
+"""
 
 
-@pytest.mark.parametrize("layout", ["pad", "square"])
-def test_lowres_single_view_layout_is_refused(llada, tmp_path, layout):
-    config = lavida_config(image_aspect_ratio=layout, mm_patch_merge_type="flat")
-    del config["image_grid_pinpoints"]
-    src = write_lavida_checkpoint(tmp_path / "lowres", lavida_tensors(llada), config=config)
+@pytest.mark.parametrize("name, layout", [("lavida-llada-1.0-lowres", "pad"), ("lavida-llada-lowres", "square"),
+                                          ("my-single-view", "pad"), ("lavida-llada-1.0-lowres", "anyres")])
+def test_lowres_release_converts_unpooled_and_generates(llada, tmp_path, name, layout):
+    """LaViDa's 4-D image path (pad / square) never pools: any folder with that layout converts to our single-view
+    layout with pooled_view_size = the patches per side; the lowres release, which LaViDa's eval runs with
+    NOT_ALWASY_DO_2DPOOL, is unpooled even with an anyres config.json. Every tensor placed, none left over; loads
+    with AutoModel in a fresh process and generates as the same weights do in this one."""
+    config = lavida_config(image_aspect_ratio=layout)
+    if layout != "anyres":
+        config["mm_patch_merge_type"] = "flat"  # not read by the single-view path
+        del config["image_grid_pinpoints"]
+    src = write_lavida_checkpoint(tmp_path / name, lavida_tensors(llada), config=config)
+    out = tmp_path / "out"
+    report = converter.convert_checkpoint(src, out, vision_config=TINY_VISION)
+    weights = converted_weights(out)
+    assert report.tensors_converted == len(llada.state_dict()) and weights.keys() == llada.state_dict().keys()
+    assert all(torch.equal(weights[key], tensor) for key, tensor in llada.state_dict().items())
+    assert sorted(key for key, _ in report.dropped) == sorted(set(lavida_tensors(llada)) - {
+        lavida_name(key) for key in llada.state_dict()})  # SigLIP's post-norm and last layer, as for every release
+    side = TINY_VISION["image_size"] // TINY_VISION["patch_size"]
+    written = json.loads((out / "config.json").read_text())
+    assert (written["image_aspect_ratio"], written["pooled_view_size"]) == (layout, side)
+    if layout == "anyres":
+        assert written["image_grid_pinpoints"] == llada.config.image_grid_pinpoints
+        assert any("NOT_ALWASY_DO_2DPOOL" in note for note in report.notes)
+    else:
+        assert "mm_patch_merge_type='flat' is not read by LaViDa's single-view image path" in report.notes
+    processor = LavidaShirgProcessor.from_pretrained(str(out), trust_remote_code=True)
+    assert processor.image_processor.image_aspect_ratio == layout
+    ours = LavidaShirgForMaskedDiffusion(ShirgConfig.from_preset("tiny", image_aspect_ratio=layout,
+                                                                 pooled_view_size=side)).eval()
+    ours.load_state_dict(llada.state_dict())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 44, 3), dtype=np.uint8))
+    inputs = dict(processor(images=[image], text=[processor.build_prompt("What is written?")]))
+    del inputs["selection"], inputs["question_mask"]
+    assert int((inputs["input_ids"] == llada.config.image_token_id).sum()) == ours.image_token_count((20, 44))
+    if layout != "anyres":
+        assert inputs["pixel_values"].shape[0] == 1 and ours.image_token_count((20, 44)) == side * side
+    outputs = run_in_a_fresh_process(LOAD_AND_GENERATE, out, inputs, tmp_path)
+    assert (outputs["layout"], outputs["pooled"]) == (layout, side)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["logits"], ours(**inputs).logits, atol=0, rtol=0)
+    answer = ours.generate(**inputs, max_new_tokens=6)
+    assert answer.shape == (1, inputs["input_ids"].shape[1] + 6) and torch.equal(outputs["answer"], answer)
+
+
+def test_lowres_real_sizes_plan():
+    """LaViDa's lowres config.json at the real sizes (pad layout): the lavida-llada preset's tensors and sizes, one
+    unpooled 384 px view of 27 x 27 = 729 tokens per image."""
+    real = lavida_config(
+        d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
+        embedding_size=126464, max_sequence_length=4096, mask_token_id=126336, eos_token_id=126081,
+        pad_token_id=126081, mm_hidden_size=1152, image_aspect_ratio="pad", image_grid_pinpoints=None)
+    config, notes = converter.build_config(real, unpooled=True)
+    preset = ShirgConfig.from_preset("lavida-llada")
+    assert (config.image_aspect_ratio, config.pooled_view_size) == ("pad", preset.patches_per_side)
+    assert config.vision_config.to_dict() == preset.vision_config.to_dict()
+    assert config.text_config.to_dict() == preset.text_config.to_dict()
+    assert converter.expected_state(config) == converter.expected_state(preset)
+    assert config.selection_settings().image_aspect_ratio == "pad"
+    from lavida_shirg.shirg_selection import image_token_count
+
+    assert image_token_count((480, 640), config.selection_settings()) == 27 * 27
+
+
+@pytest.mark.parametrize("layout", ["crop_split", "highres"])
+def test_other_layouts_are_refused(llada, tmp_path, layout):
+    src = write_lavida_checkpoint(tmp_path / "src", lavida_tensors(llada), config=lavida_config(image_aspect_ratio=layout))
     with pytest.raises(converter.ConversionError) as raised:
         converter.convert_checkpoint(src, tmp_path / "out", vision_config=TINY_VISION)
-    message = str(raised.value)
-    assert f"image_aspect_ratio={layout!r} (our model implements image_aspect_ratio='anyres')" in message
-    assert "LaViDa's low-resolution single-view layout" in message and "lavida-llada-1.0-lowres" in message
-    assert "mm_patch_merge_type='flat'" in message
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("name", ["lavida-llada-1.0-lowres", "lavida-llada-lowres"])
-def test_the_lowres_release_is_refused_whatever_its_config(llada, tmp_path, name):
-    """LaViDa runs its lowres checkpoint unpooled (NOT_ALWASY_DO_2DPOOL), which no config field of ours can say:
-    the release is refused by its folder name even with an anyres config.json."""
-    src = write_lavida_checkpoint(tmp_path / name, lavida_tensors(llada))
-    with pytest.raises(converter.ConversionError, match=r"is LaViDa's low-resolution checkpoint \(by its folder "
-                                                        r"name\), which LaViDa runs on unpooled image features"):
-        converter.convert_checkpoint(src, tmp_path / "out", vision_config=TINY_VISION)
+    assert (f"image_aspect_ratio={layout!r} (our model implements image_aspect_ratio in ('anyres', 'pad', 'square'))"
+            in str(raised.value))
     assert not (tmp_path / "out").exists()
 
 
