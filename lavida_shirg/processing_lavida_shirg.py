@@ -30,12 +30,15 @@ DEFAULT_SYSTEM_PROMPT = (
     "user provides, and assist the user with a variety of tasks using natural language."
 )
 
-# LaViDa's "llada" conversation format. Images of a turn come first, one "<image>\n" each, then its text.
+# LaViDa's "llada" conversation format. Images of a turn come first, their placeholders joined by spaces and ended by
+# a newline ("<image> <image>\n", as LaViDa's lmms-eval models write them), then its text.
 LLADA_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
     "{%- else -%}"
-    "{%- for item in content if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{%- for item in content if item['type'] == 'image' -%}"
+    "{{- ('' if loop.first else ' ') + '<image>' + ('\\n' if loop.last else '') -}}"
+    "{%- endfor -%}"
     "{%- for item in content if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
     "{%- endif -%}"
     "{%- endmacro -%}"

@@ -267,6 +267,9 @@ def test_dream_prompts_equal_lavidas_dream_conversation():
     processor = dream_processor()
     for question in ["What is written?", "Line one\nline two: 3 + 4 = ?", "  spaced  "]:
         assert processor.build_prompt(question) == lavida_dream_prompt([("user", "<image>\n" + question)])
+        for images in (2, 3):  # LaViDa's lmms-eval: " ".join(["<image>"] * n) + "\n" + question
+            assert processor.build_prompt(question, num_images=images) == lavida_dream_prompt(
+                [("user", " ".join(["<image>"] * images) + "\n" + question)])
     image = Image.new("RGB", (40, 30))
     conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Who?"}]},
                     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},

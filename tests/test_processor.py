@@ -281,8 +281,10 @@ def test_real_geometry_image_token_counts(real_geometry_processor, width, height
 
 def test_chat_template_strings(processor):
     assert processor.build_prompt("What is written?") == EXPECTED_PROMPT
-    assert processor.build_prompt("Q", num_images=2).endswith("user<|end_header_id|>\n\n<image>\n<image>\nQ<|eot_id|>"
+    # LaViDa's lmms-eval models write a question's images as " ".join(["<image>"] * n) + "\n" + question
+    assert processor.build_prompt("Q", num_images=2).endswith("user<|end_header_id|>\n\n<image> <image>\nQ<|eot_id|>"
                                                               "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert processor.build_prompt("Q", num_images=3).count("<image> <image> <image>\nQ") == 1
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "What colour?"}, {"type": "image"}]},
