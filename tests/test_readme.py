@@ -16,14 +16,14 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- tested: tests/test_readme.py"
 
 
-def tested_blocks() -> list:
+def readme_blocks_under_test() -> list:
     """The python blocks that follow the README's 'tested' markers."""
     text = README.read_text()
     return [match.group(1) for match in re.finditer(re.escape(MARKER) + r"[^\n]*\n```python\n(.*?)```", text, re.S)]
 
 
 def test_readme_usage_block_runs_on_a_tiny_folder(tmp_path):
-    blocks = tested_blocks()
+    blocks = readme_blocks_under_test()
     assert len(blocks) == 1 and "model.generate(" in blocks[0] and "pipeline(" in blocks[0]
     folder = tmp_path / "model"
     model = build_tiny_model(seed=2)
