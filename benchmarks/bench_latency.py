@@ -333,7 +333,7 @@ def throughput_table(results: dict, unit: str) -> list:
     """Markdown lines of `throughput`'s results: images per second and the ratio to the first (baseline) variant."""
     base = next(iter(results.values()))
     batches = list(base)
-    lines = [f"| variant | " + " | ".join(f"batch {b} img/s{unit} | / base" for b in batches) + " |",
+    lines = ["| variant | " + " | ".join(f"batch {b} img/s{unit} | / base" for b in batches) + " |",
              "| --- |" + " --- | --- |" * len(batches)]
     for label, rates in results.items():
         cells = []

@@ -8,7 +8,6 @@ Both modes produce the same tokens under the Prefix-DLM mask; the script checks 
 """
 
 import argparse
-import os
 import statistics
 import time
 

@@ -16,7 +16,6 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import SiglipVisionModel

@@ -72,6 +72,25 @@ def save_tiny_dream_folder(folder, seed=0, **overrides):
     return model
 
 
+def lavida_shift_counts(masked, steps, shift=3):
+    """LaViDa's get_num_transfer_tokens_sch(schedule="shift") for one row, restated: min(steps, masked) steps;
+    sigma(t) = a t / (1 + (a - 1) t) on a float32 linspace; int64(sigma * masked) differences clamped at 1; the excess
+    taken back cyclically from the entries above 1, starting at the first; flipped. Returns a list of ints."""
+    steps = min(steps, masked)
+    t = torch.linspace(0, 1, steps + 1)
+    sigma = shift * t / (1 + (shift - 1) * t)
+    cumulative = (sigma * torch.tensor([masked])).to(torch.int64)
+    counts = torch.clamp(cumulative[1:] - cumulative[:-1], min=1)
+    excess, position = int(counts.sum()) - masked, 0
+    while excess > 0:
+        position %= steps
+        if counts[position] > 1:
+            counts[position] -= 1
+            excess -= 1
+        position += 1
+    return counts.flip(0).tolist()
+
+
 def image_batch(config, image_sizes, seed=0):
     """Random pixel_values for the anyres views of images of the given (height, width), and their token counts."""
     generator = torch.Generator().manual_seed(seed)

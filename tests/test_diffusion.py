@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import build_tiny_model, image_batch, lavida_shift_counts, prompt_ids
 
-from lavida_shirg import ShirgConfig
 from lavida_shirg.generation_lavida_shirg import LavidaShirgGenerationConfig
 
 from lavida_shirg.masked_diffusion import (
@@ -129,24 +128,6 @@ def test_shift_schedule_hand_computed():
     assert transfer_counts(8, 4, "shift") == [1, 1, 2, 4]
     # a = 1 is the linear schedule: floor(L i / S) differences, reversed
     assert transfer_counts(10, 4, "shift", 1.0) == [3, 2, 3, 2]
-
-
-def lavida_shift_counts(block_length, steps, shift=3):
-    """LaViDa's get_num_transfer_tokens_sch(schedule="shift") re-derived: sigma(t) = a t / (1 + (a - 1) t) on a
-    float32 linspace, int64(sigma * L) differences clamped at 1, the excess removed cyclically from entries above 1
-    starting at the first, and the result flipped."""
-    t = torch.linspace(0, 1, steps + 1)
-    sigma = shift * t / (1 + (shift - 1) * t)
-    cumulative = (sigma * torch.tensor([block_length])).to(torch.int64)
-    counts = torch.clamp(cumulative[1:] - cumulative[:-1], min=1)
-    excess, position = int(counts.sum()) - block_length, 0
-    while excess > 0:
-        position %= steps
-        if counts[position] > 1:
-            counts[position] -= 1
-            excess -= 1
-        position += 1
-    return counts.flip(0).tolist()
 
 
 @pytest.mark.parametrize("length,steps", [(8, 4), (64, 32), (32, 16), (16, 16), (32, 8), (7, 3), (128, 64), (5, 1),

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import build_tiny_model, image_batch, lavida_shift_counts, prompt_ids
 
 from lavida_shirg.dream_sampler import transfer_schedule
 from lavida_shirg.generation_lavida_shirg import LavidaShirgGenerationConfig
@@ -43,27 +43,6 @@ def dream_filter_and_pick(logits, temperature, top_p, top_k, token_u):
     return probs, x0, confidence
 
 
-def reference_shift_counts(mask_index, steps, shift):
-    """LaViDa's get_num_transfer_tokens_sch(mask_index, steps, "shift", {"shift": shift}) for one row, restated:
-    steps capped at the masked count, sigma(t) = a t / (1 + (a - 1) t) on linspace(0, 1), floor(sigma * n)
-    differences raised to 1, the excess taken from the first entries above 1 in turn, then reversed."""
-    n = int(mask_index.sum())
-    steps = min(steps, n)
-    t = torch.linspace(0, 1, steps + 1)
-    cumulative = (shift * t / (1 + (shift - 1) * t) * torch.tensor(n)).to(torch.int64)
-    counts = torch.clamp(cumulative[1:] - cumulative[:-1], 1, None)
-    delta, j = int(counts.sum()) - n, 0
-    while delta > 0:
-        j = j % len(counts)
-        if counts[j] == 1:
-            j += 1
-            continue
-        delta -= 1
-        counts[j] -= 1
-        j += 1
-    return counts.flip(-1)
-
-
 def reference_dream_sample(model, embeds, gen_length, steps, alg, temperature=0.0, top_p=None, top_k=50,
                            alg_temp=None, eps=1e-3, prefix_lm=True, generator=None, step_ratio=None, schedule=None,
                            shift=3.0):
@@ -87,7 +66,7 @@ def reference_dream_sample(model, embeds, gen_length, steps, alg, temperature=0.
     timesteps = torch.linspace(1, eps, steps + 1)
     if step_ratio is not None:
         steps = int(gen_length * step_ratio)
-    schedule_counts = None if schedule is None else reference_shift_counts(x == mask_id, steps, shift)
+    schedule_counts = None if schedule is None else lavida_shift_counts(int((x == mask_id).sum()), steps, shift)
     history = []
     for i in range(steps):
         mask_index = x == mask_id
@@ -211,7 +190,7 @@ def test_step_ratio_keeps_the_timesteps_of_steps_and_shift_takes_lavidas_counts(
     torch.testing.assert_close(probabilities, torch.cat((1 - t[1:4] / t[:3], torch.ones(1))))
     for masked, steps, run, shift in [(7, 8, 4, 0.33), (15, 16, 8, 0.33), (7, 8, 7, 3.0), (31, 32, 16, 3.0)]:
         counts = transfer_schedule(masked, steps, run_steps=run, schedule="shift", shift=shift)[0]
-        assert counts == reference_shift_counts(torch.ones(masked, dtype=torch.bool), run, shift).tolist()
+        assert counts == lavida_shift_counts(masked, run, shift)
         assert sum(counts) == masked and min(counts) >= 1
     assert transfer_schedule(7, 8, run_steps=4, schedule="shift", shift=0.33)[0] == [4, 1, 1, 1]  # a < 1: many first
 

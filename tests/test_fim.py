@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model, image_batch, prompt_ids
+from conftest import build_tiny_model, image_batch, lavida_shift_counts, prompt_ids
 
 from lavida_shirg import ShirgConfig
 from lavida_shirg.image_layout import anyres_grid
@@ -38,26 +38,6 @@ def lavida_uniform_counts(mask_num, steps):
     counts = torch.full((steps,), mask_num // steps, dtype=torch.int64)
     counts[: mask_num % steps] += 1
     return counts
-
-
-def lavida_shift_counts(mask_num, steps, shift):
-    """get_num_transfer_tokens_sch(schedule="shift"): min(steps, mask_num) steps; int64(sigma(t) mask_num) on a
-    float32 linspace, differences clamped at 1, the excess taken back cyclically from entries above 1, flipped."""
-    steps = int(min(steps, mask_num))
-    t = torch.linspace(0, 1, steps + 1)
-    sigma = shift * t / (1 + (shift - 1) * t)
-    cumulative = (sigma * torch.tensor([mask_num])).to(torch.int64)
-    counts = torch.clamp(cumulative[1:] - cumulative[:-1], 1, None)
-    delta, j = int(counts.sum()) - mask_num, 0
-    while delta > 0:
-        j = j % len(counts)
-        if counts[j] == 1:
-            j += 1
-            continue
-        delta -= 1
-        counts[j] -= 1
-        j += 1
-    return counts.flip(-1)
 
 
 def lavida_fim_generate(model, embeds, gen_length, block_length, steps, draft, schedule=None, shift=3.0,
@@ -181,7 +161,7 @@ def test_per_block_counts_follow_the_masked_positions():
         for steps in (1, 3, 8):
             for shift in (1 / 3, 3.0):
                 assert masked_transfer_counts(masked, steps, "shift", shift) == (
-                    lavida_shift_counts(masked, steps, shift).tolist() + [0] * (steps - min(steps, masked)))
+                    lavida_shift_counts(masked, steps, shift) + [0] * (steps - min(steps, masked)))
             assert masked_transfer_counts(masked, steps, "uniform") == lavida_uniform_counts(masked, steps).tolist()
 
 

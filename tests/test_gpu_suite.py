@@ -3,8 +3,6 @@ analytic memory of bench_latency against the models it describes."""
 
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import ROOT, build_tiny_model, save_tiny_dream_folder, served_app
 from PIL import Image

@@ -2,8 +2,6 @@
 (benchmarks/bench_selection_quality.py) on constructed inputs with known answers."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import torch
