@@ -522,7 +522,7 @@ def markdown_table(summary: dict) -> str:
     for name, task in summary["tasks"].items():
         for label, row in task["variants"].items():
             area = row["token_area_px2"]
-            area_text = (f"crop {area['crop']:.0f} / global {area['global']:.0f}" if isinstance(area, dict)
+            area_text = (" / ".join(f"{key} {value:.0f}" for key, value in area.items()) if isinstance(area, dict)
                          else _number(area, 0))
             lines.append(
                 f"| {name} | {label} | {_number(row['score'])} | {_number(row['exact_match'])} | {row['samples']} | "

@@ -162,10 +162,26 @@ def token_relevance(model, inputs: dict, settings: dict) -> list:
     return relevance
 
 
+def base_view_box(image_size, layout) -> tuple:
+    """(x0, y0, x1, y1) in image pixels of the view every layout has (anyres: its global view; "pad": the single
+    view, the image centred on a square of side max(h, w), so the box reaches past the short side; "square": the
+    single view, the image resized)."""
+    height, width = image_size
+    if layout.get("image_aspect_ratio", "anyres") != "pad":
+        return 0.0, 0.0, float(width), float(height)
+    side = max(height, width)
+    left, top = (side - width) / 2, (side - height) / 2
+    return -left, -top, side - left, side - top
+
+
 def pooled_token_area(image_size, layout) -> dict:
-    """Original-image pixels^2 one pooled token averages: {"global": h w / P^2, "crop": (v / P)^2 (h / h') (w / w')}."""
+    """Original-image pixels^2 one pooled token averages: {"global": area of the base view / P^2} (`base_view_box`),
+    and for anyres {"crop": (v / P)^2 (h / h') (w / w')} too."""
     height, width = image_size
     pooled = layout["pooled_view_size"]
+    x0, y0, x1, y1 = base_view_box(image_size, layout)
+    if layout.get("image_aspect_ratio", "anyres") != "anyres":
+        return {"global": (x1 - x0) * (y1 - y0) / pooled**2}
     _, (resized_h, resized_w), _ = canvas_placement(image_size, layout)
     crop = (layout["view_size"] / pooled) ** 2 * (height / resized_h) * (width / resized_w)
     return {"global": height * width / pooled**2, "crop": crop}

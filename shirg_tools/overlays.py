@@ -12,7 +12,7 @@ one sample side by side under a header (the "kept vs dropped" figure).
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from shirg_tools.diagnostics import source_views
+from shirg_tools.diagnostics import base_view_box, source_views
 
 KEPT_OUTLINE = (255, 140, 0)
 REGION_LINE = (255, 230, 0, 110)
@@ -142,8 +142,7 @@ def scaffold_grid(layout: dict, size, views):
         return None
     if layout["x_scaffold"] == "grid":
         return views[0].box, layout["x_scaffold_size"], layout["x_scaffold_size"]
-    height, width = size
-    return (0.0, 0.0, float(width), float(height)), layout["pooled_view_size"], layout["pooled_view_size"]
+    return base_view_box(size, layout), layout["pooled_view_size"], layout["pooled_view_size"]
 
 
 def variant_panel(model, image: Image.Image, variant, caption: list, diagnostics: dict,
@@ -160,10 +159,13 @@ def variant_panel(model, image: Image.Image, variant, caption: list, diagnostics
     size = (image.height, image.width)
     if variant.method == "pooled":
         pooled = settings["pooled_view_size"]
-        crops = source_views(size, {**settings, "hires_source": "anyres-views"})[1:]
-        grids = [(view.box, pooled, pooled) for view in crops]
+        if settings["image_aspect_ratio"] == "anyres":  # the crops' pooled cells
+            grids = [(view.box, pooled, pooled) for view in source_views(size, {**settings,
+                                                                                "hires_source": "anyres-views"})[1:]]
+        else:  # the single view's
+            grids = [(base_view_box(size, settings), pooled, pooled)]
         area = diagnostics.get("token_area_px2", {})
-        lines = [*caption, f"pooled px2/token: crop {area.get('crop', 0):.0f}, global {area.get('global', 0):.0f}"]
+        lines = [*caption, "pooled px2/token: " + ", ".join(f"{name} {value:.0f}" for name, value in area.items())]
         return render_panel(image, lines, pooled_grids=grids, answer_box=answer_box)
     views, kept = diagnostics.get("_views"), diagnostics.get("_kept")
     if views is None:

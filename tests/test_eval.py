@@ -460,6 +460,32 @@ def test_token_geometry_and_answer_recall():
     assert pooled_token_area((96, 96), tiny_layout()) == {"global": 576.0, "crop": 144.0}
 
 
+def test_single_view_layouts_have_one_pooled_grid(monkeypatch):
+    """LaViDa's lowres layouts: "pad" centres the image on a square of side max(h, w) (the view reaches past the short
+    side), "square" stretches it; one view of P x P pooled tokens, no crops."""
+    from conftest import build_tiny_model
+    from lavida_shirg import ShirgConfig
+    from shirg_tools import overlays
+    from shirg_tools.diagnostics import base_view_box
+    from shirg_tools.variants import Variant
+
+    pad, square, anyres = (ShirgConfig.from_preset("tiny", image_aspect_ratio=ratio).selection_settings("pooled")
+                           for ratio in ("pad", "square", "anyres"))
+    assert base_view_box((30, 90), pad) == (0.0, -30.0, 90.0, 60.0)
+    assert base_view_box((30, 90), square) == base_view_box((30, 90), anyres) == (0.0, 0.0, 90.0, 30.0)
+    pooled = pad["pooled_view_size"]
+    assert pooled_token_area((30, 90), pad) == {"global": 90 * 90 / pooled**2}
+    assert pooled_token_area((30, 90), square) == {"global": 30 * 90 / pooled**2}
+    assert set(pooled_token_area((30, 90), anyres)) == {"global", "crop"}
+    drawn = {}
+    monkeypatch.setattr(overlays, "render_panel", lambda image, lines, **kwargs: drawn.update(lines=lines, **kwargs))
+    model = build_tiny_model(seed=0, image_aspect_ratio="pad")
+    overlays.variant_panel(model, Image.new("RGB", (90, 30)), Variant("pooled", "pooled", None, {}), ["pooled"],
+                           {"token_area_px2": pooled_token_area((30, 90), pad)})
+    assert drawn["pooled_grids"] == [((0.0, -30.0, 90.0, 60.0), pooled, pooled)]
+    assert drawn["lines"] == ["pooled", f"pooled px2/token: global {90 * 90 / pooled**2:.0f}"]
+
+
 def test_overlay_masks_follow_the_kept_cells():
     views = source_views((32, 32), tiny_layout(hires_image_size=8, budget_choices=[1]))  # 2 x 2 tokens over a 32 px image
     kept = np.array([True, False, False, True])
