@@ -81,12 +81,13 @@ def timed_generate(model, input_ids, args) -> tuple:
     its forward's start to the next one's (or to the end of the call), so each step holds its LM forward (the decoder
     layers and the final norm; the LM head follows) and the rest: the head and the commit."""
     language_model, starts, ends = model.model.language_model, [], []
-    hooks = (language_model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())),
-             language_model.register_forward_hook(lambda *_: ends.append(time.perf_counter())))
+    clock = device_clock(model.device)
+    hooks = (language_model.register_forward_pre_hook(lambda *_: starts.append(clock())),
+             language_model.register_forward_hook(lambda *_: ends.append(clock())))
     try:
-        begin = time.perf_counter()
+        begin = clock()
         model.generate(input_ids, max_new_tokens=args.gen_length, steps=args.steps, use_prefix_cache=True)
-        end = time.perf_counter()
+        end = clock()
     finally:
         for hook in hooks:
             hook.remove()
@@ -95,11 +96,24 @@ def timed_generate(model, input_ids, args) -> tuple:
     return marks[0] - begin, steps, [stop - start for start, stop in zip(starts[1:], ends[1:])]
 
 
+def device_clock(device: torch.device):
+    """time.perf_counter, after the device's queued work has finished (a CUDA synchronize) on a GPU."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def synchronized():
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return synchronized
+
+
 def timed_likelihood(model, input_ids, choice, args) -> float:
-    start = time.perf_counter()
+    clock = device_clock(model.device)
+    start = clock()
     model.log_likelihood(choice, input_ids, mc_num=args.mc_num, batch_size=args.mc_num,
-                         generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - start
+                         generator=torch.Generator(model.device).manual_seed(0))
+    return clock() - start
 
 
 def measure(models: dict, args) -> dict:
@@ -110,8 +124,8 @@ def measure(models: dict, args) -> dict:
     inputs = {}
     for backbone, model in models.items():
         vocab = min(model.config.text_config.vocab_size, 30000)
-        inputs[backbone] = (torch.randint(10, vocab, (1, args.prefix_length), generator=generator),
-                            torch.randint(10, vocab, (1, args.choice_length), generator=generator))
+        inputs[backbone] = (torch.randint(10, vocab, (1, args.prefix_length), generator=generator).to(model.device),
+                            torch.randint(10, vocab, (1, args.choice_length), generator=generator).to(model.device))
     timings = {backbone: {"prefill": [], "step": [], "decoder": [], "choice": []} for backbone in models}
     for repeat in range(args.repeats + 1):  # the first is the warm-up
         for backbone, model in models.items():

@@ -19,6 +19,10 @@ short keeps what it measured; a section that fails records its error and the nex
                  (bytes one step reads: the LM weights and the prefix KV, over the copy bandwidth), SHIRG total
                  latency over pooled, selection ms of shirg-fixed / v2 / x at batch 1, and SHIRG images per second
                  over pooled at the largest batch (latency and throughput of the compiled step).
+    backbones    bench_backbones.measure: LLaDA and Dream (the lavida-llada and lavida-dream presets, full size) on a
+                 text prefix of the sampler's length: ms per diffusion step (decoder and head + commit), prefill, and
+                 one answer choice's log_likelihood at mc_num 16; Dream's as ratios to LLaDA's. The two models are
+                 built for this section and freed after it.
 Real size: the lavida-llada preset with random weights in bf16 on CUDA, 768x768 images, 32-token answers in 16
 steps, batches 1 / 8 / 32. --small: the tiny preset on CPU, the same variants with budgets scaled to its 256
 high-resolution tokens, a few steps. The tokenizer is the tiny one at both sizes (nothing is downloaded): the model's
@@ -39,6 +43,7 @@ import traceback
 import torch
 import transformers
 
+import bench_backbones
 import bench_latency
 import bench_sampler
 import bench_selection
@@ -51,7 +56,8 @@ from shirg_tools.variants import DEFAULT_VARIANTS, default_variants, parse_varia
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE_CONFIG = os.path.join(ROOT, "configs", "accelerate", "single_gpu.yaml")
-SECTIONS = ("environment", "memory", "latency", "selection", "sampler", "training", "throughput", "targets")
+SECTIONS = ("environment", "memory", "latency", "selection", "sampler", "training", "throughput", "targets",
+            "backbones")
 REFERENCE_VARIANT = "shirg-fixed@768"  # the SHIRG variant the targets compare with pooled (scaled with --small)
 BASELINE_VARIANT = "pooled"
 MODES = {"eager": [], "compiled": ["--compile-step"]}  # bench_latency's arguments of each step mode
@@ -242,6 +248,27 @@ def sampler(model, size: SuiteSize) -> dict:
             "modes": modes}
 
 
+def backbones(size: SuiteSize, device: str, dtype: torch.dtype, small: bool) -> dict:
+    """bench_backbones.measure on the LLaDA and Dream presets (tiny ones with --small), in ms, Dream's over LLaDA's."""
+    presets = {"LLaDA": "tiny" if small else "lavida-llada", "Dream": "tiny-dream" if small else "lavida-dream"}
+    models = {name: bench_latency.build_model(ShirgConfig.from_preset(preset), device, dtype)
+              for name, preset in presets.items()}
+    settings = argparse.Namespace(prefix_length=size.sampler_prefix, gen_length=size.gen_length, steps=size.steps,
+                                  choice_length=8, mc_num=16, repeats=size.sampler_repeats)
+    try:
+        measured = bench_backbones.measure(models, settings)
+    finally:
+        del models
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    llada = measured["LLaDA"]
+    return {"prefix_tokens": size.sampler_prefix, "choice_tokens": settings.choice_length, "mc_num": settings.mc_num,
+            **{name: {"step_ms": result["step"] * 1000, "decoder_ms": result["decoder"] * 1000,
+                      "prefill_ms": result["prefill"] * 1000, "choice_ms": result["choice"] * 1000,
+                      "step_over_llada": result["step"] / llada["step"],
+                      "choice_over_llada": result["choice"] / llada["choice"]} for name, result in measured.items()}}
+
+
 def training(model, size: SuiteSize, steps: int, small: bool, threads=None) -> dict:
     """A LoRA training smoke of the suite's model (saved with the tiny tokenizer's processor) through train.py under
     `accelerate launch --config_file configs/accelerate/single_gpu.yaml`, bf16; its losses and speed."""
@@ -394,6 +421,13 @@ def markdown(results: dict) -> str:
                       "| --- | --- | --- | --- |"]
             lines += [f"| {row['meaning']} | {row['value']:.3f} | {'<=' if TARGETS[key][1] == 'max' else '>='} "
                       f"{row['limit']} | {'yes' if row['met'] else 'NO'} |" for key, row in result["targets"].items()]
+        elif name == "backbones":
+            lines += [f"prefix {result['prefix_tokens']} tokens; one choice of {result['choice_tokens']} tokens at "
+                      f"mc_num {result['mc_num']}", "", "| backbone | ms / step | decoder ms | prefill ms | ms / choice "
+                      "| step / LLaDA | choice / LLaDA |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [f"| {backbone} | {row['step_ms']:.2f} | {row['decoder_ms']:.2f} | {row['prefill_ms']:.1f} | "
+                      f"{row['choice_ms']:.1f} | {row['step_over_llada']:.2f}x | {row['choice_over_llada']:.2f}x |"
+                      for backbone, row in result.items() if isinstance(row, dict)]
     return "\n".join(lines)
 
 
@@ -455,6 +489,7 @@ def main(argv=None) -> dict:
             mode: latency_args(size, variant_text, device, dtype, size.throughput_repeats, mode) for mode in MODES},
             suite),
         "targets": lambda: target_values(suite.results, reference, config),
+        "backbones": lambda: backbones(size, device, dtype, args.small),
     }
     for name in args.sections:
         suite.run(name, sections[name])

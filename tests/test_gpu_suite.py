@@ -62,6 +62,12 @@ def test_small_suite_writes_every_section_with_finite_positive_numbers(small_sui
     assert results["training"]["steps"] == gpu_suite.SMALL.train_steps
     assert set(results["targets"]["targets"]) == set(gpu_suite.TARGETS)
     assert all(isinstance(row["met"], bool) for row in results["targets"]["targets"].values())
+    backbones = results["backbones"]
+    assert (backbones["prefix_tokens"], backbones["mc_num"]) == (gpu_suite.SMALL.sampler_prefix, 16)
+    assert backbones["LLaDA"]["step_over_llada"] == backbones["LLaDA"]["choice_over_llada"] == 1.0
+    for row in (backbones["LLaDA"], backbones["Dream"]):
+        assert row["decoder_ms"] < row["step_ms"], "the step holds its decoder forward and the head + commit"
+        assert row["step_over_llada"] * backbones["LLaDA"]["step_ms"] == pytest.approx(row["step_ms"])
 
     report = (output / "gpu_suite.md").read_text()
     for name in gpu_suite.SECTIONS:
@@ -69,6 +75,7 @@ def test_small_suite_writes_every_section_with_finite_positive_numbers(small_sui
     assert "FAILED" not in report
     for label in labels:  # memory; latency eager, compiled, compiled / eager; throughput eager, compiled
         assert report.count(f"| {label} |") == 6
+    assert report.count("| Dream |") == report.count("| LLaDA |") == 1
 
 
 def test_analytic_memory_matches_the_models_it_describes():
