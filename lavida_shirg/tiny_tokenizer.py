@@ -106,20 +106,12 @@ def build_tiny_tokenizer(chat_format: str = "llada") -> PreTrainedTokenizerFast:
     backend = with_fim_tokens(_trained_bpe())
     if backend.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"the tiny BPE has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
-    for token, expected in SPECIAL_TOKENS.items():
+    chat_tokens = DREAM_CHAT_TOKENS if chat_format == "dream" else {}
+    backend.add_special_tokens([IMAGE_TOKEN, *chat_tokens])
+    fixed = {**SPECIAL_TOKENS, **FIM_TOKEN_IDS, IMAGE_TOKEN: VOCAB_SIZE, **chat_tokens}
+    for token, expected in fixed.items():
         if backend.token_to_id(token) != expected:
             raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
-    for token, expected in FIM_TOKEN_IDS.items():
-        if backend.token_to_id(token) != expected:
-            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
-    backend.add_special_tokens([IMAGE_TOKEN])
-    if backend.token_to_id(IMAGE_TOKEN) != VOCAB_SIZE:
-        raise RuntimeError(f"{IMAGE_TOKEN} got id {backend.token_to_id(IMAGE_TOKEN)}, expected {VOCAB_SIZE}")
-    chat_tokens = list(DREAM_CHAT_TOKENS) if chat_format == "dream" else []
-    backend.add_special_tokens(chat_tokens)
-    for token in chat_tokens:
-        if backend.token_to_id(token) != DREAM_CHAT_TOKENS[token]:
-            raise RuntimeError(f"{token} got id {backend.token_to_id(token)}, expected {DREAM_CHAT_TOKENS[token]}")
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|startoftext|>",
